@@ -1,0 +1,59 @@
+"""The robot classes BitMar selects among, and the one place robot names are normalised.
+
+The public datasets spell robots inconsistently ("Wheeled", "legged robot", ...). Every
+stage (ingestion, targets, parsing generated text, metrics) maps names through
+`normalize_robot_name`, so a class is never identified by two spellings. Unknown names
+return None: callers quarantine or report them; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import re
+
+ROBOT_CLASSES: tuple[str, ...] = (
+    "Drone",
+    "Underwater Robot",
+    "Humanoid",
+    "Robot with Wheels",
+    "Robot with Legs",
+    "No Robot",
+)
+NUM_ROBOT_CLASSES = len(ROBOT_CLASSES)
+ROBOT_INDEX: dict[str, int] = {name: i for i, name in enumerate(ROBOT_CLASSES)}
+
+_ALIASES: dict[str, str] = {
+    "drone": "Drone",
+    "drones": "Drone",
+    "uav": "Drone",
+    "aerial drone": "Drone",
+    "underwater robot": "Underwater Robot",
+    "underwater": "Underwater Robot",
+    "underwater drone": "Underwater Robot",
+    "auv": "Underwater Robot",
+    "rov": "Underwater Robot",
+    "humanoid": "Humanoid",
+    "humanoid robot": "Humanoid",
+    "robot with wheels": "Robot with Wheels",
+    "wheeled robot": "Robot with Wheels",
+    "wheeled": "Robot with Wheels",
+    "wheels": "Robot with Wheels",
+    "robot with legs": "Robot with Legs",
+    "legged robot": "Robot with Legs",
+    "legged": "Robot with Legs",
+    "legs": "Robot with Legs",
+    "quadruped": "Robot with Legs",
+    "no robot": "No Robot",
+    "none": "No Robot",
+}
+
+
+def normalize_robot_name(name: str) -> str | None:
+    """Map a robot name or alias to its canonical class, or None when it is unknown."""
+    key = re.sub(r"\s+", " ", str(name)).strip().strip(".").lower()
+    return _ALIASES.get(key)
+
+
+def split_robot_list(text: str) -> list[str]:
+    """Split "Drone, Robot with Legs and Humanoid" into its raw names (not normalised)."""
+    parts = re.split(r",|;|\band\b|&|/", str(text))
+    return [p.strip() for p in parts if p.strip()]

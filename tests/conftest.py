@@ -1,0 +1,27 @@
+"""Shared fixtures. Real data lives in ../shared/data beside the checkout; tests that need it
+skip with a reason when it is absent (a user's clone)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("BITMAR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def coco_mini() -> Path:
+    root = SHARED_DATA / "coco-mini"
+    if not (root / "annotations" / "captions_train2017.json").is_file():
+        pytest.skip(f"real COCO sample not found at {root} (set BITMAR_SHARED_DATA to the shared/data folder)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def robot_data() -> Path:
+    root = SHARED_DATA / "robot_selection"
+    if not (root / "single_robot_selection.json").is_file():
+        pytest.skip(f"real robot selection data not found at {root} (set BITMAR_SHARED_DATA to the shared/data folder)")
+    return root
