@@ -1,0 +1,182 @@
+"""The pipeline's one typed configuration schema and its YAML profiles.
+
+The schema's defaults *are* the embedded `sample` profile (offline, laptop CPU, minutes);
+`configs/sample.yaml` spells the same values out and `configs/coco.yaml` switches to real
+COCO 2017, `facebook/dinov2-base` and a GPU. Unknown keys and bad values fail at load time
+with the dotted key, the value received and what is allowed, so a typo never silently
+falls back to a default.
+
+Secrets (HF token, W&B key) are not part of this schema: they come from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV_VAR = "BITMAR_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message names key and value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    root: Path = Path(".bitmar")
+
+
+class CocoConfig(_Section):
+    source: Literal["sample", "local", "download"] = "sample"
+    # local: an existing COCO-layout directory; download: where the download goes
+    # (default <storage.root>/raw/coco); sample: where the generated set goes.
+    root: Path | None = None
+    splits: list[str] | None = Field(default=None, description="Splits to use; None takes every captions_<split>.json found.")
+    max_images: int | None = Field(default=None, gt=0)
+    shard_size: int = Field(default=250, gt=0, description="Images per coco_shards partition.")
+    download_split: str = "train2017"
+    annotations_url: str = "http://images.cocodataset.org/annotations/annotations_trainval2017.zip"
+    images_base_url: str | None = Field(default=None, description="Overrides each image's coco_url (mirrors, tests).")
+    download_workers: int = Field(default=8, gt=0)
+    sample_num_images: int = Field(default=1000, gt=0)
+    sample_image_size: int = Field(default=96, ge=32)
+    sample_seed: int = 0
+
+
+class RobotDataConfig(_Section):
+    source: Literal["sample", "local", "url"] = "sample"
+    single_path: str | None = None
+    multi_path: str | None = None
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split_seed: str = "bitmar"
+    sample_num_tasks: int = Field(default=250, gt=0)
+    sample_seed: int = 0
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError("train/val/test fractions must be >= 0 and sum to 1")
+        return value
+
+    @model_validator(mode="after")
+    def _paths_for_real_sources(self) -> RobotDataConfig:
+        if self.source != "sample" and not (self.single_path or self.multi_path):
+            raise ValueError(f"source '{self.source}' needs data.robot.single_path and/or data.robot.multi_path")
+        return self
+
+
+class DataConfig(_Section):
+    coco: CocoConfig = CocoConfig()
+    robot: RobotDataConfig = RobotDataConfig()
+    min_caption_chars: int = Field(default=3, ge=1)
+    max_caption_chars: int = Field(default=512, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, gt=0, description="Larger images are quarantined as decompression bombs.")
+    max_quarantine_share: float = Field(default=0.05, ge=0.0, le=1.0, description="Asset check threshold.")
+
+
+class VisionConfig(_Section):
+    # "tiny-random": a small DINOv2-architecture encoder built from Dinov2Config with a fixed
+    # seed, saved as a local model directory and loaded like any other. Otherwise a hub id
+    # (e.g. facebook/dinov2-base) or a local model directory.
+    model: str = "tiny-random"
+    revision: str | None = None
+    patch_grid: int = Field(default=4, ge=0, description="Patch tokens are average-pooled to a grid x grid map; 0 keeps CLS only.")
+    batch_size: int = Field(default=32, gt=0)
+    num_workers: int = Field(default=1, ge=0, description="Image decoding threads overlapped with inference.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return validate_device(value)
+
+
+class TokenizerConfig(_Section):
+    source: Literal["train", "pretrained"] = "train"
+    name_or_path: str | None = None
+    vocab_size: int = Field(default=4096, ge=300)
+    min_frequency: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _pretrained_needs_name(self) -> TokenizerConfig:
+        if self.source == "pretrained" and not self.name_or_path:
+            raise ValueError("tokenizer.source 'pretrained' needs tokenizer.name_or_path")
+        return self
+
+
+class PipelineConfig(_Section):
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    vision: VisionConfig = VisionConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+    def resolved_coco_root(self) -> Path:
+        """Where the COCO-layout directory is (or will be, for sample/download)."""
+        if self.data.coco.root is not None:
+            return self.data.coco.root
+        if self.data.coco.source == "local":
+            raise ConfigError("data.coco.root: required when data.coco.source is 'local'")
+        return self.storage.root / "raw" / f"coco-{self.data.coco.source}"
+
+
+def validate_device(value: str) -> str:
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ValueError("allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check the spelling against configs/sample.yaml)"
+    received = error.get("input")
+    return f"{key}: got {received!r}; {error['msg']}"
+
+
+def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted_key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted_key}: cannot set inside '{part}', which holds {child!r}")
+        node = child
+    node[leaf] = value
+
+
+def build_config(raw: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, origin: str = "config") -> PipelineConfig:
+    """Validate a config tree plus dotted-key overrides (``{"vision.model": "..."}``)."""
+    tree: dict[str, Any] = dict(raw or {})
+    for dotted_key, value in (overrides or {}).items():
+        _set_dotted(tree, dotted_key, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid {origin}:\n  {problems}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a YAML profile (None: the embedded sample profile, or $BITMAR_CONFIG when set)."""
+    path = path or os.environ.get(CONFIG_ENV_VAR) or None
+    if path is None:
+        return build_config(None, overrides, origin="sample profile")
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return build_config(raw, overrides, origin=f"config file {path}")
