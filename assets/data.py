@@ -1,0 +1,286 @@
+"""Data stages: COCO manifest, aligned pairs and vision features per shard, robot tasks,
+tokenizer. Thin: configuration and resources in, a plain function call, metadata out."""
+
+from __future__ import annotations
+
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from assets.metadata import markdown_table, quarantine_metadata
+from assets.partitions import coco_shards
+from bitmar_pipeline.alignment import align_shard
+from bitmar_pipeline.coco import CocoManifest, build_manifest, fetch_coco, read_shard_manifest, write_manifest
+from bitmar_pipeline.features import extract_shard_features
+from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
+from bitmar_pipeline.robot_ingest import ROBOT_SUBTASKS_TABLE, ROBOT_TASKS_TABLE, load_robot_tables
+from bitmar_pipeline.text_corpus import TOKENIZER_DIR, build_tokenizer, tokenizer_corpus
+
+PAIRS_TABLE = "image_caption_pairs"
+DATA_GROUP = "data"
+
+
+def _progress_logger(context: dg.AssetExecutionContext, settings: BitmarSettings, label: str):
+    """Byte progress to the Dagster log every 10%, and to a tqdm bar on the CLI."""
+    state = {"next": 0.0, "bar": None}
+
+    def report(done: int, total: int) -> None:
+        if settings.progress_bars:
+            if state["bar"] is None:
+                state["bar"] = tqdm(total=total or None, unit="B", unit_scale=True, desc=label)
+            state["bar"].update(done - state["bar"].n)
+        if total and done / total >= state["next"]:
+            context.log.info(f"{label}: {done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done / total:.0f}%)")
+            state["next"] = done / total + 0.1
+
+    return report
+
+
+@dg.asset(
+    group_name=DATA_GROUP,
+    code_version="1",
+    kinds={"python", "parquet"},
+    description="COCO-layout captions and images (sample, local or download), described as fixed-size shards; registers the coco_shards partitions.",
+)
+def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
+    config, storage = settings.config, settings.storage
+    started = time.perf_counter()
+    root = fetch_coco(config, progress=_progress_logger(context, settings, "coco download"))
+    manifest: CocoManifest = build_manifest(root, config.data.coco.splits, config.data.coco.max_images, config.data.coco.shard_size)
+    write_manifest(storage, manifest)
+    storage.write_quarantine("coco_raw", "all", manifest.quarantine, context.run_id)
+    storage.refresh_catalog()
+
+    existing = set(context.instance.get_dynamic_partitions(coco_shards.name))
+    new_shards = [s for s in manifest.shards if s not in existing]
+    if new_shards:
+        context.instance.add_dynamic_partitions(coco_shards.name, new_shards)
+    stale = sorted(existing - set(manifest.shards))
+    if stale:
+        context.log.warning(f"{len(stale)} registered shards are no longer in the manifest and will not be trained on: {stale[:10]}")
+    per_split = manifest.images.groupby("split").size().rename_axis("split").reset_index(name="images")
+    return dg.MaterializeResult(
+        metadata={
+            "source": config.data.coco.source,
+            "root": dg.MetadataValue.path(str(root)),
+            "images": len(manifest.images),
+            "captions": len(manifest.captions),
+            "shards": len(manifest.shards),
+            "new_shards": dg.MetadataValue.json(new_shards[:50]),
+            "stale_shards": dg.MetadataValue.json(stale[:50]),
+            "excluded_by_max_images": manifest.excluded_by_max_images,
+            "images_per_split": markdown_table(per_split),
+            "preview": markdown_table(manifest.captions[["image_id", "split", "caption"]]),
+            "seconds": round(time.perf_counter() - started, 2),
+            **quarantine_metadata(manifest.quarantine),
+        }
+    )
+
+
+@dg.asset(
+    deps=[coco_raw],
+    partitions_def=coco_shards,
+    group_name=DATA_GROUP,
+    code_version="1",
+    kinds={"python", "parquet", "duckdb"},
+    check_specs=[
+        dg.AssetCheckSpec("pairs_not_empty", asset=PAIRS_TABLE),
+        dg.AssetCheckSpec("quarantine_share_below_threshold", asset=PAIRS_TABLE),
+    ],
+    description="One shard of validated, normalised, de-duplicated image-caption pairs; refused rows go to quarantine with a reason.",
+)
+def image_caption_pairs(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
+    config, storage = settings.config, settings.storage
+    shard = context.partition_key
+    started = time.perf_counter()
+    images, captions = read_shard_manifest(storage, shard)
+    result = align_shard(
+        images,
+        captions,
+        config.resolved_coco_root(),
+        shard,
+        min_caption_chars=config.data.min_caption_chars,
+        max_caption_chars=config.data.max_caption_chars,
+        max_image_pixels=config.data.max_image_pixels,
+    )
+    path = storage.write_partition(PAIRS_TABLE, shard, result.pairs)
+    storage.write_quarantine(PAIRS_TABLE, shard, result.quarantine, context.run_id)
+    storage.refresh_catalog([PAIRS_TABLE, "quarantine"])
+    seconds = time.perf_counter() - started
+
+    rows_in = len(captions) + len(images)
+    share = len(result.quarantine) / rows_in if rows_in else 0.0
+    limit = config.data.max_quarantine_share
+    return dg.MaterializeResult(
+        metadata={
+            "pairs": len(result.pairs),
+            "captions_in": len(captions),
+            "images_checked": result.images_checked,
+            "images_ok": result.images_ok,
+            "quarantine_share": round(share, 4),
+            "path": dg.MetadataValue.path(str(path)),
+            "preview": markdown_table(result.pairs[["image_id", "caption", "width", "height", "format"]]),
+            "seconds": round(seconds, 2),
+            "images_per_second": round(result.images_checked / seconds, 1) if seconds else 0.0,
+            **quarantine_metadata(result.quarantine),
+        },
+        check_results=[
+            dg.AssetCheckResult(check_name="pairs_not_empty", passed=len(result.pairs) > 0, metadata={"pairs": len(result.pairs)}),
+            dg.AssetCheckResult(
+                check_name="quarantine_share_below_threshold",
+                passed=share <= limit,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"share": round(share, 4), "threshold": limit},
+            ),
+        ],
+    )
+
+
+@dg.asset(
+    deps=[image_caption_pairs],
+    partitions_def=coco_shards,
+    group_name=DATA_GROUP,
+    code_version="1",
+    kinds={"pytorch", "parquet"},
+    check_specs=[
+        dg.AssetCheckSpec("features_finite", asset="vision_features"),
+        dg.AssetCheckSpec("feature_dimensions_match", asset="vision_features"),
+    ],
+    description="DINOv2 CLS vector and pooled patch grid (float16) per image of a shard, content-addressed by image hash and encoder fingerprint.",
+)
+def vision_features(
+    context: dg.AssetExecutionContext, settings: BitmarSettings, vision_encoder: VisionEncoderResource
+) -> dg.MaterializeResult:
+    config, storage = settings.config, settings.storage
+    shard = context.partition_key
+    pairs = storage.read_partition(PAIRS_TABLE, shard, columns=["image_id", "split", "file_name", "content_hash"])
+    encoder = vision_encoder.get(settings)
+    started = time.perf_counter()
+    result = extract_shard_features(
+        storage,
+        encoder,
+        pairs,
+        config.resolved_coco_root(),
+        shard,
+        batch_size=config.vision.batch_size,
+        workers=config.vision.num_workers,
+        max_pixels=config.data.max_image_pixels,
+        log=context.log.info,
+    )
+    storage.refresh_catalog(["vision_features"])
+    seconds = time.perf_counter() - started
+
+    table = result.features
+    cls = np.asarray(table.column("cls").combine_chunks().values, dtype=np.float32) if table.num_rows else np.zeros(0)
+    patches = np.asarray(table.column("patches").combine_chunks().values, dtype=np.float32) if table.num_rows else np.zeros(0)
+    finite = bool(np.isfinite(cls).all() and np.isfinite(patches).all())
+    dims = set(table.column("feature_dim").to_pylist())
+    dims_ok = dims <= {encoder.feature_dim} and set(table.column("num_patches").to_pylist()) <= {encoder.num_patch_tokens}
+    return dg.MaterializeResult(
+        metadata={
+            "images": table.num_rows,
+            "encoded": result.encoded,
+            "reused_from_cache": result.reused,
+            "encode_images_per_second": round(result.images_per_second, 2),
+            "seconds": round(seconds, 2),
+            "encoder_fingerprint": encoder.fingerprint,
+            "vision_model": config.vision.model,
+            "device": str(encoder.device),
+            "feature_dim": encoder.feature_dim,
+            "patch_tokens": encoder.num_patch_tokens,
+            "path": dg.MetadataValue.path(str(result.path)),
+        },
+        check_results=[
+            dg.AssetCheckResult(check_name="features_finite", passed=finite),
+            dg.AssetCheckResult(
+                check_name="feature_dimensions_match",
+                passed=dims_ok,
+                metadata={"expected_dim": encoder.feature_dim, "found_dims": dg.MetadataValue.json(sorted(dims))},
+            ),
+        ],
+    )
+
+
+@dg.asset(
+    group_name=DATA_GROUP,
+    code_version="1",
+    kinds={"python", "parquet", "duckdb"},
+    check_specs=[
+        dg.AssetCheckSpec("robot_tasks_not_empty", asset="robot_selection_tasks"),
+        dg.AssetCheckSpec("no_split_leakage", asset="robot_selection_tasks"),
+        dg.AssetCheckSpec("quarantine_share_below_threshold", asset="robot_selection_tasks"),
+    ],
+    description="Single- and multi-robot selection tasks with canonical robot names and a leak-free train/val/test split (tables robot_tasks, robot_subtasks).",
+)
+def robot_selection_tasks(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
+    config, storage = settings.config, settings.storage
+    result, files = load_robot_tables(config, storage)
+    tasks_path = storage.write_partition(ROBOT_TASKS_TABLE, "all", result.tasks)
+    storage.write_partition(ROBOT_SUBTASKS_TABLE, "all", result.subtasks)
+    storage.write_quarantine("robot_selection_tasks", "all", result.quarantine, context.run_id)
+    storage.refresh_catalog([ROBOT_TASKS_TABLE, ROBOT_SUBTASKS_TABLE, "quarantine"])
+
+    splits_per_key = result.tasks.groupby("task_key")["split"].nunique()
+    leaked = splits_per_key[splits_per_key > 1]
+    rows_in = len(result.tasks) + len(result.quarantine)
+    share = len(result.quarantine) / rows_in if rows_in else 0.0
+    split_counts = result.tasks.groupby(["source", "split"]).size().unstack(fill_value=0).reset_index()
+    label_counts = result.tasks.explode("robots").groupby("robots").size().rename_axis("robot").reset_index(name="tasks")
+    return dg.MaterializeResult(
+        metadata={
+            "tasks": len(result.tasks),
+            "subtasks": len(result.subtasks),
+            "files": dg.MetadataValue.json(files),
+            "input_rows": dg.MetadataValue.json(result.input_rows),
+            "tasks_per_split": markdown_table(split_counts),
+            "tasks_per_robot": markdown_table(label_counts),
+            "preview": markdown_table(result.tasks[["task_text", "robots", "split"]]),
+            "path": dg.MetadataValue.path(str(tasks_path)),
+            **quarantine_metadata(result.quarantine),
+        },
+        check_results=[
+            dg.AssetCheckResult(check_name="robot_tasks_not_empty", passed=len(result.tasks) > 0),
+            dg.AssetCheckResult(
+                check_name="no_split_leakage",
+                passed=leaked.empty,
+                metadata={"leaked_task_keys": dg.MetadataValue.json(leaked.index[:20].tolist())},
+            ),
+            dg.AssetCheckResult(
+                check_name="quarantine_share_below_threshold",
+                passed=share <= config.data.max_quarantine_share,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"share": round(share, 4), "threshold": config.data.max_quarantine_share},
+            ),
+        ],
+    )
+
+
+@dg.asset(
+    deps=[image_caption_pairs, robot_selection_tasks],
+    group_name=DATA_GROUP,
+    code_version="1",
+    kinds={"python"},
+    description="Byte-level BPE trained on captions and training-split robot texts (or a pretrained tokenizer by name/path).",
+)
+def text_tokenizer(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
+    config, storage = settings.config, settings.storage
+    started = time.perf_counter()
+    corpus = tokenizer_corpus(storage, context.instance.get_dynamic_partitions(coco_shards.name))
+    tokenizer = build_tokenizer(config.tokenizer, corpus.texts, storage.path(TOKENIZER_DIR))
+    lengths = pd.Series([len(ids) for ids in tokenizer(corpus.texts[:2000])["input_ids"]])
+    example = corpus.texts[0] if corpus.texts else ""
+    return dg.MaterializeResult(
+        metadata={
+            "source": config.tokenizer.source,
+            "vocab_size": len(tokenizer),
+            "training_texts": dg.MetadataValue.json(corpus.counts),
+            "mean_tokens_per_text": round(float(lengths.mean()), 2) if len(lengths) else 0.0,
+            "p95_tokens_per_text": int(lengths.quantile(0.95)) if len(lengths) else 0,
+            "example": dg.MetadataValue.md(f"`{example}` → {tokenizer.tokenize(example)[:40]}"),
+            "path": dg.MetadataValue.path(str(storage.path(TOKENIZER_DIR))),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+    )

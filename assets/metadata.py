@@ -1,0 +1,26 @@
+"""Shared helpers that turn results into metadata a person reads in the Dagster UI."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+
+
+def markdown_table(frame: pd.DataFrame, max_rows: int = 8, max_chars: int = 80) -> dg.MarkdownMetadataValue:
+    shown = frame.head(max_rows).copy()
+    for column in shown.columns:
+        shown[column] = shown[column].map(lambda v: str(v) if len(str(v)) <= max_chars else str(v)[: max_chars - 1] + "…")
+    if shown.empty:
+        return dg.MetadataValue.md("_(no rows)_")
+    header = "| " + " | ".join(map(str, shown.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in shown.columns) + " |"
+    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in shown.itertuples(index=False)]
+    return dg.MetadataValue.md("\n".join([header, rule, *body]))
+
+
+def quarantine_metadata(quarantine: pd.DataFrame) -> dict[str, dg.MetadataValue]:
+    counts = quarantine["reason"].value_counts().rename_axis("reason").reset_index(name="rows") if len(quarantine) else pd.DataFrame(columns=["reason", "rows"])
+    return {
+        "quarantined_rows": dg.MetadataValue.int(len(quarantine)),
+        "quarantined_by_reason": markdown_table(counts, max_rows=50),
+    }

@@ -1,0 +1,117 @@
+"""`bitmar`: a thin command line front on the Dagster code location.
+
+`bitmar run` materializes a selection in-process against the Dagster instance in
+$DAGSTER_HOME (or a temporary one). Partitioned stages run once per registered shard, as a
+backfill would; the order comes from the asset graph, not from this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import dagster as dg
+import yaml
+
+from bitmar_pipeline.config import ConfigError, load_config
+from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """["vision.model=facebook/dinov2-base", "data.coco.max_images=500"] -> typed dict."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. vision.model=facebook/dinov2-base")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _instance() -> dg.DagsterInstance:
+    if os.environ.get("DAGSTER_HOME"):
+        return dg.DagsterInstance.get()
+    return dg.DagsterInstance.ephemeral()
+
+
+def _phases(defs: dg.Definitions, selection: str | None) -> list[tuple[bool, list[dg.AssetKey]]]:
+    """Selected asset keys in topological order, grouped into consecutive runs of partitioned
+    (True) or unpartitioned (False) assets: a Dagster run targets one partition at most."""
+    graph = defs.resolve_asset_graph()
+    selected = dg.AssetSelection.from_string(selection).resolve(graph) if selection else graph.materializable_asset_keys
+    phases: list[tuple[bool, list[dg.AssetKey]]] = []
+    for level in graph.toposorted_asset_keys_by_level:
+        for key in sorted(level):
+            if key not in selected:
+                continue
+            partitioned = graph.get(key).is_partitioned
+            if phases and phases[-1][0] == partitioned:
+                phases[-1][1].append(key)
+            else:
+                phases.append((partitioned, [key]))
+    return phases
+
+
+def _summarize(result: dg.ExecuteInProcessResult, partition: str | None) -> list[str]:
+    lines = []
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        shown = {k: v.value for k, v in materialization.metadata.items() if k in {"images", "captions", "pairs", "tasks", "encoded", "reused_from_cache", "quarantined_rows", "vocab_size", "seconds"}}
+        where = f"[{partition}]" if partition else ""
+        lines.append(f"  {materialization.asset_key.to_user_string()}{where}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    for check in result.get_asset_check_evaluations():
+        if not check.passed:
+            lines.append(f"  check FAILED ({check.severity.value}): {check.asset_key.to_user_string()}.{check.check_name}")
+    return lines
+
+
+def run(config_file: str | None, selection: str | None, overrides: dict[str, Any]) -> int:
+    from assets.definitions import ALL_ASSETS, build_definitions
+
+    load_config(config_file, overrides)  # fail fast on bad config, before Dagster starts
+    settings = BitmarSettings(config_file=config_file, overrides=overrides, progress_bars=sys.stderr.isatty())
+    defs = build_definitions(settings)
+    instance = _instance()
+    # One encoder resource for every shard run, so the model is loaded once per process.
+    resources = {"settings": settings, "vision_encoder": VisionEncoderResource()}
+    started = time.perf_counter()
+    failed_checks = 0
+    for partitioned, keys in _phases(defs, selection):
+        partitions = instance.get_dynamic_partitions("coco_shards") if partitioned else [None]
+        if partitioned and not partitions:
+            print("no coco_shards registered yet: materialize coco_raw first", file=sys.stderr)
+            return 1
+        for partition in partitions:
+            result = dg.materialize(ALL_ASSETS, selection=keys, instance=instance, resources=resources, partition_key=partition, raise_on_error=False)
+            print("\n".join(_summarize(result, partition)))
+            failed_checks += sum(1 for c in result.get_asset_check_evaluations() if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR)
+            if not result.success:
+                failure = next((e for e in result.all_events if e.is_step_failure), None)
+                message = failure.step_failure_data.error.message.strip() if failure else "run failed"
+                print(f"FAILED {', '.join(k.to_user_string() for k in keys)}{f'[{partition}]' if partition else ''}: {message}", file=sys.stderr)
+                return 1
+    print(f"done in {time.perf_counter() - started:.1f}s" + (f"; {failed_checks} failed checks" if failed_checks else ""))
+    return 1 if failed_checks else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bitmar", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="materialize assets (default: all) in-process")
+    run_parser.add_argument("--config", help="YAML profile (default: $BITMAR_CONFIG or the embedded sample profile)")
+    run_parser.add_argument("--select", help="Dagster asset selection, e.g. 'coco_raw image_caption_pairs' or 'group:data'")
+    run_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.overrides)
+        return run(args.config, args.select, overrides)
+    except ConfigError as exc:
+        print(f"bitmar: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""text_tokenizer: the training texts (captions + robot texts) and the tokenizer built from them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerFast
+
+from bitmar_pipeline.config import TokenizerConfig
+from bitmar_pipeline.storage import Storage
+from bitmar_pipeline.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class TokenizerCorpus:
+    texts: list[str]
+    counts: dict[str, int]
+
+
+def tokenizer_corpus(storage: Storage, shards: Iterable[str]) -> TokenizerCorpus:
+    """Captions of the given shards plus the robot texts of the training split only, so no
+    validation or test wording shapes the vocabulary."""
+    available = [s for s in shards if storage.has_partition("image_caption_pairs", s)]
+    captions = storage.read_table("image_caption_pairs", columns=["caption"], partitions=available)["caption"].tolist() if available else []
+    tasks = storage.read_partition("robot_tasks", "all")
+    subtasks = storage.read_partition("robot_subtasks", "all")
+    train_tasks = tasks[tasks["split"] == "train"]
+    task_texts = train_tasks["task_text"].tolist()
+    # The capability block is shared by every row; once is enough to learn its words.
+    instructions = sorted(set(train_tasks["instruction"]))
+    subtask_texts = subtasks.loc[subtasks["split"] == "train", "subtask_text"].tolist()
+    texts = captions + task_texts + instructions + subtask_texts
+    if not texts:
+        raise ValueError("no texts to train the tokenizer on: materialize image_caption_pairs and robot_selection_tasks first")
+    return TokenizerCorpus(
+        texts,
+        {"captions": len(captions), "robot_tasks": len(task_texts), "instructions": len(instructions), "subtasks": len(subtask_texts)},
+    )
+
+
+def build_tokenizer(config: TokenizerConfig, texts: list[str], output_dir: Path) -> PreTrainedTokenizerFast:
+    if config.source == "pretrained":
+        tokenizer = load_tokenizer(config.name_or_path)
+        tokenizer.save_pretrained(output_dir)
+        return tokenizer
+    return train_bpe_tokenizer(texts, config.vocab_size, output_dir, config.min_frequency)

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from bitmar_pipeline.cli import parse_overrides
+from bitmar_pipeline.config import ConfigError, PipelineConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_sample_yaml_is_the_embedded_default():
+    assert load_config(REPO / "configs" / "sample.yaml") == PipelineConfig()
+    assert load_config(None) == PipelineConfig()
+
+
+def test_coco_profile_loads():
+    config = load_config(REPO / "configs" / "coco.yaml")
+    assert config.data.coco.source == "download"
+    assert config.vision.model == "facebook/dinov2-base"
+    assert config.vision.device == "cuda"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"data.coco.source": "ftp"}, ["data.coco.source", "'ftp'", "'sample', 'local' or 'download'"]),
+        ({"data.coco.max_images": 0}, ["data.coco.max_images", "got 0", "greater than 0"]),
+        ({"vision.device": "tpu"}, ["vision.device", "'tpu'", "cuda:N"]),
+        ({"data.robot.split_fractions": [0.5, 0.5, 0.5]}, ["data.robot.split_fractions", "sum to 1"]),
+        ({"vision.modle": "x"}, ["vision.modle", "unknown key"]),
+        ({"data.robot.source": "local"}, ["data.robot", "single_path"]),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    for fragment in expected:
+        assert fragment in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("storage: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(bad)
+
+
+def test_local_source_requires_root():
+    config = load_config(None, {"data.coco.source": "local"})
+    with pytest.raises(ConfigError, match="data.coco.root"):
+        config.resolved_coco_root()
+
+
+def test_overrides_are_typed():
+    assert parse_overrides(["data.coco.max_images=5", "vision.model=facebook/dinov2-base"]) == {
+        "data.coco.max_images": 5,
+        "vision.model": "facebook/dinov2-base",
+    }
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["novalue"])
