@@ -1,7 +1,6 @@
 """Data stages: COCO manifest, aligned pairs and vision features per shard, robot tasks,
 tokenizer. Thin: configuration and resources in, a plain function call, metadata out."""
 
-from __future__ import annotations
 
 import time
 
@@ -13,7 +12,13 @@ from tqdm.auto import tqdm
 from assets.metadata import markdown_table, quarantine_metadata
 from assets.partitions import coco_shards
 from bitmar_pipeline.alignment import align_shard
-from bitmar_pipeline.coco import CocoManifest, build_manifest, fetch_coco, read_shard_manifest, write_manifest
+from bitmar_pipeline.coco import (
+    CocoManifest,
+    build_manifest,
+    fetch_coco,
+    read_shard_manifest,
+    write_manifest,
+)
 from bitmar_pipeline.features import extract_shard_features
 from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
 from bitmar_pipeline.robot_ingest import ROBOT_SUBTASKS_TABLE, ROBOT_TASKS_TABLE, load_robot_tables
@@ -51,7 +56,7 @@ def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.
     root = fetch_coco(config, progress=_progress_logger(context, settings, "coco download"))
     manifest: CocoManifest = build_manifest(root, config.data.coco.splits, config.data.coco.max_images, config.data.coco.shard_size)
     write_manifest(storage, manifest)
-    storage.write_quarantine("coco_raw", "all", manifest.quarantine, context.run_id)
+    storage.write_quarantine("coco_raw", "all", manifest.quarantine, context.run.run_id)
     storage.refresh_catalog()
 
     existing = set(context.instance.get_dynamic_partitions(coco_shards.name))
@@ -107,7 +112,7 @@ def image_caption_pairs(context: dg.AssetExecutionContext, settings: BitmarSetti
         max_image_pixels=config.data.max_image_pixels,
     )
     path = storage.write_partition(PAIRS_TABLE, shard, result.pairs)
-    storage.write_quarantine(PAIRS_TABLE, shard, result.quarantine, context.run_id)
+    storage.write_quarantine(PAIRS_TABLE, shard, result.quarantine, context.run.run_id)
     storage.refresh_catalog([PAIRS_TABLE, "quarantine"])
     seconds = time.perf_counter() - started
 
@@ -220,7 +225,7 @@ def robot_selection_tasks(context: dg.AssetExecutionContext, settings: BitmarSet
     result, files = load_robot_tables(config, storage)
     tasks_path = storage.write_partition(ROBOT_TASKS_TABLE, "all", result.tasks)
     storage.write_partition(ROBOT_SUBTASKS_TABLE, "all", result.subtasks)
-    storage.write_quarantine("robot_selection_tasks", "all", result.quarantine, context.run_id)
+    storage.write_quarantine("robot_selection_tasks", "all", result.quarantine, context.run.run_id)
     storage.refresh_catalog([ROBOT_TASKS_TABLE, ROBOT_SUBTASKS_TABLE, "quarantine"])
 
     splits_per_key = result.tasks.groupby("task_key")["split"].nunique()

@@ -49,13 +49,15 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fake_quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize activations with an STE, so gradients flow as if unquantized."""
     levels, scale = quantize_activations(x)
-    return x + (levels / scale - x).detach()
+    # (x - x.detach()) is exactly zero with an identity gradient; adding the detached
+    # quantized value keeps the forward bit-exact (x + (q - x) can be off by one ulp).
+    return (x - x.detach()) + (levels / scale).detach()
 
 
 def fake_quantize_weight(weight: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize the latent weight with an STE."""
     ternary, scale = ternarize(weight)
-    return weight + (ternary * scale - weight).detach()
+    return (weight - weight.detach()) + (ternary * scale).detach()
 
 
 @dataclass(frozen=True)

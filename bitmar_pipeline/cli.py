@@ -37,11 +37,18 @@ def _instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.ephemeral()
 
 
+def _selection(text: str) -> dg.AssetSelection:
+    """`dagster asset materialize` style comma list ("coco_raw,*vision_features") or one
+    expression of Dagster's selection language ("group:data and not text_tokenizer")."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    return dg.AssetSelection.from_coercible(items) if len(items) > 1 else dg.AssetSelection.from_string(items[0])
+
+
 def _phases(defs: dg.Definitions, selection: str | None) -> list[tuple[bool, list[dg.AssetKey]]]:
     """Selected asset keys in topological order, grouped into consecutive runs of partitioned
     (True) or unpartitioned (False) assets: a Dagster run targets one partition at most."""
     graph = defs.resolve_asset_graph()
-    selected = dg.AssetSelection.from_string(selection).resolve(graph) if selection else graph.materializable_asset_keys
+    selected = _selection(selection).resolve(graph) if selection else graph.materializable_asset_keys
     phases: list[tuple[bool, list[dg.AssetKey]]] = []
     for level in graph.toposorted_asset_keys_by_level:
         for key in sorted(level):
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="materialize assets (default: all) in-process")
     run_parser.add_argument("--config", help="YAML profile (default: $BITMAR_CONFIG or the embedded sample profile)")
-    run_parser.add_argument("--select", help="Dagster asset selection, e.g. 'coco_raw image_caption_pairs' or 'group:data'")
+    run_parser.add_argument("--select", help="assets to materialize: a comma list (coco_raw,image_caption_pairs) or a Dagster selection (group:data)")
     run_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
     args = parser.parse_args(argv)
     try:

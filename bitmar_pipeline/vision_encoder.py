@@ -18,7 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModel, BitImageProcessor, Dinov2Config, Dinov2Model
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    BitImageProcessorPil,
+    Dinov2Config,
+    Dinov2Model,
+)
 
 TINY_RANDOM = "tiny-random"
 _TINY_CONFIG = dict(
@@ -52,7 +58,7 @@ def build_tiny_random_encoder(directory: Path, seed: int = 0) -> Path:
         torch.random.set_rng_state(generator_state)
     tmp = directory.with_name(directory.name + ".tmp")
     model.save_pretrained(tmp)
-    BitImageProcessor(**_TINY_PROCESSOR).save_pretrained(tmp)
+    BitImageProcessorPil(**_TINY_PROCESSOR).save_pretrained(tmp)
     tmp.replace(directory)
     return directory
 

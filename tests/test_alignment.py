@@ -66,7 +66,7 @@ def test_every_bad_image_class_is_quarantined_with_its_reason(bad_dataset):
         }
     )
     result = align_shard(images, captions, bad_dataset, "s", max_image_pixels=5_000_000)
-    reasons = dict(zip(result.quarantine.loc[result.quarantine["key"].str.startswith("image:"), "key"], result.quarantine.loc[result.quarantine["key"].str.startswith("image:"), "reason"]))
+    reasons = dict(zip(result.quarantine.loc[result.quarantine["key"].str.startswith("image:"), "key"], result.quarantine.loc[result.quarantine["key"].str.startswith("image:"), "reason"], strict=False))
     assert reasons == {
         "image:2": "corrupt_image",
         "image:3": "empty_file",
@@ -95,7 +95,7 @@ def test_caption_problems_and_duplicates(bad_dataset):
     )
     result = align_shard(images, captions, bad_dataset, "s")
     assert result.pairs["caption"].tolist() == ["A dog on a couch."]
-    by_key = dict(zip(result.quarantine["key"], result.quarantine["reason"]))
+    by_key = dict(zip(result.quarantine["key"], result.quarantine["reason"], strict=False))
     assert by_key == {
         "caption:2": "duplicate_caption",
         "caption:3": "empty_caption",

@@ -1,0 +1,381 @@
+"""Packed ternary export: the BitNet b1.58 edge format for BitMar checkpoints.
+
+A trained BitLinear only ever uses ternary weights times one absmean scale, so the edge
+form stores 2 bits per weight (four weights per byte) plus one fp32 scale per layer:
+
+    pack_ternary / unpack_ternary   {-1, 0, 1} tensor <-> uint8 codes (exact inverse)
+    PackedBitLinear                 inference layer computing from the packed weights;
+                                    eval-mode outputs equal BitLinear's
+    pack_model                      deep copy with every BitLinear replaced
+    save_packed / read_packed_config / load_packed_into
+                                    directory with model.packed.safetensors + packed_config.json
+    model_bytes_report              fp32 / fp16 / packed size, total and per component
+
+Byte layout: weights are flattened row-major (shape [out_features, in_features]), padded
+with zeros to a multiple of 4, and weight i lands in bits 2*(i % 4)..2*(i % 4)+1 of byte
+i // 4 (little-endian within the byte). Codes: 0 -> 0, 1 -> +1, 2 -> -1; code 3 is invalid.
+
+Loading goes in two steps because only the caller knows how to build its architecture:
+
+    config = read_packed_config(directory)           # the dict passed to save_packed
+    packed = pack_model(build_model(config))         # same structure, placeholder weights
+    load_packed_into(packed, directory)              # validated, all or nothing
+
+`save_packed` records the SHA-256 of the weights file in packed_config.json, so a
+truncated, corrupted or edited file is refused before any tensor reaches the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from bitmar_model.bitlinear import EPS, BitLinear, quantize_activations, ternarize
+
+WEIGHTS_FILE = "model.packed.safetensors"
+CONFIG_FILE = "packed_config.json"
+FORMAT_NAME = "bitmar-packed-ternary"
+FORMAT_VERSION = 1
+
+_CODE_TO_VALUE = (0.0, 1.0, -1.0)
+_SHIFTS = (0, 2, 4, 6)
+
+
+def packed_numel(num_weights: int) -> int:
+    """Bytes needed for `num_weights` ternary weights at 2 bits each."""
+    return math.ceil(num_weights / 4)
+
+
+def pack_ternary(ternary: torch.Tensor) -> torch.Tensor:
+    """Pack a tensor of values in {-1, 0, 1} (any dtype) into a flat uint8 tensor."""
+    flat = ternary.detach().reshape(-1)
+    if not ((flat == 0) | (flat == 1) | (flat == -1)).all():
+        raise ValueError("pack_ternary: tensor has values outside {-1, 0, 1}")
+    codes = torch.zeros(flat.numel() + (-flat.numel()) % 4, dtype=torch.uint8, device=flat.device)
+    codes[: flat.numel()][flat == 1] = 1
+    codes[: flat.numel()][flat == -1] = 2
+    codes = codes.view(-1, 4)
+    return codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
+
+
+def unpack_ternary(
+    packed: torch.Tensor, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of `pack_ternary`: the ternary tensor of `shape` as `dtype`."""
+    shape = tuple(int(s) for s in shape)
+    num_weights = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"unpack_ternary: expected a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+    if packed.numel() != packed_numel(num_weights):
+        raise ValueError(
+            f"unpack_ternary: {packed.numel()} bytes cannot hold shape {shape} "
+            f"(expected {packed_numel(num_weights)} bytes)"
+        )
+    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
+    codes = ((packed.unsqueeze(-1) >> shifts) & 3).reshape(-1)[:num_weights].long()
+    if (codes == 3).any():
+        raise ValueError("unpack_ternary: invalid code 3 in packed weights")
+    table = torch.tensor(_CODE_TO_VALUE, dtype=dtype, device=packed.device)
+    return table[codes].reshape(shape)
+
+
+class PackedBitLinear(nn.Module):
+    """Inference-only BitLinear that stores its weight as packed 2-bit codes.
+
+    The unpacked, scaled weight is cached per compute dtype outside the state dict, so
+    repeated inference does not unpack on every call while checkpoints stay packed. The
+    cache is dropped whenever the buffers may change (load_state_dict, .to(), .half()).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("packed_weight", torch.zeros(packed_numel(in_features * out_features), dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._weight_cache: tuple[torch.dtype, torch.Tensor] | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_bitlinear(cls, layer: BitLinear) -> PackedBitLinear:
+        """Pack a (trained) BitLinear; ternarized in the layer's own dtype, as its forward does."""
+        packed = cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        ternary, scale = ternarize(layer.weight)
+        packed.packed_weight = pack_ternary(ternary)
+        packed.weight_scale = scale.detach().to(torch.float32).clone()
+        if layer.bias is not None:
+            packed.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+        return packed
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def ternary_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return unpack_ternary(self.packed_weight, self.weight_shape, dtype)
+
+    def _dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._weight_cache is None or self._weight_cache[0] != dtype:
+            # Multiply in fp32 and cast once, as BitLinear casts its fp32 ternary*scale.
+            weight = (self.ternary_weight(torch.float32) * self.weight_scale).to(dtype)
+            self._weight_cache = (dtype, weight)
+        return self._weight_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.rms_norm(x, (self.in_features,), eps=EPS)
+        levels, scale = quantize_activations(x)
+        weight = self._dequantized_weight(x.dtype)
+        return F.linear(levels / scale, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PackedBitLinear:
+        self._weight_cache = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._weight_cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """Deep copy of `model` with every BitLinear replaced by a PackedBitLinear."""
+    if isinstance(model, BitLinear):
+        return PackedBitLinear.from_bitlinear(model)
+    packed_model = copy.deepcopy(model)
+    replaced: dict[int, PackedBitLinear] = {}  # a BitLinear shared by two parents stays shared
+    for parent in list(packed_model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BitLinear):
+                if id(child) not in replaced:
+                    replaced[id(child)] = PackedBitLinear.from_bitlinear(child)
+                setattr(parent, name, replaced[id(child)])
+    return packed_model
+
+
+def _packed_layers(model: nn.Module) -> dict[str, PackedBitLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, PackedBitLinear)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_packed(model: nn.Module, directory: str | Path, config: dict[str, Any]) -> Path:
+    """Write `model` in packed form to `directory`; returns the weights file path.
+
+    `model` may be the trained model (its BitLinears are packed on a copy) or the output
+    of `pack_model`. `config` must be JSON-serialisable; it comes back from
+    `read_packed_config` so the caller can rebuild the architecture. Tied tensors (one
+    Parameter under two names) are stored once and restored to both names.
+    """
+    if any(isinstance(m, BitLinear) for m in model.modules()):
+        model = pack_model(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_key: dict[int, str] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in first_key:
+            aliases[key] = first_key[id(value)]
+            continue
+        first_key[id(value)] = key
+        tensors[key] = value.detach().cpu().contiguous()
+
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "weights_file": WEIGHTS_FILE,
+        "config": config,
+        "packed_layers": {
+            name: {"shape": list(layer.weight_shape), "bias": layer.bias is not None}
+            for name, layer in _packed_layers(model).items()
+        },
+        "aliases": aliases,
+    }
+    json.dumps(manifest)  # a non-JSON config fails here, before anything is written
+    weights_path = directory / WEIGHTS_FILE
+    _write_atomically(weights_path, save_safetensors(tensors, metadata={"format": FORMAT_NAME}))
+    manifest["sha256"] = _sha256(weights_path)
+    # The manifest is written last: it carries the checksum, so a crash in between
+    # leaves a directory that load refuses rather than a silently mismatched pair.
+    _write_atomically(directory / CONFIG_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return weights_path
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read packed config ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: not a {FORMAT_NAME} config")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    for key, kind in (("config", dict), ("packed_layers", dict), ("aliases", dict), ("sha256", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise ValueError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+    return manifest
+
+
+def read_packed_config(directory: str | Path) -> dict[str, Any]:
+    """The config dict given to `save_packed`, for rebuilding the architecture."""
+    return _read_manifest(Path(directory))["config"]
+
+
+def load_packed_into(packed_model: nn.Module, directory: str | Path) -> dict[str, Any]:
+    """Load a `save_packed` directory into `packed_model` (built by `pack_model`); returns the config.
+
+    Everything is validated before the model is touched: checksum, key sets, packed layer
+    shapes and every tensor's shape. Any mismatch raises ValueError naming the file and key.
+    """
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    config_path = directory / CONFIG_FILE
+    weights_path = directory / WEIGHTS_FILE
+    try:
+        raw = weights_path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{weights_path}: cannot read packed weights ({exc})") from exc
+    if hashlib.sha256(raw).hexdigest() != manifest["sha256"]:
+        raise ValueError(f"{weights_path}: checksum mismatch with {config_path.name}; the file is corrupt or was modified")
+    try:
+        stored = load_safetensors(raw)
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+
+    layers = _packed_layers(packed_model)
+    recorded = manifest["packed_layers"]
+    for name in sorted(set(layers) ^ set(recorded)):
+        where = "the model" if name in layers else config_path.name
+        raise ValueError(f"{config_path}: packed layer {name!r} exists only in {where}")
+    for name, layer in layers.items():
+        if list(layer.weight_shape) != recorded[name].get("shape"):
+            raise ValueError(
+                f"{config_path}: packed layer {name!r} has shape {recorded[name].get('shape')}, "
+                f"the model expects {list(layer.weight_shape)}"
+            )
+
+    expected = packed_model.state_dict()
+    aliases = manifest["aliases"]
+    for key, target in aliases.items():
+        if key not in expected or target not in stored:
+            raise ValueError(f"{config_path}: alias {key!r} -> {target!r} does not match the model or {WEIGHTS_FILE}")
+        stored[key] = stored[target]
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: missing keys {missing}, unexpected keys {unexpected}")
+    for key, value in expected.items():
+        if stored[key].shape != value.shape:
+            raise ValueError(
+                f"{weights_path}: key {key!r} has shape {tuple(stored[key].shape)}, the model expects {tuple(value.shape)}"
+            )
+        if key.endswith("packed_weight") and stored[key].dtype != torch.uint8:
+            raise ValueError(f"{weights_path}: key {key!r} has dtype {stored[key].dtype}, expected torch.uint8")
+    packed_model.load_state_dict(stored, strict=True)
+    return manifest["config"]
+
+
+def _sizes(num_elements: int, fp32: int, fp16: int, packed: int) -> dict[str, int]:
+    return {"num_elements": num_elements, "fp32_bytes": fp32, "fp16_bytes": fp16, "packed_bytes": packed}
+
+
+def model_bytes_report(model: nn.Module) -> dict[str, Any]:
+    """Model size in fp32, fp16 and packed form (works on a trained or a packed model).
+
+    Counted from the state dict (parameters and persistent buffers; tied tensors once).
+    BitLinear weights: 4 / 2 bytes per weight in fp32 / fp16; packed = 2 bits per weight
+    (rounded up to whole bytes) + a 4-byte fp32 scale per layer. Everything else
+    (embeddings, norms, biases, memory slots, ...) is counted at 4 / 2 bytes per element
+    in fp32 / fp16 and at fp16 in the packed form; non-float tensors keep their own size.
+    Returns {"total", "bitlinear", "other"}, each {"num_elements", "fp32_bytes",
+    "fp16_bytes", "packed_bytes"}, plus "components" (the same per first-level child;
+    "(root)" for tensors held by the model itself) and "compression_vs_fp32".
+    """
+    bitlinear_weights: dict[str, int] = {}  # state-dict key -> number of ternary weights
+    skipped: set[str] = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, BitLinear):
+            bitlinear_weights[prefix + "weight"] = module.weight.numel()
+        elif isinstance(module, PackedBitLinear):
+            bitlinear_weights[prefix + "packed_weight"] = module.in_features * module.out_features
+            skipped.add(prefix + "weight_scale")  # counted with the packed weight
+
+    def component(key: str) -> str:
+        return key.split(".", 1)[0] if "." in key else "(root)"
+
+    groups: dict[str, list[int]] = {}
+    seen: set[int] = set()
+
+    def add(group: str, counts: tuple[int, int, int, int]) -> None:
+        totals = groups.setdefault(group, [0, 0, 0, 0])
+        for i, c in enumerate(counts):
+            totals[i] += c
+
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in seen or key in skipped:
+            continue
+        seen.add(id(value))
+        if key in bitlinear_weights:
+            n = bitlinear_weights[key]
+            counts = (n, 4 * n, 2 * n, packed_numel(n) + 4)
+            kind = "bitlinear"
+        else:
+            n = value.numel()
+            if value.is_floating_point():
+                counts = (n, 4 * n, 2 * n, 2 * n)
+            else:
+                size = n * value.element_size()
+                counts = (n, size, size, size)
+            kind = "other"
+        add(kind, counts)
+        add("total", counts)
+        add("component:" + component(key), counts)
+
+    empty = (0, 0, 0, 0)
+    total = _sizes(*groups.get("total", empty))
+    return {
+        "total": total,
+        "bitlinear": _sizes(*groups.get("bitlinear", empty)),
+        "other": _sizes(*groups.get("other", empty)),
+        "components": {
+            group.removeprefix("component:"): _sizes(*counts)
+            for group, counts in groups.items()
+            if group.startswith("component:")
+        },
+        "compression_vs_fp32": total["fp32_bytes"] / total["packed_bytes"] if total["packed_bytes"] else 1.0,
+    }
