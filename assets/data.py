@@ -7,7 +7,6 @@ import time
 import dagster as dg
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from assets.metadata import markdown_table, quarantine_metadata
 from assets.partitions import coco_shards
@@ -22,26 +21,35 @@ from bitmar_pipeline.coco import (
 from bitmar_pipeline.features import extract_shard_features
 from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
 from bitmar_pipeline.robot_ingest import ROBOT_SUBTASKS_TABLE, ROBOT_TASKS_TABLE, load_robot_tables
+from bitmar_pipeline.sources.coco_download import TqdmProgress
 from bitmar_pipeline.text_corpus import TOKENIZER_DIR, build_tokenizer, tokenizer_corpus
 
 PAIRS_TABLE = "image_caption_pairs"
 DATA_GROUP = "data"
 
 
-def _progress_logger(context: dg.AssetExecutionContext, settings: BitmarSettings, label: str):
-    """Byte progress to the Dagster log every 10%, and to a tqdm bar on the CLI."""
-    state = {"next": 0.0, "bar": None}
+class DownloadProgress:
+    """Download progress as Dagster log lines (each stage every 10%) and, on the CLI, tqdm bars."""
 
-    def report(done: int, total: int) -> None:
-        if settings.progress_bars:
-            if state["bar"] is None:
-                state["bar"] = tqdm(total=total or None, unit="B", unit_scale=True, desc=label)
-            state["bar"].update(done - state["bar"].n)
-        if total and done / total >= state["next"]:
-            context.log.info(f"{label}: {done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done / total:.0f}%)")
-            state["next"] = done / total + 0.1
+    def __init__(self, context: dg.AssetExecutionContext, bars: bool) -> None:
+        self.context = context
+        self.bars = TqdmProgress() if bars else None
+        self.next_share: dict[str, float] = {}
 
-    return report
+    def __call__(self, stage: str, done: int, total: int | None, unit: str = "B") -> None:
+        if self.bars is not None:
+            self.bars(stage, done, total, unit)
+        if not total:
+            return
+        share = done / total
+        if share >= self.next_share.get(stage, 0.0):
+            amount = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if unit == "B" else f"{done}/{total} {unit}s"
+            self.context.log.info(f"{stage}: {amount} ({100 * share:.0f}%)")
+            self.next_share[stage] = share + 0.1
+
+    def close(self) -> None:
+        if self.bars is not None:
+            self.bars.close()
 
 
 @dg.asset(
@@ -53,7 +61,11 @@ def _progress_logger(context: dg.AssetExecutionContext, settings: BitmarSettings
 def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
     config, storage = settings.config, settings.storage
     started = time.perf_counter()
-    root = fetch_coco(config, progress=_progress_logger(context, settings, "coco download"))
+    progress = DownloadProgress(context, bars=settings.progress_bars)
+    try:
+        root = fetch_coco(config, progress=progress)
+    finally:
+        progress.close()
     manifest: CocoManifest = build_manifest(root, config.data.coco.splits, config.data.coco.max_images, config.data.coco.shard_size)
     write_manifest(storage, manifest)
     storage.write_quarantine("coco_raw", "all", manifest.quarantine, context.run.run_id)

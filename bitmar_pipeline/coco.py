@@ -7,14 +7,13 @@ sorted by id), so shard contents are stable across re-runs and new images only a
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from bitmar_pipeline.config import ConfigError, PipelineConfig
-from bitmar_pipeline.sources.coco_download import download_coco
+from bitmar_pipeline.sources.coco_download import StageProgress, download_coco
 from bitmar_pipeline.sources.coco_layout import discover_caption_files, read_caption_annotations
 from bitmar_pipeline.sources.coco_sample import generate_sample_coco
 from bitmar_pipeline.storage import Storage
@@ -41,7 +40,7 @@ def shard_key(split: str, index: int) -> str:
     return f"{split}-{index:05d}"
 
 
-def fetch_coco(config: PipelineConfig, progress: Callable[[int, int], None] | None = None) -> Path:
+def fetch_coco(config: PipelineConfig, progress: StageProgress | None = None) -> Path:
     """Make the configured COCO-layout directory exist and return its root."""
     coco = config.data.coco
     root = config.resolved_coco_root()

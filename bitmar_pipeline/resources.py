@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import dagster as dg
-from pydantic import PrivateAttr
 
 from bitmar_pipeline.config import PipelineConfig, load_config
 from bitmar_pipeline.storage import Storage
@@ -33,14 +32,16 @@ class BitmarSettings(dg.ConfigurableResource):
         return storage
 
 
-class VisionEncoderResource(dg.ConfigurableResource):
-    """DINOv2 loaded once per process from the hub id, local directory or `tiny-random`."""
+@lru_cache(maxsize=2)
+def _load_encoder(model: str, source: str, revision: str | None, patch_grid: int, device: str, dtype: str) -> VisionEncoder:
+    return VisionEncoder(model, source, revision, patch_grid, device, dtype)
 
-    _encoder: VisionEncoder | None = PrivateAttr(default=None)
+
+class VisionEncoderResource(dg.ConfigurableResource):
+    """DINOv2 from the hub id, local directory or `tiny-random`; loaded once per process, so
+    consecutive shard runs in one process (the CLI, a multiprocess-free executor) share it."""
 
     def get(self, settings: BitmarSettings) -> VisionEncoder:
         config = settings.config.vision
-        if self._encoder is None:
-            source = resolve_model_source(config.model, settings.storage.path("models"))
-            self._encoder = VisionEncoder(config.model, source, config.revision, config.patch_grid, config.device, config.dtype)
-        return self._encoder
+        source = resolve_model_source(config.model, settings.storage.path("models"))
+        return _load_encoder(config.model, source, config.revision, config.patch_grid, config.device, config.dtype)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.http_server"]
+
 SHARED_DATA = Path(os.environ.get("BITMAR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 

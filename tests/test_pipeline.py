@@ -11,6 +11,7 @@ import pytest
 from assets.definitions import ALL_ASSETS
 from bitmar_pipeline.cli import main
 from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
+from tests.test_coco_download import _publish_coco
 
 
 def _local_settings(tmp_path, coco_root, robot_root):
@@ -119,3 +120,46 @@ def test_cli_partitioned_without_shards_fails_clearly(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--select", selection]) == 1
     assert "coco_raw first" in capsys.readouterr().err
+
+
+def test_coco_raw_download_source_from_a_local_server(tmp_path, monkeypatch, server):
+    """`data.coco.source: download` end to end, with the official layout served on loopback."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    _publish_coco(server)
+    settings = BitmarSettings(
+        overrides={
+            "storage.root": str(tmp_path / "store"),
+            "data.coco.source": "download",
+            "data.coco.max_images": 4,
+            "data.coco.shard_size": 2,
+            "data.coco.annotations_url": f"{server.base}/annotations/annotations_trainval2017.zip",
+        }
+    )
+    resources = {"settings": settings, "vision_encoder": VisionEncoderResource()}
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=resources).success
+        shards = instance.get_dynamic_partitions("coco_shards")
+        assert shards == ["train2017-00000", "train2017-00001"]
+        for shard in shards:
+            result = dg.materialize(ALL_ASSETS, selection=["image_caption_pairs", "vision_features"], instance=instance, resources=resources, partition_key=shard)
+            assert result.success
+    store = tmp_path / "store"
+    with duckdb.connect(str(store / "catalog.duckdb"), read_only=True) as con:
+        assert con.execute("select count(*) from vision_features").fetchone()[0] == 4
+        assert con.execute("select count(*) from image_caption_pairs").fetchone()[0] == 8
+    assert sorted(p.name for p in (store / "raw" / "coco-download" / "train2017").iterdir()) == [f"{i:012d}.jpg" for i in (3, 7, 19, 25)]
+
+
+def test_code_location_loads_without_warnings():
+    import warnings
+
+    from assets.definitions import defs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dg.Definitions.validate_loadable(defs)
+        graph = defs.resolve_asset_graph()
+    ours = [w for w in caught if "dagster_shared" not in w.filename and "pydantic" not in str(w.category.__name__).lower()]
+    assert ours == [], [str(w.message) for w in ours]
+    keys = {k.to_user_string() for k in graph.materializable_asset_keys}
+    assert keys >= {"coco_raw", "image_caption_pairs", "vision_features", "robot_selection_tasks", "text_tokenizer"}
