@@ -113,11 +113,132 @@ class TokenizerConfig(_Section):
         return self
 
 
+class ModelSection(_Section):
+    """BitMarConfig sizes. vocab_size and vision feature widths are taken from the tokenizer
+    and the feature cache at training time, so they are not set here."""
+
+    hidden_size: int = Field(default=256, gt=0)
+    num_attention_heads: int = Field(default=4, gt=0)
+    num_encoder_layers: int = Field(default=4, gt=0)
+    num_decoder_layers: int = Field(default=4, gt=0)
+    intermediate_size: int = Field(default=512, gt=0)
+    max_seq_len: int = Field(default=256, gt=0)
+    num_vision_tokens: int = Field(default=8, gt=0)
+    num_fusion_layers: int = Field(default=1, ge=0)
+    projection_dim: int = Field(default=128, gt=0)
+    memory_slots: int = Field(default=32, gt=0)
+    memory_dim: int = Field(default=128, gt=0)
+    memory_alpha: float = Field(default=0.1, gt=0.0, le=1.0)
+    attention_sink_tokens: int = Field(default=4, ge=0)
+    sliding_window: int = Field(default=256, gt=0)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    quantized: bool = True
+
+
+class StageSchedule(_Section):
+    max_steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    learning_rate: float = Field(gt=0.0)
+    warmup_steps: int = Field(default=20, ge=0)
+
+
+class TrainingConfig(_Section):
+    """The seed's `training` section; one schedule per stage."""
+
+    seed: int = 42
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    cosine_restarts: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    save_every_n_steps: int = Field(default=100, gt=0)
+    keep_last_checkpoints: int = Field(default=2, gt=0)
+    log_every_n_steps: int = Field(default=10, gt=0)
+    max_consecutive_nan_steps: int = Field(default=5, gt=0)
+    compile: bool = False
+    cross_modal_loss_weight: float = Field(default=1.0, ge=0.0)
+    text_generation_loss_weight: float = Field(default=1.0, ge=0.0)
+    memory_regularization_weight: float = Field(default=0.05, ge=0.0)
+    selection_loss_weight: float = Field(default=1.0, ge=0.0)
+    heldout_fraction: float = Field(default=0.05, gt=0.0, lt=0.5, description="Images held out of pretraining for retrieval recall.")
+    pretrain: StageSchedule = StageSchedule(max_steps=300, batch_size=32, learning_rate=1e-3)
+    sft: StageSchedule = StageSchedule(max_steps=400, batch_size=16, learning_rate=1e-3)
+
+
+class GrpoTrainingConfig(_Section):
+    learning_rate: float = Field(default=1e-5, gt=0.0)
+    value_loss_coef: float = Field(default=0.0, ge=0.0, description="Kept for the seed's configs; GRPO needs no value function.")
+    entropy_coef: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=0.5, gt=0.0)
+    reward_scaling: float = Field(default=1.0, gt=0.0)
+
+
+class RewardWeightsConfig(_Section):
+    selection: float = Field(default=1.0, ge=0.0)
+    format: float = Field(default=0.5, ge=0.0)
+    consistency: float = Field(default=0.25, ge=0.0)
+    calibration: float = Field(default=0.25, ge=0.0)
+
+
+class GrpoConfig(_Section):
+    """The seed's `grpo_reasoning` section, with Group Relative Policy Optimization's own keys."""
+
+    enabled: bool = True
+    max_reasoning_steps: int = Field(default=5, gt=0, description="Reasoning module steps (model.reasoning_steps).")
+    reasoning_temperature: float = Field(default=0.8, gt=0.0, description="Sampling temperature of the group completions.")
+    loss_weight: float = Field(default=1.0, gt=0.0, description="Scales the GRPO objective.")
+    group_size: int = Field(default=8, ge=2)
+    clip_epsilon: float = Field(default=0.2, gt=0.0)
+    kl_beta: float = Field(default=0.04, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=160, gt=0)
+    steps: int = Field(default=30, gt=0)
+    tasks_per_step: int = Field(default=4, gt=0)
+    policy_epochs: int = Field(default=1, gt=0, description="Optimizer passes over each sampled group (mu in the paper).")
+    reward_weights: RewardWeightsConfig = RewardWeightsConfig()
+    training: GrpoTrainingConfig = GrpoTrainingConfig()
+
+
+class ComputeConfig(_Section):
+    device: str = "auto"
+    nproc_per_node: int = Field(default=1, gt=0, description="> 1 launches torchrun through Dagster Pipes.")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return validate_device(value)
+
+
+class WandbConfig(_Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "bitmar"
+    entity: str | None = None
+
+
+class CarbonConfig(_Section):
+    enabled: bool = True
+    country_iso_code: str = Field(default="USA", min_length=3, max_length=3)
+
+
+class HubConfig(_Section):
+    enabled: bool = False
+    repo_id: str = "bitmar/bitmar-robot-reasoning"
+    private: bool = True
+    commit_message: str = "Upload BitMar model (step {step}, {timestamp})"
+
+
 class PipelineConfig(_Section):
     storage: StorageConfig = StorageConfig()
     data: DataConfig = DataConfig()
     vision: VisionConfig = VisionConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelSection = ModelSection()
+    training: TrainingConfig = TrainingConfig()
+    grpo_reasoning: GrpoConfig = GrpoConfig()
+    compute: ComputeConfig = ComputeConfig()
+    wandb: WandbConfig = WandbConfig()
+    carbon_tracking: CarbonConfig = CarbonConfig()
+    huggingface_hub: HubConfig = HubConfig()
 
     def resolved_coco_root(self) -> Path:
         """Where the COCO-layout directory is (or will be, for sample/download)."""
