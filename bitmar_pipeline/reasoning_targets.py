@@ -1,0 +1,267 @@
+"""Supervised reasoning targets built from the robot selection data itself (no model, no LLM).
+
+Every target is a `format_reasoning` trace whose facts come from the task text, the gold
+robots, the robot profiles of the dataset's instruction and (for multi-robot tasks) the
+subtask plan. The model is tiny, so targets stay short: on the real data about 95
+whitespace-separated words on average (tags included), 140 at most.
+
+Keyword rule (the only "judgement" in a target): a profile phrase such as "aerial
+inspection" or "uneven terrain" is *cued* by a task when one of its content words (4+
+letters, not a generic word like "areas") matches a task word. Words match when their
+stems (a few English suffixes cut) are equal, or when the shorter stem has 5+ letters,
+starts the longer one and is at most 4 letters shorter ("stair"/"staircase"), which
+keeps "under" from matching "underwater".
+
+- environment_analysis lists the cued environments, then cued capabilities (at most 4).
+- robot_evaluation marks exactly the gold robots suitable (so the evaluation and the
+  selection agree); a gold robot cites its first cued capability or environment, else its
+  first listed capability; any other robot cites its first cued limitation, else its first
+  listed limitation.
+- Confidence: 0.9 for one gold robot, 0.1 less per extra robot (a split decision is less
+  certain), 0.1 less again when some gold robot has no cue in the text; never below 0.5.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+
+from bitmar_model.reasoning_format import (
+    NO_ROBOT,
+    ReasoningTrace,
+    canonical_robots,
+    format_reasoning,
+)
+from bitmar_model.robots import ROBOT_CLASSES, ROBOT_INDEX
+from bitmar_pipeline.robots import normalize_task_text
+
+# robot -> {"capabilities": [...], "limitations": [...], "environments": [...]}
+Profiles = Mapping[str, Mapping[str, Sequence[str]]]
+
+PROMPT_PREFIX = "Task: "
+EVALUATED_ROBOTS: tuple[str, ...] = tuple(r for r in ROBOT_CLASSES if r != NO_ROBOT)
+MAX_ENVIRONMENT_CUES = 4
+
+_WORD_RE = re.compile(r"[a-z]+")
+_SUFFIXES = ("ions", "ion", "ings", "ing", "es", "ed", "s")  # longest first
+_MIN_WORD = 4
+# Stems too generic to cue anything ("areas" in "hard to reach areas" and "flat outdoor areas").
+_GENERIC = frozenset(
+    {"area", "space", "task", "complex", "large", "environment", "limit", "only", "high", "good"}
+)
+_MIN_PREFIX = 5
+_MAX_PREFIX_GAP = 4
+
+
+@dataclass
+class SftExample:
+    task_id: str
+    prompt: str
+    target: str
+    robots: list[str]
+    kind: Literal["task", "subtask"]
+
+
+def format_prompt(task_text: str) -> str:
+    """The decoder prompt for a task; training and inference must share this exact format."""
+    return f"{PROMPT_PREFIX}{' '.join(task_text.split())}"
+
+
+def _stem(word: str) -> str:
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= _MIN_WORD:
+            return word[: -len(suffix)]
+    return word
+
+
+def _stems(text: str) -> set[str]:
+    stems = {_stem(w) for w in _WORD_RE.findall(text.lower()) if len(w) >= _MIN_WORD}
+    return stems - _GENERIC
+
+
+def _stems_match(a: str, b: str) -> bool:
+    short, long = sorted((a, b), key=len)
+    return short == long or (
+        len(short) >= _MIN_PREFIX
+        and long.startswith(short)
+        and len(long) - len(short) <= _MAX_PREFIX_GAP
+    )
+
+
+def _cued(phrases: Sequence[str], task_stems: set[str]) -> list[str]:
+    """The phrases (in profile order) one of whose content words matches a task word."""
+    return [
+        phrase
+        for phrase in phrases
+        if any(_stems_match(p, t) for p in _stems(phrase) for t in task_stems)
+    ]
+
+
+def _check_profiles(capabilities: Profiles) -> None:
+    missing = [robot for robot in EVALUATED_ROBOTS if robot not in capabilities]
+    if missing:
+        raise ValueError(
+            f"robot profiles lack {missing}; targets evaluate all of {list(EVALUATED_ROBOTS)}"
+        )
+    for robot in EVALUATED_ROBOTS:
+        for field in ("capabilities", "limitations"):
+            if not capabilities[robot].get(field):
+                raise ValueError(f"{robot} profile has no {field}, which targets cite")
+
+
+def _ordered(robots: Sequence[str]) -> list[str]:
+    # One fixed order (ROBOT_CLASSES) so the model never learns two spellings of a selection.
+    return sorted(canonical_robots(robots), key=ROBOT_INDEX.__getitem__)
+
+
+def _confidence(robots: list[str], all_cued: bool) -> float:
+    if robots == [NO_ROBOT]:
+        return 0.9
+    confidence = 0.9 - 0.1 * (len(robots) - 1) - (0.0 if all_cued else 0.1)
+    return round(max(0.5, confidence), 2)
+
+
+def build_reasoning_target(
+    task_text: str,
+    robots: list[str],
+    capabilities: Profiles,
+    subtasks: list[tuple[str, str]] | None,
+) -> str:
+    """The tagged reasoning text for `task_text` with gold `robots`.
+
+    `capabilities` maps each robot to its profile (`parse_instruction_capabilities`);
+    `subtasks` is the (text, assigned robot) plan, in execution order, when there is one.
+    """
+    _check_profiles(capabilities)
+    gold = _ordered(robots)
+    task = " ".join(task_text.split()).rstrip(".")
+    task_stems = _stems(task)
+
+    cues: list[str] = []
+    for field in ("environments", "capabilities"):
+        for robot in EVALUATED_ROBOTS:
+            cues += [
+                c for c in _cued(capabilities[robot].get(field, ()), task_stems) if c not in cues
+            ]
+    if cues:
+        environment = f"Cues: {', '.join(cues[:MAX_ENVIRONMENT_CUES])}."
+    else:
+        environment = "No listed environment or capability is named in the task."
+
+    evaluation: dict[str, tuple[bool, str]] = {}
+    reasons: dict[str, str] = {}
+    all_cued = True
+    for robot in EVALUATED_ROBOTS:
+        profile = capabilities[robot]
+        if robot in gold:
+            matched = _cued(profile["capabilities"], task_stems) + _cued(
+                profile.get("environments", ()), task_stems
+            )
+            all_cued = all_cued and bool(matched)
+            reasons[robot] = matched[0] if matched else profile["capabilities"][0]
+            evaluation[robot] = (True, reasons[robot])
+        else:
+            limits = _cued(profile["limitations"], task_stems) or list(profile["limitations"])
+            evaluation[robot] = (False, limits[0])
+
+    if gold == [NO_ROBOT]:
+        selection = "No robot's profile fits this task."
+        justification = "No listed robot is suited to the task."
+        check = "No robot needed, none is cued by the task."
+    else:
+        selection = "; ".join(f"{robot} fits: {reasons[robot]}" for robot in gold) + "."
+        justification = f"Best match: {', '.join(reasons[robot] for robot in gold)}."
+        # Each selected robot's first subtask shows its role. Subtasks assigned to other
+        # robots are left out: the dataset's plans often use robots outside the gold
+        # selection (17 of 244 real plans use exactly the gold robots).
+        roles: dict[str, tuple[int, str]] = {}
+        for i, (text, robot) in enumerate(subtasks or (), 1):
+            if robot in gold and robot not in roles:
+                roles[robot] = (i, text.rstrip("."))
+        if len(gold) > 1 and roles:
+            steps = sorted((i, text, robot) for robot, (i, text) in roles.items())
+            selection += (
+                " Roles: "
+                + "; ".join(f"Subtask {i} ({text}) -> {robot}" for i, text, robot in steps)
+                + "."
+            )
+        count = "One robot" if len(gold) == 1 else f"{len(gold)} robots"
+        check = f"{count} needed, {'all' if all_cued else 'not all'} cued by the task."
+
+    return format_reasoning(
+        ReasoningTrace(
+            thinking=f"Goal: {task}.",
+            environment_analysis=environment,
+            robot_evaluation=evaluation,
+            selection_reasoning=selection,
+            confidence_check=check,
+            robots=gold,
+            confidence=_confidence(gold, all_cued),
+            justification=justification,
+        )
+    )
+
+
+def _task_subtasks(subtasks_df: pd.DataFrame, task_id: str) -> list[tuple[str, str]]:
+    rows = subtasks_df[subtasks_df["task_id"] == task_id].sort_values(
+        ["execution_order", "subtask_index"]
+    )
+    return list(zip(rows["subtask_text"], rows["robot"], strict=True))
+
+
+def build_sft_examples(
+    tasks_df: pd.DataFrame,
+    subtasks_df: pd.DataFrame,
+    capabilities: Profiles,
+    split: str = "train",
+) -> list[SftExample]:
+    """Prompt/target pairs for one split: one "task" example per task_key, then "subtask" ones.
+
+    The single and multi files repeat tasks; the row with a subtask plan is kept (its
+    target is richer). A task_key whose rows disagree on the robots is skipped, as robot
+    labels are never guessed. Subtask examples come only from tasks of `split`, one per
+    distinct subtask text; a text assigned to different robots within the split is
+    skipped for the same reason.
+    """
+    tasks = tasks_df[tasks_df["split"] == split]
+    planned = set(subtasks_df["task_id"])
+    examples: list[SftExample] = []
+    for _, group in tasks.groupby("task_key", sort=False):
+        if len({tuple(robots) for robots in group["robots"]}) > 1:
+            continue
+        with_plan = group[group["task_id"].isin(planned)]
+        row = (with_plan if len(with_plan) else group).iloc[0]
+        plan = _task_subtasks(subtasks_df, row["task_id"]) if len(with_plan) else None
+        robots = _ordered(list(row["robots"]))
+        examples.append(
+            SftExample(
+                task_id=row["task_id"],
+                prompt=format_prompt(row["task_text"]),
+                target=build_reasoning_target(row["task_text"], robots, capabilities, plan),
+                robots=robots,
+                kind="task",
+            )
+        )
+
+    subtasks = subtasks_df[subtasks_df["task_id"].isin(set(tasks["task_id"]))]
+    subtasks = subtasks.assign(key=subtasks["subtask_text"].map(normalize_task_text))
+    for _, group in subtasks.groupby("key", sort=False):
+        if group["robot"].nunique() > 1:
+            continue
+        row = group.iloc[0]
+        examples.append(
+            SftExample(
+                task_id=row["task_id"],
+                prompt=format_prompt(row["subtask_text"]),
+                target=build_reasoning_target(
+                    row["subtask_text"], [row["robot"]], capabilities, None
+                ),
+                robots=[row["robot"]],
+                kind="subtask",
+            )
+        )
+    return examples
