@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 
@@ -23,4 +26,13 @@ def quarantine_metadata(quarantine: pd.DataFrame) -> dict[str, dg.MetadataValue]
     return {
         "quarantined_rows": dg.MetadataValue.int(len(quarantine)),
         "quarantined_by_reason": markdown_table(counts, max_rows=50),
+    }
+
+
+def image_metadata(path: Path) -> dict[str, dg.MetadataValue]:
+    """A figure as a clickable path plus an inline image in the asset's metadata panel."""
+    encoded = base64.b64encode(Path(path).read_bytes()).decode()
+    return {
+        f"{Path(path).stem}_png": dg.MetadataValue.path(str(path)),
+        f"{Path(path).stem}_figure": dg.MetadataValue.md(f"![{Path(path).stem}](data:image/png;base64,{encoded})"),
     }

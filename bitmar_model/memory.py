@@ -177,11 +177,13 @@ class EpisodicMemory(nn.Module):
             slot_values = (1 - rate) * slot_values + rate * value
             usage = usage * self.usage_decay * (1 - replace) + torch.where(novel, replace, address)
             last_used[torch.where(novel, lru, best)] = step
-        self.keys.copy_(keys)
-        self.values.copy_(slot_values)
-        self.usage.copy_(usage)
-        self.last_used.copy_(last_used)
-        self.write_step.fill_(step)
+        # Rebind the buffers instead of copy_(): a read earlier in the same training step
+        # saved the old tensors for backward, and an in-place update would invalidate it.
+        self.keys = keys.to(self.keys.dtype)
+        self.values = slot_values.to(self.values.dtype)
+        self.usage = usage.to(self.usage.dtype)
+        self.last_used = last_used
+        self.write_step = torch.full_like(self.write_step, step)
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:

@@ -17,7 +17,7 @@ import dagster as dg
 import yaml
 
 from bitmar_pipeline.config import ConfigError, load_config
-from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
+from bitmar_pipeline.resources import BitmarSettings
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -76,14 +76,13 @@ def _summarize(result: dg.ExecuteInProcessResult, partition: str | None) -> list
 
 
 def run(config_file: str | None, selection: str | None, overrides: dict[str, Any]) -> int:
-    from assets.definitions import ALL_ASSETS, build_definitions
+    from assets.definitions import ALL_ASSETS, build_definitions, default_resources
 
     load_config(config_file, overrides)  # fail fast on bad config, before Dagster starts
     settings = BitmarSettings(config_file=config_file, overrides=overrides, progress_bars=sys.stderr.isatty())
     defs = build_definitions(settings)
     instance = _instance()
-    # One encoder resource for every shard run, so the model is loaded once per process.
-    resources = {"settings": settings, "vision_encoder": VisionEncoderResource()}
+    resources = default_resources(settings)
     started = time.perf_counter()
     failed_checks = 0
     for partitioned, keys in _phases(defs, selection):

@@ -109,3 +109,9 @@ def read_shard_manifest(storage: Storage, shard: str) -> tuple[pd.DataFrame, pd.
     captions = storage.read_partition(CAPTIONS_TABLE, MANIFEST_PARTITION)
     captions = captions[captions["image_id"].isin(images["image_id"]) & captions["split"].isin(images["split"].unique())]
     return images, captions.reset_index(drop=True)
+
+
+def manifest_shards(storage: Storage) -> list[str]:
+    """The shards of the current manifest (registered partitions may include stale ones)."""
+    images = storage.read_partition(IMAGES_TABLE, MANIFEST_PARTITION, columns=["shard"])
+    return sorted(images["shard"].unique())

@@ -141,6 +141,12 @@ class StageSchedule(_Section):
     learning_rate: float = Field(gt=0.0)
     warmup_steps: int = Field(default=20, ge=0)
 
+    @model_validator(mode="after")
+    def _warmup_within_run(self) -> StageSchedule:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
+        return self
+
 
 class TrainingConfig(_Section):
     """The seed's `training` section; one schedule per stage."""
@@ -274,9 +280,17 @@ def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
 def build_config(raw: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, origin: str = "config") -> PipelineConfig:
-    """Validate a config tree plus dotted-key overrides (``{"vision.model": "..."}``)."""
-    tree: dict[str, Any] = dict(raw or {})
+    """Validate a config tree plus dotted-key overrides (``{"vision.model": "..."}``), both
+    laid over the defaults, so a file or override may set one key of a nested section."""
+    tree = _deep_merge(PipelineConfig().model_dump(), raw or {})
     for dotted_key, value in (overrides or {}).items():
         _set_dotted(tree, dotted_key, value)
     try:

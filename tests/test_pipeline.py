@@ -8,9 +8,9 @@ import dagster as dg
 import duckdb
 import pytest
 
-from assets.definitions import ALL_ASSETS
+from assets.definitions import ALL_ASSETS, default_resources
 from bitmar_pipeline.cli import main
-from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
+from bitmar_pipeline.resources import BitmarSettings
 from tests.test_coco_download import _publish_coco
 
 
@@ -39,7 +39,7 @@ def _meta(event, name):
 
 def test_one_partition_then_backfill_then_rerun_one_stage(tmp_path, coco_mini, robot_data):
     settings = _local_settings(tmp_path, coco_mini, robot_data)
-    resources = {"settings": settings, "vision_encoder": VisionEncoderResource()}
+    resources = default_resources(settings)
     with dg.instance_for_test() as instance:
         first = dg.materialize(ALL_ASSETS, selection=["coco_raw", "robot_selection_tasks"], instance=instance, resources=resources)
         assert first.success
@@ -135,7 +135,7 @@ def test_coco_raw_download_source_from_a_local_server(tmp_path, monkeypatch, ser
             "data.coco.annotations_url": f"{server.base}/annotations/annotations_trainval2017.zip",
         }
     )
-    resources = {"settings": settings, "vision_encoder": VisionEncoderResource()}
+    resources = default_resources(settings)
     with dg.instance_for_test() as instance:
         assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=resources).success
         shards = instance.get_dynamic_partitions("coco_shards")

@@ -1,0 +1,125 @@
+"""Training stages: multimodal pretraining -> reasoning SFT -> GRPO. Each reads its upstream
+from storage, so one stage can be re-run alone (say GRPO with a new reward weight)."""
+
+from collections.abc import Callable
+from typing import Any
+
+import dagster as dg
+
+from assets.data import text_tokenizer, vision_features
+from assets.metadata import image_metadata, markdown_table
+from bitmar_pipeline.coco import manifest_shards
+from bitmar_pipeline.figures import curve_figure
+from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
+from bitmar_pipeline.tracking import CarbonTrackerResource, WandbResource
+from bitmar_pipeline.training_stages import (
+    GRPO,
+    PRETRAIN,
+    SFT,
+    StageResult,
+    run_grpo,
+    run_multimodal_pretrain,
+    run_reasoning_sft,
+)
+
+TRAINING_GROUP = "training"
+LOGGED_EACH_STEP = ("train/loss", "train/learning_rate", "perf/samples_per_second", "perf/eta_seconds", "reward/total", "grpo/kl")
+
+
+def _step_logger(context: dg.AssetExecutionContext, stage: str) -> Callable[[dict[str, Any]], None]:
+    def log(record: dict[str, Any]) -> None:
+        shown = ", ".join(f"{k.split('/')[-1]}={record[k]:.4g}" for k in LOGGED_EACH_STEP if isinstance(record.get(k), int | float))
+        context.log.info(f"{stage} step {record.get('step')}: {shown}")
+
+    return log
+
+
+def _curves(result: StageResult, settings: BitmarSettings, names: tuple[str, ...], title: str) -> dict[str, dg.MetadataValue]:
+    curves = {name: [(r["step"], r[name]) for r in result.history if name in r] for name in names}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return {}
+    path = curve_figure(curves, title, settings.storage.path("reports", result.stage, f"{result.stage}_curves.png"))
+    return image_metadata(path)
+
+
+def _train(
+    context: dg.AssetExecutionContext, settings: BitmarSettings, wandb: WandbResource, carbon: CarbonTrackerResource,
+    stage: str, run: Callable[[list[Callable[[dict[str, Any]], None]]], StageResult], curve_names: tuple[str, ...],
+) -> tuple[StageResult, dict[str, dg.MetadataValue]]:
+    config, storage = settings.config, settings.storage
+    with carbon.track(config.carbon_tracking, stage, storage.path("emissions")) as emissions:
+        with wandb.run(config.wandb, f"{stage}-{context.run.run_id[:8]}", {"stage": stage, **config.model_dump(mode="json")}, storage.path("wandb")) as logger:
+            result = run([_step_logger(context, stage), logger.log])
+            logger.summary({f"{stage}/{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)})
+    emitted = emissions[0]
+    last = next((r for r in reversed(result.history) if "train/loss" in r or "train/grpo_reasoning_loss" in r), {})
+    metadata: dict[str, Any] = {
+        "model_dir": dg.MetadataValue.path(str(result.model_dir)),
+        "final_step": result.final_step,
+        "resumed_from_step": result.resumed_from_step if result.resumed_from_step is not None else "fresh start",
+        "fingerprint": result.fingerprint,
+        "seconds": round(result.seconds, 1),
+        "samples_per_second": round(float(last.get("perf/samples_per_second", 0.0)), 2),
+        "tokens_per_second": round(float(last.get("perf/tokens_per_second", 0.0)), 1),
+        "final_loss": round(float(last.get("train/loss", last.get("train/grpo_reasoning_loss", float("nan")))), 4),
+        **emitted.metadata(),
+        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.metrics.items() if isinstance(v, int | float)},
+        **{f"table_{name}": markdown_table(table, max_rows=20) for name, table in result.tables.items()},
+        **_curves(result, settings, curve_names, stage),
+    }
+    context.log.info(f"{stage}: {emitted.kg_co2eq:.2e} kg CO2-eq, {emitted.energy_kwh:.2e} kWh")
+    return result, metadata
+
+
+@dg.asset(
+    deps=[vision_features, text_tokenizer],
+    group_name=TRAINING_GROUP,
+    code_version="1",
+    kinds={"pytorch"},
+    description="Caption language modelling conditioned on image and memory, InfoNCE image-text alignment and memory regularisation.",
+)
+def multimodal_pretrain(
+    context: dg.AssetExecutionContext, settings: BitmarSettings, vision_encoder: VisionEncoderResource,
+    wandb: WandbResource, carbon: CarbonTrackerResource,
+) -> dg.MaterializeResult:
+    fingerprint = vision_encoder.get(settings).fingerprint
+    shards = manifest_shards(settings.storage)
+    _, metadata = _train(
+        context, settings, wandb, carbon, PRETRAIN,
+        lambda callbacks: run_multimodal_pretrain(settings.config, settings.storage, shards, fingerprint, callbacks),
+        ("train/loss", "train/text_generation_loss", "train/cross_modal_loss", "train/cross_modal_similarity"),
+    )
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(
+    deps=[multimodal_pretrain, "robot_selection_tasks"],
+    group_name=TRAINING_GROUP,
+    code_version="1",
+    kinds={"pytorch"},
+    description="Supervised reasoning on robot tasks: tagged reasoning targets built from the data, multi-label selection head.",
+)
+def reasoning_sft(context: dg.AssetExecutionContext, settings: BitmarSettings, wandb: WandbResource, carbon: CarbonTrackerResource) -> dg.MaterializeResult:
+    _, metadata = _train(
+        context, settings, wandb, carbon, SFT,
+        lambda callbacks: run_reasoning_sft(settings.config, settings.storage, callbacks),
+        ("train/loss", "train/text_generation_loss", "train/selection_loss", "train/robot_selection_accuracy"),
+    )
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(
+    deps=[reasoning_sft],
+    group_name=TRAINING_GROUP,
+    code_version="1",
+    kinds={"pytorch"},
+    description="Group Relative Policy Optimization of the generated reasoning against the frozen SFT model (reward: selection, format, consistency, calibration).",
+)
+def grpo_policy(context: dg.AssetExecutionContext, settings: BitmarSettings, wandb: WandbResource, carbon: CarbonTrackerResource) -> dg.MaterializeResult:
+    _, metadata = _train(
+        context, settings, wandb, carbon, GRPO,
+        lambda callbacks: run_grpo(settings.config, settings.storage, callbacks),
+        ("reward/total", "reward/selection", "reward/format", "reward/consistency", "reward/calibration", "grpo/kl"),
+    )
+    return dg.MaterializeResult(metadata=metadata)

@@ -1,0 +1,104 @@
+"""Training objectives of the two supervised stages.
+
+Multimodal pretraining runs the model twice per batch, on purpose:
+- a *contrastive* pass encodes the caption itself: its unfused text embedding and the image
+  embedding go into a symmetric InfoNCE with the model's learned temperature;
+- a *captioning* pass encodes only a fixed instruction prompt plus the image, and the decoder
+  learns the caption conditioned on image and memory. Feeding the caption to the encoder of
+  this pass would let the decoder copy it through fusion and memory, and captioning at
+  inference time (where no caption exists) would never have been trained.
+
+Reasoning SFT trains the decoder on the tagged reasoning text and the selection head with a
+multi-label (sigmoid) loss, since several robots can be right at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bitmar_model.modeling import BitMarModel
+
+
+@dataclass(frozen=True)
+class PretrainWeights:
+    text_generation: float = 1.0
+    cross_modal: float = 1.0
+    memory_regularization: float = 0.05
+
+
+def info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch. Rows whose image is the same (two captions of one
+    image) are not treated as negatives of each other: they are masked out, not pushed apart."""
+    logits = logit_scale * image_embeds @ text_embeds.t()
+    same_image = image_ids[:, None] == image_ids[None, :]
+    eye = torch.eye(len(image_ids), dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(same_image & ~eye, torch.finfo(logits.dtype).min)
+    targets = torch.arange(len(image_ids), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
+
+
+def memory_usage_regularizer(memory_attention: torch.Tensor) -> torch.Tensor:
+    """1 - H(mean slot attention) / log K: zero when the batch spreads its reads over all
+    slots, one when every read hits the same slot (a collapsed memory)."""
+    usage = memory_attention.float().mean(dim=0).clamp_min(1e-9)
+    entropy = -(usage * usage.log()).sum()
+    return 1.0 - entropy / math.log(memory_attention.shape[-1])
+
+
+def pretrain_loss(model: BitMarModel, batch: dict[str, torch.Tensor], weights: PretrainWeights) -> tuple[torch.Tensor, dict[str, float]]:
+    vision = {"cls": batch["cls"], "patches": batch["patches"]}
+    contrastive = model(batch["caption_ids"], batch["caption_mask"], vision)
+    captioning = model(
+        batch["prompt_ids"],
+        batch["prompt_mask"],
+        vision,
+        decoder_input_ids=batch["decoder_ids"],
+        decoder_attention_mask=batch["decoder_mask"],
+        labels=batch["labels"],
+        update_memory=model.training,
+    )
+    nce = info_nce(contrastive.image_embeds, contrastive.text_embeds, contrastive.logit_scale, batch["image_ids"])
+    memory_reg = memory_usage_regularizer(captioning.memory_attention)
+    loss = weights.text_generation * captioning.loss + weights.cross_modal * nce + weights.memory_regularization * memory_reg
+    with torch.no_grad():
+        similarity = contrastive.image_embeds @ contrastive.text_embeds.t()
+        matched = similarity.diagonal().mean()
+        off_diagonal = batch["image_ids"][:, None] != batch["image_ids"][None, :]
+        mismatched = similarity[off_diagonal].mean() if off_diagonal.any() else similarity.new_zeros(())
+    return loss, {
+        "text_generation_loss": float(captioning.loss),
+        "cross_modal_loss": float(nce),
+        "memory_regularization": float(memory_reg),
+        "cross_modal_similarity": float(matched),
+        "mismatched_similarity": float(mismatched),
+        "logit_scale": float(contrastive.logit_scale),
+        "tokens": float(batch["decoder_mask"].sum() + batch["caption_mask"].sum() + batch["prompt_mask"].sum()),
+    }
+
+
+def sft_loss(model: BitMarModel, batch: dict[str, torch.Tensor], selection_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    out = model(
+        batch["prompt_ids"],
+        batch["prompt_mask"],
+        None,
+        decoder_input_ids=batch["decoder_ids"],
+        decoder_attention_mask=batch["decoder_mask"],
+        labels=batch["labels"],
+        update_memory=model.training,
+    )
+    selection = F.binary_cross_entropy_with_logits(out.robot_logits.float(), batch["robots"].float())
+    loss = out.loss + selection_weight * selection
+    with torch.no_grad():
+        top = out.robot_probs.argmax(dim=-1)
+        top1 = batch["robots"].gather(1, top[:, None]).float().mean()
+    return loss, {
+        "text_generation_loss": float(out.loss),
+        "selection_loss": float(selection),
+        "robot_selection_accuracy": float(top1),
+        "thought_score": float(out.thought_scores.mean()),
+        "tokens": float(batch["decoder_mask"].sum() + batch["prompt_mask"].sum()),
+    }

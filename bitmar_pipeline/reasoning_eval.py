@@ -1,0 +1,105 @@
+"""Robot selection quality of a model on one split: the selection head, and the selections
+parsed from the reasoning text it generates (greedy decoding, so results are reproducible)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from bitmar_model.metrics import (
+    MetricWithCI,
+    bootstrap_ci,
+    exact_set_accuracy,
+    label_matrix,
+    sample_f1,
+    top1_accuracy,
+)
+from bitmar_model.modeling import BitMarModel
+from bitmar_model.reasoning_format import ParsedReasoning, parse_reasoning
+from bitmar_model.robots import ROBOT_CLASSES
+from bitmar_pipeline.reasoning_targets import format_prompt
+
+
+@dataclass
+class ReasoningEvaluation:
+    split: str
+    n: int
+    head_probs: np.ndarray  # [N, 6]
+    head_selections: list[list[str]]
+    texts: list[str]
+    parsed: list[ParsedReasoning]
+    gold: list[list[str]]
+    metrics: dict[str, MetricWithCI]
+
+    def summary(self) -> dict[str, float]:
+        return {name: round(m.value, 4) for name, m in self.metrics.items()}
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            [{"metric": k, "value": round(m.value, 3), "ci95_low": round(m.low, 3), "ci95_high": round(m.high, 3), "n": m.n} for k, m in self.metrics.items()]
+        )
+
+
+def _encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = tokenizer([format_prompt(t) for t in texts], add_special_tokens=False, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+@torch.no_grad()
+def evaluate_reasoning(
+    model: BitMarModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: pd.DataFrame,
+    split: str,
+    max_new_tokens: int = 200,
+    batch_size: int = 32,
+    generate: bool = True,
+    n_resamples: int = 1000,
+) -> ReasoningEvaluation:
+    """Evaluate on the tasks of `split` (one row per distinct task key; columns task_text, robots)."""
+    rows = tasks[tasks["split"] == split].drop_duplicates("task_key")
+    if rows.empty:
+        raise ValueError(f"no robot tasks in split {split!r}")
+    model.eval()
+    device = next(model.parameters()).device
+    probs, texts = [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows.iloc[start : start + batch_size]
+        ids, mask = _encode_prompts(tokenizer, chunk["task_text"].tolist(), model.config.max_seq_len)
+        ids, mask = ids.to(device), mask.to(device)
+        probs.append(model(ids, mask).robot_probs.float().cpu().numpy())
+        if generate:
+            out = model.generate(ids, mask, max_new_tokens=max_new_tokens)
+            tokens = out.new_tokens.masked_fill(out.new_token_mask == 0, tokenizer.pad_token_id)
+            texts.extend(tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True))
+    head_probs = np.concatenate(probs)
+    gold = [list(r) for r in rows["robots"]]
+    gold_matrix = label_matrix(gold)
+    head_pred = head_probs >= 0.5
+    head_pred[np.arange(len(head_pred)), head_probs.argmax(axis=1)] = True
+    metrics = {
+        "head_top1": bootstrap_ci(top1_accuracy, head_probs, gold_matrix, n_resamples=n_resamples),
+        "head_exact_set": bootstrap_ci(exact_set_accuracy, head_pred, gold_matrix, n_resamples=n_resamples),
+        "head_sample_f1": bootstrap_ci(sample_f1, head_pred, gold_matrix, n_resamples=n_resamples),
+    }
+    parsed = [parse_reasoning(t) for t in texts]
+    if generate:
+        well_formed = np.array([p.well_formed for p in parsed], dtype=float)
+        parsed_pred = label_matrix([p.robots for p in parsed])
+        # parsed_hit: at least one selected robot is gold. A text whose selection cannot be
+        # parsed counts as wrong, never as skipped.
+        parsed_hit = np.array([bool(set(p.robots) & set(g)) for p, g in zip(parsed, gold, strict=True)], dtype=float)
+        metrics.update(
+            {
+                "reasoning_well_formed": bootstrap_ci(np.mean, well_formed, n_resamples=n_resamples),
+                "parsed_hit": bootstrap_ci(np.mean, parsed_hit, n_resamples=n_resamples),
+                "parsed_exact_set": bootstrap_ci(exact_set_accuracy, parsed_pred, gold_matrix, n_resamples=n_resamples),
+                "parsed_sample_f1": bootstrap_ci(sample_f1, parsed_pred, gold_matrix, n_resamples=n_resamples),
+            }
+        )
+    head_selections = [[ROBOT_CLASSES[i] for i in np.flatnonzero(row)] for row in head_pred]
+    return ReasoningEvaluation(split, len(rows), head_probs, head_selections, texts, parsed, gold, metrics)

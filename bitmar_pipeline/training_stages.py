@@ -1,0 +1,343 @@
+"""The three training stages as plain functions: multimodal pretraining, reasoning SFT, GRPO.
+
+Each stage reads its inputs from storage (never recomputes upstream stages), trains with
+checkpoints under `checkpoints/<stage>/<fingerprint>/`, and publishes the trained model with
+`save_pretrained` to `models/<stage>/` (replaced atomically). The fingerprint covers the
+stage's configuration, the model configuration and a digest of its inputs (upstream model,
+data, tokenizer):
+- a killed run re-materialized with the same inputs resumes from its last checkpoint;
+- a run whose inputs or settings changed (a new reward weight, a retrained SFT model)
+  trains afresh from its upstream model instead of being refused or resumed wrongly;
+- a finished run re-materialized unchanged resumes at its last step, so it costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bitmar_model.checkpoint import load_latest_checkpoint, restore, save_checkpoint
+from bitmar_model.grpo import GRPOSettings, grpo_update, sample_groups
+from bitmar_model.losses import PretrainWeights, pretrain_loss, sft_loss
+from bitmar_model.metrics import matched_vs_random_cosine, retrieval_recall_at_k
+from bitmar_model.modeling import BitMarModel
+from bitmar_model.rewards import RewardWeights
+from bitmar_model.trainer import Trainer, TrainerConfig, TrainingDivergedError
+from bitmar_pipeline.config import PipelineConfig, StageSchedule
+from bitmar_pipeline.reasoning_eval import ReasoningEvaluation, evaluate_reasoning
+from bitmar_pipeline.reasoning_targets import build_sft_examples, format_prompt
+from bitmar_pipeline.robots import parse_instruction_capabilities
+from bitmar_pipeline.storage import Storage
+from bitmar_pipeline.text_corpus import TOKENIZER_DIR
+from bitmar_pipeline.training_data import (
+    CaptionSet,
+    TrainingDataError,
+    build_model_config,
+    build_sft_set,
+    check_compatible,
+    file_digest,
+    load_caption_data,
+    load_pipeline_tokenizer,
+)
+
+PRETRAIN, SFT, GRPO = "multimodal_pretrain", "reasoning_sft", "grpo_policy"
+STAGE_INFO_FILE = "bitmar_stage.json"
+HISTORY_FILE = "history.jsonl"
+MAX_PROMPT_TOKENS = 64
+MAX_TARGET_TOKENS = 320
+
+Log = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class StageResult:
+    stage: str
+    model_dir: Path
+    fingerprint: str
+    final_step: int
+    resumed_from_step: int | None
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    seconds: float
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    evaluations: dict[str, ReasoningEvaluation] = field(default_factory=dict)
+
+
+def _fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_dir(storage: Storage, stage: str) -> Path:
+    return storage.path("models", stage)
+
+
+def load_stage_model(storage: Storage, stage: str, device: str | torch.device = "cpu") -> BitMarModel:
+    directory = model_dir(storage, stage)
+    if not (directory / "config.json").is_file():
+        raise TrainingDataError(f"no trained model at {directory}: materialize {stage} first")
+    return BitMarModel.from_pretrained(str(directory)).to(device)
+
+
+def publish_model(model: BitMarModel, directory: Path, info: dict[str, Any]) -> None:
+    """save_pretrained into a temporary directory, then swap it in: readers never see a mix."""
+    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex}")
+    model.save_pretrained(str(staging))
+    (staging / STAGE_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex}")
+    if directory.exists():
+        directory.rename(old)
+    staging.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class History:
+    """Log records appended to a JSON-lines file beside the checkpoints, so a resumed or
+    re-materialized run still reports its whole curve."""
+
+    def __init__(self, path: Path, is_main: bool = True) -> None:
+        self.path = path
+        self.is_main = is_main
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record, default=float) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        by_key: dict[tuple[str, int], dict[str, Any]] = {}
+        for line in self.path.read_text().splitlines():
+            record = json.loads(line)
+            kind = "eval" if any(k.startswith("eval/") for k in record) else "train"
+            by_key[(kind, int(record.get("step", 0)))] = record  # a resumed step replaces its first try
+        return [by_key[k] for k in sorted(by_key, key=lambda k: (k[1], k[0]))]
+
+
+def trainer_config(config: PipelineConfig, schedule: StageSchedule, checkpoint_dir: Path) -> TrainerConfig:
+    training = config.training
+    return TrainerConfig(
+        learning_rate=schedule.learning_rate,
+        weight_decay=training.weight_decay,
+        warmup_steps=schedule.warmup_steps,
+        max_steps=schedule.max_steps,
+        cosine_restarts=training.cosine_restarts,
+        min_lr_ratio=training.min_lr_ratio,
+        grad_clip=training.max_grad_norm,
+        grad_accumulation_steps=training.gradient_accumulation_steps,
+        batch_size=schedule.batch_size,
+        seed=training.seed,
+        device=config.compute.device,
+        compile=training.compile,
+        save_every_n_steps=training.save_every_n_steps,
+        keep_last=training.keep_last_checkpoints,
+        log_every_n_steps=training.log_every_n_steps,
+        max_consecutive_nan_steps=training.max_consecutive_nan_steps,
+        checkpoint_dir=str(checkpoint_dir),
+    )
+
+
+def _run_trainer(trainer: Trainer, checkpoint_dir: Path) -> tuple[Any, int | None]:
+    latest = load_latest_checkpoint(checkpoint_dir)
+    return trainer.train(resume=True), (latest.step if latest else None)
+
+
+@torch.no_grad()
+def _retrieval_metrics(model: BitMarModel, heldout: CaptionSet, batch_size: int = 64) -> dict[str, float]:
+    """Retrieval recall and matched-vs-mismatched cosine on pairs never trained on."""
+    model.eval()
+    device = next(model.parameters()).device
+    image_emb, text_emb = [], []
+    for start in range(0, len(heldout), batch_size):
+        batch = heldout.collate(list(range(start, min(start + batch_size, len(heldout)))))
+        out = model(batch["caption_ids"].to(device), batch["caption_mask"].to(device), {"cls": batch["cls"].to(device), "patches": batch["patches"].to(device)})
+        image_emb.append(out.image_embeds.float().cpu())
+        text_emb.append(out.text_embeds.float().cpu())
+    images, texts = torch.cat(image_emb).numpy(), torch.cat(text_emb).numpy()
+    _, first_row, text_to_image = np.unique(heldout.image_ids, return_index=True, return_inverse=True)
+    recall = retrieval_recall_at_k(images[first_row], texts, ks=(1, 5, 10), text_to_image_index=text_to_image)
+    cosine = matched_vs_random_cosine(images[first_row], texts, text_to_image)
+    return {**recall, **{f"cosine_{k}": v for k, v in cosine.items()}, "heldout_images": int(len(first_row)), "heldout_captions": int(len(texts))}
+
+
+def run_multimodal_pretrain(config: PipelineConfig, storage: Storage, shards: Sequence[str], encoder_fingerprint: str, callbacks: Sequence[Log] = ()) -> StageResult:
+    started = time.perf_counter()
+    tokenizer = load_pipeline_tokenizer(storage)
+    data = load_caption_data(storage, shards, encoder_fingerprint, tokenizer, config.model.max_seq_len, config.training.heldout_fraction)
+    model_config = build_model_config(config, tokenizer, data.feature_dim, data.num_patches)
+    data_files = [storage.partition_path("image_caption_pairs", s) for s in shards] + [storage.path(TOKENIZER_DIR, "tokenizer.json")]
+    fingerprint = _fingerprint(
+        {
+            "stage": PRETRAIN, "model": model_config.to_dict(), "training": config.training.model_dump(exclude={"sft"}),
+            "data": file_digest(data_files), "encoder": encoder_fingerprint,
+        }
+    )
+    checkpoint_dir = storage.path("checkpoints", PRETRAIN, fingerprint)
+    history = History(checkpoint_dir / HISTORY_FILE)
+    torch.manual_seed(config.training.seed)
+    model = BitMarModel(model_config)
+    weights = PretrainWeights(config.training.text_generation_loss_weight, config.training.cross_modal_loss_weight, config.training.memory_regularization_weight)
+    trainer = Trainer(
+        model, data.train, partial(pretrain_loss, weights=weights), trainer_config(config, config.training.pretrain, checkpoint_dir),
+        collate_fn=data.train.collate, callbacks=[history, *callbacks],
+    )
+    result, resumed = _run_trainer(trainer, checkpoint_dir)
+    metrics = {
+        **_retrieval_metrics(model, data.heldout),
+        "train_pairs": len(data.train), "images": data.images, "feature_dim": data.feature_dim,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    publish_model(model, model_dir(storage, PRETRAIN), {"stage": PRETRAIN, "fingerprint": fingerprint, "step": result.final_step, "metrics": metrics})
+    return StageResult(PRETRAIN, model_dir(storage, PRETRAIN), fingerprint, result.final_step, resumed, history.read(), metrics, time.perf_counter() - started)
+
+
+def _robot_tables(storage: Storage) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, list[str]]]]:
+    tasks = storage.read_partition("robot_tasks", "all")
+    subtasks = storage.read_partition("robot_subtasks", "all")
+    train = tasks[tasks["split"] == "train"]
+    if train.empty:
+        raise TrainingDataError("robot_tasks has no train split rows: check data.robot and the split fractions")
+    capabilities = parse_instruction_capabilities(train["instruction"].iloc[0])
+    tasks["robots"] = tasks["robots"].map(list)
+    return tasks, subtasks, capabilities
+
+
+def _upstream_digest(storage: Storage, stage: str) -> str:
+    return file_digest(sorted(model_dir(storage, stage).glob("*.safetensors")) + [storage.path(TOKENIZER_DIR, "tokenizer.json"), storage.partition_path("robot_tasks", "all")])
+
+
+def run_reasoning_sft(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] = ()) -> StageResult:
+    started = time.perf_counter()
+    tokenizer = load_pipeline_tokenizer(storage)
+    tasks, subtasks, capabilities = _robot_tables(storage)
+    examples = build_sft_examples(tasks, subtasks, capabilities, split="train")
+    dataset = build_sft_set(examples, tokenizer, MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS)
+    model = load_stage_model(storage, PRETRAIN)
+    check_compatible(model.config, tokenizer)
+    fingerprint = _fingerprint({"stage": SFT, "training": config.training.model_dump(exclude={"pretrain"}), "inputs": _upstream_digest(storage, PRETRAIN)})
+    checkpoint_dir = storage.path("checkpoints", SFT, fingerprint)
+    history = History(checkpoint_dir / HISTORY_FILE)
+    trainer = Trainer(
+        model, dataset, partial(sft_loss, selection_weight=config.training.selection_loss_weight),
+        trainer_config(config, config.training.sft, checkpoint_dir), collate_fn=dataset.collate, callbacks=[history, *callbacks],
+    )
+    result, resumed = _run_trainer(trainer, checkpoint_dir)
+    evaluation = evaluate_reasoning(model, tokenizer, tasks, "validation", max_new_tokens=config.grpo_reasoning.max_new_tokens)
+    metrics = {
+        **{f"validation_{k}": v for k, v in evaluation.summary().items()},
+        "train_examples": len(examples), "task_examples": sum(e.kind == "task" for e in examples),
+        "max_target_tokens": max(len(t) for t in dataset.target_ids),
+    }
+    publish_model(model, model_dir(storage, SFT), {"stage": SFT, "fingerprint": fingerprint, "step": result.final_step, "metrics": metrics})
+    return StageResult(
+        SFT, model_dir(storage, SFT), fingerprint, result.final_step, resumed, history.read(), metrics,
+        time.perf_counter() - started, {"validation": evaluation.table()}, {"validation": evaluation},
+    )
+
+
+def grpo_settings(config: PipelineConfig) -> GRPOSettings:
+    grpo = config.grpo_reasoning
+    return GRPOSettings(
+        group_size=grpo.group_size, clip_epsilon=grpo.clip_epsilon, kl_beta=grpo.kl_beta, temperature=grpo.reasoning_temperature,
+        top_p=grpo.top_p, max_new_tokens=grpo.max_new_tokens, policy_epochs=grpo.policy_epochs, entropy_coef=grpo.training.entropy_coef,
+        loss_weight=grpo.loss_weight, reward_scaling=grpo.training.reward_scaling, max_grad_norm=grpo.training.max_grad_norm,
+    )
+
+
+def _task_order(num_tasks: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_tasks)
+
+
+def run_grpo(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] = ()) -> StageResult:
+    """GRPO from the SFT model, with the SFT model frozen as the KL reference."""
+    started = time.perf_counter()
+    grpo = config.grpo_reasoning
+    settings = grpo_settings(config)
+    weights = RewardWeights(**grpo.reward_weights.model_dump())
+    tokenizer = load_pipeline_tokenizer(storage)
+    tasks, _, _ = _robot_tables(storage)
+    train = tasks[tasks["split"] == "train"].drop_duplicates("task_key").reset_index(drop=True)
+    device = torch.device("cuda" if config.compute.device == "auto" and torch.cuda.is_available() else ("cpu" if config.compute.device == "auto" else config.compute.device))
+    policy = load_stage_model(storage, SFT, device)
+    reference = load_stage_model(storage, SFT, device).requires_grad_(False).eval()
+    check_compatible(policy.config, tokenizer)
+
+    fingerprint = _fingerprint({"stage": GRPO, "grpo": grpo.model_dump(), "seed": config.training.seed, "inputs": _upstream_digest(storage, SFT)})
+    checkpoint_dir = storage.path("checkpoints", GRPO, fingerprint)
+    history = History(checkpoint_dir / HISTORY_FILE)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=grpo.training.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    run_config = {"model": policy.config.to_dict(), "fingerprint": fingerprint}
+    start_step, resumed, consecutive_nan = 0, None, 0
+    latest = load_latest_checkpoint(checkpoint_dir)
+    if latest is not None:
+        extra = restore(latest, policy, optimizer, scheduler, device=device)
+        start_step = resumed = latest.step
+        consecutive_nan = int(extra.get("consecutive_nan", 0))
+
+    def decode(tokens: torch.Tensor) -> list[str]:
+        return tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
+
+    def prompts(rows: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = tokenizer([format_prompt(t) for t in rows["task_text"]], add_special_tokens=False, truncation=True, max_length=MAX_PROMPT_TOKENS, padding=True, return_tensors="pt")
+        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+    per_epoch = max(1, len(train) // grpo.tasks_per_step)
+    for step in range(start_step, grpo.steps):
+        epoch, offset = divmod(step, per_epoch)
+        chosen = _task_order(len(train), config.training.seed, epoch)[offset * grpo.tasks_per_step : (offset + 1) * grpo.tasks_per_step]
+        rows = train.iloc[chosen]
+        ids, mask = prompts(rows)
+        # Sampling randomness depends only on (seed, step), so a resumed run draws the same groups.
+        generator = torch.Generator(device=device).manual_seed(config.training.seed * 100_003 + step)
+        sample = sample_groups(policy, reference, ids, mask, [set(r) for r in rows["robots"]], decode, settings, weights, generator)
+        try:
+            update = grpo_update(policy, optimizer, sample, settings)
+            consecutive_nan = 0
+        except FloatingPointError:
+            consecutive_nan += 1
+            update = {"skipped": 1.0}
+            if consecutive_nan >= config.training.max_consecutive_nan_steps:
+                raise TrainingDivergedError(step + 1, consecutive_nan, latest.path if latest else None) from None
+        means = sample.rewards.means()
+        record = {
+            "step": step + 1,
+            "train/grpo_reasoning_loss": update.get("loss", float("nan")),
+            **{f"reward/{k}": v for k, v in means.items()},
+            "reward/std": float(np.std(sample.rewards.total)),
+            "reasoning/well_formed": float(np.mean([p.well_formed for p in sample.rewards.parsed])),
+            **{f"grpo/{k}": v for k, v in update.items() if k != "loss"},
+        }
+        history(record)
+        for callback in callbacks:
+            callback(record)
+        if (step + 1) % config.training.save_every_n_steps == 0 or step + 1 == grpo.steps:
+            save_checkpoint(checkpoint_dir, step + 1, policy, optimizer, scheduler, {"consecutive_nan": consecutive_nan}, run_config, keep_last=config.training.keep_last_checkpoints)
+            latest = load_latest_checkpoint(checkpoint_dir)
+
+    evaluations = {}
+    for split in ("validation", "test"):
+        evaluations[f"sft_{split}"] = evaluate_reasoning(reference, tokenizer, tasks, split, max_new_tokens=grpo.max_new_tokens)
+        evaluations[f"grpo_{split}"] = evaluate_reasoning(policy, tokenizer, tasks, split, max_new_tokens=grpo.max_new_tokens)
+    metrics = {f"{name}_{k}": v for name, e in evaluations.items() for k, v in e.summary().items()}
+    publish_model(policy, model_dir(storage, GRPO), {"stage": GRPO, "fingerprint": fingerprint, "step": grpo.steps, "metrics": metrics})
+    comparison = pd.DataFrame(
+        [{"model": name, "split": e.split, **e.summary()} for name, e in evaluations.items()]
+    )
+    return StageResult(
+        GRPO, model_dir(storage, GRPO), fingerprint, grpo.steps, resumed, history.read(), metrics,
+        time.perf_counter() - started, {"sft_vs_grpo": comparison}, evaluations,
+    )
