@@ -9,6 +9,8 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
 from bitmar_pipeline.config import TokenizerConfig
+from bitmar_pipeline.reasoning_targets import build_sft_examples
+from bitmar_pipeline.robots import parse_instruction_capabilities
 from bitmar_pipeline.storage import Storage
 from bitmar_pipeline.tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -23,7 +25,9 @@ class TokenizerCorpus:
 
 def tokenizer_corpus(storage: Storage, shards: Iterable[str]) -> TokenizerCorpus:
     """Captions of the given shards plus the robot texts of the training split only, so no
-    validation or test wording shapes the vocabulary."""
+    validation or test wording shapes the vocabulary. The training split's reasoning targets
+    are included: the capability words they repeat appear once in the instruction text, and
+    below min_frequency they would be spelled out byte by byte in every target."""
     available = [s for s in shards if storage.has_partition("image_caption_pairs", s)]
     captions = storage.read_table("image_caption_pairs", columns=["caption"], partitions=available)["caption"].tolist() if available else []
     tasks = storage.read_partition("robot_tasks", "all")
@@ -33,12 +37,14 @@ def tokenizer_corpus(storage: Storage, shards: Iterable[str]) -> TokenizerCorpus
     # The capability block is shared by every row; once is enough to learn its words.
     instructions = sorted(set(train_tasks["instruction"]))
     subtask_texts = subtasks.loc[subtasks["split"] == "train", "subtask_text"].tolist()
-    texts = captions + task_texts + instructions + subtask_texts
+    capabilities = parse_instruction_capabilities(instructions[0]) if instructions else {}
+    targets = [e.target for e in build_sft_examples(tasks, subtasks, capabilities, split="train")] if capabilities else []
+    texts = captions + task_texts + instructions + subtask_texts + targets
     if not texts:
         raise ValueError("no texts to train the tokenizer on: materialize image_caption_pairs and robot_selection_tasks first")
     return TokenizerCorpus(
         texts,
-        {"captions": len(captions), "robot_tasks": len(task_texts), "instructions": len(instructions), "subtasks": len(subtask_texts)},
+        {"captions": len(captions), "robot_tasks": len(task_texts), "instructions": len(instructions), "subtasks": len(subtask_texts), "reasoning_targets": len(targets)},
     )
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Before torch is imported anywhere: see bitmar_pipeline/__init__.py.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 pytest_plugins = ["tests.http_server"]
 
