@@ -1,0 +1,442 @@
+"""BitMarModel: the full vision-language model, its typed output, and Hub (de)serialisation.
+
+Data flow of `forward`:
+
+    input_ids ──embed──> encoder ─────────────────┐
+    vision_features ──> vision adapter ───────────┤ (learned "no image" tokens when absent)
+                                                  v
+                      fusion (text <-> vision) -> fused text, fused vision, joint embedding,
+                                                  contrastive image/text embeddings
+    joint embedding -> episodic memory read -> memory token
+    [memory token, fused text, fused vision] -> reasoning -> robot logits, value, thought scores
+    decoder_input_ids -> decoder (cross-attends to [memory token, reasoning state, fused vision])
+                      -> tied LM head -> logits
+
+The LM head is tied to the token embedding and kept in full precision: BitNet quantizes
+the transformer's linear layers but not the embedding and output head, and at this size
+the vocab x hidden matrix is the largest tensor, so tying it halves the fp budget.
+
+Caveat for trainers: the decoder's context has seen `input_ids` (through fusion and
+reasoning), so LM targets must not appear in `input_ids`; put the text to predict only
+in `decoder_input_ids`/`labels`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from bitmar_model.config import BitMarConfig
+from bitmar_model.decoder import BitMarDecoder, GenerationOutput, token_log_probs
+from bitmar_model.encoder import BitMarEncoder
+from bitmar_model.fusion import CrossModalFusion, FusionOutput
+from bitmar_model.layers import RMSNorm, make_linear
+from bitmar_model.memory import EpisodicMemory, MemoryReadout
+from bitmar_model.packing import model_bytes_report
+from bitmar_model.reasoning import ReasoningModule, ReasoningOutput
+from bitmar_model.robots import ROBOT_CLASSES
+from bitmar_model.vision_adapter import (
+    VisionAdapter,
+    VisionAdapterOutput,
+    VisionFeaturesInput,
+    as_vision_features,
+)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class BitMarOutput:
+    logits: torch.Tensor | None  # [B, T_dec, vocab]; None without decoder_input_ids
+    loss: torch.Tensor | None  # next-token cross entropy over `labels` (ignore_index -100)
+    robot_logits: torch.Tensor  # [B, num_robot_classes]
+    robot_probs: torch.Tensor  # [B, num_robot_classes], independent sigmoids (multi-label)
+    value: torch.Tensor  # [B]
+    thought_scores: torch.Tensor  # [B, reasoning_steps]
+    reasoning_state: torch.Tensor  # [B, hidden]
+    memory_readout: torch.Tensor  # [B, memory_dim]
+    memory_attention: torch.Tensor  # [B, memory_slots]
+    image_embeds: torch.Tensor | None  # [B, projection_dim], L2-normalised; None for text-only calls
+    text_embeds: torch.Tensor  # [B, projection_dim], L2-normalised
+    logit_scale: torch.Tensor  # scalar
+    joint_embedding: torch.Tensor  # [B, hidden]
+    has_image: torch.Tensor  # [B] bool: rows whose vision tokens come from image features
+    attentions: dict[str, Any] | None = None  # per component, when output_attentions=True
+
+
+@dataclass
+class _Conditioning:
+    """Everything computed from the inputs before the decoder (shared by forward and generate)."""
+
+    vision: VisionAdapterOutput
+    fusion: FusionOutput
+    memory: MemoryReadout
+    reasoning: ReasoningOutput
+    decoder_context: torch.Tensor  # [B, 2 + num_vision_tokens, hidden]
+    attentions: dict[str, Any] | None
+
+
+def _describe(x: Any) -> str:
+    return str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_token_ids(name: str, ids: Any, config: BitMarConfig, batch_size: int | None = None, max_len: int | None = None) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"{name}: expected an integer tensor of shape [batch, seq_len]; received {_describe(ids)}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{name}: expected a non-empty [batch, seq_len] tensor; received {_describe(ids)}")
+    if batch_size is not None and ids.shape[0] != batch_size:
+        raise ValueError(f"{name}: expected batch size {batch_size} (that of input_ids); received {_describe(ids)}")
+    if max_len is not None and ids.shape[1] > max_len:
+        raise ValueError(f"{name}: sequence length {ids.shape[1]} exceeds max_seq_len={max_len}; received {_describe(ids)}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= config.vocab_size:
+        raise ValueError(f"{name}: token ids must be in [0, {config.vocab_size}); received values in [{low}, {high}]")
+
+
+def _check_mask(name: str, mask: Any, ids_name: str, ids: torch.Tensor) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        raise ValueError(f"{name}: expected shape {list(ids.shape)} (the shape of {ids_name}); received {_describe(mask)}")
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError(f"{name}: expected values in {{0, 1}}")
+    return mask.long()
+
+
+class BitMarModel(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="bitmar",
+    license="mit",
+    tags=["bitnet", "ternary", "vision-language", "robot-selection", "episodic-memory"],
+):
+    """BitMar vision-language model. `save_pretrained`/`from_pretrained` (huggingface_hub)
+    write and read model.safetensors + config.json (the BitMarConfig dict)."""
+
+    def __init__(self, config: BitMarConfig | dict | None = None) -> None:
+        super().__init__()
+        if config is None:
+            config = BitMarConfig()
+        elif isinstance(config, dict):
+            config = BitMarConfig.from_dict(config)
+        elif not isinstance(config, BitMarConfig):
+            raise ValueError(f"config: expected a BitMarConfig, a dict or None; received {type(config).__name__}")
+        self.config = config
+        # What the Hub mixin writes as config.json, whichever way the model was built.
+        self._hub_mixin_config = config.to_dict()
+
+        hidden = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.encoder = BitMarEncoder(config)
+        self.vision_adapter = VisionAdapter(config)
+        self.fusion = CrossModalFusion(config)
+        self.memory = EpisodicMemory(config.memory_slots, config.memory_dim, config.memory_alpha, query_dim=hidden)
+        self.memory_out = make_linear(config.memory_dim, hidden, quantized=config.quantized)
+        self.memory_norm = RMSNorm(hidden)
+        self.reasoning = ReasoningModule(config)
+        self.reasoning_norm = RMSNorm(hidden)
+        self.decoder = BitMarDecoder(config)
+        for module in self.modules():
+            self._init_module(module)
+
+    def _init_module(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):  # includes BitLinear and the memory's query projection
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> BitMarModel:
+        # The mixin loads non-strictly by default; a checkpoint that does not cover every
+        # tensor of the architecture must fail, not leave random weights behind.
+        return super()._from_pretrained(strict=strict, **kwargs)
+
+    # ------------------------------------------------------------------ conditioning
+
+    def _validate(
+        self,
+        input_ids: Any,
+        attention_mask: Any,
+        vision_features: VisionFeaturesInput | None,
+        decoder_input_ids: Any,
+        decoder_attention_mask: Any,
+        labels: Any,
+    ) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        cfg = self.config
+        # Only the encoder is bounded by max_seq_len (full attention); the decoder's sliding
+        # window bounds its attention cost, so long completions are fine.
+        _check_token_ids("input_ids", input_ids, cfg, max_len=cfg.max_seq_len)
+        batch = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = _check_mask("attention_mask", attention_mask, "input_ids", input_ids)
+        vision = None if vision_features is None else as_vision_features(vision_features, config=cfg, batch_size=batch)
+        if decoder_input_ids is None:
+            if decoder_attention_mask is not None or labels is not None:
+                raise ValueError("decoder_input_ids: required when decoder_attention_mask or labels is given; received None")
+            return attention_mask, vision, None
+        _check_token_ids("decoder_input_ids", decoder_input_ids, cfg, batch)
+        if decoder_attention_mask is None:
+            decoder_attention_mask = torch.ones_like(decoder_input_ids)
+        decoder_attention_mask = _check_mask("decoder_attention_mask", decoder_attention_mask, "decoder_input_ids", decoder_input_ids)
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.shape != decoder_input_ids.shape or labels.is_floating_point():
+                raise ValueError(
+                    f"labels: expected an integer tensor of shape {list(decoder_input_ids.shape)} "
+                    f"(the shape of decoder_input_ids); received {_describe(labels)}"
+                )
+            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= cfg.vocab_size))
+            if bad.any():
+                raise ValueError(f"labels: expected token ids in [0, {cfg.vocab_size}) or {IGNORE_INDEX}")
+        return attention_mask, vision, decoder_attention_mask
+
+    def _condition(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vision_features: Any,
+        output_attentions: bool,
+        update_memory: bool,
+    ) -> _Conditioning:
+        batch = input_ids.shape[0]
+        text = self.encoder(self.embed_dropout(self.embed_tokens(input_ids)), attention_mask, output_attentions)
+        vision = self.vision_adapter(vision_features, batch, output_attentions)
+        fused = self.fusion(text.last_hidden_state, attention_mask, vision.tokens, vision.pooled, output_attentions)
+
+        memory = self.memory.read(fused.joint_embedding)
+        memory_token = self.memory_norm(self.memory_out(memory.readout))[:, None]
+        if update_memory:
+            # Episodes are filed under the projected query, so a later read of a similar
+            # input addresses the slots this one wrote. Written after the read: a sample
+            # never retrieves itself.
+            with torch.no_grad():
+                self.memory.write(self.memory.query_proj(fused.joint_embedding.detach()))
+
+        ones = attention_mask.new_ones(batch, 1)
+        reasoning_context = torch.cat((memory_token, fused.text_states, fused.vision_tokens), dim=1)
+        reasoning_mask = torch.cat((ones, attention_mask, ones.expand(-1, fused.vision_tokens.shape[1])), dim=1)
+        reasoning = self.reasoning(reasoning_context, reasoning_mask, fused.joint_embedding, output_attentions)
+        decoder_context = torch.cat(
+            (memory_token, self.reasoning_norm(reasoning.state)[:, None], fused.vision_tokens), dim=1
+        )
+
+        attentions = None
+        if output_attentions:
+            attentions = {
+                "encoder": text.attentions,
+                "vision_pooling": vision.attention,
+                "fusion_text_to_vision": fused.text_to_vision_attentions,
+                "fusion_vision_to_text": fused.vision_to_text_attentions,
+                "memory": memory.attention,
+                "reasoning_context": reasoning.context_attention,
+                "reasoning_robots": reasoning.robot_attention,
+            }
+        return _Conditioning(vision, fused, memory, reasoning, decoder_context, attentions)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        vision_features: VisionFeaturesInput | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        update_memory: bool = False,
+    ) -> BitMarOutput:
+        """Encode text (+ optional image features), reason, and decode `decoder_input_ids`.
+
+        vision_features: {"cls": [B, F], "patches": [B, P, F], optional "has_image": [B] bool}
+            or (cls, patches); None for text-only inputs.
+        labels: aligned with decoder_input_ids (causal-LM convention: position t is
+            predicted from tokens < t; the shift happens here); -100 is ignored.
+        update_memory: file this batch's episodes in the episodic memory (no gradients).
+        """
+        attention_mask, vision, decoder_attention_mask = self._validate(
+            input_ids, attention_mask, vision_features, decoder_input_ids, decoder_attention_mask, labels
+        )
+        cond = self._condition(input_ids, attention_mask, vision, output_attentions, update_memory)
+
+        logits = loss = None
+        attentions = cond.attentions
+        if decoder_input_ids is not None:
+            dec = self.decoder(
+                self.embed_dropout(self.embed_tokens(decoder_input_ids)),
+                decoder_attention_mask,
+                cond.decoder_context,
+                output_attentions=output_attentions,
+            )
+            logits = F.linear(dec.last_hidden_state, self.embed_tokens.weight)
+            if labels is not None:
+                loss = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                    labels[:, 1:].reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                )
+            if attentions is not None:
+                attentions["decoder_self"] = dec.self_attentions
+                attentions["decoder_cross"] = dec.cross_attentions
+
+        reasoning, fused = cond.reasoning, cond.fusion
+        return BitMarOutput(
+            logits=logits,
+            loss=loss,
+            robot_logits=reasoning.robot_logits,
+            robot_probs=reasoning.robot_probs,
+            value=reasoning.value,
+            thought_scores=reasoning.thought_scores,
+            reasoning_state=reasoning.state,
+            memory_readout=cond.memory.readout,
+            memory_attention=cond.memory.attention,
+            image_embeds=None if vision is None else fused.image_embeds,
+            text_embeds=fused.text_embeds,
+            logit_scale=fused.logit_scale,
+            joint_embedding=fused.joint_embedding,
+            has_image=cond.vision.has_image,
+            attentions=attentions,
+        )
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        vision_features: VisionFeaturesInput | None = None,
+        *,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop_at_eos: bool = True,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        return_log_probs: bool = False,
+    ) -> GenerationOutput:
+        """Generate decoder text for each input (call .eval() first for deterministic dropout).
+
+        The decoder prompt defaults to one BOS token per row; `decoder_input_ids` may be
+        left or right padded (`decoder_attention_mask`). Rows stop at config.eos_token_id
+        unless `stop_at_eos=False`. The memory is read, never written.
+        """
+        if decoder_input_ids is None:
+            if decoder_attention_mask is not None:
+                raise ValueError("decoder_input_ids: required when decoder_attention_mask is given; received None")
+            if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+                decoder_input_ids = input_ids.new_full((input_ids.shape[0], 1), self.config.bos_token_id)
+        attention_mask, vision, decoder_attention_mask = self._validate(
+            input_ids, attention_mask, vision_features, decoder_input_ids, decoder_attention_mask, None
+        )
+        cond = self._condition(input_ids, attention_mask, vision, output_attentions=False, update_memory=False)
+        return self.decoder.generate(
+            self.embed_tokens,
+            cond.decoder_context,
+            decoder_input_ids,
+            decoder_attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=self.config.eos_token_id if stop_at_eos else None,
+            pad_token_id=self.config.pad_token_id,
+            generator=generator,
+            use_cache=use_cache,
+            return_log_probs=return_log_probs,
+        )
+
+    def sequence_log_probs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        vision_features: VisionFeaturesInput | None,
+        decoder_input_ids: torch.Tensor,
+        decoder_attention_mask: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Teacher-forced log-probs of decoder_input_ids[:, 1:], [B, T-1], with gradients.
+
+        Entry t-1 is log p(token t | the real tokens before it), predicted from the last
+        real column before t (not blindly from t-1, so a right-padded prompt followed by
+        generated tokens is scored the way it was sampled). Entries are 0 where token t is
+        padding or has no real token before it. For GRPO pass a generation's `sequences`
+        and `attention_mask`: columns [T0 - 1:] are the new tokens' log-probs and match
+        `generate(return_log_probs=True)` (same temperature) up to float rounding.
+        """
+        out = self(input_ids, attention_mask, vision_features, decoder_input_ids, decoder_attention_mask)
+        mask = torch.ones_like(decoder_input_ids) if decoder_attention_mask is None else decoder_attention_mask.long()
+        columns = torch.arange(mask.shape[1], device=mask.device)
+        last_real = torch.where(mask.bool(), columns, -1).cummax(dim=1).values  # last real column <= t
+        previous = last_real[:, :-1]  # last real column < t, for t = 1..T-1
+        logits = out.logits.gather(1, previous.clamp(min=0)[..., None].expand(-1, -1, out.logits.shape[-1]))
+        log_probs = token_log_probs(logits / temperature, decoder_input_ids[:, 1:])
+        return log_probs * (mask[:, 1:].bool() & (previous >= 0)).to(log_probs.dtype)
+
+    # ------------------------------------------------------------------ analysis
+
+    @staticmethod
+    def extract_robot_selections(outputs: BitMarOutput, threshold: float = 0.5) -> list[list[str]]:
+        """Robots with probability >= threshold per sample, in class order; never empty
+        (the most probable robot is always included)."""
+        probs = outputs.robot_probs.detach().float().cpu()
+        selected = probs >= threshold
+        selected[torch.arange(probs.shape[0]), probs.argmax(dim=-1)] = True
+        return [[ROBOT_CLASSES[i] for i in row.nonzero().flatten().tolist()] for row in selected]
+
+    @staticmethod
+    def get_reasoning_analysis(outputs: BitMarOutput, threshold: float = 0.5) -> dict[str, Any]:
+        """JSON-ready summary: per-class probabilities, selections, and reasoning quality
+        (mean thought score per sample) with the per-step scores and state values."""
+        probs = outputs.robot_probs.detach().float().cpu()
+        scores = outputs.thought_scores.detach().float().cpu()
+        quality = scores.mean(dim=-1)
+        return {
+            "robot_probabilities": [dict(zip(ROBOT_CLASSES, row.tolist(), strict=True)) for row in probs],
+            "selections": BitMarModel.extract_robot_selections(outputs, threshold),
+            "thought_scores": scores.tolist(),
+            "reasoning_quality": quality.tolist(),
+            "mean_reasoning_quality": float(quality.mean()),
+            "value": outputs.value.detach().float().cpu().tolist(),
+        }
+
+
+def create_bitmar_model(config: BitMarConfig | dict | None = None) -> BitMarModel:
+    """Build a freshly initialised BitMarModel (default config when None)."""
+    return BitMarModel(config)
+
+
+def parameter_report(model: BitMarModel) -> dict[str, Any]:
+    """Parameters per top-level component and the model's size in fp32, fp16 and packed
+    ternary form (packing.model_bytes_report; buffers such as the memory slots included)."""
+    sizes = model_bytes_report(model)
+    components: dict[str, dict[str, int]] = {}
+    for name, child in model.named_children():
+        if name not in sizes["components"]:  # stateless modules (dropout)
+            continue
+        entry = {"parameters": sum(p.numel() for p in child.parameters())}
+        entry.update({k: v for k, v in sizes["components"].get(name, {}).items() if k.endswith("_bytes")})
+        components[name] = entry
+    return {
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "components": components,
+        "fp32_bytes": sizes["total"]["fp32_bytes"],
+        "fp16_bytes": sizes["total"]["fp16_bytes"],
+        "packed_bytes": sizes["total"]["packed_bytes"],
+        "compression_vs_fp32": sizes["compression_vs_fp32"],
+    }
+
