@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 import uuid
@@ -150,6 +151,11 @@ def trainer_config(config: PipelineConfig, schedule: StageSchedule, checkpoint_d
     )
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a single process: the one that evaluates and publishes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _run_trainer(trainer: Trainer, checkpoint_dir: Path) -> tuple[Any, int | None]:
     latest = load_latest_checkpoint(checkpoint_dir)
     return trainer.train(resume=True), (latest.step if latest else None)
@@ -186,7 +192,7 @@ def run_multimodal_pretrain(config: PipelineConfig, storage: Storage, shards: Se
         }
     )
     checkpoint_dir = storage.path("checkpoints", PRETRAIN, fingerprint)
-    history = History(checkpoint_dir / HISTORY_FILE)
+    history = History(checkpoint_dir / HISTORY_FILE, is_main=is_main_process())
     torch.manual_seed(config.training.seed)
     model = BitMarModel(model_config)
     weights = PretrainWeights(config.training.text_generation_loss_weight, config.training.cross_modal_loss_weight, config.training.memory_regularization_weight)
@@ -195,6 +201,8 @@ def run_multimodal_pretrain(config: PipelineConfig, storage: Storage, shards: Se
         collate_fn=data.train.collate, callbacks=[history, *callbacks],
     )
     result, resumed = _run_trainer(trainer, checkpoint_dir)
+    if not is_main_process():
+        return StageResult(PRETRAIN, model_dir(storage, PRETRAIN), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started)
     metrics = {
         **_retrieval_metrics(model, data.heldout),
         "train_pairs": len(data.train), "images": data.images, "feature_dim": data.feature_dim,
@@ -229,12 +237,14 @@ def run_reasoning_sft(config: PipelineConfig, storage: Storage, callbacks: Seque
     check_compatible(model.config, tokenizer)
     fingerprint = _fingerprint({"stage": SFT, "training": config.training.model_dump(exclude={"pretrain"}), "inputs": _upstream_digest(storage, PRETRAIN)})
     checkpoint_dir = storage.path("checkpoints", SFT, fingerprint)
-    history = History(checkpoint_dir / HISTORY_FILE)
+    history = History(checkpoint_dir / HISTORY_FILE, is_main=is_main_process())
     trainer = Trainer(
         model, dataset, partial(sft_loss, selection_weight=config.training.selection_loss_weight),
         trainer_config(config, config.training.sft, checkpoint_dir), collate_fn=dataset.collate, callbacks=[history, *callbacks],
     )
     result, resumed = _run_trainer(trainer, checkpoint_dir)
+    if not is_main_process():
+        return StageResult(SFT, model_dir(storage, SFT), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started)
     evaluation = evaluate_reasoning(model, tokenizer, tasks, "validation", max_new_tokens=config.grpo_reasoning.max_new_tokens)
     metrics = {
         **{f"validation_{k}": v for k, v in evaluation.summary().items()},
