@@ -205,6 +205,22 @@ class GrpoConfig(_Section):
     training: GrpoTrainingConfig = GrpoTrainingConfig()
 
 
+class EvaluationThresholds(_Section):
+    """Targets the evaluation_report checks compare with (warning severity)."""
+
+    test_head_top1: float = Field(default=0.70, ge=0.0, le=1.0)
+    test_head_sample_f1: float = Field(default=0.60, ge=0.0, le=1.0)
+    reasoning_format_compliance: float = Field(default=0.90, ge=0.0, le=1.0)
+    retrieval_i2t_recall_at_5: float = Field(default=0.20, ge=0.0, le=1.0)
+    max_head_confidence_ece: float = Field(default=0.15, ge=0.0, le=1.0)
+
+
+class EvaluationConfig(_Section):
+    bootstrap_resamples: int = Field(default=1000, ge=100)
+    max_caption_images: int = Field(default=100, gt=0, description="Held-out images captioned for BLEU-4 / CIDEr-D.")
+    thresholds: EvaluationThresholds = EvaluationThresholds()
+
+
 class ComputeConfig(_Section):
     device: str = "auto"
     nproc_per_node: int = Field(default=1, gt=0, description="> 1 launches torchrun through Dagster Pipes.")
@@ -241,6 +257,7 @@ class PipelineConfig(_Section):
     model: ModelSection = ModelSection()
     training: TrainingConfig = TrainingConfig()
     grpo_reasoning: GrpoConfig = GrpoConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     compute: ComputeConfig = ComputeConfig()
     wandb: WandbConfig = WandbConfig()
     carbon_tracking: CarbonConfig = CarbonConfig()

@@ -162,7 +162,7 @@ def _run_trainer(trainer: Trainer, checkpoint_dir: Path) -> tuple[Any, int | Non
 
 
 @torch.no_grad()
-def _retrieval_metrics(model: BitMarModel, heldout: CaptionSet, batch_size: int = 64) -> dict[str, float]:
+def retrieval_metrics(model: BitMarModel, heldout: CaptionSet, batch_size: int = 64) -> dict[str, float]:
     """Retrieval recall and matched-vs-mismatched cosine on pairs never trained on."""
     model.eval()
     device = next(model.parameters()).device
@@ -204,7 +204,7 @@ def run_multimodal_pretrain(config: PipelineConfig, storage: Storage, shards: Se
     if not is_main_process():
         return StageResult(PRETRAIN, model_dir(storage, PRETRAIN), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started)
     metrics = {
-        **_retrieval_metrics(model, data.heldout),
+        **retrieval_metrics(model, data.heldout),
         "train_pairs": len(data.train), "images": data.images, "feature_dim": data.feature_dim,
         "parameters": sum(p.numel() for p in model.parameters()),
     }

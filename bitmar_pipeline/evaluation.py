@@ -1,0 +1,271 @@
+"""evaluation_report: how good the latest model is, with the numbers a reader can check.
+
+Every accuracy-like number carries a 95% percentile-bootstrap interval and its item count
+(the real test split has ~30-40 tasks, so intervals are wide and must be shown).
+
+Reasoning quality: the seed's four dimensions, each a computable rule on the parsed text:
+- coherence: mean of (tags in order; every selected robot is called suitable in
+  <robot_evaluation>; every selected robot is named in <selection_reasoning>);
+- relevance: share of the task's content words (4+ letters, not stop words) that appear in
+  <thinking> or <environment_analysis>;
+- completeness: mean of (share of the six sections present and non-empty; share of the five
+  robots evaluated in <robot_evaluation>);
+- accuracy: Jaccard of the parsed selection and the gold robots.
+Format compliance is the share of well-formed texts (bitmar_model.reasoning_format).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import PreTrainedTokenizerBase
+
+from bitmar_model.metrics import (
+    MetricWithCI,
+    bleu4,
+    bootstrap_ci,
+    cider_d,
+    expected_calibration_error,
+    jaccard,
+    label_matrix,
+    per_class_precision_recall,
+    perplexity,
+)
+from bitmar_model.modeling import BitMarModel
+from bitmar_model.reasoning_format import (
+    REASONING_TAGS,
+    ParsedReasoning,
+    robots_mentioned_positively,
+)
+from bitmar_model.robots import ROBOT_CLASSES
+from bitmar_pipeline.baselines import MajorityBaseline, TfidfLogisticBaseline, evaluate_selection
+from bitmar_pipeline.figures import (
+    attention_map_figure,
+    confusion_figure,
+    memory_usage_heatmap,
+    reliability_diagram,
+)
+from bitmar_pipeline.reasoning_eval import ReasoningEvaluation, evaluate_reasoning
+from bitmar_pipeline.reasoning_targets import format_prompt
+from bitmar_pipeline.training_data import CaptionSet
+
+EVALUATED_ROBOTS = [r for r in ROBOT_CLASSES if r != "No Robot"]
+_STOP_WORDS = frozenset("that this with from into over under their there have will your what when where which about while".split())
+_WORD = re.compile(r"[a-z]{4,}")
+
+
+@dataclass
+class EvaluationResult:
+    report: dict[str, Any]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+def ci_dict(metric: MetricWithCI) -> dict[str, float]:
+    return {"value": round(metric.value, 4), "ci95_low": round(metric.low, 4), "ci95_high": round(metric.high, 4), "n": metric.n}
+
+
+def reasoning_quality(parsed: ParsedReasoning, task_text: str, gold: set[str]) -> dict[str, float]:
+    """The four quality dimensions of one generated text (definitions in the module docstring)."""
+    sections = parsed.sections
+    selected = set(parsed.robots)
+    evaluation = sections.get("robot_evaluation", "")
+    reasoning = sections.get("selection_reasoning", "").lower()
+    coherence = np.mean(
+        [
+            float(parsed.tags_in_order),
+            float(bool(selected) and selected <= robots_mentioned_positively(evaluation)),
+            float(bool(selected) and all(r.lower() in reasoning for r in selected)),
+        ]
+    )
+    task_words = {w for w in _WORD.findall(task_text.lower()) if w not in _STOP_WORDS}
+    context = (sections.get("thinking", "") + " " + sections.get("environment_analysis", "")).lower()
+    relevance = sum(w in context for w in task_words) / len(task_words) if task_words else 0.0
+    present = sum(bool(sections.get(tag, "").strip()) for tag in REASONING_TAGS) / len(REASONING_TAGS)
+    evaluated = sum(r.lower() in evaluation.lower() for r in EVALUATED_ROBOTS) / len(EVALUATED_ROBOTS)
+    return {
+        "coherence": float(coherence),
+        "relevance": float(relevance),
+        "completeness": float((present + evaluated) / 2),
+        "accuracy": jaccard(selected, gold),
+    }
+
+
+def _selection_table(name: str, metrics: dict[str, MetricWithCI]) -> list[dict[str, Any]]:
+    return [{"model": name, "metric": k, **ci_dict(m)} for k, m in metrics.items()]
+
+
+def robot_selection_section(model_eval: ReasoningEvaluation, tasks: pd.DataFrame, n_resamples: int) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The model's head and parsed-text selections next to both baselines on the same split."""
+    train = tasks[tasks["split"] == "train"].drop_duplicates("task_key")
+    split = tasks[tasks["split"] == model_eval.split].drop_duplicates("task_key")
+    gold_sets = [set(r) for r in split["robots"]]
+    rows = []
+    section: dict[str, Any] = {"n": model_eval.n}
+    for name, baseline in (("majority", MajorityBaseline()), ("tfidf_logreg", TfidfLogisticBaseline())):
+        baseline.fit(train["task_text"].tolist(), [set(r) for r in train["robots"]])
+        result = evaluate_selection(baseline.predict_proba(split["task_text"].tolist()), baseline.predict(split["task_text"].tolist()), gold_sets, n_resamples=n_resamples)
+        metrics = {k: result[k] for k in ("top1", "exact_set", "sample_f1")}
+        section[name] = {k: ci_dict(m) for k, m in metrics.items()}
+        rows += _selection_table(name, metrics)
+    head = {k.removeprefix("head_"): v for k, v in model_eval.metrics.items() if k.startswith("head_")}
+    parsed = {k.removeprefix("parsed_"): v for k, v in model_eval.metrics.items() if k.startswith("parsed_")}
+    section["bitmar_head"] = {k: ci_dict(m) for k, m in head.items()}
+    section["bitmar_reasoning_text"] = {k: ci_dict(m) for k, m in parsed.items()}
+    rows += _selection_table("bitmar_head", head) + _selection_table("bitmar_reasoning_text", parsed)
+    head_pred = label_matrix(model_eval.head_selections)
+    section["per_robot"] = per_class_precision_recall(head_pred, label_matrix(model_eval.gold))
+    return section, pd.DataFrame(rows)
+
+
+def reasoning_section(model_eval: ReasoningEvaluation, task_texts: list[str], n_resamples: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    qualities = [reasoning_quality(p, t, set(g)) for p, t, g in zip(model_eval.parsed, task_texts, model_eval.gold, strict=True)]
+    section: dict[str, Any] = {
+        dim: ci_dict(bootstrap_ci(np.mean, np.array([q[dim] for q in qualities]), n_resamples=n_resamples))
+        for dim in ("coherence", "relevance", "completeness", "accuracy")
+    }
+    section["format_compliance"] = ci_dict(model_eval.metrics["reasoning_well_formed"])
+    consistency = np.array([jaccard(set(p.robots), set(h)) for p, h in zip(model_eval.parsed, model_eval.head_selections, strict=True)])
+    section["consistency_with_head"] = ci_dict(bootstrap_ci(np.mean, consistency, n_resamples=n_resamples))
+    stated = np.array([p.confidence if p.confidence is not None else 0.0 for p in model_eval.parsed])
+    correct = np.array([set(p.robots) == set(g) for p, g in zip(model_eval.parsed, model_eval.gold, strict=True)], dtype=float)
+    section["stated_confidence_ece"] = round(expected_calibration_error(stated, correct), 4)
+    head_conf = model_eval.head_probs.max(axis=1)
+    head_correct = np.array([ROBOT_CLASSES[int(i)] in g for i, g in zip(model_eval.head_probs.argmax(axis=1), model_eval.gold, strict=True)], dtype=float)
+    section["head_confidence_ece"] = round(expected_calibration_error(head_conf, head_correct), 4)
+    return section, head_conf, head_correct
+
+
+@torch.no_grad()
+def multi_robot_section(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, subtasks: pd.DataFrame, split: str, n_resamples: int) -> dict[str, Any]:
+    """Subtask assignments: does the head's most probable robot match the assigned robot?"""
+    rows = subtasks[subtasks["split"] == split].drop_duplicates("subtask_text")
+    if rows.empty:
+        return {"n": 0}
+    device = next(model.parameters()).device
+    encoded = tokenizer([format_prompt(t) for t in rows["subtask_text"]], add_special_tokens=False, padding=True, truncation=True, max_length=model.config.max_seq_len, return_tensors="pt")
+    probs = model(encoded["input_ids"].to(device), encoded["attention_mask"].to(device)).robot_probs.float().cpu().numpy()
+    hits = np.array([ROBOT_CLASSES[int(i)] == robot for i, robot in zip(probs.argmax(axis=1), rows["robot"], strict=True)], dtype=float)
+    per_robot = {robot: round(float(hits[(rows["robot"] == robot).to_numpy()].mean()), 4) for robot in sorted(rows["robot"].unique())}
+    return {"assignment_top1": ci_dict(bootstrap_ci(np.mean, hits, n_resamples=n_resamples)), "per_assigned_robot": per_robot}
+
+
+@torch.no_grad()
+def vision_language_section(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, heldout: CaptionSet, retrieval: dict[str, float], max_images: int, batch_size: int = 32) -> dict[str, Any]:
+    """Retrieval (computed by the caller on the same held-out pairs), caption perplexity, and
+    BLEU-4 / CIDEr-D of greedy captions for up to `max_images` held-out images."""
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(heldout), batch_size):
+        batch = heldout.collate(list(range(start, min(start + batch_size, len(heldout)))))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(batch["prompt_ids"], batch["prompt_mask"], {"cls": batch["cls"], "patches": batch["patches"]}, decoder_input_ids=batch["decoder_ids"], decoder_attention_mask=batch["decoder_mask"], labels=batch["labels"])
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        total_nll += float(out.loss) * tokens
+        total_tokens += tokens
+    first_rows: dict[int, int] = {}
+    references: dict[int, list[str]] = {}
+    for row, image in enumerate(heldout.image_ids.tolist()):
+        first_rows.setdefault(image, row)
+        references.setdefault(image, []).append(tokenizer.decode(heldout.target_ids[row], skip_special_tokens=True))
+    images = list(first_rows)[:max_images]
+    hypotheses: list[str] = []
+    for start in range(0, len(images), batch_size):
+        rows = [first_rows[i] for i in images[start : start + batch_size]]
+        batch = heldout.collate(rows)
+        out = model.generate(batch["prompt_ids"].to(device), batch["prompt_mask"].to(device), {"cls": batch["cls"].to(device), "patches": batch["patches"].to(device)}, max_new_tokens=32)
+        tokens = out.new_tokens.masked_fill(out.new_token_mask == 0, tokenizer.pad_token_id)
+        hypotheses += tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
+    refs = [references[i] for i in images]
+    return {
+        **{k: round(float(v), 4) for k, v in retrieval.items()},
+        "caption_perplexity": round(perplexity(total_nll, total_tokens), 3),
+        "bleu4": round(bleu4(refs, hypotheses), 4),
+        "cider_d": round(cider_d(refs, hypotheses), 4),
+        "captioned_images": len(images),
+        "caption_examples": [{"generated": h, "reference": r[0]} for h, r in zip(hypotheses[:5], refs[:5], strict=False)],
+    }
+
+
+def flops_per_component(model: BitMarModel, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
+    """FLOPs of one forward pass, per top-level component (torch's FlopCounterMode)."""
+    counter = FlopCounterMode(display=False)
+    # Not under no_grad: FlopCounterMode's module tracker needs autograd nodes for the tensors
+    # it sees (a tied weight passed to a submodule); no backward is run.
+    with counter:
+        model(**inputs)
+    per_component: dict[str, int] = {}
+    for name, ops in counter.get_flop_counts().items():
+        parts = name.split(".")
+        if len(parts) == 2:  # "BitMarModel.<component>"
+            per_component[parts[1]] = int(sum(ops.values()))
+    per_component["total"] = int(counter.get_total_flops())
+    return per_component
+
+
+@torch.no_grad()
+def analysis_figures(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, heldout: CaptionSet, task_prompts: list[str], out_dir: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Cross-modal and memory attention maps, the memory usage heatmap, and the memory stats."""
+    device = next(model.parameters()).device
+    figures: dict[str, Path] = {}
+    batch = heldout.collate([0])
+    out = model(batch["caption_ids"].to(device), batch["caption_mask"].to(device), {"cls": batch["cls"].to(device), "patches": batch["patches"].to(device)}, output_attentions=True)
+    text_to_vision = out.attentions["fusion_text_to_vision"]
+    if text_to_vision:
+        matrix = text_to_vision[-1][0].float().mean(dim=0).cpu().numpy()  # last layer, mean over heads
+        tokens = tokenizer.convert_ids_to_tokens(batch["caption_ids"][0].tolist())
+        figures["cross_modal_attention"] = attention_map_figure(
+            matrix, [f"v{i}" for i in range(matrix.shape[1])], tokens[: matrix.shape[0]], "Fusion: caption tokens attending to vision tokens", out_dir / "cross_modal_attention.png"
+        )
+    encoded = tokenizer([format_prompt(t) for t in task_prompts], add_special_tokens=False, padding=True, truncation=True, max_length=model.config.max_seq_len, return_tensors="pt")
+    memory_attention = model(encoded["input_ids"].to(device), encoded["attention_mask"].to(device)).memory_attention.float().cpu().numpy()
+    figures["memory_attention"] = attention_map_figure(
+        memory_attention, [str(k) for k in range(memory_attention.shape[1])], [t[:30] for t in task_prompts], "Memory read attention per task", out_dir / "memory_attention.png"
+    )
+    figures["memory_usage"] = memory_usage_heatmap(model.memory.usage.float().cpu().numpy(), out_dir / "memory_usage.png")
+    return figures, {k: round(v, 4) for k, v in model.memory.stats().items()}
+
+
+def write_report(report: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=float))
+    tmp.replace(path)
+    return path
+
+
+def calibration_figures(head_conf: np.ndarray, head_correct: np.ndarray, model_eval: ReasoningEvaluation, out_dir: Path) -> dict[str, Path]:
+    return {
+        "reliability_head": reliability_diagram(head_conf, head_correct, out_dir / "reliability_head.png", title=f"Selection head calibration ({model_eval.split})"),
+        "confusion": confusion_figure(label_matrix(model_eval.head_selections), label_matrix(model_eval.gold), out_dir / "confusion.png", title=f"Robot selection ({model_eval.split})"),
+    }
+
+
+def evaluate_splits(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, tasks: pd.DataFrame, subtasks: pd.DataFrame, max_new_tokens: int, n_resamples: int, out_dir: Path) -> EvaluationResult:
+    """The robot-selection and reasoning parts of the report, for validation and test."""
+    result = EvaluationResult({"robot_selection": {}, "reasoning": {}, "multi_robot": {}})
+    tables = []
+    for split in ("validation", "test"):
+        model_eval = evaluate_reasoning(model, tokenizer, tasks, split, max_new_tokens=max_new_tokens, n_resamples=n_resamples)
+        selection, table = robot_selection_section(model_eval, tasks, n_resamples)
+        tables.append(table.assign(split=split))
+        task_texts = tasks[tasks["split"] == split].drop_duplicates("task_key")["task_text"].tolist()
+        reasoning, head_conf, head_correct = reasoning_section(model_eval, task_texts, n_resamples)
+        result.report["robot_selection"][split] = selection
+        result.report["reasoning"][split] = reasoning
+        result.report["multi_robot"][split] = multi_robot_section(model, tokenizer, subtasks, split, n_resamples)
+        if split == "test":
+            result.figures.update(calibration_figures(head_conf, head_correct, model_eval, out_dir))
+            result.tables["test_examples"] = pd.DataFrame(
+                {"task": task_texts[:8], "gold": [", ".join(g) for g in model_eval.gold[:8]], "head": [", ".join(h) for h in model_eval.head_selections[:8]], "reasoning_selection": [", ".join(p.robots) or "(unparsed)" for p in model_eval.parsed[:8]]}
+            )
+    result.tables["robot_selection"] = pd.concat(tables, ignore_index=True)
+    return result

@@ -1,0 +1,178 @@
+"""The training and evaluation stages through the Dagster API, on a tiny model and tiny data:
+the whole graph, re-running one stage alone, kill -9 and resume, and refusals of bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets.definitions import ALL_ASSETS, default_resources
+from bitmar_pipeline.cli import main
+from bitmar_pipeline.resources import BitmarSettings
+from bitmar_pipeline.training_data import TrainingDataError
+
+TINY = {
+    "data.coco.sample_num_images": 60,
+    "data.coco.shard_size": 30,
+    "data.robot.sample_num_tasks": 60,
+    "tokenizer.vocab_size": 600,
+    "model.hidden_size": 32,
+    "model.num_attention_heads": 2,
+    "model.num_encoder_layers": 1,
+    "model.num_decoder_layers": 1,
+    "model.intermediate_size": 64,
+    "model.max_seq_len": 64,
+    "model.memory_dim": 32,
+    "model.memory_slots": 8,
+    "model.num_vision_tokens": 2,
+    "model.projection_dim": 32,
+    "training.pretrain.max_steps": 6,
+    "training.pretrain.warmup_steps": 1,
+    "training.pretrain.batch_size": 8,
+    "training.sft.max_steps": 6,
+    "training.sft.warmup_steps": 1,
+    "training.sft.batch_size": 4,
+    "training.save_every_n_steps": 2,
+    "training.log_every_n_steps": 2,
+    "grpo_reasoning.steps": 2,
+    "grpo_reasoning.group_size": 2,
+    "grpo_reasoning.tasks_per_step": 2,
+    "grpo_reasoning.max_new_tokens": 12,
+    "evaluation.bootstrap_resamples": 100,
+    "evaluation.max_caption_images": 4,
+    "wandb.mode": "disabled",
+    "carbon_tracking.enabled": False,
+}
+DATA = "coco_raw,image_caption_pairs,vision_features,robot_selection_tasks,text_tokenizer"
+
+
+def _cli_args(overrides: dict) -> list[str]:
+    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value) if isinstance(value, bool) else value}")]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """Data stages materialized once for the module (storage under <workdir>/.bitmar)."""
+    path = tmp_path_factory.mktemp("training")
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        assert main(["run", "--select", DATA, *_cli_args(TINY)]) == 0
+    finally:
+        os.chdir(cwd)
+    return path
+
+
+def _materialize(selection, overrides=None, instance=None):
+    settings = BitmarSettings(overrides={**TINY, **(overrides or {})})
+    return dg.materialize(ALL_ASSETS, selection=selection, resources=default_resources(settings), instance=instance, raise_on_error=False)
+
+
+def _metadata(result, key):
+    events = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(key)]
+    return {k: v.value for k, v in events[0].step_materialization_data.materialization.metadata.items()}
+
+
+def test_training_graph_then_rerun_one_stage(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    with dg.instance_for_test() as instance:
+        full = _materialize(["multimodal_pretrain", "reasoning_sft", "grpo_policy", "evaluation_report"], instance=instance)
+        assert full.success
+        pretrain = _metadata(full, "multimodal_pretrain")
+        assert pretrain["final_step"] == 6 and pretrain["resumed_from_step"] == "fresh start"
+        assert {"i2t_R@1", "cosine_gap", "multimodal_pretrain_curves_figure"} <= set(pretrain)
+        grpo = _metadata(full, "grpo_policy")
+        assert {"table_sft_vs_grpo", "grpo_policy_curves_figure", "grpo_test_reasoning_well_formed", "sft_test_head_top1"} <= set(grpo)
+        report = json.loads((workdir / ".bitmar" / "reports" / "evaluation_report.json").read_text())
+        for model in ("majority", "tfidf_logreg", "bitmar_head", "bitmar_reasoning_text"):
+            assert {"value", "ci95_low", "ci95_high", "n"} <= set(next(iter(report["robot_selection"]["test"][model].values())))
+        assert set(report["reasoning"]["test"]) >= {"coherence", "relevance", "completeness", "accuracy", "format_compliance", "stated_confidence_ece"}
+        assert {"bleu4", "cider_d", "caption_perplexity", "i2t_R@5"} <= set(report["vision_language"])
+        assert report["flops_per_forward"]["text_only_task_batch"]["total"] > 0
+        assert {e.check_name for e in full.get_asset_check_evaluations()} >= {"test_head_top1", "reasoning_format_compliance"}
+
+        # GRPO again with another reward weight: it retrains from the stored SFT model alone.
+        rerun = _materialize(["grpo_policy"], {"grpo_reasoning.reward_weights.format": 1.0}, instance=instance)
+        assert rerun.success
+        assert [e.asset_key.to_user_string() for e in rerun.get_asset_materialization_events()] == ["grpo_policy"]
+        assert _metadata(rerun, "grpo_policy")["fingerprint"] != grpo["fingerprint"]
+        assert _metadata(rerun, "grpo_policy")["resumed_from_step"] == "fresh start"
+
+
+def test_killed_training_resumes_from_last_checkpoint(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    slow = {"training.pretrain.max_steps": 400, "training.save_every_n_steps": 5, "training.pretrain.batch_size": 16}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bitmar_pipeline.cli", "run", "--select", "multimodal_pretrain", *_cli_args({**TINY, **slow})],
+        cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    checkpoints = workdir / ".bitmar" / "checkpoints" / "multimodal_pretrain"
+    earlier_runs = set(checkpoints.glob("*"))
+
+    def new_checkpoints() -> list[Path]:
+        return [p for p in checkpoints.glob("*/latest.json") if p.parent not in earlier_runs]
+
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None and not new_checkpoints():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert process.poll() is None, "training finished before it could be killed"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    saved = max(int(json.loads(p.read_text())["step"]) for p in new_checkpoints())
+    assert 0 < saved < 400
+
+    result = _materialize(["multimodal_pretrain"], slow)
+    assert result.success
+    metadata = _metadata(result, "multimodal_pretrain")
+    assert metadata["resumed_from_step"] >= saved
+    assert metadata["final_step"] == 400
+
+
+def test_bad_inputs_are_refused_before_training(workdir, monkeypatch):
+    from bitmar_pipeline.config import load_config
+    from bitmar_pipeline.storage import Storage
+    from bitmar_pipeline.training_data import (
+        build_sft_set,
+        check_compatible,
+        load_pipeline_tokenizer,
+    )
+    from bitmar_pipeline.training_stages import load_stage_model, run_reasoning_sft
+
+    monkeypatch.chdir(workdir)
+    storage = Storage(load_config(None, TINY).storage.root)
+    tokenizer = load_pipeline_tokenizer(storage)
+    if not (storage.path("models", "multimodal_pretrain") / "config.json").is_file():
+        assert _materialize(["multimodal_pretrain"]).success
+    model = load_stage_model(storage, "multimodal_pretrain")
+    with pytest.raises(TrainingDataError, match="vocabulary mismatch"):
+        model.config.vocab_size += 1
+        check_compatible(model.config, tokenizer)
+    model.config.vocab_size -= 1
+    with pytest.raises(TrainingDataError, match="width 768"):
+        check_compatible(model.config, tokenizer, feature_dim=768, num_patches=16)
+    with pytest.raises(TrainingDataError, match="empty"):
+        build_sft_set([], tokenizer, 16, 16)
+    from bitmar_pipeline.reasoning_targets import SftExample
+
+    one_class = [SftExample(str(i), "Task: x", "t", ["Drone"], "task") for i in range(4)]
+    with pytest.raises(TrainingDataError, match="single label set"):
+        build_sft_set(one_class, tokenizer, 16, 16)
+    # An SFT run on robot tables without a train split stops with a clear message, before any step.
+    other = Storage(workdir / "no-train-split")
+    tasks = storage.read_partition("robot_tasks", "all").assign(split="validation")
+    other.write_partition("robot_tasks", "all", tasks)
+    other.write_partition("robot_subtasks", "all", storage.read_partition("robot_subtasks", "all"))
+    shutil.copytree(storage.path("tokenizer"), other.path("tokenizer"))
+    with pytest.raises(TrainingDataError, match="no train split"):
+        run_reasoning_sft(load_config(None, {**TINY, "storage.root": str(other.root)}), other)
