@@ -6,16 +6,18 @@ and to learned embeddings of the robots' capabilities, then updates the state. H
 the state:
 
 - thought quality: a sigmoid score per step (supervised or rewarded by the trainer);
-- selection policy: one logit per robot class. The task is multi-label (several robots
-  can be right), so probabilities are independent sigmoids, not a softmax. Each logit is a
-  match between the policy's query and that robot's capability embedding, so the class
-  embeddings are shared by the step attention and the decision;
+- selection policy: one logit per robot class from the final state and the joint embedding.
+  The task is multi-label (several robots can be right), so probabilities are independent
+  sigmoids, not a softmax. The head is a full-precision linear layer, like the other small
+  heads: an earlier dot product with the (small-initialised) capability embeddings gave
+  logits and gradients so small that the head stayed at the label prior. The joint
+  embedding enters directly so the task's representation does not have to survive every
+  recurrent step to reach the decision;
 - value: a scalar state value (the baseline for GRPO/actor-critic objectives).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +55,8 @@ class ReasoningModule(nn.Module):
         self.cell = nn.GRUCell(2 * hidden, hidden)
         self.state_norm = RMSNorm(hidden)
         self.thought_head = nn.Linear(hidden, 1)
-        self.policy_proj = make_linear(hidden, hidden, quantized=q)
-        self.robot_bias = nn.Parameter(torch.zeros(config.num_robot_classes))
+        self.joint_norm = RMSNorm(hidden)
+        self.policy_head = nn.Linear(2 * hidden, config.num_robot_classes)
         self.value_proj = make_linear(hidden, hidden, quantized=q)
         self.value_head = nn.Linear(hidden, 1)
 
@@ -86,8 +88,7 @@ class ReasoningModule(nn.Module):
                 context_attn.append(ctx.weights.mean(1)[:, 0])
 
         final = self.state_norm(state)
-        query = self.policy_proj(final)
-        robot_logits = query @ self.robot_embeddings.t() / math.sqrt(query.shape[-1]) + self.robot_bias
+        robot_logits = self.policy_head(torch.cat((final, self.joint_norm(joint)), dim=-1))
         value = self.value_head(torch.relu(self.value_proj(final))).squeeze(-1)
         return ReasoningOutput(
             robot_logits=robot_logits,

@@ -295,9 +295,9 @@ def test_from_pretrained_refuses_incomplete_checkpoints(tmp_path: Path) -> None:
     model = build()
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
-    tensors.pop("reasoning.robot_bias")
+    tensors.pop("reasoning.policy_head.bias")
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(RuntimeError, match="reasoning.robot_bias"):
+    with pytest.raises(RuntimeError, match="reasoning.policy_head.bias"):
         BitMarModel.from_pretrained(tmp_path)
 
 
