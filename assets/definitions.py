@@ -4,13 +4,15 @@ from typing import Any
 
 import dagster as dg
 
-from assets import data, evaluation, training
+from assets import data, evaluation, release, training
+from bitmar_pipeline.hub import HuggingFaceHubResource
 from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
 from bitmar_pipeline.tracking import CarbonTrackerResource, WandbResource
 
 ALL_ASSETS = [
     data.coco_raw, data.image_caption_pairs, data.vision_features, data.robot_selection_tasks, data.text_tokenizer,
     training.multimodal_pretrain, training.reasoning_sft, training.grpo_policy, evaluation.evaluation_report,
+    release.quantization_report, release.hub_release,
 ]
 
 
@@ -18,6 +20,7 @@ def default_resources(settings: BitmarSettings) -> dict[str, Any]:
     return {
         "settings": settings, "vision_encoder": VisionEncoderResource(), "wandb": WandbResource(), "carbon": CarbonTrackerResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),  # torchrun launches (compute.nproc_per_node > 1)
+        "hub": HuggingFaceHubResource(),
     }
 
 

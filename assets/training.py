@@ -1,7 +1,7 @@
 """Training stages: multimodal pretraining -> reasoning SFT -> GRPO. Each reads its upstream
 from storage, so one stage can be re-run alone (say GRPO with a new reward weight)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import dagster as dg
@@ -10,6 +10,12 @@ from assets.data import text_tokenizer, vision_features
 from assets.metadata import image_metadata, markdown_table
 from bitmar_pipeline.coco import manifest_shards
 from bitmar_pipeline.figures import curve_figure
+from bitmar_pipeline.launch import (
+    RESULT_MESSAGE,
+    build_torchrun_command,
+    result_from_payload,
+    torchrun_env,
+)
 from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
 from bitmar_pipeline.tracking import CarbonTrackerResource, WandbResource
 from bitmar_pipeline.training_stages import (
@@ -43,15 +49,41 @@ def _curves(result: StageResult, settings: BitmarSettings, names: tuple[str, ...
     return image_metadata(path)
 
 
+Launched = tuple[StageResult, Mapping[str, dg.MetadataValue]]
+
+
+def _torchrun(context: dg.AssetExecutionContext, client: dg.PipesSubprocessClient, settings: BitmarSettings, stage: str, **launch_args: Any) -> Launched:
+    """The stage under torchrun through Dagster Pipes (bitmar_pipeline/launch.py): rank 0 streams
+    its log lines into this run, logs to W&B, and reports the materialization and its StageResult."""
+    nproc = settings.config.compute.nproc_per_node
+    command = build_torchrun_command(stage, settings, nproc, wandb_run_name=f"{stage}-{context.run.run_id[:8]}", **launch_args)
+    context.log.info(f"{stage}: launching torchrun with {nproc} processes")
+    invocation = client.run(command=command, context=context, env=torchrun_env(nproc))
+    reported = invocation.get_materialize_result()
+    payload = next((m[RESULT_MESSAGE] for m in invocation.get_custom_messages() if isinstance(m, dict) and RESULT_MESSAGE in m), None)
+    if payload is None:
+        raise dg.Failure(f"{stage}: torchrun exited without rank 0 reporting a result")
+    return result_from_payload(payload), reported.metadata
+
+
 def _train(
     context: dg.AssetExecutionContext, settings: BitmarSettings, wandb: WandbResource, carbon: CarbonTrackerResource,
     stage: str, run: Callable[[list[Callable[[dict[str, Any]], None]]], StageResult], curve_names: tuple[str, ...],
+    launch: Callable[[], Launched] | None = None,
 ) -> tuple[StageResult, dict[str, dg.MetadataValue]]:
+    """`run` trains in this process; `launch`, when given and compute.nproc_per_node > 1, under torchrun."""
     config, storage = settings.config, settings.storage
+    nproc = config.compute.nproc_per_node
+    if nproc > 1 and launch is None:
+        context.log.info(f"{stage} runs in one process although compute.nproc_per_node={nproc}: it is sampling-bound on a small model (see bitmar_pipeline/launch.py)")
+    reported: Mapping[str, dg.MetadataValue] = {}
     with carbon.track(config.carbon_tracking, stage, storage.path("emissions")) as emissions:
-        with wandb.run(config.wandb, f"{stage}-{context.run.run_id[:8]}", {"stage": stage, **config.model_dump(mode="json")}, storage.path("wandb")) as logger:
-            result = run([_step_logger(context, stage), logger.log])
-            logger.summary({f"{stage}/{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)})
+        if nproc > 1 and launch is not None:
+            result, reported = launch()
+        else:
+            with wandb.run(config.wandb, f"{stage}-{context.run.run_id[:8]}", {"stage": stage, **config.model_dump(mode="json")}, storage.path("wandb")) as logger:
+                result = run([_step_logger(context, stage), logger.log])
+                logger.summary({f"{stage}/{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)})
     emitted = emissions[0]
     last = next((r for r in reversed(result.history) if "train/loss" in r or "train/grpo_reasoning_loss" in r), {})
     metadata: dict[str, Any] = {
@@ -67,6 +99,7 @@ def _train(
         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.metrics.items() if isinstance(v, int | float)},
         **{f"table_{name}": markdown_table(table, max_rows=20) for name, table in result.tables.items()},
         **_curves(result, settings, curve_names, stage),
+        **reported,  # rank 0's own report (world_size and the values above) when launched
     }
     context.log.info(f"{stage}: {emitted.kg_co2eq:.2e} kg CO2-eq, {emitted.energy_kwh:.2e} kWh")
     return result, metadata
@@ -81,7 +114,7 @@ def _train(
 )
 def multimodal_pretrain(
     context: dg.AssetExecutionContext, settings: BitmarSettings, vision_encoder: VisionEncoderResource,
-    wandb: WandbResource, carbon: CarbonTrackerResource,
+    wandb: WandbResource, carbon: CarbonTrackerResource, pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     fingerprint = vision_encoder.get(settings).fingerprint
     shards = manifest_shards(settings.storage)
@@ -89,6 +122,7 @@ def multimodal_pretrain(
         context, settings, wandb, carbon, PRETRAIN,
         lambda callbacks: run_multimodal_pretrain(settings.config, settings.storage, shards, fingerprint, callbacks),
         ("train/loss", "train/text_generation_loss", "train/cross_modal_loss", "train/cross_modal_similarity"),
+        lambda: _torchrun(context, pipes_subprocess_client, settings, PRETRAIN, encoder_fingerprint=fingerprint, shards=shards),
     )
     return dg.MaterializeResult(metadata=metadata)
 
@@ -100,11 +134,15 @@ def multimodal_pretrain(
     kinds={"pytorch"},
     description="Supervised reasoning on robot tasks: tagged reasoning targets built from the data, multi-label selection head.",
 )
-def reasoning_sft(context: dg.AssetExecutionContext, settings: BitmarSettings, wandb: WandbResource, carbon: CarbonTrackerResource) -> dg.MaterializeResult:
+def reasoning_sft(
+    context: dg.AssetExecutionContext, settings: BitmarSettings, wandb: WandbResource, carbon: CarbonTrackerResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
     _, metadata = _train(
         context, settings, wandb, carbon, SFT,
         lambda callbacks: run_reasoning_sft(settings.config, settings.storage, callbacks),
         ("train/loss", "train/text_generation_loss", "train/selection_loss", "train/robot_selection_accuracy"),
+        lambda: _torchrun(context, pipes_subprocess_client, settings, SFT),
     )
     return dg.MaterializeResult(metadata=metadata)
 

@@ -388,7 +388,10 @@ class Trainer:
         train_model: nn.Module = torch.compile(model) if cfg.compile else model
         if ctx.is_distributed:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            train_model = DistributedDataParallel(train_model, device_ids=device_ids)
+            # static_graph: a loss may run the model more than once per step (BitMar's
+            # pretraining does) and leave some parameters unused; the used set is the same
+            # every step, which is what static_graph lets DDP rely on.
+            train_model = DistributedDataParallel(train_model, device_ids=device_ids, static_graph=True)
 
         # A dedicated generator: DataLoader draws its workers' base seed from it on every new
         # iterator, which would otherwise consume the global RNG at epoch boundaries.
@@ -431,16 +434,16 @@ class Trainer:
         while progress.step < cfg.max_steps:
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=ctx.device)
-            for micro_step in range(cfg.grad_accumulation_steps):
+            for _ in range(cfg.grad_accumulation_steps):
                 batch = _to_device(next(data), ctx.device)
-                # Only the last micro-step all-reduces gradients under DDP.
-                last_micro = micro_step == cfg.grad_accumulation_steps - 1
-                sync = nullcontext() if last_micro or not ctx.is_distributed else train_model.no_sync()
-                with sync:
-                    with _autocast(ctx.device, precision):
-                        loss, metrics = self.loss_fn(train_model, batch)
-                    scaled = loss / cfg.grad_accumulation_steps
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                # Gradients are all-reduced on every micro-step: DDP's no_sync() trips an
+                # internal reducer assert under static_graph (torch 2.13), and static_graph is
+                # what lets a loss run the model twice per step. Costs one extra all-reduce
+                # per accumulated micro-step.
+                with _autocast(ctx.device, precision):
+                    loss, metrics = self.loss_fn(train_model, batch)
+                scaled = loss / cfg.grad_accumulation_steps
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_sum += loss.detach().float()
                 window.add_metrics(metrics)
             loss_value = _mean_across_ranks(loss_sum / cfg.grad_accumulation_steps, ctx)

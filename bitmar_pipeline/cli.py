@@ -17,7 +17,10 @@ import dagster as dg
 import yaml
 
 from bitmar_pipeline.config import ConfigError, load_config
+from bitmar_pipeline.inference import add_predict_parser, predict_main
 from bitmar_pipeline.resources import BitmarSettings
+
+TRAINING_STAGES = ("multimodal_pretrain", "reasoning_sft", "grpo_policy")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -110,9 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--config", help="YAML profile (default: $BITMAR_CONFIG or the embedded sample profile)")
     run_parser.add_argument("--select", help="assets to materialize: a comma list (coco_raw,image_caption_pairs) or a Dagster selection (group:data)")
     run_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    train_parser = commands.add_parser("train", help="materialize the training stages (the seed's train.py options)")
+    train_parser.add_argument("--config", help="YAML profile (default: $BITMAR_CONFIG or the embedded sample profile)")
+    train_parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (compute.device)")
+    train_parser.add_argument("--save-every-n-steps", type=int, help="checkpoint interval (training.save_every_n_steps)")
+    train_parser.add_argument("--select", default=",".join(TRAINING_STAGES), help=f"stages to run (default: {','.join(TRAINING_STAGES)})")
+    train_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    add_predict_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "predict":
+        return predict_main(args)
     try:
         overrides = parse_overrides(args.overrides)
+        if args.command == "train":
+            if args.device:
+                overrides["compute.device"] = args.device
+            if args.save_every_n_steps:
+                overrides["training.save_every_n_steps"] = args.save_every_n_steps
         return run(args.config, args.select, overrides)
     except ConfigError as exc:
         print(f"bitmar: {exc}", file=sys.stderr)

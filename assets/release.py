@@ -1,0 +1,90 @@
+"""Release stages: the quantization report of the trained model, and the Hub release built
+from it and the evaluation report. Both read the latest model from storage, so either can be
+re-run alone."""
+
+import dagster as dg
+import pandas as pd
+
+from assets.metadata import image_metadata, markdown_table
+from assets.training import grpo_policy
+from bitmar_pipeline.hub import HuggingFaceHubResource
+from bitmar_pipeline.quantization import build_quantization_report
+from bitmar_pipeline.release import VisionSpec, build_release, release_files
+from bitmar_pipeline.resources import BitmarSettings
+from bitmar_pipeline.vision_encoder import resolve_model_source
+
+RELEASE_GROUP = "release"
+
+
+def _sizes_table(sizes: dict) -> pd.DataFrame:
+    rows = [{"component": "total", **{k: sizes[k] for k in ("fp32_bytes", "fp16_bytes", "packed_bytes")}}]
+    rows += [{"component": name, **{k: entry[k] for k in ("fp32_bytes", "fp16_bytes", "packed_bytes")}} for name, entry in sizes["components"].items()]
+    return pd.DataFrame(rows)
+
+
+@dg.asset(
+    deps=[grpo_policy],
+    group_name=RELEASE_GROUP,
+    code_version="1",
+    kinds={"pytorch"},
+    description="Ternary weight statistics per BitLinear layer, fp32/fp16/packed sizes, packed vs trained output agreement on test prompts, CPU latency.",
+)
+def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
+    result = build_quantization_report(settings.storage)
+    report = result.report
+    agreement = report["agreement"]
+    latency = report["latency"]
+    packed = agreement["packed_vs_fake_quant"]
+    context.log.info(
+        f"packed vs trained: exact={packed['exactly_equal']}, max |dprob|={packed['robot_probs_max_abs_diff']:.2e}; "
+        f"latency ms: " + ", ".join(f"{k}={v['median_ms']:.1f}" for k, v in latency["models"].items())
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "report_path": dg.MetadataValue.path(str(result.path)),
+            "bitlinear_layers": report["totals"]["bitlinear_layers"],
+            "zero_fraction": report["totals"]["zero_fraction"],
+            "plus_minus_balance": report["totals"]["plus_minus_balance"],
+            "compression_vs_fp32": round(report["sizes"]["compression_vs_fp32"], 2),
+            "packed_exactly_equal": packed["exactly_equal"],
+            "layers": markdown_table(result.layers, max_rows=len(result.layers)),
+            "sizes_bytes": markdown_table(_sizes_table(report["sizes"]), max_rows=50),
+            "agreement": markdown_table(
+                pd.DataFrame([{"comparison": k, **v} for k, v in agreement.items() if isinstance(v, dict)]), max_rows=10
+            ),
+            "latency": markdown_table(
+                pd.DataFrame([{"model": k, **v} for k, v in latency["models"].items()]), max_rows=10, max_chars=160
+            ),
+            "latency_setup": f"{latency['device']}, {latency['threads']} threads, batch {latency['batch_size']}, median of {latency['models']['packed']['runs']} interleaved runs",
+            **image_metadata(result.figure),
+        }
+    )
+
+
+@dg.asset(
+    deps=["evaluation_report", quantization_report],
+    group_name=RELEASE_GROUP,
+    code_version="1",
+    kinds={"huggingface"},
+    description="Release folder (weights, packed weights, tokenizer, memory, reports, model card) under <storage>/release, uploaded to the Hub when enabled and HF_TOKEN is set.",
+)
+def hub_release(context: dg.AssetExecutionContext, settings: BitmarSettings, hub: HuggingFaceHubResource) -> dg.MaterializeResult:
+    config, storage = settings.config, settings.storage
+    vision = VisionSpec(
+        model=config.vision.model,
+        source=resolve_model_source(config.vision.model, storage.path("models")),
+        revision=config.vision.revision,
+        patch_grid=config.vision.patch_grid,
+    )
+    release = build_release(storage, config, vision)
+    outcome = hub.publish(release.path, config.huggingface_hub, release.manifest["source"]["step"], log=context.log.warning)
+    context.log.info(f"release at {release.path}; hub: {outcome.metadata()['hub_upload']}")
+    return dg.MaterializeResult(
+        metadata={
+            "release_dir": dg.MetadataValue.path(str(release.path)),
+            "files": markdown_table(release_files(release.path), max_rows=100),
+            "source_step": release.manifest["source"]["step"],
+            **outcome.metadata(),
+            "model_card": dg.MetadataValue.md(release.card),
+        }
+    )

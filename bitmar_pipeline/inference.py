@@ -1,0 +1,314 @@
+"""Robot selection with reasoning from a release folder or a Hub repo: `bitmar predict` and its
+Python API.
+
+    from bitmar_pipeline.inference import load_predictor
+    predictor = load_predictor(".bitmar/release")
+    print(predictor.predict("Inspect underwater pipelines").robots)
+
+A prediction carries the selection head's robots and probabilities, the generated reasoning,
+what parsing that text finds, and the reasoning module's quality score. Greedy decoding and a
+read-only memory make predictions reproducible.
+
+Input rules: an empty task is an error. A task longer than the model's context (the encoder's
+`max_seq_len`, `max_prompt_tokens` in bitmar_release.json) keeps its first tokens and the
+prediction says so (`truncated` and a note). An image is encoded with the release's DINOv2
+encoder (or `vision_model`); an unreadable one is an error naming the file. A folder with a
+missing or altered file (checked against the manifest's SHA-256s) is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from huggingface_hub import snapshot_download
+from PIL import Image
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from bitmar_model.modeling import BitMarModel
+from bitmar_model.reasoning_format import parse_reasoning
+from bitmar_pipeline.config import ConfigError, DataConfig, load_config
+from bitmar_pipeline.images import open_rgb
+from bitmar_pipeline.reasoning_targets import format_prompt
+from bitmar_pipeline.release import (
+    FORMAT_NAME,
+    MANIFEST_FILE,
+    RELEASE_DIR,
+    sha256_file,
+)
+from bitmar_pipeline.vision_encoder import VisionEncoder, VisionModelError
+
+MAX_IMAGE_PIXELS = DataConfig().max_image_pixels
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class PredictionError(ValueError):
+    """Bad input or an unusable model folder; the message is meant for the user."""
+
+
+@dataclass
+class Prediction:
+    task: str
+    robots: list[str]  # selection head: probability >= 0.5, never empty
+    probabilities: dict[str, float]  # per robot class (independent sigmoids)
+    confidence: float  # probability of the most probable robot
+    reasoning: str  # generated tagged reasoning
+    reasoning_well_formed: bool
+    reasoning_robots: list[str]  # the selection written in the text
+    reasoning_confidence: float | None  # the confidence written in the text
+    reasoning_errors: list[str]
+    reasoning_quality: float  # mean thought score of the reasoning module
+    image: str | None = None
+    truncated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise PredictionError(f"{folder} is not a BitMar release folder: {MANIFEST_FILE} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PredictionError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("files"), dict):
+        raise PredictionError(f"{path}: not a {FORMAT_NAME} manifest")
+    for name, digest in manifest["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise PredictionError(f"{folder}: {name} is missing (listed in {MANIFEST_FILE})")
+        if sha256_file(file) != digest:
+            raise PredictionError(f"{file}: contents do not match {MANIFEST_FILE} (corrupted, or copied from another release)")
+    return manifest
+
+
+def _resolve_folder(model: str | Path) -> Path:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise PredictionError(f"model {path} is a file; expected a release folder")
+    name = str(model)
+    if isinstance(model, Path) or not _HUB_ID.fullmatch(name):
+        raise PredictionError(f"model folder {path} does not exist")
+    try:
+        return Path(snapshot_download(repo_id=name))
+    except Exception as exc:  # offline, unknown repo, no access: all end the same way for the user
+        raise PredictionError(f"model {name!r} is not a local folder, and downloading it from the Hugging Face Hub failed: {type(exc).__name__}: {exc}") from None
+
+
+class Predictor:
+    """A loaded release: model, tokenizer and (loaded on first use) the vision encoder."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], model: BitMarModel, tokenizer: PreTrainedTokenizerBase, vision_model: str | None = None) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.vision_model = vision_model
+        self._vision: VisionEncoder | None = None
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.model.config.max_seq_len
+
+    def vision_encoder(self) -> VisionEncoder:
+        """Loaded lazily: text-only use never pays for (or downloads) DINOv2."""
+        if self._vision is None:
+            spec = self.manifest["vision"]
+            if self.vision_model is not None:
+                name, source, revision = self.vision_model, self.vision_model, None
+            else:
+                name, revision = spec["model"], spec.get("revision")
+                source = str(self.folder / spec["path"]) if spec.get("path") else spec["model"]
+            try:
+                encoder = VisionEncoder(name, source, revision, int(spec["patch_grid"]), device="cpu", dtype="float32")
+            except VisionModelError as exc:
+                raise PredictionError(str(exc)) from None
+            if encoder.feature_dim != self.model.config.vision_feature_dim:
+                raise PredictionError(
+                    f"vision model {name!r} gives features of width {encoder.feature_dim}; this model expects {self.model.config.vision_feature_dim}"
+                )
+            self._vision = encoder
+        return self._vision
+
+    def _image_features(self, image: Path) -> dict[str, torch.Tensor]:
+        path = Path(image)
+        try:
+            rgb = open_rgb(path.read_bytes(), MAX_IMAGE_PIXELS)
+        except FileNotFoundError:
+            raise PredictionError(f"image {path} does not exist") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise PredictionError(f"cannot read image {path}: {exc}") from None
+        encoder = self.vision_encoder()
+        cls, patches = encoder.encode(encoder.preprocessing(rgb)[None])
+        return {"cls": cls, "patches": patches}
+
+    def _encode_task(self, task: str) -> tuple[torch.Tensor, bool, int]:
+        if not isinstance(task, str) or not task.strip():
+            raise PredictionError("the task text is empty")
+        ids = self.tokenizer(format_prompt(task), add_special_tokens=False)["input_ids"]
+        truncated = len(ids) > self.max_prompt_tokens
+        return torch.tensor([ids[: self.max_prompt_tokens]]), truncated, len(ids)
+
+    @torch.no_grad()
+    def predict(self, task: str, image: Path | None = None, max_new_tokens: int = 200) -> Prediction:
+        if max_new_tokens < 1:
+            raise PredictionError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        ids, truncated, length = self._encode_task(task)
+        vision = self._image_features(Path(image)) if image is not None else None
+        out = self.model(ids, vision_features=vision)
+        analysis = BitMarModel.get_reasoning_analysis(out)
+        generated = self.model.generate(ids, vision_features=vision, max_new_tokens=max_new_tokens)
+        tokens = generated.new_tokens.masked_fill(generated.new_token_mask == 0, self.tokenizer.pad_token_id)
+        text = self.tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
+        parsed = parse_reasoning(text)
+        probabilities = analysis["robot_probabilities"][0]
+        notes = []
+        if truncated:
+            notes.append(f"task truncated: its prompt has {length} tokens, the model reads the first {self.max_prompt_tokens}")
+        return Prediction(
+            task=task,
+            robots=analysis["selections"][0],
+            probabilities=probabilities,
+            confidence=max(probabilities.values()),
+            reasoning=text,
+            reasoning_well_formed=parsed.well_formed,
+            reasoning_robots=parsed.robots,
+            reasoning_confidence=parsed.confidence,
+            reasoning_errors=parsed.errors,
+            reasoning_quality=analysis["reasoning_quality"][0],
+            image=None if image is None else str(image),
+            truncated=truncated,
+            notes=notes,
+        )
+
+    def predict_batch(self, path: str | Path, max_new_tokens: int = 200) -> list[Prediction]:
+        """Predict every row of a .jsonl or .csv file with a `task` column (and optionally
+        `image`, relative to the file's folder)."""
+        predictions = []
+        for where, task, image in read_batch(Path(path)):
+            try:
+                predictions.append(self.predict(task, image, max_new_tokens))
+            except PredictionError as exc:
+                raise PredictionError(f"{where}: {exc}") from None
+        return predictions
+
+
+def read_batch(path: Path) -> list[tuple[str, str, Path | None]]:
+    """(location for messages, task, image path or None) per row."""
+    if not path.is_file():
+        raise PredictionError(f"batch file {path} does not exist")
+    rows: list[tuple[str, Any, Any]] = []
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PredictionError(f"{path}, line {number}: not JSON ({exc})") from None
+            if not isinstance(record, dict) or "task" not in record:
+                raise PredictionError(f"{path}, line {number}: expected an object with a \"task\" field")
+            rows.append((f"{path}, line {number}", record["task"], record.get("image")))
+    elif path.suffix == ".csv":
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise PredictionError(f"{path}: unreadable CSV ({exc})") from None
+        if "task" not in frame:
+            raise PredictionError(f"{path}: no \"task\" column (columns: {list(frame.columns)})")
+        images = frame["image"] if "image" in frame else [None] * len(frame)
+        rows = [(f"{path}, row {i + 2}", task, image) for i, (task, image) in enumerate(zip(frame["task"], images, strict=True))]
+    else:
+        raise PredictionError(f"batch file {path}: expected a .jsonl or .csv file")
+    if not rows:
+        raise PredictionError(f"batch file {path} has no rows")
+    return [(where, task, path.parent / image if image else None) for where, task, image in rows]
+
+
+def load_predictor(model: str | Path, vision_model: str | None = None) -> Predictor:
+    """Load a release folder (or download a Hub repo `owner/name`) for prediction.
+
+    vision_model: a DINOv2 Hub id or directory replacing the release's encoder (it must give
+    features of the width the model was trained on).
+    """
+    folder = _resolve_folder(model)
+    manifest = _read_manifest(folder)
+    try:
+        # The Hub mixin print()s "Loading weights from local directory", which would corrupt
+        # `bitmar predict --json` output on stdout.
+        with contextlib.redirect_stdout(io.StringIO()):
+            network = BitMarModel.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder / manifest["tokenizer"])
+        network.memory.load_into(folder / manifest["memory"], expected_fingerprint=manifest["model_fingerprint"])
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise PredictionError(f"{folder}: cannot load the release ({type(exc).__name__}: {exc})") from None
+    if network.config.fingerprint() != manifest["model_fingerprint"]:
+        raise PredictionError(f"{folder}: config.json does not match {MANIFEST_FILE} (model_fingerprint)")
+    if len(tokenizer) != network.config.vocab_size:
+        raise PredictionError(f"{folder}: the tokenizer has {len(tokenizer)} tokens, the model {network.config.vocab_size}")
+    return Predictor(folder, manifest, network, tokenizer, vision_model)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("predict", help="select robots for a task and explain why, from a release folder or Hub repo")
+    parser.add_argument("task", nargs="?", help="the task text (or use --batch)")
+    parser.add_argument("--image", help="an image of the scene (JPEG, PNG, WEBP)")
+    parser.add_argument("--model", help=f"release folder or Hub repo id (default: <storage.root>/{RELEASE_DIR} of $BITMAR_CONFIG or the sample profile)")
+    parser.add_argument("--vision-model", help="DINOv2 Hub id or directory replacing the release's encoder")
+    parser.add_argument("--batch", help="a .jsonl or .csv file with a 'task' column (and optional 'image')")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="reasoning length limit (default 200)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _print_text(prediction: Prediction) -> None:
+    print(prediction.reasoning.strip())
+    print(f"Selected Robot: {', '.join(prediction.robots)} (confidence {prediction.confidence:.2f})")
+    for note in prediction.notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def predict_main(args: argparse.Namespace) -> int:
+    """`bitmar predict`: 0 on success, 2 with a one-line `bitmar: ...` message on any error."""
+    try:
+        if (args.task is None) == (args.batch is None):
+            raise PredictionError("give either a TASK or --batch FILE")
+        if args.batch is not None and args.image is not None:
+            raise PredictionError("--image applies to a single TASK; put images in the batch file's 'image' column")
+        model = args.model or load_config().storage.root / RELEASE_DIR
+        predictor = load_predictor(model, args.vision_model)
+        if args.batch is not None:
+            predictions = predictor.predict_batch(args.batch, args.max_new_tokens)
+        else:
+            predictions = [predictor.predict(args.task, Path(args.image) if args.image else None, args.max_new_tokens)]
+    except (PredictionError, ConfigError) as exc:
+        print(f"bitmar: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug, not bad input; still one line, never a traceback
+        print(f"bitmar: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        result = [p.to_dict() for p in predictions] if args.batch is not None else predictions[0].to_dict()
+        print(json.dumps(result, indent=2))
+    else:
+        for prediction in predictions:
+            if args.batch is not None:
+                print(f"== {prediction.task}")
+            _print_text(prediction)
+    return 0

@@ -1,0 +1,377 @@
+"""The release folder: everything a user needs to run the evaluated model, plus its model card.
+
+`<storage>/release/` (replaced atomically, so a reader or an upload never sees a mix):
+
+    config.json, model.safetensors     save_pretrained: `BitMarModel.from_pretrained(folder)`
+                                       gives the evaluated model, output for output
+    model.packed.safetensors,          the 2-bit packed form for edge runtimes
+    packed_config.json                 (bitmar_model.packing; equal up to float rounding,
+                                       see the quantization report)
+    tokenizer/                         the pipeline's tokenizer, byte for byte
+    vision_encoder/                    the DINOv2 encoder, when it is a local directory
+                                       (a Hub id is recorded instead)
+    memory.safetensors                 the episodic memory, tagged with the config fingerprint
+    evaluation.json, quantization.json the reports the card is built from
+    README.md                          the model card (Hub YAML front matter)
+    bitmar_release.json                manifest: vision encoder, source model, SHA-256 of
+                                       every other file (inference refuses a mismatch)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+import yaml
+
+from bitmar_model.packing import save_packed
+from bitmar_pipeline.config import PipelineConfig
+from bitmar_pipeline.quantization import REPORT_FILE as QUANTIZATION_REPORT
+from bitmar_pipeline.quantization import REPORTS_DIR, write_json_atomic
+from bitmar_pipeline.storage import Storage
+from bitmar_pipeline.text_corpus import TOKENIZER_DIR
+from bitmar_pipeline.training_data import check_compatible, load_pipeline_tokenizer
+from bitmar_pipeline.training_stages import GRPO, STAGE_INFO_FILE, load_stage_model, model_dir
+
+RELEASE_DIR = "release"
+MANIFEST_FILE = "bitmar_release.json"
+FORMAT_NAME = "bitmar-release"
+FORMAT_VERSION = 1
+TOKENIZER_SUBDIR = "tokenizer"
+VISION_SUBDIR = "vision_encoder"
+MEMORY_FILE = "memory.safetensors"
+EVALUATION_FILE = "evaluation.json"
+QUANTIZATION_FILE = "quantization.json"
+CARD_FILE = "README.md"
+EVALUATION_REPORT = "evaluation_report.json"
+EMISSIONS_CSV = "emissions.csv"
+TAGS = ["bitnet", "ternary", "1.58-bit", "vision-language", "robot-selection", "episodic-memory", "dagster"]
+_MAX_OTHER_METRICS = 80
+
+
+class ReleaseError(ValueError):
+    """The release cannot be built; the message names the missing or bad input."""
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """The image encoder the model's vision features came from."""
+
+    model: str  # the vision.model setting ("tiny-random", a Hub id or a directory)
+    source: str  # what from_pretrained takes (resolve_model_source)
+    revision: str | None
+    patch_grid: int
+
+
+@dataclass
+class Release:
+    path: Path
+    manifest: dict[str, Any]
+    card: str
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_report(storage: Storage, filename: str, asset: str) -> dict[str, Any]:
+    path = storage.path(REPORTS_DIR, filename)
+    if not path.is_file():
+        raise ReleaseError(f"{path} is missing: materialize {asset} before hub_release")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReleaseError(f"{path}: cannot read the {asset} report ({exc})") from exc
+    if not isinstance(report, dict):
+        raise ReleaseError(f"{path}: expected a JSON object of metrics, got {type(report).__name__}")
+    return report
+
+
+# ---------------------------------------------------------------- card sections
+
+
+def _is_ci(value: Any) -> bool:
+    return isinstance(value, dict) and {"value", "ci95_low", "ci95_high"} <= set(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not (isinstance(value, float) and math.isnan(value))
+
+
+def _cell(value: Any) -> str:
+    if _is_ci(value):
+        return f"{value['value']:.3f} [{value['ci95_low']:.3f}, {value['ci95_high']:.3f}]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join(" --- " for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def _leaves(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """(dotted path, value) of every number or confidence interval in a nested dict."""
+    found = []
+    for key, value in tree.items():
+        path = (*prefix, str(key))
+        if _is_ci(value) or (_is_number(value) and not isinstance(value, bool)):
+            found.append((".".join(path), value))
+        elif isinstance(value, dict):
+            found.extend(_leaves(value, path))
+    return found
+
+
+def metrics_markdown(evaluation: dict[str, Any]) -> str:
+    """Robot selection of the model next to its baselines (one table per split), then every
+    other number of the evaluation report. Intervals are 95% bootstrap intervals."""
+    parts = []
+    for split, section in (evaluation.get("robot_selection") or {}).items():
+        if not isinstance(section, dict):
+            continue
+        models = {
+            name: metrics for name, metrics in section.items()
+            if isinstance(metrics, dict) and metrics and all(_is_ci(m) or _is_number(m) for m in metrics.values())
+        }
+        if not models:
+            continue
+        names = list(dict.fromkeys(m for metrics in models.values() for m in metrics))
+        table = pd.DataFrame([{"metric": m, **{model: _cell(metrics[m]) if m in metrics else "-" for model, metrics in models.items()}} for m in names])
+        n = f", n={section['n']}" if "n" in section else ""
+        parts.append(f"Robot selection, {split} split{n}; `majority` and `tfidf_logreg` are the baselines:\n\n{_markdown(table)}")
+    others = _leaves({k: v for k, v in evaluation.items() if k != "robot_selection"})
+    if others:
+        shown = pd.DataFrame([{"metric": path, "value": _cell(v)} for path, v in others[:_MAX_OTHER_METRICS]])
+        more = f"\n\n({len(others) - _MAX_OTHER_METRICS} more in `evaluation.json`.)" if len(others) > _MAX_OTHER_METRICS else ""
+        parts.append(f"Other metrics:\n\n{_markdown(shown)}{more}")
+    return "\n\n".join(parts) or "The evaluation report holds no numeric metrics; see `evaluation.json`."
+
+
+def emissions_table(storage: Storage) -> pd.DataFrame | None:
+    """codecarbon's records summed per stage over every recorded run, or None when none exist."""
+    path = storage.path("emissions", EMISSIONS_CSV)
+    if not path.is_file():
+        return None
+    records = pd.read_csv(path)
+    if records.empty or "project_name" not in records:
+        return None
+    wanted = {"emissions": "kg_co2eq", "energy_consumed": "energy_kwh", "duration": "seconds"}
+    present = {k: v for k, v in wanted.items() if k in records}
+    table = records.groupby("project_name")[list(present)].sum().rename(columns=present)
+    table.insert(0, "runs", records.groupby("project_name").size())
+    table.loc["total"] = table.sum()
+    return table.reset_index(names="stage")
+
+
+def training_data_markdown(storage: Storage, config: PipelineConfig) -> str:
+    lines = [f"- Images and captions: `data.coco.source: {config.data.coco.source}`"]
+    pair_files = [storage.partition_path("image_caption_pairs", p) for p in storage.partitions("image_caption_pairs")]
+    if pair_files:
+        lines[-1] += f", {sum(pq.read_metadata(p).num_rows for p in pair_files)} image-caption pairs in {len(pair_files)} shards"
+    lines.append(f"- Robot selection tasks: `data.robot.source: {config.data.robot.source}`")
+    if storage.has_partition("robot_tasks", "all"):
+        tasks = storage.read_partition("robot_tasks", "all", columns=["task_key", "split"]).drop_duplicates("task_key")
+        counts = tasks["split"].value_counts()
+        lines[-1] += ", distinct tasks per split: " + ", ".join(f"{split} {int(counts.get(split, 0))}" for split in ("train", "validation", "test"))
+    lines.append(
+        "- Training: multimodal pretraining (captioning, InfoNCE alignment, memory regularisation), "
+        "supervised reasoning on targets built from the robot data, then GRPO against the frozen SFT model."
+    )
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def render_card(
+    manifest: dict[str, Any], evaluation: dict[str, Any], quantization: dict[str, Any], data: str, emissions: pd.DataFrame | None, repo_id: str
+) -> str:
+    front = yaml.safe_dump({"license": "mit", "library_name": "bitmar", "tags": TAGS}, sort_keys=False)
+    sizes = quantization.get("sizes", {})
+    packed = quantization.get("agreement", {}).get("packed_vs_fake_quant", {})
+    source = manifest["source"]
+    vision = manifest["vision"]
+    if emissions is None:
+        emitted = "No emissions were recorded (codecarbon off: `carbon_tracking.enabled: false`, or no training run tracked)."
+    else:
+        emitted = "Measured with codecarbon (offline, by country), summed over every recorded run of each stage:\n\n" + _markdown(emissions.round(6))
+    size_line = (
+        f"{sizes['total_parameters']:,} parameters: {_bytes(sizes['fp32_bytes'])} in fp32, {_bytes(sizes['fp16_bytes'])} in fp16, "
+        f"{_bytes(sizes['packed_bytes'])} packed ({sizes['compression_vs_fp32']:.1f}x smaller than fp32)."
+        if sizes else "See `quantization.json`."
+    )
+    agreement = (
+        f"On {packed['tasks']} test tasks the packed form {'reproduces the trained model exactly' if packed['exactly_equal'] else 'differs from the trained model by at most ' + format(packed['robot_probs_max_abs_diff'], '.2e') + ' in robot probability'}; "
+        f"robot top-1 agreement {packed['robot_top1_agreement']:.3f}, next-token agreement {packed['logits_argmax_agreement']:.3f}."
+        if packed else ""
+    )
+    encoder = f"`{vision['model']}`" + (f" (included in `{vision['path']}/`)" if vision.get("path") else "")
+    return f"""---
+{front}---
+
+# BitMar: ternary vision-language robot selection
+
+BitMar picks the robot (Drone, Underwater Robot, Humanoid, Robot with Wheels, Robot with Legs,
+or No Robot) for a task and explains why in tagged reasoning (`<thinking>` ... `<robot_selection>`).
+Its text encoder and decoder use BitNet b1.58 layers (ternary weights, 8-bit activations); images
+enter as DINOv2 features ({encoder}, {vision['patch_grid']}x{vision['patch_grid']} patch grid); an
+episodic memory and a reasoning module feed the selection head and the decoder.
+
+This release is the `{source['stage']}` model at step {source.get('step')} (fingerprint `{source.get('fingerprint')}`).
+
+## How to load
+
+```python
+from bitmar_pipeline.inference import load_predictor
+predictor = load_predictor("{repo_id}")
+print(predictor.predict("Inspect underwater pipelines").robots)
+```
+
+`load_predictor` also takes a local copy of this folder. The model alone:
+`BitMarModel.from_pretrained("{repo_id}")` (`from bitmar_model import BitMarModel`).
+
+Files: `model.safetensors` + `config.json` hold the trained latent weights, which BitLinear
+ternarizes on the fly; loading them gives the evaluated model's outputs exactly.
+`model.packed.safetensors` + `packed_config.json` hold the 2-bit packed form for edge runtimes
+(`bitmar_model.packing.load_packed_into`). `memory.safetensors` is the episodic memory,
+`tokenizer/` the tokenizer, `bitmar_release.json` the manifest with every file's SHA-256.
+
+## Metrics and baselines
+
+{metrics_markdown(evaluation)}
+
+## Size and quantization
+
+{size_line} {agreement}
+
+## Training data
+
+{data}
+
+## Emissions
+
+{emitted}
+
+## Intended use
+
+Research on ternary (1.58-bit) vision-language models for edge devices, and demonstrations of
+explainable robot selection among the five robot types above. Outputs are suggestions for a
+person to check.
+
+## Limitations
+
+- A tiny model trained on small datasets (a few hundred robot tasks): expect errors outside
+  their wording and domains; English only.
+- The generated reasoning can be malformed or disagree with the selection head; both are
+  reported, and `reasoning_well_formed` / `consistency_with_head` above say how often.
+- Stated and head confidences are not guaranteed to be calibrated (see the ECE values above).
+- Image features must come from the encoder named in `bitmar_release.json`; another encoder
+  gives features the model was not trained on.
+- Not for safety-critical decisions.
+"""
+
+
+# ---------------------------------------------------------------- the folder
+
+
+def _check_vision(vision: VisionSpec, feature_dim: int, num_patches: int) -> None:
+    """Refuse to record an encoder whose features the model was not trained on."""
+    if vision.patch_grid**2 != num_patches:
+        raise ReleaseError(f"vision.patch_grid={vision.patch_grid} gives {vision.patch_grid**2} patch tokens; the model was trained on {num_patches}")
+    encoder_config = Path(vision.source) / "config.json"
+    if encoder_config.is_file():
+        width = json.loads(encoder_config.read_text()).get("hidden_size")
+        if width != feature_dim:
+            raise ReleaseError(f"vision encoder {vision.source} has hidden_size {width}; the model expects features of width {feature_dim}")
+
+
+def _vision_entry(vision: VisionSpec, staging: Path) -> dict[str, Any]:
+    source = Path(vision.source)
+    entry: dict[str, Any] = {"model": vision.model, "revision": vision.revision, "patch_grid": vision.patch_grid, "path": None}
+    if source.is_dir():
+        # A local encoder (tiny-random, a fine-tuned DINOv2) travels with the release:
+        # the path it was read from does not exist on the user's machine.
+        shutil.copytree(source, staging / VISION_SUBDIR, ignore=shutil.ignore_patterns(".*"))
+        # Its name only: the builder's absolute path means nothing to a user (and leaks it).
+        entry.update(model=Path(vision.model).name, path=VISION_SUBDIR)
+    return entry
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_release(storage: Storage, config: PipelineConfig, vision: VisionSpec, created: datetime | None = None) -> Release:
+    """Assemble `<storage>/release/` from the latest grpo_policy model and the reports."""
+    evaluation = read_report(storage, EVALUATION_REPORT, "evaluation_report")
+    quantization = read_report(storage, QUANTIZATION_REPORT, "quantization_report")
+    model = load_stage_model(storage, GRPO).eval()
+    check_compatible(model.config, load_pipeline_tokenizer(storage))
+    _check_vision(vision, model.config.vision_feature_dim, model.config.vision_num_patches)
+    info_path = model_dir(storage, GRPO) / STAGE_INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+
+    target = storage.path(RELEASE_DIR)
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        model.save_pretrained(str(staging))
+        save_packed(model, staging, model.config.to_dict())
+        shutil.copytree(storage.path(TOKENIZER_DIR), staging / TOKENIZER_SUBDIR, ignore=shutil.ignore_patterns(".*"))
+        model.memory.save(staging / MEMORY_FILE, fingerprint=model.config.fingerprint())
+        write_json_atomic(evaluation, staging / EVALUATION_FILE)
+        write_json_atomic(quantization, staging / QUANTIZATION_FILE)
+        manifest: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created": (created or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
+            "source": {"stage": GRPO, "step": info.get("step"), "fingerprint": info.get("fingerprint")},
+            "model_fingerprint": model.config.fingerprint(),
+            "max_prompt_tokens": model.config.max_seq_len,
+            "tokenizer": TOKENIZER_SUBDIR,
+            "memory": MEMORY_FILE,
+            "vision": _vision_entry(vision, staging),
+        }
+        card = render_card(
+            manifest, evaluation, quantization, training_data_markdown(storage, config), emissions_table(storage),
+            config.huggingface_hub.repo_id,
+        )
+        # save_pretrained wrote the mixin's generic card; this one replaces it.
+        (staging / CARD_FILE).write_text(card)
+        manifest["files"] = {
+            p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
+        }
+        # Written last: a folder without its manifest is refused by inference.
+        write_json_atomic(manifest, staging / MANIFEST_FILE)
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Release(target, manifest, card)
+
+
+def release_files(path: Path) -> pd.DataFrame:
+    """Files of a release folder with their sizes, for metadata."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return pd.DataFrame({"file": [p.relative_to(path).as_posix() for p in files], "bytes": [os.path.getsize(p) for p in files]})

@@ -1,0 +1,167 @@
+"""`load_predictor` / `bitmar predict` against a tiny release: predictions, the README's
+three lines, batches, bad input and damaged folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bitmar_model.robots import ROBOT_CLASSES
+from bitmar_pipeline.inference import (
+    Prediction,
+    PredictionError,
+    Predictor,
+    add_predict_parser,
+    load_predictor,
+    predict_main,
+)
+from bitmar_pipeline.storage import Storage
+from tests.test_release import make_release
+
+README_LINES = """\
+from bitmar_pipeline.inference import load_predictor
+predictor = load_predictor(".bitmar/release")
+print(predictor.predict("Inspect underwater pipelines").robots)
+"""
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory: pytest.TempPathFactory) -> Storage:
+    return make_release(tmp_path_factory.mktemp("inference"))
+
+
+@pytest.fixture(scope="module")
+def predictor(released: Storage) -> Predictor:
+    return load_predictor(released.path("release"))
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bitmar")
+    add_predict_parser(parser.add_subparsers(dest="command", required=True))
+    return predict_main(parser.parse_args(["predict", *argv]))
+
+
+def test_readme_lines(released: Storage, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(released.root.parent)
+    exec(README_LINES, {})
+    robots = eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert robots and set(robots) <= set(ROBOT_CLASSES)
+
+
+def test_prediction_fields(predictor: Predictor) -> None:
+    prediction = predictor.predict("Survey a wide field from above", max_new_tokens=12)
+    assert list(prediction.probabilities) == list(ROBOT_CLASSES)
+    assert prediction.robots and prediction.confidence == max(prediction.probabilities.values())
+    assert all(prediction.probabilities[r] >= 0.5 for r in prediction.robots) or len(prediction.robots) == 1
+    assert isinstance(prediction.reasoning, str) and isinstance(prediction.reasoning_well_formed, bool)
+    assert isinstance(prediction.reasoning_quality, float) and not prediction.truncated
+    assert json.loads(json.dumps(prediction.to_dict()))["task"] == "Survey a wide field from above"
+    # Greedy decoding and a read-only memory: the same input gives the same prediction.
+    assert predictor.predict("Survey a wide field from above", max_new_tokens=12) == prediction
+
+
+def test_prediction_with_an_image(predictor: Predictor, image: Path) -> None:
+    with_image = predictor.predict("Survey a wide field from above", image=image, max_new_tokens=4)
+    without = predictor.predict("Survey a wide field from above", max_new_tokens=4)
+    assert with_image.image == str(image)
+    assert with_image.probabilities != without.probabilities
+    assert predictor.vision_encoder().num_patch_tokens == predictor.model.config.vision_num_patches
+
+
+def test_long_task_is_truncated_and_says_so(predictor: Predictor) -> None:
+    prediction = predictor.predict("inspect the pipeline " * 60, max_new_tokens=2)
+    assert prediction.truncated
+    assert prediction.notes and f"the model reads the first {predictor.max_prompt_tokens}" in prediction.notes[0]
+
+
+@pytest.mark.parametrize("task", ["", "   \n"])
+def test_empty_task_is_an_error(predictor: Predictor, task: str) -> None:
+    with pytest.raises(PredictionError, match="task text is empty"):
+        predictor.predict(task)
+
+
+def test_unreadable_image_is_an_error_naming_it(predictor: Predictor, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(PredictionError, match=r"cannot read image .*broken\.jpg"):
+        predictor.predict("Survey a field", image=broken)
+    with pytest.raises(PredictionError, match=r"image .*missing\.png does not exist"):
+        predictor.predict("Survey a field", image=tmp_path / "missing.png")
+
+
+def test_batch_files(predictor: Predictor, image: Path, tmp_path: Path) -> None:
+    shutil.copy(image, tmp_path / "scene.png")
+    jsonl = tmp_path / "tasks.jsonl"
+    jsonl.write_text(json.dumps({"task": "Inspect underwater pipelines"}) + "\n\n" + json.dumps({"task": "Survey a field", "image": "scene.png"}) + "\n")
+    csv = tmp_path / "tasks.csv"
+    csv.write_text("task,image\nInspect underwater pipelines,\nSurvey a field,scene.png\n")
+    for path in (jsonl, csv):
+        predictions = predictor.predict_batch(path, max_new_tokens=2)
+        assert [p.task for p in predictions] == ["Inspect underwater pipelines", "Survey a field"]
+        assert predictions[0].image is None and predictions[1].image == str(tmp_path / "scene.png")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("task\nInspect pipelines\n\"\"\n")
+    with pytest.raises(PredictionError, match=r"bad\.csv, row 3: the task text is empty"):
+        predictor.predict_batch(bad, max_new_tokens=2)
+    no_column = tmp_path / "no_column.jsonl"
+    no_column.write_text(json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(PredictionError, match=r"line 1: expected an object with a \"task\" field"):
+        predictor.predict_batch(no_column)
+
+
+def test_missing_folder_and_offline_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(PredictionError, match=r"model folder .*nowhere does not exist"):
+        load_predictor(tmp_path / "nowhere")
+    with pytest.raises(PredictionError, match="is not a BitMar release folder"):
+        load_predictor(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(PredictionError, match=r"'someone/no-such-bitmar' is not a local folder, and downloading it .* failed"):
+        load_predictor("someone/no-such-bitmar")
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: (d / "model.safetensors").unlink(), r"model\.safetensors is missing"),
+    (lambda d: (d / "tokenizer" / "tokenizer.json").write_text("{}"), r"tokenizer\.json: contents do not match"),
+    (lambda d: (d / "memory.safetensors").write_bytes(b"x"), r"memory\.safetensors: contents do not match"),
+])
+def test_damaged_release_is_refused(released: Storage, tmp_path: Path, damage, message: str) -> None:
+    copy = tmp_path / "release"
+    shutil.copytree(released.path("release"), copy)
+    damage(copy)
+    with pytest.raises(PredictionError, match=message):
+        load_predictor(copy)
+
+
+def test_cli_text_json_and_errors(released: Storage, image: Path, capsys: pytest.CaptureFixture) -> None:
+    model = str(released.path("release"))
+    assert run_cli(["Inspect underwater pipelines", "--model", model, "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("Selected Robot: ") and "(confidence " in out
+
+    assert run_cli(["Inspect underwater pipelines", "--model", model, "--image", str(image), "--json", "--max-new-tokens", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == set(Prediction.__dataclass_fields__) and result["image"] == str(image)
+
+    for argv, message in (
+        (["Inspect", "--model", model, "--image", str(image.with_name("nope.png"))], "nope.png does not exist"),
+        (["", "--model", model], "task text is empty"),
+        (["Inspect", "--model", str(released.root / "absent")], "absent does not exist"),
+        (["--model", model], "give either a TASK or --batch FILE"),
+    ):
+        assert run_cli(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith("bitmar: ") and message in captured.err and "Traceback" not in captured.err
+        assert captured.out == ""
