@@ -80,6 +80,12 @@ def _fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def architecture_digest(model: torch.nn.Module) -> str:
+    """Parameter names and shapes: code that changes the architecture under an unchanged
+    config must not resume (or be refused by) checkpoints of the old architecture."""
+    return _fingerprint({name: list(t.shape) for name, t in model.state_dict().items()})
+
+
 def model_dir(storage: Storage, stage: str) -> Path:
     return storage.path("models", stage)
 
@@ -184,17 +190,17 @@ def run_multimodal_pretrain(config: PipelineConfig, storage: Storage, shards: Se
     tokenizer = load_pipeline_tokenizer(storage)
     data = load_caption_data(storage, shards, encoder_fingerprint, tokenizer, config.model.max_seq_len, config.training.heldout_fraction)
     model_config = build_model_config(config, tokenizer, data.feature_dim, data.num_patches)
+    torch.manual_seed(config.training.seed)
+    model = BitMarModel(model_config)
     data_files = [storage.partition_path("image_caption_pairs", s) for s in shards] + [storage.path(TOKENIZER_DIR, "tokenizer.json")]
     fingerprint = _fingerprint(
         {
             "stage": PRETRAIN, "model": model_config.to_dict(), "training": config.training.model_dump(exclude={"sft"}),
-            "data": file_digest(data_files), "encoder": encoder_fingerprint,
+            "data": file_digest(data_files), "encoder": encoder_fingerprint, "architecture": architecture_digest(model),
         }
     )
     checkpoint_dir = storage.path("checkpoints", PRETRAIN, fingerprint)
     history = History(checkpoint_dir / HISTORY_FILE, is_main=is_main_process())
-    torch.manual_seed(config.training.seed)
-    model = BitMarModel(model_config)
     weights = PretrainWeights(config.training.text_generation_loss_weight, config.training.cross_modal_loss_weight, config.training.memory_regularization_weight)
     trainer = Trainer(
         model, data.train, partial(pretrain_loss, weights=weights), trainer_config(config, config.training.pretrain, checkpoint_dir),
