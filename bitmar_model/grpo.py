@@ -132,10 +132,10 @@ def grpo_update(policy: BitMarModel, optimizer: torch.optim.Optimizer, sample: G
     for _ in range(settings.policy_epochs):
         loss, metrics = grpo_loss(policy, sample, settings)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"GRPO loss is {float(loss)}")
+            raise FloatingPointError(f"GRPO loss is {float(loss.detach())}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.max_grad_norm)
         optimizer.step()
-        metrics = {**metrics, "loss": float(loss), "grad_norm": float(grad_norm)}
+        metrics = {**metrics, "loss": float(loss.detach()), "grad_norm": float(grad_norm)}
     return metrics

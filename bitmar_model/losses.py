@@ -70,12 +70,12 @@ def pretrain_loss(model: BitMarModel, batch: dict[str, torch.Tensor], weights: P
         off_diagonal = batch["image_ids"][:, None] != batch["image_ids"][None, :]
         mismatched = similarity[off_diagonal].mean() if off_diagonal.any() else similarity.new_zeros(())
     return loss, {
-        "text_generation_loss": float(captioning.loss),
-        "cross_modal_loss": float(nce),
-        "memory_regularization": float(memory_reg),
+        "text_generation_loss": float(captioning.loss.detach()),
+        "cross_modal_loss": float(nce.detach()),
+        "memory_regularization": float(memory_reg.detach()),
         "cross_modal_similarity": float(matched),
         "mismatched_similarity": float(mismatched),
-        "logit_scale": float(contrastive.logit_scale),
+        "logit_scale": float(contrastive.logit_scale.detach()),
         "tokens": float(batch["decoder_mask"].sum() + batch["caption_mask"].sum() + batch["prompt_mask"].sum()),
     }
 
@@ -96,9 +96,9 @@ def sft_loss(model: BitMarModel, batch: dict[str, torch.Tensor], selection_weigh
         top = out.robot_probs.argmax(dim=-1)
         top1 = batch["robots"].gather(1, top[:, None]).float().mean()
     return loss, {
-        "text_generation_loss": float(out.loss),
-        "selection_loss": float(selection),
+        "text_generation_loss": float(out.loss.detach()),
+        "selection_loss": float(selection.detach()),
         "robot_selection_accuracy": float(top1),
-        "thought_score": float(out.thought_scores.mean()),
+        "thought_score": float(out.thought_scores.detach().mean()),
         "tokens": float(batch["decoder_mask"].sum() + batch["prompt_mask"].sum()),
     }
