@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -115,17 +116,19 @@ class TokenizerConfig(_Section):
 
 class ModelSection(_Section):
     """BitMarConfig sizes. vocab_size and vision feature widths are taken from the tokenizer
-    and the feature cache at training time, so they are not set here."""
+    and the feature cache at training time, so they are not set here. The defaults are the
+    sample profile's small model (~2M parameters, minutes on a laptop CPU); configs/coco.yaml
+    sets the paper's ~14M model (BitMarConfig's own defaults)."""
 
-    hidden_size: int = Field(default=256, gt=0)
+    hidden_size: int = Field(default=128, gt=0)
     num_attention_heads: int = Field(default=4, gt=0)
-    num_encoder_layers: int = Field(default=4, gt=0)
-    num_decoder_layers: int = Field(default=4, gt=0)
-    intermediate_size: int = Field(default=512, gt=0)
-    max_seq_len: int = Field(default=256, gt=0)
-    num_vision_tokens: int = Field(default=8, gt=0)
+    num_encoder_layers: int = Field(default=2, gt=0)
+    num_decoder_layers: int = Field(default=2, gt=0)
+    intermediate_size: int = Field(default=384, gt=0)
+    max_seq_len: int = Field(default=128, gt=0)
+    num_vision_tokens: int = Field(default=4, gt=0)
     num_fusion_layers: int = Field(default=1, ge=0)
-    projection_dim: int = Field(default=128, gt=0)
+    projection_dim: int = Field(default=64, gt=0)
     memory_slots: int = Field(default=32, gt=0)
     memory_dim: int = Field(default=128, gt=0)
     memory_alpha: float = Field(default=0.1, gt=0.0, le=1.0)
@@ -159,7 +162,7 @@ class TrainingConfig(_Section):
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     save_every_n_steps: int = Field(default=100, gt=0)
     keep_last_checkpoints: int = Field(default=2, gt=0)
-    log_every_n_steps: int = Field(default=10, gt=0)
+    log_every_n_steps: int = Field(default=20, gt=0)
     max_consecutive_nan_steps: int = Field(default=5, gt=0)
     compile: bool = False
     cross_modal_loss_weight: float = Field(default=1.0, ge=0.0)
@@ -167,8 +170,8 @@ class TrainingConfig(_Section):
     memory_regularization_weight: float = Field(default=0.05, ge=0.0)
     selection_loss_weight: float = Field(default=1.0, ge=0.0)
     heldout_fraction: float = Field(default=0.05, gt=0.0, lt=0.5, description="Images held out of pretraining for retrieval recall.")
-    pretrain: StageSchedule = StageSchedule(max_steps=300, batch_size=32, learning_rate=1e-3)
-    sft: StageSchedule = StageSchedule(max_steps=400, batch_size=16, learning_rate=1e-3)
+    pretrain: StageSchedule = StageSchedule(max_steps=200, batch_size=32, learning_rate=2e-3)
+    sft: StageSchedule = StageSchedule(max_steps=400, batch_size=16, learning_rate=2e-3)
 
 
 class GrpoTrainingConfig(_Section):
@@ -197,7 +200,7 @@ class GrpoConfig(_Section):
     clip_epsilon: float = Field(default=0.2, gt=0.0)
     kl_beta: float = Field(default=0.04, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(default=160, gt=0)
+    max_new_tokens: int = Field(default=224, gt=0, description="Must fit a whole reasoning text (targets reach ~200 tokens).")
     steps: int = Field(default=30, gt=0)
     tasks_per_step: int = Field(default=4, gt=0)
     policy_epochs: int = Field(default=1, gt=0, description="Optimizer passes over each sampled group (mu in the paper).")
@@ -249,6 +252,35 @@ class HubConfig(_Section):
     commit_message: str = "Upload BitMar model (step {step}, {timestamp})"
 
 
+class ScheduleConfig(_Section):
+    """When the `retrain` schedule fires and how often the sensors look (assets/operations.py).
+    Read when the code location loads, so a change needs a reload in the UI."""
+
+    retrain_cron: str = "0 3 * * 0"
+    timezone: str = "UTC"
+    robot_sensor_interval_seconds: int = Field(default=60, gt=0)
+    feature_sensor_interval_seconds: int = Field(default=30, gt=0)
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        # Dagster's own check, so a bad schedule fails here with the key, not at code-location load.
+        from dagster._utils.schedules import is_valid_cron_string
+
+        if not is_valid_cron_string(value):
+            raise ValueError("expected a 5-field cron string such as '0 3 * * 0' (Sundays 03:00)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("expected an IANA timezone name such as 'UTC' or 'Europe/Berlin'") from None
+        return value
+
+
 class PipelineConfig(_Section):
     storage: StorageConfig = StorageConfig()
     data: DataConfig = DataConfig()
@@ -262,6 +294,7 @@ class PipelineConfig(_Section):
     wandb: WandbConfig = WandbConfig()
     carbon_tracking: CarbonConfig = CarbonConfig()
     huggingface_hub: HubConfig = HubConfig()
+    schedules: ScheduleConfig = ScheduleConfig()
 
     def resolved_coco_root(self) -> Path:
         """Where the COCO-layout directory is (or will be, for sample/download)."""
