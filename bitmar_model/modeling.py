@@ -48,6 +48,9 @@ from bitmar_model.vision_adapter import (
 )
 
 IGNORE_INDEX = -100
+# Bump when forward semantics change without changing parameter shapes (e.g. what the
+# decoder attends to): trained checkpoints of an older revision must not be resumed.
+MODEL_REVISION = 2
 
 
 @dataclass

@@ -33,7 +33,7 @@ from bitmar_model.checkpoint import load_latest_checkpoint, restore, save_checkp
 from bitmar_model.grpo import GRPOSettings, grpo_update, sample_groups
 from bitmar_model.losses import PretrainWeights, pretrain_loss, sft_loss
 from bitmar_model.metrics import matched_vs_random_cosine, retrieval_recall_at_k
-from bitmar_model.modeling import BitMarModel
+from bitmar_model.modeling import MODEL_REVISION, BitMarModel
 from bitmar_model.rewards import RewardWeights
 from bitmar_model.trainer import Trainer, TrainerConfig, TrainingDivergedError
 from bitmar_pipeline.config import PipelineConfig, StageSchedule
@@ -81,9 +81,10 @@ def _fingerprint(parts: dict[str, Any]) -> str:
 
 
 def architecture_digest(model: torch.nn.Module) -> str:
-    """Parameter names and shapes: code that changes the architecture under an unchanged
-    config must not resume (or be refused by) checkpoints of the old architecture."""
-    return _fingerprint({name: list(t.shape) for name, t in model.state_dict().items()})
+    """Parameter names and shapes plus the model code revision: code that changes the
+    architecture under an unchanged config must not resume (or be refused by) checkpoints
+    of the old architecture."""
+    return _fingerprint({"revision": MODEL_REVISION, **{name: list(t.shape) for name, t in model.state_dict().items()}})
 
 
 def model_dir(storage: Storage, stage: str) -> Path:
