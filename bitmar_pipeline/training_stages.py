@@ -196,7 +196,7 @@ def run_multimodal_pretrain(config: PipelineConfig, storage: Storage, shards: Se
     data_files = [storage.partition_path("image_caption_pairs", s) for s in shards] + [storage.path(TOKENIZER_DIR, "tokenizer.json")]
     fingerprint = _fingerprint(
         {
-            "stage": PRETRAIN, "model": model_config.to_dict(), "training": config.training.model_dump(exclude={"sft"}),
+            "stage": PRETRAIN, "model": model_config.to_dict(), "training": config.training.model_dump(exclude={"sft", "selection_loss_weight"}),
             "data": file_digest(data_files), "encoder": encoder_fingerprint, "architecture": architecture_digest(model),
         }
     )
