@@ -99,7 +99,7 @@ def test_cli_local_source_with_bad_rows(tmp_path, coco_mini, capsys):
 def test_cli_sample_profile_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main(["run", "--set", "data.coco.sample_num_images=120", "--set", "data.coco.shard_size=50", "--set", "data.robot.sample_num_tasks=60"])
+    code = main(["run", "--select", "group:data", "--set", "data.coco.sample_num_images=120", "--set", "data.coco.shard_size=50", "--set", "data.robot.sample_num_tasks=60"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "vision_features[train2017-00002]" in out
