@@ -28,7 +28,6 @@ from bitmar_model.layers import (
     RotaryEmbedding,
     causal_window_mask,
     frozen_bitlinear_weights,
-    key_padding_mask,
     positions_from_mask,
 )
 
@@ -37,7 +36,6 @@ from bitmar_model.layers import (
 class DecoderCache:
     self_attention: KVCache
     context_key_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, computed once
-    context_mask: torch.Tensor | None  # [B, 1, 1, C] bool, None when every context token is real
 
 
 @dataclass
@@ -77,7 +75,6 @@ class DecoderLayer(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor],
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None,
         context_key_value: tuple[torch.Tensor, torch.Tensor],
-        context_mask: torch.Tensor | None,
         output_attentions: bool,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         attn = self.self_attn(
@@ -88,9 +85,7 @@ class DecoderLayer(nn.Module):
             output_attentions=output_attentions,
         )
         hidden_states = hidden_states + self.dropout(attn.hidden_states)
-        cross = self.cross_attn(
-            self.cross_norm(hidden_states), key_value=context_key_value, attn_mask=context_mask, output_attentions=output_attentions
-        )
+        cross = self.cross_attn(self.cross_norm(hidden_states), key_value=context_key_value, output_attentions=output_attentions)
         hidden_states = hidden_states + self.dropout(cross.hidden_states)
         hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
         return hidden_states, (attn.key, attn.value), attn.weights, cross.weights
@@ -115,7 +110,6 @@ class BitMarDecoder(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         context: torch.Tensor | None = None,
-        context_mask: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
         cache: DecoderCache | None = None,
@@ -123,8 +117,7 @@ class BitMarDecoder(nn.Module):
         output_attentions: bool = False,
     ) -> DecoderOutput:
         """inputs_embeds [B, T, hidden]; attention_mask [B, T] for these tokens; context
-        [B, C, hidden] and context_mask [B, C] (1 = real token; both unused when `cache` holds
-        them); position_ids [B, T]
+        [B, C, hidden] (unused when `cache` holds its keys/values); position_ids [B, T]
         (default: counted from the mask, continuing after the cache's newest position)."""
         cfg = self.config
         valid = attention_mask.bool()
@@ -134,14 +127,13 @@ class BitMarDecoder(nn.Module):
                 last = torch.where(cache.self_attention.valid, cache.self_attention.positions, -1).amax(1, keepdim=True)
                 position_ids = position_ids + last + 1
         if cache is not None:
-            context_kv, cross_mask = cache.context_key_values, cache.context_mask
+            context_kv = cache.context_key_values
             key_positions = torch.cat((cache.self_attention.positions, position_ids), dim=1)
             key_valid = torch.cat((cache.self_attention.valid, valid), dim=1)
         else:
             if context is None:
                 raise ValueError("BitMarDecoder: `context` is required when no cache is given")
             context_kv = self.context_key_values(context)
-            cross_mask = None if context_mask is None else key_padding_mask(context_mask)
             key_positions, key_valid = position_ids, valid
         self_mask = causal_window_mask(position_ids, key_positions, key_valid, cfg.attention_sink_tokens, cfg.sliding_window)
         rotary = self.rotary(position_ids)
@@ -156,7 +148,6 @@ class BitMarDecoder(nn.Module):
                 rotary=rotary,
                 past_key_value=past,
                 context_key_value=context_kv[i],
-                context_mask=cross_mask,
                 output_attentions=output_attentions,
             )
             keys.append(k)
@@ -167,7 +158,7 @@ class BitMarDecoder(nn.Module):
         new_cache = None
         if use_cache:
             kv = KVCache(keys=keys, values=values, positions=key_positions, valid=key_valid)
-            new_cache = DecoderCache(kv.trimmed(cfg.attention_sink_tokens, cfg.sliding_window), context_kv, cross_mask)
+            new_cache = DecoderCache(kv.trimmed(cfg.attention_sink_tokens, cfg.sliding_window), context_kv)
         return DecoderOutput(
             last_hidden_state=self.norm(hidden_states),
             cache=new_cache,
@@ -183,7 +174,6 @@ class BitMarDecoder(nn.Module):
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
         *,
-        context_mask: torch.Tensor | None = None,
         max_new_tokens: int = 64,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -218,7 +208,7 @@ class BitMarDecoder(nn.Module):
         # small-batch GEMV several times faster on CPU than F.linear over the [vocab, hidden] table.
         head = embed_tokens.weight.t().contiguous()
         with frozen_bitlinear_weights(self):
-            out = self(embed_tokens(prompt_ids), prompt_mask, context, context_mask, position_ids=positions, use_cache=use_cache)
+            out = self(embed_tokens(prompt_ids), prompt_mask, context, position_ids=positions, use_cache=use_cache)
             hidden = out.last_hidden_state[rows, last_index]
             cache = out.cache
             seq_ids, seq_mask, seq_positions = prompt_ids, prompt_mask, positions
@@ -247,7 +237,7 @@ class BitMarDecoder(nn.Module):
                     seq_ids = torch.cat((seq_ids, token[:, None]), dim=1)
                     seq_mask = torch.cat((seq_mask, new_mask), dim=1)
                     seq_positions = torch.cat((seq_positions, next_position[:, None]), dim=1)
-                    out = self(embed_tokens(seq_ids), seq_mask, context, context_mask, position_ids=seq_positions)
+                    out = self(embed_tokens(seq_ids), seq_mask, context, position_ids=seq_positions)
                     hidden = out.last_hidden_state[:, -1]
                 next_position = next_position + 1
 

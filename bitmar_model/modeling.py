@@ -50,7 +50,7 @@ from bitmar_model.vision_adapter import (
 IGNORE_INDEX = -100
 # Bump when forward semantics change without changing parameter shapes (e.g. what the
 # decoder attends to): trained checkpoints of an older revision must not be resumed.
-MODEL_REVISION = 2
+MODEL_REVISION = 3
 
 
 @dataclass
@@ -80,8 +80,7 @@ class _Conditioning:
     fusion: FusionOutput
     memory: MemoryReadout
     reasoning: ReasoningOutput
-    decoder_context: torch.Tensor  # [B, 2 + num_vision_tokens + T_text, hidden]
-    decoder_context_mask: torch.Tensor  # [B, 2 + num_vision_tokens + T_text], 1 = real token
+    decoder_context: torch.Tensor  # [B, 2 + num_vision_tokens, hidden]
     attentions: dict[str, Any] | None
 
 
@@ -228,13 +227,9 @@ class BitMarModel(
         reasoning_context = torch.cat((memory_token, fused.text_states, fused.vision_tokens), dim=1)
         reasoning_mask = torch.cat((ones, attention_mask, ones.expand(-1, fused.vision_tokens.shape[1])), dim=1)
         reasoning = self.reasoning(reasoning_context, reasoning_mask, fused.joint_embedding, output_attentions)
-        # The fused text states are part of the decoder's context so the reasoning it writes
-        # can name the task's own words (cross-attention is the decoder's only view of the
-        # input); the memory, reasoning-state and vision tokens are always real.
         decoder_context = torch.cat(
-            (memory_token, self.reasoning_norm(reasoning.state)[:, None], fused.vision_tokens, fused.text_states), dim=1
+            (memory_token, self.reasoning_norm(reasoning.state)[:, None], fused.vision_tokens), dim=1
         )
-        decoder_context_mask = torch.cat((ones.expand(-1, 2 + fused.vision_tokens.shape[1]), attention_mask), dim=1)
 
         attentions = None
         if output_attentions:
@@ -247,7 +242,7 @@ class BitMarModel(
                 "reasoning_context": reasoning.context_attention,
                 "reasoning_robots": reasoning.robot_attention,
             }
-        return _Conditioning(vision, fused, memory, reasoning, decoder_context, decoder_context_mask, attentions)
+        return _Conditioning(vision, fused, memory, reasoning, decoder_context, attentions)
 
     # ------------------------------------------------------------------ forward
 
@@ -282,7 +277,6 @@ class BitMarModel(
                 self.embed_dropout(self.embed_tokens(decoder_input_ids)),
                 decoder_attention_mask,
                 cond.decoder_context,
-                cond.decoder_context_mask,
                 output_attentions=output_attentions,
             )
             logits = F.linear(dec.last_hidden_state, self.embed_tokens.weight)
@@ -356,7 +350,6 @@ class BitMarModel(
             cond.decoder_context,
             decoder_input_ids,
             decoder_attention_mask,
-            context_mask=cond.decoder_context_mask,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,

@@ -74,7 +74,7 @@ def test_output_shapes() -> None:
     assert att["reasoning_context"].shape == (b, cfg.reasoning_steps, 1 + t + n)
     assert att["reasoning_robots"].shape == (b, cfg.reasoning_steps, r)
     assert att["decoder_self"][0].shape == (b, heads, 6, 6)
-    assert att["decoder_cross"][0].shape == (b, heads, 6, 2 + n + 7)  # memory, reasoning, vision, text tokens
+    assert att["decoder_cross"][0].shape == (b, heads, 6, 2 + n)
 
 
 def test_text_only_forward_and_tuple_features() -> None:
