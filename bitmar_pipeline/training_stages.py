@@ -242,7 +242,9 @@ def run_reasoning_sft(config: PipelineConfig, storage: Storage, callbacks: Seque
     dataset = build_sft_set(examples, tokenizer, MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS)
     model = load_stage_model(storage, PRETRAIN)
     check_compatible(model.config, tokenizer)
-    fingerprint = _fingerprint({"stage": SFT, "training": config.training.model_dump(exclude={"pretrain"}), "inputs": _upstream_digest(storage, PRETRAIN)})
+    fingerprint = _fingerprint(
+        {"stage": SFT, "revision": MODEL_REVISION, "training": config.training.model_dump(exclude={"pretrain"}), "inputs": _upstream_digest(storage, PRETRAIN)}
+    )
     checkpoint_dir = storage.path("checkpoints", SFT, fingerprint)
     history = History(checkpoint_dir / HISTORY_FILE, is_main=is_main_process())
     trainer = Trainer(
@@ -292,7 +294,9 @@ def run_grpo(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] 
     reference = load_stage_model(storage, SFT, device).requires_grad_(False).eval()
     check_compatible(policy.config, tokenizer)
 
-    fingerprint = _fingerprint({"stage": GRPO, "grpo": grpo.model_dump(), "seed": config.training.seed, "inputs": _upstream_digest(storage, SFT)})
+    fingerprint = _fingerprint(
+        {"stage": GRPO, "revision": MODEL_REVISION, "grpo": grpo.model_dump(), "seed": config.training.seed, "inputs": _upstream_digest(storage, SFT)}
+    )
     checkpoint_dir = storage.path("checkpoints", GRPO, fingerprint)
     history = History(checkpoint_dir / HISTORY_FILE)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=grpo.training.learning_rate, weight_decay=0.0)
