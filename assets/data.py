@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from assets.metadata import markdown_table, quarantine_metadata
+from assets.operations import NETWORK_RETRY
 from assets.partitions import coco_shards
 from bitmar_pipeline.alignment import align_shard
 from bitmar_pipeline.coco import (
@@ -57,6 +58,7 @@ class DownloadProgress:
     code_version="1",
     kinds={"python", "parquet"},
     description="COCO-layout captions and images (sample, local or download), described as fixed-size shards; registers the coco_shards partitions.",
+    retry_policy=NETWORK_RETRY,
 )
 def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
     config, storage = settings.config, settings.storage

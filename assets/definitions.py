@@ -4,7 +4,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets import data, evaluation, release, training
+from assets import data, evaluation, operations, release, training
 from bitmar_pipeline.hub import HuggingFaceHubResource
 from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
 from bitmar_pipeline.tracking import CarbonTrackerResource, WandbResource
@@ -25,10 +25,15 @@ def default_resources(settings: BitmarSettings) -> dict[str, Any]:
 
 
 def build_definitions(settings: BitmarSettings | None = None) -> dg.Definitions:
-    """Definitions with the given settings (default: $BITMAR_CONFIG or the sample profile)."""
+    """Definitions with the given settings (default: $BITMAR_CONFIG or the sample profile).
+    The schedule's cron and the sensors' intervals come from its `schedules` section."""
+    settings = settings or BitmarSettings()
     return dg.Definitions(
         assets=ALL_ASSETS,
-        resources=default_resources(settings or BitmarSettings()),
+        resources=default_resources(settings),
+        jobs=operations.JOBS,
+        schedules=operations.build_schedules(settings.config.schedules),
+        sensors=operations.build_sensors(settings.config.schedules),
     )
 
 

@@ -6,6 +6,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.metadata import image_metadata, markdown_table
+from assets.operations import NETWORK_RETRY
 from assets.training import grpo_policy
 from bitmar_pipeline.hub import HuggingFaceHubResource
 from bitmar_pipeline.quantization import build_quantization_report
@@ -67,6 +68,7 @@ def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSetti
     code_version="1",
     kinds={"huggingface"},
     description="Release folder (weights, packed weights, tokenizer, memory, reports, model card) under <storage>/release, uploaded to the Hub when enabled and HF_TOKEN is set.",
+    retry_policy=NETWORK_RETRY,
 )
 def hub_release(context: dg.AssetExecutionContext, settings: BitmarSettings, hub: HuggingFaceHubResource) -> dg.MaterializeResult:
     config, storage = settings.config, settings.storage

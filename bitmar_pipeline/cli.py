@@ -65,6 +65,15 @@ def _phases(defs: dg.Definitions, selection: str | None) -> list[tuple[bool, lis
     return phases
 
 
+def _failure_message(error) -> str:
+    """The failure and its causes: a retry policy wraps the real error ("Exceeded max_retries")."""
+    parts = []
+    while error is not None:
+        parts.append(error.message.strip())
+        error = error.cause
+    return "\n  caused by: ".join(parts)
+
+
 def _summarize(result: dg.ExecuteInProcessResult, partition: str | None) -> list[str]:
     lines = []
     for event in result.get_asset_materialization_events():
@@ -99,7 +108,7 @@ def run(config_file: str | None, selection: str | None, overrides: dict[str, Any
             failed_checks += sum(1 for c in result.get_asset_check_evaluations() if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR)
             if not result.success:
                 failure = next((e for e in result.all_events if e.is_step_failure), None)
-                message = failure.step_failure_data.error.message.strip() if failure else "run failed"
+                message = _failure_message(failure.step_failure_data.error) if failure else "run failed"
                 print(f"FAILED {', '.join(k.to_user_string() for k in keys)}{f'[{partition}]' if partition else ''}: {message}", file=sys.stderr)
                 return 1
     print(f"done in {time.perf_counter() - started:.1f}s" + (f"; {failed_checks} failed checks" if failed_checks else ""))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +58,15 @@ def build_tiny_random_encoder(directory: Path, seed: int = 0) -> Path:
         model = Dinov2Model(Dinov2Config(**_TINY_CONFIG))
     finally:
         torch.random.set_rng_state(generator_state)
-    tmp = directory.with_name(directory.name + ".tmp")
+    # A private temp name: parallel shard runs may build it at the same moment.
+    tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex}")
     model.save_pretrained(tmp)
     BitImageProcessorPil(**_TINY_PROCESSOR).save_pretrained(tmp)
-    tmp.replace(directory)
+    try:
+        tmp.rename(directory)
+    except OSError:
+        # Another process finished first; its copy is identical (same seed and config).
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

@@ -1,0 +1,327 @@
+"""Jobs, schedule, sensors and retry policies (assets/operations.py); a backfill through
+Dagster's own backfill daemon code; several shard runs at once against one storage root."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from assets.definitions import ALL_ASSETS, build_definitions, default_resources
+from assets.operations import NETWORK_RETRY, shards_to_extract
+from bitmar_pipeline.config import ConfigError, load_config
+from bitmar_pipeline.resources import BitmarSettings
+from bitmar_pipeline.robot_sample import generate_sample_robot_datasets
+
+REPO = Path(__file__).resolve().parents[1]
+FEATURES = ["image_caption_pairs", "vision_features"]
+RETRAIN = {"multimodal_pretrain", "reasoning_sft", "grpo_policy", "evaluation_report", "quantization_report", "hub_release"}
+# 4 shards of 3 generated images (5 captions each): cheap, but enough to exercise shard fan-out.
+SMALL = {"data.coco.sample_num_images": 12, "data.coco.shard_size": 3, "data.robot.sample_num_tasks": 20, "vision.batch_size": 4}
+IN_PROCESS = {"execution": {"config": {"in_process": {}}}}  # one process per run, not one per step
+
+
+def _settings(tmp_path: Path, **overrides) -> BitmarSettings:
+    return BitmarSettings(overrides={"storage.root": str(tmp_path / "store"), **SMALL, **overrides})
+
+
+def _keys(job: dg.JobDefinition) -> set[str]:
+    return {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
+
+
+def test_jobs_schedule_and_sensors_are_defined(tmp_path):
+    settings = _settings(tmp_path, **{"schedules.retrain_cron": "30 2 * * 1", "schedules.timezone": "Europe/Berlin", "schedules.robot_sensor_interval_seconds": 120})
+    defs = build_definitions(settings)
+    dg.Definitions.validate_loadable(defs)
+
+    full = defs.resolve_job_def("full_pipeline")
+    assert _keys(full) == {a.key.to_user_string() for a in ALL_ASSETS}
+    assert full.partitions_def.name == "coco_shards"  # launched over the shards it is an asset backfill
+    assert _keys(defs.resolve_job_def("retrain")) == RETRAIN
+    assert defs.resolve_job_def("retrain").run_tags["bitmar/training"] == "true"
+    backfill = defs.resolve_job_def("feature_backfill")
+    assert _keys(backfill) == set(FEATURES) and backfill.partitions_def.name == "coco_shards"
+
+    schedule = defs.resolve_schedule_def("retrain_schedule")
+    assert (schedule.job_name, schedule.cron_schedule, schedule.execution_timezone) == ("retrain", "30 2 * * 1", "Europe/Berlin")
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+
+    robot = defs.resolve_sensor_def("robot_dataset_sensor")
+    assert robot.minimum_interval_seconds == 120 and robot.default_status == dg.DefaultSensorStatus.STOPPED
+    assert _keys(defs.resolve_job_def(robot.job_name)) == RETRAIN | {"robot_selection_tasks"}  # one run, in graph order
+    shards = defs.resolve_sensor_def("coco_shard_sensor")
+    assert shards.job_name == "feature_backfill" and shards.minimum_interval_seconds == 30
+
+    for name in ("coco_raw", "hub_release"):
+        assert defs.resolve_assets_def(name).op.retry_policy == NETWORK_RETRY
+    assert NETWORK_RETRY.max_retries == 3 and NETWORK_RETRY.backoff == dg.Backoff.EXPONENTIAL
+
+
+def test_sample_profile_has_the_schedule_defaults():
+    schedules = load_config(REPO / "configs" / "sample.yaml").schedules
+    assert (schedules.retrain_cron, schedules.timezone) == ("0 3 * * 0", "UTC")
+    assert (schedules.robot_sensor_interval_seconds, schedules.feature_sensor_interval_seconds) == (60, 30)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"schedules.retrain_cron": "every sunday"}, "5-field cron"),
+        ({"schedules.retrain_cron": "0 3 * *"}, "5-field cron"),
+        ({"schedules.timezone": "Mars/Olympus"}, "IANA timezone"),
+        ({"schedules.robot_sensor_interval_seconds": 0}, "greater than 0"),
+    ],
+)
+def test_bad_schedule_values_fail_at_load(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert next(iter(overrides)) in str(info.value) and fragment in str(info.value)
+
+
+def test_readme_run_queue_config_loads(tmp_path):
+    """The dagster.yaml of the README's Operations section is a valid instance config."""
+    operations = (REPO / "README.md").read_text().split("## Operations", 1)[1]
+    (tmp_path / "dagster.yaml").write_text(textwrap.dedent(re.search(r"```yaml\n(.*?)```", operations, re.S).group(1)))
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        queue = instance.get_concurrency_config().run_queue_config
+        assert queue.max_concurrent_runs == 4 and queue.tag_concurrency_limits == [{"key": "bitmar/training", "limit": 1}]
+
+
+def test_dagster_cli_validates_the_workspace():
+    env = {k: v for k, v in os.environ.items() if k not in ("BITMAR_CONFIG", "DAGSTER_HOME")}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=REPO, env={**env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout
+    assert "All code locations passed validation" in done.stdout
+    # The only warning allowed is dagster 1.13 announcing `dg check defs` as the command's successor.
+    warnings = [line for line in done.stdout.splitlines() if ("Warning" in line or "WARNING" in line) and "definitions_validate_command" not in line]
+    assert warnings == []
+
+
+def _tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, settings: BitmarSettings, cursor: str | None, defs: dg.Definitions | None = None):
+    from dagster._core.definitions.partitions.context import partition_loading_context
+
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"settings": settings}, definitions=defs)
+    # The daemon sets this up itself; evaluate_tick in a test needs it to validate dynamic partition keys.
+    with partition_loading_context(dynamic_partitions_store=instance):
+        return sensor.evaluate_tick(context)
+
+
+def test_robot_sensor_fires_on_content_changes_only(tmp_path):
+    single, multi = generate_sample_robot_datasets(tmp_path / "robots", num_tasks=20)
+    settings = _settings(tmp_path, **{"data.robot.source": "local", "data.robot.single_path": str(single), "data.robot.multi_path": str(multi)})
+    sensor = build_definitions(settings).resolve_sensor_def("robot_dataset_sensor")
+    with dg.instance_for_test() as instance:
+        first = _tick(sensor, instance, settings, None)
+        assert first.run_requests == [] and "recorded" in first.skip_message and first.cursor
+
+        os.utime(single, (time.time() + 100, time.time() + 100))  # newer mtime, same bytes
+        multi.write_bytes(multi.read_bytes())  # rewritten, same bytes
+        same = _tick(sensor, instance, settings, first.cursor)
+        assert same.run_requests == [] and same.skip_message == "robot dataset files unchanged"
+
+        records = json.loads(single.read_text())
+        records.append({**records[0], "input": "Task: Inspect a wind turbine blade."})
+        single.write_text(json.dumps(records))
+        changed = _tick(sensor, instance, settings, first.cursor)
+        (request,) = changed.run_requests
+        assert request.tags["bitmar/training"] == "true" and request.tags["bitmar/changed_files"] == single.name
+        assert changed.cursor != first.cursor
+        again = _tick(sensor, instance, settings, changed.cursor)
+        assert again.run_requests == []
+        # Reverting and changing again gives the same content hash, so the same run_key (Dagster skips duplicates).
+        assert _tick(sensor, instance, settings, first.cursor).run_requests[0].run_key == request.run_key
+
+        single.unlink()
+        assert str(single) in _tick(sensor, instance, settings, changed.cursor).skip_message
+        sample = _settings(tmp_path)
+        assert "only local files" in _tick(sensor, instance, sample, None).skip_message
+
+
+def test_shard_selection_skips_stale_and_done_shards():
+    assert shards_to_extract(["a", "b", "c", "stale"], ["a", "b", "c"], ["b"]) == ["a", "c"]
+
+
+def test_coco_shard_sensor_requests_one_run_per_new_shard(tmp_path):
+    settings = _settings(tmp_path)
+    defs = build_definitions(settings)
+    sensor = defs.resolve_sensor_def("coco_shard_sensor")
+    resources = default_resources(settings)
+    with dg.instance_for_test() as instance:
+        assert "materialize coco_raw" in _tick(sensor, instance, settings, None).skip_message
+        assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=resources).success
+        shards = instance.get_dynamic_partitions("coco_shards")
+        assert len(shards) == 4
+        instance.add_dynamic_partitions("coco_shards", ["train2017-09999"])  # stale: registered, not in the manifest
+
+        requests = _tick(sensor, instance, settings, None, defs).run_requests
+        assert [(r.partition_key, r.run_key) for r in requests] == [(s, s) for s in shards]
+        assert dg.materialize(ALL_ASSETS, selection=FEATURES, instance=instance, resources=resources, partition_key=shards[0]).success
+        assert [r.partition_key for r in _tick(sensor, instance, settings, None, defs).run_requests] == shards[1:]
+
+
+def test_coco_raw_retries_a_transient_failure(tmp_path, monkeypatch):
+    import dagster._core.definitions.policy as policy
+
+    import assets.data
+
+    real_fetch = assets.data.fetch_coco
+    calls: list[int] = []
+
+    def flaky_fetch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset by peer")
+        return real_fetch(*args, **kwargs)
+
+    delays: list[tuple[int, float]] = []
+    real_delay = policy.calculate_delay
+
+    def recorded_delay(attempt_num, backoff, jitter, base_delay):
+        delays.append((attempt_num, real_delay(attempt_num, backoff, None, base_delay)))
+        return 0.0  # the test does not wait the real 10 s
+
+    monkeypatch.setattr(assets.data, "fetch_coco", flaky_fetch)
+    monkeypatch.setattr(policy, "calculate_delay", recorded_delay)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(_settings(tmp_path)))
+    assert result.success and len(calls) == 2
+    assert [e.event_type_value for e in result.all_events if e.event_type_value in ("STEP_UP_FOR_RETRY", "STEP_RESTARTED")] == ["STEP_UP_FOR_RETRY", "STEP_RESTARTED"]
+    assert delays == [(1, 10.0)]  # then 30 s, 70 s: exponential
+
+
+@contextmanager
+def _workspace(instance: dg.DagsterInstance, location: Path):
+    """The code location loaded in this process, as the daemon and webserver load it."""
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+
+    origin = InProcessCodeLocationOrigin(LoadableTargetOrigin(executable_path=sys.executable, python_file=str(location), attribute="defs", working_directory=str(REPO)))
+    with WorkspaceProcessContext(instance, InProcessWorkspaceLoadTarget(origin)) as context:
+        entry = next(iter(context.create_request_context().get_code_location_entries().values()))
+        assert entry.load_error is None, entry.load_error
+        yield context
+
+
+def write_location(path: Path, overrides: dict) -> Path:
+    path.write_text(
+        "from assets.definitions import build_definitions\n"
+        "from bitmar_pipeline.resources import BitmarSettings\n"
+        f"defs = build_definitions(BitmarSettings(overrides={overrides!r}))\n"
+    )
+    return path
+
+
+def run_asset_backfill(instance: dg.DagsterInstance, location: Path, selection: list[str], partitions: list[str], timeout: float = 600) -> str:
+    """Launch an asset backfill as the UI does, then run the backfill daemon's iterations here
+    until it is done. With the synchronous coordinator and launcher of the test instance, the
+    runs it submits execute inside each iteration."""
+    from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
+    from dagster._core.utils import make_new_backfill_id
+    from dagster._daemon.backfill import execute_backfill_iteration
+    from dagster._time import get_current_timestamp
+
+    with _workspace(instance, location) as context:
+        backfill = PartitionBackfill.from_asset_partitions(
+            backfill_id=make_new_backfill_id(), asset_graph=context.create_request_context().asset_graph, partition_names=partitions,
+            asset_selection=[dg.AssetKey(k) for k in selection], backfill_timestamp=get_current_timestamp(), tags={},
+            dynamic_partitions_store=instance, all_partitions=False, title=None, description=None, run_config=IN_PROCESS,
+        )
+        instance.add_backfill(backfill)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for error in execute_backfill_iteration(context, logging.getLogger("bitmar.test.backfill")):
+                assert error is None, error
+            status = instance.get_backfill(backfill.backfill_id).status
+            if status != BulkActionStatus.REQUESTED:
+                assert status == BulkActionStatus.COMPLETED_SUCCESS, status
+                return backfill.backfill_id
+        raise AssertionError(f"backfill {backfill.backfill_id} not done after {timeout}s")
+
+
+def synchronous_instance(**kwargs):
+    return dg.instance_for_test(synchronous_run_coordinator=True, synchronous_run_launcher=True, **kwargs)
+
+
+def test_backfill_of_all_shards_through_the_backfill_daemon(tmp_path):
+    overrides = {"storage.root": str(tmp_path / "store"), **SMALL}
+    location = write_location(tmp_path / "location.py", overrides)
+    with synchronous_instance() as instance:
+        assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(BitmarSettings(overrides=overrides))).success
+        shards = instance.get_dynamic_partitions("coco_shards")
+        backfill_id = run_asset_backfill(instance, location, FEATURES, shards)
+
+        runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+        assert sorted(r.tags["dagster/partition"] for r in runs) == shards  # one run per shard
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        for key in FEATURES:
+            assert instance.get_materialized_partitions(dg.AssetKey(key)) == set(shards)
+    with duckdb.connect(str(tmp_path / "store" / "catalog.duckdb"), read_only=True) as con:
+        assert con.execute("select count(*), count(distinct image_id) from vision_features").fetchone() == (12, 12)
+        assert con.execute("select count(*) from image_caption_pairs").fetchone()[0] == 60
+
+
+# A `bitmar run`-like materialization of one shard, in its own process, against the instance in
+# $DAGSTER_HOME. It waits for the go file so all shards hit the storage at the same moment.
+SHARD_RUN = """
+import json, sys, time
+from pathlib import Path
+import dagster as dg
+from assets.definitions import ALL_ASSETS, default_resources
+from bitmar_pipeline.resources import BitmarSettings
+shard, go, overrides = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+resources = default_resources(BitmarSettings(overrides=overrides))
+while not go.exists():
+    time.sleep(0.01)
+result = dg.materialize(ALL_ASSETS, selection=["image_caption_pairs", "vision_features"], partition_key=shard,
+                        instance=dg.DagsterInstance.get(), resources=resources, raise_on_error=False)
+sys.exit(0 if result.success else 1)
+"""
+
+
+def test_parallel_shard_runs_do_not_corrupt_the_catalog(tmp_path):
+    overrides = {"storage.root": str(tmp_path / "store"), **SMALL}
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(BitmarSettings(overrides=overrides))).success
+        shards = instance.get_dynamic_partitions("coco_shards")
+        go = tmp_path / "go"
+        env = {**os.environ, "DAGSTER_HOME": str(home), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        workers = [
+            subprocess.Popen([sys.executable, "-c", SHARD_RUN, shard, str(go), json.dumps(overrides)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for shard in shards
+        ]
+        go.touch()
+        outputs = [w.communicate(timeout=300)[0] for w in workers]
+        assert [w.returncode for w in workers] == [0] * len(shards), "\n".join(o[-2000:] for o in outputs)
+        for key in FEATURES:
+            assert instance.get_materialized_partitions(dg.AssetKey(key)) == set(shards)
+        assert len(instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.SUCCESS]))) == 1 + len(shards)
+
+    store = tmp_path / "store"
+    files = sorted((store / "tables").rglob("*"))
+    assert not [f for f in files if f.name.startswith(".tmp-")], "a temporary file was left behind"
+    for path in (f for f in files if f.suffix == ".parquet"):
+        pq.read_table(path)  # every file reads
+    with duckdb.connect(str(store / "catalog.duckdb"), read_only=True) as con:
+        assert con.execute("select count(*), count(distinct image_id) from vision_features").fetchone() == (12, 12)
+        assert con.execute("select count(*), count(distinct caption_id) from image_caption_pairs").fetchone() == (60, 60)
+        assert con.execute("select shard, count(*) from vision_features group by shard order by shard").fetchall() == [(s, 3) for s in shards]
