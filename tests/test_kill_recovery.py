@@ -50,7 +50,7 @@ def test_kill_mid_shard_then_rerun(tmp_path, monkeypatch):
         assert pq.read_table(path).num_rows == 150
 
     monkeypatch.chdir(tmp_path)  # the sample profile's storage root is relative to the working directory
-    assert main(["run", *ARGS]) == 0
+    assert main(["run", *ARGS, "--select", "coco_raw,image_caption_pairs,vision_features"]) == 0
     with duckdb.connect(str(Path(".bitmar") / "catalog.duckdb"), read_only=True) as con:
         total, distinct = con.execute("select count(*), count(distinct image_id) from vision_features").fetchone()
     assert total == distinct == 600
