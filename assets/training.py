@@ -14,6 +14,7 @@ from bitmar_pipeline.launch import (
     RESULT_MESSAGE,
     build_torchrun_command,
     result_from_payload,
+    step_line,
     torchrun_env,
 )
 from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
@@ -29,15 +30,10 @@ from bitmar_pipeline.training_stages import (
 )
 
 TRAINING_GROUP = "training"
-LOGGED_EACH_STEP = ("train/loss", "train/learning_rate", "perf/samples_per_second", "perf/eta_seconds", "reward/total", "grpo/kl")
 
 
 def _step_logger(context: dg.AssetExecutionContext, stage: str) -> Callable[[dict[str, Any]], None]:
-    def log(record: dict[str, Any]) -> None:
-        shown = ", ".join(f"{k.split('/')[-1]}={record[k]:.4g}" for k in LOGGED_EACH_STEP if isinstance(record.get(k), int | float))
-        context.log.info(f"{stage} step {record.get('step')}: {shown}")
-
-    return log
+    return lambda record: context.log.info(step_line(stage, record))
 
 
 def _curves(result: StageResult, settings: BitmarSettings, names: tuple[str, ...], title: str) -> dict[str, dg.MetadataValue]:

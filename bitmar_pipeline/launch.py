@@ -47,7 +47,7 @@ from bitmar_pipeline.training_stages import (
 
 LAUNCHABLE_STAGES = (PRETRAIN, SFT)
 RESULT_MESSAGE = "stage_result"  # key of the custom Pipes message that carries the StageResult
-LOGGED_EACH_STEP = ("train/loss", "train/learning_rate", "perf/samples_per_second", "perf/eta_seconds")
+LOGGED_EACH_STEP = ("train/loss", "train/learning_rate", "perf/samples_per_second", "perf/eta_seconds", "reward/total", "grpo/kl")
 
 
 def _usable_cores() -> int:

@@ -52,6 +52,7 @@ from bitmar_pipeline.training_data import (
     load_caption_data,
     load_pipeline_tokenizer,
 )
+from bitmar_pipeline.vision_encoder import resolve_device
 
 PRETRAIN, SFT, GRPO = "multimodal_pretrain", "reasoning_sft", "grpo_policy"
 STAGE_INFO_FILE = "bitmar_stage.json"
@@ -289,7 +290,7 @@ def run_grpo(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] 
     tokenizer = load_pipeline_tokenizer(storage)
     tasks, _, _ = _robot_tables(storage)
     train = tasks[tasks["split"] == "train"].drop_duplicates("task_key").reset_index(drop=True)
-    device = torch.device("cuda" if config.compute.device == "auto" and torch.cuda.is_available() else ("cpu" if config.compute.device == "auto" else config.compute.device))
+    device = resolve_device(config.compute.device, "compute.device")
     policy = load_stage_model(storage, SFT, device)
     reference = load_stage_model(storage, SFT, device).requires_grad_(False).eval()
     check_compatible(policy.config, tokenizer)

@@ -132,12 +132,14 @@ class Preprocessing:
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, setting: str = "vision.device") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; an explicit CUDA device on a machine without one
+    is an error naming `setting`, never a silent fall back to CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise VisionModelError(f"vision.device is {device!r} but CUDA is not available on this machine")
+        raise VisionModelError(f"{setting} is {device!r} but CUDA is not available on this machine")
     return resolved
 
 
