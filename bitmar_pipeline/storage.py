@@ -78,6 +78,9 @@ def write_parquet_atomic(table: pa.Table | pd.DataFrame, path: Path) -> Path:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a killed writer of this same file: never visible, but not kept either.
+        for stale in path.parent.glob(f"{TMP_PREFIX}{path.name}.*"):
+            stale.unlink(missing_ok=True)
         with open(tmp, "wb") as handle:
             pq.write_table(table, handle, compression="zstd")
             handle.flush()
