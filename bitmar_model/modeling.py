@@ -9,6 +9,7 @@ Data flow of `forward`:
                                                   contrastive image/text embeddings
     joint embedding -> episodic memory read -> memory token
     [memory token, fused text, fused vision] -> reasoning -> robot logits, value, thought scores
+                      (the selection head also reads the input's mean token embedding)
     decoder_input_ids -> decoder (cross-attends to [memory token, reasoning state, fused vision])
                       -> tied LM head -> logits
 
@@ -34,7 +35,7 @@ from torch import nn
 from bitmar_model.config import BitMarConfig
 from bitmar_model.decoder import BitMarDecoder, GenerationOutput, token_log_probs
 from bitmar_model.encoder import BitMarEncoder
-from bitmar_model.fusion import CrossModalFusion, FusionOutput
+from bitmar_model.fusion import CrossModalFusion, FusionOutput, masked_mean
 from bitmar_model.layers import RMSNorm, make_linear
 from bitmar_model.memory import EpisodicMemory, MemoryReadout
 from bitmar_model.packing import model_bytes_report
@@ -50,7 +51,7 @@ from bitmar_model.vision_adapter import (
 IGNORE_INDEX = -100
 # Bump when forward semantics change without changing parameter shapes (e.g. what the
 # decoder attends to): trained checkpoints of an older revision must not be resumed.
-MODEL_REVISION = 3
+MODEL_REVISION = 4
 
 
 @dataclass
@@ -210,7 +211,8 @@ class BitMarModel(
         update_memory: bool,
     ) -> _Conditioning:
         batch = input_ids.shape[0]
-        text = self.encoder(self.embed_dropout(self.embed_tokens(input_ids)), attention_mask, output_attentions)
+        embedded = self.embed_tokens(input_ids)
+        text = self.encoder(self.embed_dropout(embedded), attention_mask, output_attentions)
         vision = self.vision_adapter(vision_features, batch, output_attentions)
         fused = self.fusion(text.last_hidden_state, attention_mask, vision.tokens, vision.pooled, output_attentions)
 
@@ -226,7 +228,8 @@ class BitMarModel(
         ones = attention_mask.new_ones(batch, 1)
         reasoning_context = torch.cat((memory_token, fused.text_states, fused.vision_tokens), dim=1)
         reasoning_mask = torch.cat((ones, attention_mask, ones.expand(-1, fused.vision_tokens.shape[1])), dim=1)
-        reasoning = self.reasoning(reasoning_context, reasoning_mask, fused.joint_embedding, output_attentions)
+        bag_of_words = masked_mean(embedded, attention_mask)
+        reasoning = self.reasoning(reasoning_context, reasoning_mask, fused.joint_embedding, bag_of_words, output_attentions)
         decoder_context = torch.cat(
             (memory_token, self.reasoning_norm(reasoning.state)[:, None], fused.vision_tokens), dim=1
         )

@@ -6,13 +6,17 @@ and to learned embeddings of the robots' capabilities, then updates the state. H
 the state:
 
 - thought quality: a sigmoid score per step (supervised or rewarded by the trainer);
-- selection policy: one logit per robot class from the final state and the joint embedding.
-  The task is multi-label (several robots can be right), so probabilities are independent
-  sigmoids, not a softmax. The head is a full-precision linear layer, like the other small
-  heads: an earlier dot product with the (small-initialised) capability embeddings gave
-  logits and gradients so small that the head stayed at the label prior. The joint
-  embedding enters directly so the task's representation does not have to survive every
-  recurrent step to reach the decision;
+- selection policy: one logit per robot class from the final state, the joint embedding
+  and the task's bag of words (the mean of its token embeddings, a fastText-style skip
+  path). The task is multi-label (several robots can be right), so probabilities are
+  independent sigmoids, not a softmax. The head is a full-precision linear layer, like the
+  other small heads: an earlier dot product with the (small-initialised) capability
+  embeddings gave logits and gradients so small that the head stayed at the label prior.
+  Without the bag of words the head underfitted the robot training split (top-1 0.86 on the
+  training tasks themselves, 0.83 on validation): the words that decide the robot
+  ("underwater", "stairs", "aerial") had to survive the quantized encoder, fusion and
+  every recurrent step. With it: 1.00 on train, 0.95 / 0.90 on validation (two seeds);
+  feeding the encoder's pooled text states as well overfitted (0.75);
 - value: a scalar state value (the baseline for GRPO/actor-critic objectives).
 """
 
@@ -56,14 +60,21 @@ class ReasoningModule(nn.Module):
         self.state_norm = RMSNorm(hidden)
         self.thought_head = nn.Linear(hidden, 1)
         self.joint_norm = RMSNorm(hidden)
-        self.policy_head = nn.Linear(2 * hidden, config.num_robot_classes)
+        self.words_norm = RMSNorm(hidden)
+        self.policy_head = nn.Linear(3 * hidden, config.num_robot_classes)
         self.value_proj = make_linear(hidden, hidden, quantized=q)
         self.value_head = nn.Linear(hidden, 1)
 
     def forward(
-        self, context: torch.Tensor, context_mask: torch.Tensor, joint: torch.Tensor, output_attentions: bool = False
+        self,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        joint: torch.Tensor,
+        bag_of_words: torch.Tensor,
+        output_attentions: bool = False,
     ) -> ReasoningOutput:
-        """context [B, S, hidden], context_mask [B, S] (1 = real token), joint [B, hidden]."""
+        """context [B, S, hidden], context_mask [B, S] (1 = real token), joint [B, hidden],
+        bag_of_words [B, hidden] (mean token embedding of the input text)."""
         batch = context.shape[0]
         key_mask = key_padding_mask(context_mask)
         # Keys and values do not change across steps: project them once.
@@ -88,7 +99,7 @@ class ReasoningModule(nn.Module):
                 context_attn.append(ctx.weights.mean(1)[:, 0])
 
         final = self.state_norm(state)
-        robot_logits = self.policy_head(torch.cat((final, self.joint_norm(joint)), dim=-1))
+        robot_logits = self.policy_head(torch.cat((final, self.joint_norm(joint), self.words_norm(bag_of_words)), dim=-1))
         value = self.value_head(torch.relu(self.value_proj(final))).squeeze(-1)
         return ReasoningOutput(
             robot_logits=robot_logits,

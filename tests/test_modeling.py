@@ -218,8 +218,11 @@ def test_batched_generation_with_padding_equals_per_sample(side: str) -> None:
         max_new_tokens=12, stop_at_eos=False, return_log_probs=True,
     )
     # GRPO scoring: teacher-forced log-probs of the padded sequences match the sampler's.
+    # Not bit-exact: the cached and the teacher-forced paths sum in different orders, and
+    # the per-token 8-bit activation rounding can turn that ulp into one quantization step
+    # (seen: 3.5e-4 on one of 36 log-probs), far below what moves a PPO ratio clipped at 0.2.
     teacher = model.sequence_log_probs(input_ids, attention_mask, vision, batched.sequences, batched.attention_mask)
-    torch.testing.assert_close(teacher[:, dec_ids.shape[1] - 1 :], batched.log_probs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(teacher[:, dec_ids.shape[1] - 1 :], batched.log_probs, rtol=1e-3, atol=1e-3)
     for i in range(3):
         alone = model.generate(texts[i][None], None, features[i], decoder_input_ids=prompts[i][None], max_new_tokens=12, stop_at_eos=False)
         assert torch.equal(batched.new_tokens[i], alone.new_tokens[0]), f"row {i} ({side} padding)"
@@ -230,12 +233,22 @@ def test_eos_stops_each_row_and_log_probs_match_teacher_forcing() -> None:
     batch = make_batch(model.config, batch=3)
     args = (batch["input_ids"], None, batch["vision_features"])
     free = model.generate(*args, max_new_tokens=8, stop_at_eos=False)
-    # Declare row 0's third token the eos: row 0 stops there, the others do not.
-    model.config.eos_token_id = int(free.new_tokens[0, 2])
+    # Declare the eos a token that one row produces for the first time at position >= 1 and
+    # that no other row ever produces: that row stops right after it, the others run on.
+    rows = free.new_tokens.tolist()
+    row, stop = next(
+        (r, k)
+        for r, tokens in enumerate(rows)
+        for k in range(1, len(tokens))
+        if tokens[k] not in tokens[:k] and all(tokens[k] not in other for o, other in enumerate(rows) if o != r)
+    )
+    model.config.eos_token_id = rows[row][stop]
     out = model.generate(*args, max_new_tokens=8, return_log_probs=True)
-    assert out.new_token_mask[0].tolist() == [1, 1, 1] + [0] * (out.new_tokens.shape[1] - 3)
-    assert (out.new_tokens[0, 3:] == model.config.pad_token_id).all()
-    assert torch.equal(out.new_tokens[0, :3], free.new_tokens[0, :3])
+    kept = stop + 1
+    assert out.new_token_mask[row].tolist() == [1] * kept + [0] * (out.new_tokens.shape[1] - kept)
+    assert (out.new_tokens[row, kept:] == model.config.pad_token_id).all()
+    assert torch.equal(out.new_tokens[row, :kept], free.new_tokens[row, :kept])
+    assert all(out.new_token_mask[o].all() for o in range(len(rows)) if o != row)
 
     teacher = model.sequence_log_probs(*args, out.sequences, out.attention_mask)
     torch.testing.assert_close(teacher, out.log_probs * out.new_token_mask, rtol=1e-4, atol=1e-4)
