@@ -1,7 +1,7 @@
 """BitNet causal decoder conditioned on memory and vision, with bounded-memory generation.
 
 Each layer: causal self-attention (rotary, attention sinks + sliding window), cross-attention
-over a small context token set ([memory read-out, reasoning state, fused vision tokens]),
+over a small context token set ([memory read-out, reasoning state, selection, fused vision tokens]),
 then an MLP. The token embedding and the (tied) LM head belong to BitMarModel and are
 passed in, since the encoder shares them.
 

@@ -150,11 +150,15 @@ def compute_rewards(
     return RewardBreakdown(total=total, parsed=parsed, **parts)
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO outcome advantages: (r - group mean) / (group std + eps), per row of [groups, G].
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, std_floor: float = 0.0) -> torch.Tensor:
+    """GRPO outcome advantages: (r - group mean) / (max(group std, std_floor) + eps), per row
+    of [groups, G].
 
     The std is the population std (so a group of one is defined). A group whose rewards are
     all equal carries no preference and gets exact zeros rather than rounding noise / eps.
+    `std_floor` keeps a group whose rewards barely differ (every completion right, the
+    calibration part off by a few hundredths) from having that noise scaled up to unit
+    advantages: below the floor, advantages stay proportional to the reward differences.
     """
     if rewards.dim() != 2:
         raise ValueError(
@@ -164,6 +168,6 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         rewards = rewards.float()
     mean = rewards.mean(dim=1, keepdim=True)
     std = rewards.std(dim=1, keepdim=True, correction=0)
-    advantages = (rewards - mean) / (std + eps)
+    advantages = (rewards - mean) / (std.clamp_min(std_floor) + eps)
     constant = rewards.amax(dim=1, keepdim=True) == rewards.amin(dim=1, keepdim=True)
     return torch.where(constant, torch.zeros_like(advantages), advantages)

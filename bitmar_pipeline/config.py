@@ -194,7 +194,7 @@ class GrpoConfig(_Section):
 
     enabled: bool = True
     max_reasoning_steps: int = Field(default=5, gt=0, description="Reasoning module steps (model.reasoning_steps).")
-    reasoning_temperature: float = Field(default=0.8, gt=0.0, description="Sampling temperature of the group completions.")
+    reasoning_temperature: float = Field(default=1.0, gt=0.0, description="Sampling temperature of the group completions.")
     loss_weight: float = Field(default=1.0, gt=0.0, description="Scales the GRPO objective.")
     group_size: int = Field(default=8, ge=2)
     clip_epsilon: float = Field(default=0.2, gt=0.0)
@@ -204,6 +204,9 @@ class GrpoConfig(_Section):
     steps: int = Field(default=30, gt=0)
     tasks_per_step: int = Field(default=4, gt=0)
     policy_epochs: int = Field(default=1, gt=0, description="Optimizer passes over each sampled group (mu in the paper).")
+    advantage_std_floor: float = Field(
+        default=0.1, ge=0.0, description="Lower bound of the group reward std that advantages are divided by (0: plain z-score)."
+    )
     reward_weights: RewardWeightsConfig = RewardWeightsConfig()
     training: GrpoTrainingConfig = GrpoTrainingConfig()
 

@@ -272,7 +272,7 @@ def grpo_settings(config: PipelineConfig) -> GRPOSettings:
     grpo = config.grpo_reasoning
     return GRPOSettings(
         group_size=grpo.group_size, clip_epsilon=grpo.clip_epsilon, kl_beta=grpo.kl_beta, temperature=grpo.reasoning_temperature,
-        top_p=grpo.top_p, max_new_tokens=grpo.max_new_tokens, policy_epochs=grpo.policy_epochs, entropy_coef=grpo.training.entropy_coef,
+        top_p=grpo.top_p, max_new_tokens=grpo.max_new_tokens, policy_epochs=grpo.policy_epochs, advantage_std_floor=grpo.advantage_std_floor, entropy_coef=grpo.training.entropy_coef,
         loss_weight=grpo.loss_weight, reward_scaling=grpo.training.reward_scaling, max_grad_norm=grpo.training.max_grad_norm,
     )
 

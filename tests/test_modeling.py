@@ -74,7 +74,7 @@ def test_output_shapes() -> None:
     assert att["reasoning_context"].shape == (b, cfg.reasoning_steps, 1 + t + n)
     assert att["reasoning_robots"].shape == (b, cfg.reasoning_steps, r)
     assert att["decoder_self"][0].shape == (b, heads, 6, 6)
-    assert att["decoder_cross"][0].shape == (b, heads, 6, 2 + n)
+    assert att["decoder_cross"][0].shape == (b, heads, 6, 3 + n)  # memory, reasoning state, selection, vision
 
 
 def test_text_only_forward_and_tuple_features() -> None:
@@ -118,6 +118,14 @@ def test_gradients_reach_every_parameter() -> None:
     loss.backward()
     missing = [name for name, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_language_loss_reads_the_selection_but_does_not_train_the_head() -> None:
+    model = build().train()
+    batch = make_batch(model.config)
+    model(**batch, labels=batch["decoder_input_ids"]).loss.backward()
+    assert model.selection_embed.weight.grad.abs().sum() > 0
+    assert model.reasoning.policy_head.weight.grad is None
 
 
 def test_update_memory_writes_slots_without_gradients() -> None:

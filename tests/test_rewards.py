@@ -174,6 +174,15 @@ def test_constant_groups_get_exact_zeros():
     assert torch.allclose(integer, torch.tensor([[0.0, 0.0], [-1.0, 1.0]]), atol=1e-5)
 
 
+def test_std_floor_keeps_near_equal_rewards_small():
+    rewards = torch.tensor([[2.0, 1.98, 2.0, 1.98], [2.0, 1.0, 2.0, 1.0]], dtype=torch.float64)
+    plain = group_advantages(rewards, eps=0.0)
+    floored = group_advantages(rewards, eps=0.0, std_floor=0.1)
+    assert torch.allclose(plain[0].abs(), torch.ones(4, dtype=torch.float64))  # noise blown up to +-1
+    assert torch.allclose(floored[0], (rewards[0] - rewards[0].mean()) / 0.1)  # +-0.1
+    assert torch.equal(floored[1], plain[1])  # an informative group is still a z-score
+
+
 def test_advantages_need_a_group_dimension():
     with pytest.raises(ValueError, match="num_groups"):
         group_advantages(torch.ones(4))
