@@ -25,7 +25,10 @@ from bitmar_pipeline.training_stages import GRPO, PRETRAIN, load_stage_model, re
 REPORT_FILE = "evaluation_report.json"
 CHECKS = [
     dg.AssetCheckSpec(name, asset="evaluation_report")
-    for name in ("test_head_top1", "test_head_sample_f1", "reasoning_format_compliance", "retrieval_i2t_recall_at_5", "head_confidence_calibrated")
+    for name in (
+        "test_head_top1", "test_head_sample_f1", "test_head_top1_gain_over_majority", "test_head_f1_vs_tfidf",
+        "reasoning_format_compliance", "retrieval_i2t_recall_at_5", "head_confidence_calibrated",
+    )
 ]
 
 
@@ -98,6 +101,10 @@ def evaluation_report(
     checks = [
         _check("test_head_top1", flat["robot_selection/test_head_top1"], thresholds.test_head_top1),
         _check("test_head_sample_f1", flat["robot_selection/test_head_sample_f1"], thresholds.test_head_sample_f1),
+        # The baselines are computed on the same split and items, so these two hold whatever
+        # the split's difficulty: the robot-selection bar is relative to them.
+        _check("test_head_top1_gain_over_majority", test["bitmar_head"]["top1"]["value"] - test["majority"]["top1"]["value"], thresholds.min_top1_gain_over_majority),
+        _check("test_head_f1_vs_tfidf", test["bitmar_head"]["sample_f1"]["value"] - test["tfidf_logreg"]["sample_f1"]["value"], thresholds.min_f1_vs_tfidf),
         _check("reasoning_format_compliance", reasoning_test["format_compliance"]["value"], thresholds.reasoning_format_compliance),
         _check("retrieval_i2t_recall_at_5", result.report["vision_language"].get("i2t_R@5", 0.0), thresholds.retrieval_i2t_recall_at_5),
         _check("head_confidence_calibrated", reasoning_test["head_confidence_ece"], thresholds.max_head_confidence_ece, higher_is_better=False),

@@ -216,6 +216,8 @@ class EvaluationThresholds(_Section):
 
     test_head_top1: float = Field(default=0.70, ge=0.0, le=1.0)
     test_head_sample_f1: float = Field(default=0.60, ge=0.0, le=1.0)
+    min_top1_gain_over_majority: float = Field(default=0.20, ge=-1.0, le=1.0, description="Head top-1 minus the majority baseline's, test split.")
+    min_f1_vs_tfidf: float = Field(default=-0.05, ge=-1.0, le=1.0, description="Head sample-F1 minus the TF-IDF baseline's, test split.")
     reasoning_format_compliance: float = Field(default=0.90, ge=0.0, le=1.0)
     retrieval_i2t_recall_at_5: float = Field(default=0.20, ge=0.0, le=1.0)
     max_head_confidence_ece: float = Field(default=0.15, ge=0.0, le=1.0)

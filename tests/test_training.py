@@ -96,7 +96,7 @@ def test_training_graph_then_rerun_one_stage(workdir, monkeypatch):
         assert set(report["reasoning"]["test"]) >= {"coherence", "relevance", "completeness", "accuracy", "format_compliance", "stated_confidence_ece"}
         assert {"bleu4", "cider_d", "caption_perplexity", "i2t_R@5"} <= set(report["vision_language"])
         assert report["flops_per_forward"]["text_only_task_batch"]["total"] > 0
-        assert {e.check_name for e in full.get_asset_check_evaluations()} >= {"test_head_top1", "reasoning_format_compliance"}
+        assert {e.check_name for e in full.get_asset_check_evaluations()} >= {"test_head_top1", "test_head_top1_gain_over_majority", "test_head_f1_vs_tfidf", "reasoning_format_compliance"}
 
         # GRPO again with another reward weight: it retrains from the stored SFT model alone.
         rerun = _materialize(["grpo_policy"], {"grpo_reasoning.reward_weights.format": 1.0}, instance=instance)
