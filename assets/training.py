@@ -124,21 +124,23 @@ def multimodal_pretrain(
 
 
 @dg.asset(
-    deps=[multimodal_pretrain, "robot_selection_tasks"],
+    deps=[multimodal_pretrain, "robot_selection_tasks", vision_features],
     group_name=TRAINING_GROUP,
     code_version="1",
     kinds={"pytorch"},
-    description="Supervised reasoning on robot tasks: tagged reasoning targets built from the data, multi-label selection head.",
+    description="Supervised reasoning on robot tasks: tagged reasoning targets built from the data, multi-label selection head, caption rehearsal.",
 )
 def reasoning_sft(
-    context: dg.AssetExecutionContext, settings: BitmarSettings, wandb: WandbResource, carbon: CarbonTrackerResource,
-    pipes_subprocess_client: dg.PipesSubprocessClient,
+    context: dg.AssetExecutionContext, settings: BitmarSettings, vision_encoder: VisionEncoderResource,
+    wandb: WandbResource, carbon: CarbonTrackerResource, pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
+    fingerprint = vision_encoder.get(settings).fingerprint
+    shards = manifest_shards(settings.storage)
     _, metadata = _train(
         context, settings, wandb, carbon, SFT,
-        lambda callbacks: run_reasoning_sft(settings.config, settings.storage, callbacks),
-        ("train/loss", "train/text_generation_loss", "train/selection_loss", "train/robot_selection_accuracy"),
-        lambda: _torchrun(context, pipes_subprocess_client, settings, SFT),
+        lambda callbacks: run_reasoning_sft(settings.config, settings.storage, shards, fingerprint, callbacks),
+        ("train/loss", "train/text_generation_loss", "train/selection_loss", "train/caption_rehearsal_loss", "train/robot_selection_accuracy"),
+        lambda: _torchrun(context, pipes_subprocess_client, settings, SFT, encoder_fingerprint=fingerprint, shards=shards),
     )
     return dg.MaterializeResult(metadata=metadata)
 

@@ -9,7 +9,10 @@ Multimodal pretraining runs the model twice per batch, on purpose:
   inference time (where no caption exists) would never have been trained.
 
 Reasoning SFT trains the decoder on the tagged reasoning text and the selection head with a
-multi-label (sigmoid) loss, since several robots can be right at once.
+multi-label (sigmoid) loss, since several robots can be right at once. When the batch
+carries `rehearsal_*` caption pairs, the captioning pass of pretraining runs on them too:
+without it the reasoning targets overwrite captioning (held-out BLEU-4 0.26 after
+pretraining, 0.00 after SFT).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bitmar_model.modeling import BitMarModel
+from bitmar_model.modeling import BitMarModel, BitMarOutput
 
 
 @dataclass(frozen=True)
@@ -49,18 +52,23 @@ def memory_usage_regularizer(memory_attention: torch.Tensor) -> torch.Tensor:
     return 1.0 - entropy / math.log(memory_attention.shape[-1])
 
 
+def captioning_pass(model: BitMarModel, batch: dict[str, torch.Tensor], prefix: str = "", update_memory: bool = False) -> BitMarOutput:
+    """Caption language modelling with the encoder seeing only the fixed prompt and the image."""
+    return model(
+        batch[f"{prefix}prompt_ids"],
+        batch[f"{prefix}prompt_mask"],
+        {"cls": batch[f"{prefix}cls"], "patches": batch[f"{prefix}patches"]},
+        decoder_input_ids=batch[f"{prefix}decoder_ids"],
+        decoder_attention_mask=batch[f"{prefix}decoder_mask"],
+        labels=batch[f"{prefix}labels"],
+        update_memory=update_memory,
+    )
+
+
 def pretrain_loss(model: BitMarModel, batch: dict[str, torch.Tensor], weights: PretrainWeights) -> tuple[torch.Tensor, dict[str, float]]:
     vision = {"cls": batch["cls"], "patches": batch["patches"]}
     contrastive = model(batch["caption_ids"], batch["caption_mask"], vision)
-    captioning = model(
-        batch["prompt_ids"],
-        batch["prompt_mask"],
-        vision,
-        decoder_input_ids=batch["decoder_ids"],
-        decoder_attention_mask=batch["decoder_mask"],
-        labels=batch["labels"],
-        update_memory=model.training,
-    )
+    captioning = captioning_pass(model, batch, update_memory=model.training)
     nce = info_nce(contrastive.image_embeds, contrastive.text_embeds, contrastive.logit_scale, batch["image_ids"])
     memory_reg = memory_usage_regularizer(captioning.memory_attention)
     loss = weights.text_generation * captioning.loss + weights.cross_modal * nce + weights.memory_regularization * memory_reg
@@ -80,7 +88,9 @@ def pretrain_loss(model: BitMarModel, batch: dict[str, torch.Tensor], weights: P
     }
 
 
-def sft_loss(model: BitMarModel, batch: dict[str, torch.Tensor], selection_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+def sft_loss(
+    model: BitMarModel, batch: dict[str, torch.Tensor], selection_weight: float, rehearsal_weight: float = 0.0
+) -> tuple[torch.Tensor, dict[str, float]]:
     out = model(
         batch["prompt_ids"],
         batch["prompt_mask"],
@@ -92,6 +102,13 @@ def sft_loss(model: BitMarModel, batch: dict[str, torch.Tensor], selection_weigh
     )
     selection = F.binary_cross_entropy_with_logits(out.robot_logits.float(), batch["robots"].float())
     loss = out.loss + selection_weight * selection
+    tokens = batch["decoder_mask"].sum() + batch["prompt_mask"].sum()
+    extra: dict[str, float] = {}
+    if rehearsal_weight > 0 and "rehearsal_decoder_ids" in batch:
+        rehearsal = captioning_pass(model, batch, prefix="rehearsal_").loss
+        loss = loss + rehearsal_weight * rehearsal
+        tokens = tokens + batch["rehearsal_decoder_mask"].sum() + batch["rehearsal_prompt_mask"].sum()
+        extra["caption_rehearsal_loss"] = float(rehearsal.detach())
     with torch.no_grad():
         top = out.robot_probs.argmax(dim=-1)
         top1 = batch["robots"].gather(1, top[:, None]).float().mean()
@@ -100,5 +117,6 @@ def sft_loss(model: BitMarModel, batch: dict[str, torch.Tensor], selection_weigh
         "selection_loss": float(selection.detach()),
         "robot_selection_accuracy": float(top1),
         "thought_score": float(out.thought_scores.detach().mean()),
-        "tokens": float(batch["decoder_mask"].sum() + batch["prompt_mask"].sum()),
+        **extra,
+        "tokens": float(tokens),
     }

@@ -169,6 +169,10 @@ class TrainingConfig(_Section):
     text_generation_loss_weight: float = Field(default=1.0, ge=0.0)
     memory_regularization_weight: float = Field(default=0.05, ge=0.0)
     selection_loss_weight: float = Field(default=1.0, ge=0.0)
+    caption_rehearsal_weight: float = Field(
+        default=0.5, ge=0.0, description="reasoning_sft also trains captioning on pretraining pairs with this weight, so the decoder keeps captioning (0: off)."
+    )
+    caption_rehearsal_batch_size: int = Field(default=8, gt=0, description="Caption pairs joined to each reasoning_sft batch.")
     heldout_fraction: float = Field(default=0.05, gt=0.0, lt=0.5, description="Images held out of pretraining for retrieval recall.")
     pretrain: StageSchedule = StageSchedule(max_steps=200, batch_size=32, learning_rate=2e-3)
     sft: StageSchedule = StageSchedule(max_steps=400, batch_size=16, learning_rate=2e-3)

@@ -132,12 +132,11 @@ def materialization_metadata(result: StageResult, world_size: int) -> dict[str, 
 
 
 def _run_stage(stage: str, settings: BitmarSettings, encoder_fingerprint: str | None, shards: Sequence[str] | None, callbacks: Sequence[Log]) -> StageResult:
-    if stage == SFT:
-        return run_reasoning_sft(settings.config, settings.storage, callbacks)
     # From a shell these are worked out here, as the asset does before launching.
     shards = shards or manifest_shards(settings.storage)
     encoder_fingerprint = encoder_fingerprint or VisionEncoderResource().get(settings).fingerprint
-    return run_multimodal_pretrain(settings.config, settings.storage, shards, encoder_fingerprint, callbacks)
+    run = run_reasoning_sft if stage == SFT else run_multimodal_pretrain
+    return run(settings.config, settings.storage, shards, encoder_fingerprint, callbacks)
 
 
 def _run_main_rank(args: argparse.Namespace, settings: BitmarSettings, log: logging.Logger, pipes: PipesContext | None) -> None:

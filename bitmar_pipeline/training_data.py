@@ -189,6 +189,31 @@ class SftSet(torch.utils.data.Dataset):
         }
 
 
+@dataclass
+class RehearsalSftSet(torch.utils.data.Dataset):
+    """SFT examples; every batch also carries a few pretraining caption pairs (`rehearsal_*`
+    keys), so reasoning SFT keeps training captioning instead of overwriting it."""
+
+    sft: SftSet
+    captions: CaptionSet
+    captions_per_batch: int
+
+    def __len__(self) -> int:
+        return len(self.sft)
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        # Drawn from the batch's own indices: a resumed run replays the same data order and
+        # so the same caption pairs, and different batches get different pairs.
+        rng = np.random.default_rng([int(i) for i in indices])
+        rows = rng.choice(len(self.captions), size=min(self.captions_per_batch, len(self.captions)), replace=False)
+        captions = self.captions.collate(rows.tolist())
+        rehearsal = {k: captions[k] for k in ("cls", "patches", "prompt_ids", "prompt_mask", "decoder_ids", "decoder_mask", "labels")}
+        return {**self.sft.collate(indices), **{f"rehearsal_{k}": v for k, v in rehearsal.items()}}
+
+
 def robot_multi_hot(robot_sets: Sequence[Sequence[str]]) -> torch.Tensor:
     out = torch.zeros(len(robot_sets), NUM_ROBOT_CLASSES)
     for i, robots in enumerate(robot_sets):

@@ -44,6 +44,8 @@ from bitmar_pipeline.storage import Storage
 from bitmar_pipeline.text_corpus import TOKENIZER_DIR
 from bitmar_pipeline.training_data import (
     CaptionSet,
+    RehearsalSftSet,
+    SftSet,
     TrainingDataError,
     build_model_config,
     build_sft_set,
@@ -197,7 +199,7 @@ def run_multimodal_pretrain(config: PipelineConfig, storage: Storage, shards: Se
     data_files = [storage.partition_path("image_caption_pairs", s) for s in shards] + [storage.path(TOKENIZER_DIR, "tokenizer.json")]
     fingerprint = _fingerprint(
         {
-            "stage": PRETRAIN, "model": model_config.to_dict(), "training": config.training.model_dump(exclude={"sft", "selection_loss_weight"}),
+            "stage": PRETRAIN, "model": model_config.to_dict(), "training": config.training.model_dump(exclude={"sft", "selection_loss_weight", "caption_rehearsal_weight", "caption_rehearsal_batch_size"}),
             "data": file_digest(data_files), "encoder": encoder_fingerprint, "architecture": architecture_digest(model),
         }
     )
@@ -235,21 +237,30 @@ def _upstream_digest(storage: Storage, stage: str) -> str:
     return file_digest(sorted(model_dir(storage, stage).glob("*.safetensors")) + [storage.path(TOKENIZER_DIR, "tokenizer.json"), storage.partition_path("robot_tasks", "all")])
 
 
-def run_reasoning_sft(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] = ()) -> StageResult:
+def run_reasoning_sft(config: PipelineConfig, storage: Storage, shards: Sequence[str], encoder_fingerprint: str, callbacks: Sequence[Log] = ()) -> StageResult:
+    """SFT from the pretrained model; with training.caption_rehearsal_weight > 0, every batch
+    also carries caption pairs of the pretraining train images (never the held-out ones)."""
     started = time.perf_counter()
+    training = config.training
     tokenizer = load_pipeline_tokenizer(storage)
     tasks, subtasks, capabilities = _robot_tables(storage)
     examples = build_sft_examples(tasks, subtasks, capabilities, split="train")
-    dataset = build_sft_set(examples, tokenizer, MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS)
+    sft_set = build_sft_set(examples, tokenizer, MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS)
+    dataset: SftSet | RehearsalSftSet = sft_set
     model = load_stage_model(storage, PRETRAIN)
     check_compatible(model.config, tokenizer)
-    fingerprint = _fingerprint(
-        {"stage": SFT, "revision": MODEL_REVISION, "training": config.training.model_dump(exclude={"pretrain"}), "inputs": _upstream_digest(storage, PRETRAIN)}
-    )
+    inputs = {"model": _upstream_digest(storage, PRETRAIN)}
+    if training.caption_rehearsal_weight > 0:
+        captions = load_caption_data(storage, shards, encoder_fingerprint, tokenizer, config.model.max_seq_len, training.heldout_fraction)
+        check_compatible(model.config, tokenizer, captions.feature_dim, captions.num_patches)
+        dataset = RehearsalSftSet(sft_set, captions.train, training.caption_rehearsal_batch_size)
+        inputs["captions"] = file_digest([storage.partition_path("image_caption_pairs", s) for s in shards])
+        inputs["encoder"] = encoder_fingerprint
+    fingerprint = _fingerprint({"stage": SFT, "revision": MODEL_REVISION, "training": training.model_dump(exclude={"pretrain"}), "inputs": inputs})
     checkpoint_dir = storage.path("checkpoints", SFT, fingerprint)
     history = History(checkpoint_dir / HISTORY_FILE, is_main=is_main_process())
     trainer = Trainer(
-        model, dataset, partial(sft_loss, selection_weight=config.training.selection_loss_weight),
+        model, dataset, partial(sft_loss, selection_weight=training.selection_loss_weight, rehearsal_weight=training.caption_rehearsal_weight),
         trainer_config(config, config.training.sft, checkpoint_dir), collate_fn=dataset.collate, callbacks=[history, *callbacks],
     )
     result, resumed = _run_trainer(trainer, checkpoint_dir)
@@ -259,7 +270,7 @@ def run_reasoning_sft(config: PipelineConfig, storage: Storage, callbacks: Seque
     metrics = {
         **{f"validation_{k}": v for k, v in evaluation.summary().items()},
         "train_examples": len(examples), "task_examples": sum(e.kind == "task" for e in examples),
-        "max_target_tokens": max(len(t) for t in dataset.target_ids),
+        "max_target_tokens": max(len(t) for t in sft_set.target_ids),
     }
     publish_model(model, model_dir(storage, SFT), {"stage": SFT, "fingerprint": fingerprint, "step": result.final_step, "metrics": metrics})
     return StageResult(

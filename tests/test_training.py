@@ -175,4 +175,47 @@ def test_bad_inputs_are_refused_before_training(workdir, monkeypatch):
     other.write_partition("robot_subtasks", "all", storage.read_partition("robot_subtasks", "all"))
     shutil.copytree(storage.path("tokenizer"), other.path("tokenizer"))
     with pytest.raises(TrainingDataError, match="no train split"):
-        run_reasoning_sft(load_config(None, {**TINY, "storage.root": str(other.root)}), other)
+        run_reasoning_sft(load_config(None, {**TINY, "storage.root": str(other.root)}), other, [], "unused")
+
+
+def test_sft_batches_rehearse_captions_of_training_images_only(workdir, monkeypatch):
+    import torch
+
+    from bitmar_model.losses import sft_loss
+    from bitmar_pipeline.coco import manifest_shards
+    from bitmar_pipeline.reasoning_targets import build_sft_examples
+    from bitmar_pipeline.resources import VisionEncoderResource
+    from bitmar_pipeline.training_data import (
+        RehearsalSftSet,
+        build_sft_set,
+        load_caption_data,
+        load_pipeline_tokenizer,
+    )
+    from bitmar_pipeline.training_stages import _robot_tables, load_stage_model
+
+    monkeypatch.chdir(workdir)
+    settings = BitmarSettings(overrides=TINY)
+    storage, training = settings.storage, settings.config.training
+    if not (storage.path("models", "multimodal_pretrain") / "config.json").is_file():
+        assert _materialize(["multimodal_pretrain"]).success
+    tokenizer = load_pipeline_tokenizer(storage)
+    tasks, subtasks, capabilities = _robot_tables(storage)
+    sft = build_sft_set(build_sft_examples(tasks, subtasks, capabilities), tokenizer, 64, 256)
+    fingerprint = VisionEncoderResource().get(settings).fingerprint
+    captions = load_caption_data(storage, manifest_shards(storage), fingerprint, tokenizer, 64, training.heldout_fraction)
+    dataset = RehearsalSftSet(sft, captions.train, captions_per_batch=3)
+
+    batch = dataset.collate([0, 1])
+    assert batch["rehearsal_decoder_ids"].shape[0] == 3 and batch["prompt_ids"].shape[0] == 2
+    assert torch.equal(dataset.collate([0, 1])["rehearsal_decoder_ids"], batch["rehearsal_decoder_ids"])  # replayable on resume
+    drawn = {tuple(dataset.collate([i, i + 1])["rehearsal_cls"][0].tolist()) for i in range(10)}
+    assert len(drawn) > 1
+    heldout = {tuple(row.tolist()) for row in captions.heldout.cls[captions.heldout.feature_rows]}
+    assert not drawn & heldout
+
+    model = load_stage_model(storage, "multimodal_pretrain").eval()
+    with torch.no_grad():
+        plain, plain_metrics = sft_loss(model, batch, selection_weight=1.0)
+        rehearsed, metrics = sft_loss(model, batch, selection_weight=1.0, rehearsal_weight=0.5)
+    assert "caption_rehearsal_loss" not in plain_metrics
+    assert rehearsed.item() == pytest.approx(plain.item() + 0.5 * metrics["caption_rehearsal_loss"], rel=1e-5)
