@@ -207,7 +207,7 @@ class GrpoConfig(_Section):
     max_new_tokens: int = Field(default=224, gt=0, description="Must fit a whole reasoning text (targets reach ~200 tokens).")
     steps: int = Field(default=30, gt=0)
     tasks_per_step: int = Field(default=4, gt=0)
-    policy_epochs: int = Field(default=1, gt=0, description="Optimizer passes over each sampled group (mu in the paper).")
+    policy_epochs: int = Field(default=2, gt=0, description="Optimizer passes over each sampled group (mu in the paper).")
     advantage_std_floor: float = Field(
         default=0.1, ge=0.0, description="Lower bound of the group reward std that advantages are divided by (0: plain z-score)."
     )
