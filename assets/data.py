@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from assets.metadata import markdown_table, quarantine_metadata
-from assets.operations import NETWORK_RETRY
+from assets.operations import NETWORK_RETRY, fail_without_retry
 from assets.partitions import coco_shards
 from bitmar_pipeline.alignment import align_shard
 from bitmar_pipeline.coco import (
@@ -22,7 +22,7 @@ from bitmar_pipeline.coco import (
 from bitmar_pipeline.features import extract_shard_features
 from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
 from bitmar_pipeline.robot_ingest import ROBOT_SUBTASKS_TABLE, ROBOT_TASKS_TABLE, load_robot_tables
-from bitmar_pipeline.sources.coco_download import TqdmProgress
+from bitmar_pipeline.sources.coco_download import TqdmProgress, VerificationError
 from bitmar_pipeline.text_corpus import TOKENIZER_DIR, build_tokenizer, tokenizer_corpus
 
 PAIRS_TABLE = "image_caption_pairs"
@@ -64,11 +64,13 @@ def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.
     config, storage = settings.config, settings.storage
     started = time.perf_counter()
     progress = DownloadProgress(context, bars=settings.progress_bars)
-    try:
-        root = fetch_coco(config, progress=progress)
-    finally:
-        progress.close()
-    manifest: CocoManifest = build_manifest(root, config.data.coco.splits, config.data.coco.max_images, config.data.coco.shard_size)
+    # ValueError: bad config, annotation file or archive member; retried errors stay retried.
+    with fail_without_retry(VerificationError, ValueError):
+        try:
+            root = fetch_coco(config, progress=progress)
+        finally:
+            progress.close()
+        manifest: CocoManifest = build_manifest(root, config.data.coco.splits, config.data.coco.max_images, config.data.coco.shard_size)
     write_manifest(storage, manifest)
     storage.write_quarantine("coco_raw", "all", manifest.quarantine, context.run.run_id)
     storage.refresh_catalog()

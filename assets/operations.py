@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -29,6 +30,17 @@ from bitmar_pipeline.resources import BitmarSettings
 # bitmar_pipeline.hub); this re-runs the whole step after 10s, 30s, 70s (+-10s jitter), which
 # rides out an outage of minutes rather than seconds.
 NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+
+@contextmanager
+def fail_without_retry(*permanent: type[BaseException]) -> Iterator[None]:
+    """Errors of these types fail the step at once: a re-run cannot fix bytes that differ from
+    the published ones or a bad config or file, so waiting out NETWORK_RETRY (~110 s) only
+    delays the message."""
+    try:
+        yield
+    except permanent as error:
+        raise dg.Failure(description=f"{type(error).__name__}: {error}", allow_retries=False) from error
 
 ROBOT_TASKS = dg.AssetKey("robot_selection_tasks")
 VISION_FEATURES = dg.AssetKey("vision_features")

@@ -6,11 +6,11 @@ import dagster as dg
 import pandas as pd
 
 from assets.metadata import image_metadata, markdown_table
-from assets.operations import NETWORK_RETRY
+from assets.operations import NETWORK_RETRY, fail_without_retry
 from assets.training import grpo_policy
 from bitmar_pipeline.hub import HuggingFaceHubResource
 from bitmar_pipeline.quantization import build_quantization_report
-from bitmar_pipeline.release import VisionSpec, build_release, release_files
+from bitmar_pipeline.release import ReleaseError, VisionSpec, build_release, release_files
 from bitmar_pipeline.resources import BitmarSettings
 from bitmar_pipeline.vision_encoder import resolve_model_source
 
@@ -78,7 +78,8 @@ def hub_release(context: dg.AssetExecutionContext, settings: BitmarSettings, hub
         revision=config.vision.revision,
         patch_grid=config.vision.patch_grid,
     )
-    release = build_release(storage, config, vision)
+    with fail_without_retry(ReleaseError):
+        release = build_release(storage, config, vision)
     outcome = hub.publish(release.path, config.huggingface_hub, release.manifest["source"]["step"], log=context.log.warning)
     context.log.info(f"release at {release.path}; hub: {outcome.metadata()['hub_upload']}")
     return dg.MaterializeResult(

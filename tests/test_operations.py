@@ -24,6 +24,8 @@ from assets.operations import NETWORK_RETRY, shards_to_extract
 from bitmar_pipeline.config import ConfigError, load_config
 from bitmar_pipeline.resources import BitmarSettings
 from bitmar_pipeline.robot_sample import generate_sample_robot_datasets
+from bitmar_pipeline.sources.coco_download import VerificationError
+from bitmar_pipeline.sources.coco_layout import AnnotationFileError
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURES = ["image_caption_pairs", "vision_features"]
@@ -203,6 +205,31 @@ def test_coco_raw_retries_a_transient_failure(tmp_path, monkeypatch):
     assert result.success and len(calls) == 2
     assert [e.event_type_value for e in result.all_events if e.event_type_value in ("STEP_UP_FOR_RETRY", "STEP_RESTARTED")] == ["STEP_UP_FOR_RETRY", "STEP_RESTARTED"]
     assert delays == [(1, 10.0)]  # then 30 s, 70 s: exponential
+
+
+@pytest.mark.parametrize(
+    "error",
+    [VerificationError("train2017.zip: md5 mismatch"), AnnotationFileError("captions_train2017.json: line 1: not JSON")],
+    ids=["checksum", "annotation-file"],
+)
+def test_coco_raw_fails_at_once_on_a_permanent_error(tmp_path, monkeypatch, error):
+    import assets.data
+
+    calls: list[int] = []
+
+    def broken_fetch(*args, **kwargs):
+        calls.append(1)
+        raise error
+
+    monkeypatch.setattr(assets.data, "fetch_coco", broken_fetch)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(_settings(tmp_path)), raise_on_error=False
+        )
+    assert not result.success and len(calls) == 1
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    failure = result.get_step_failure_events()[0].step_failure_data.error
+    assert f"{type(error).__name__}: {error}" in failure.message
 
 
 @contextmanager
