@@ -101,6 +101,24 @@ def _train(
     return result, metadata
 
 
+def _train_on_features(
+    context: dg.AssetExecutionContext, settings: BitmarSettings, vision_encoder: VisionEncoderResource,
+    wandb: WandbResource, carbon: CarbonTrackerResource, client: dg.PipesSubprocessClient,
+    stage: str, run: Callable[..., StageResult], curve_names: tuple[str, ...],
+) -> dg.MaterializeResult:
+    """A stage that reads the cached features of every registered shard (pretraining, and SFT
+    for its caption rehearsal): in this process, or under torchrun with the same inputs."""
+    fingerprint = vision_encoder.get(settings).fingerprint
+    shards = manifest_shards(settings.storage)
+    _, metadata = _train(
+        context, settings, wandb, carbon, stage,
+        lambda callbacks: run(settings.config, settings.storage, shards, fingerprint, callbacks),
+        curve_names,
+        lambda: _torchrun(context, client, settings, stage, encoder_fingerprint=fingerprint, shards=shards),
+    )
+    return dg.MaterializeResult(metadata=metadata)
+
+
 @dg.asset(
     deps=[vision_features, text_tokenizer],
     group_name=TRAINING_GROUP,
@@ -112,15 +130,10 @@ def multimodal_pretrain(
     context: dg.AssetExecutionContext, settings: BitmarSettings, vision_encoder: VisionEncoderResource,
     wandb: WandbResource, carbon: CarbonTrackerResource, pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
-    fingerprint = vision_encoder.get(settings).fingerprint
-    shards = manifest_shards(settings.storage)
-    _, metadata = _train(
-        context, settings, wandb, carbon, PRETRAIN,
-        lambda callbacks: run_multimodal_pretrain(settings.config, settings.storage, shards, fingerprint, callbacks),
+    return _train_on_features(
+        context, settings, vision_encoder, wandb, carbon, pipes_subprocess_client, PRETRAIN, run_multimodal_pretrain,
         ("train/loss", "train/text_generation_loss", "train/cross_modal_loss", "train/cross_modal_similarity"),
-        lambda: _torchrun(context, pipes_subprocess_client, settings, PRETRAIN, encoder_fingerprint=fingerprint, shards=shards),
     )
-    return dg.MaterializeResult(metadata=metadata)
 
 
 @dg.asset(
@@ -134,15 +147,10 @@ def reasoning_sft(
     context: dg.AssetExecutionContext, settings: BitmarSettings, vision_encoder: VisionEncoderResource,
     wandb: WandbResource, carbon: CarbonTrackerResource, pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
-    fingerprint = vision_encoder.get(settings).fingerprint
-    shards = manifest_shards(settings.storage)
-    _, metadata = _train(
-        context, settings, wandb, carbon, SFT,
-        lambda callbacks: run_reasoning_sft(settings.config, settings.storage, shards, fingerprint, callbacks),
+    return _train_on_features(
+        context, settings, vision_encoder, wandb, carbon, pipes_subprocess_client, SFT, run_reasoning_sft,
         ("train/loss", "train/text_generation_loss", "train/selection_loss", "train/caption_rehearsal_loss", "train/robot_selection_accuracy"),
-        lambda: _torchrun(context, pipes_subprocess_client, settings, SFT, encoder_fingerprint=fingerprint, shards=shards),
     )
-    return dg.MaterializeResult(metadata=metadata)
 
 
 @dg.asset(

@@ -171,7 +171,7 @@ def _packed_layers(model: nn.Module) -> dict[str, PackedBitLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PackedBitLinear)}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -225,7 +225,7 @@ def save_packed(model: nn.Module, directory: str | Path, config: dict[str, Any])
     json.dumps(manifest)  # a non-JSON config fails here, before anything is written
     weights_path = directory / WEIGHTS_FILE
     _write_atomically(weights_path, save_safetensors(tensors, metadata={"format": FORMAT_NAME}))
-    manifest["sha256"] = _sha256(weights_path)
+    manifest["sha256"] = sha256_file(weights_path)
     # The manifest is written last: it carries the checksum, so a crash in between
     # leaves a directory that load refuses rather than a silently mismatched pair.
     _write_atomically(directory / CONFIG_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode())

@@ -35,6 +35,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bitmar_model.modeling import BitMarModel
+from bitmar_model.packing import sha256_file
 from bitmar_model.reasoning_format import parse_reasoning
 from bitmar_pipeline.config import ConfigError, DataConfig, load_config
 from bitmar_pipeline.images import open_rgb
@@ -43,7 +44,6 @@ from bitmar_pipeline.release import (
     FORMAT_NAME,
     MANIFEST_FILE,
     RELEASE_DIR,
-    sha256_file,
 )
 from bitmar_pipeline.vision_encoder import VisionEncoder, VisionModelError
 

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import yaml
 
-from bitmar_model.packing import save_packed
+from bitmar_model.packing import save_packed, sha256_file
 from bitmar_pipeline.config import PipelineConfig
 from bitmar_pipeline.quantization import REPORT_FILE as QUANTIZATION_REPORT
 from bitmar_pipeline.quantization import REPORTS_DIR, write_json_atomic
@@ -78,14 +77,6 @@ class Release:
     path: Path
     manifest: dict[str, Any]
     card: str
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_report(storage: Storage, filename: str, asset: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from assets.release import hub_release, quantization_report
 from bitmar_model.bitlinear import bitlinear_stats
 from bitmar_model.config import BitMarConfig
 from bitmar_model.modeling import BitMarModel
+from bitmar_model.packing import sha256_file
 from bitmar_pipeline.config import HubConfig
 from bitmar_pipeline.hub import HubUploadError, HuggingFaceHubResource, commit_message
 from bitmar_pipeline.quantization import build_quantization_report
@@ -33,7 +34,6 @@ from bitmar_pipeline.release import (
     VisionSpec,
     build_release,
     read_report,
-    sha256_file,
 )
 from bitmar_pipeline.resources import BitmarSettings
 from bitmar_pipeline.storage import Storage
