@@ -54,7 +54,7 @@ from bitmar_pipeline.figures import (
     reliability_diagram,
 )
 from bitmar_pipeline.reasoning_eval import ReasoningEvaluation, evaluate_reasoning
-from bitmar_pipeline.reasoning_targets import format_prompt
+from bitmar_pipeline.reasoning_targets import evaluable_subtasks, format_prompt
 from bitmar_pipeline.training_data import CaptionSet
 
 EVALUATED_ROBOTS = [r for r in ROBOT_CLASSES if r != "No Robot"]
@@ -145,17 +145,23 @@ def reasoning_section(model_eval: ReasoningEvaluation, task_texts: list[str], n_
 
 
 @torch.no_grad()
-def multi_robot_section(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, subtasks: pd.DataFrame, split: str, n_resamples: int) -> dict[str, Any]:
-    """Subtask assignments: does the head's most probable robot match the assigned robot?"""
-    rows = subtasks[subtasks["split"] == split].drop_duplicates("subtask_text")
-    if rows.empty:
-        return {"n": 0}
+def multi_robot_section(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, tasks: pd.DataFrame, subtasks: pd.DataFrame, split: str, n_resamples: int) -> dict[str, Any]:
+    """Subtask assignments on subtask texts no training row has (`evaluable_subtasks`): is
+    the head's most probable robot one the text is assigned to?"""
+    items = evaluable_subtasks(tasks, subtasks, split)
+    counts = {"excluded_seen_in_training": items.excluded_seen_in_training, "conflicting_labels": items.conflicting_labels}
+    if not items.texts:
+        return {"n": 0, **counts}
     device = next(model.parameters()).device
-    encoded = tokenizer([format_prompt(t) for t in rows["subtask_text"]], add_special_tokens=False, padding=True, truncation=True, max_length=model.config.max_seq_len, return_tensors="pt")
+    encoded = tokenizer([format_prompt(t) for t in items.texts], add_special_tokens=False, padding=True, truncation=True, max_length=model.config.max_seq_len, return_tensors="pt")
     probs = model(encoded["input_ids"].to(device), encoded["attention_mask"].to(device)).robot_probs.float().cpu().numpy()
-    hits = np.array([ROBOT_CLASSES[int(i)] == robot for i, robot in zip(probs.argmax(axis=1), rows["robot"], strict=True)], dtype=float)
-    per_robot = {robot: round(float(hits[(rows["robot"] == robot).to_numpy()].mean()), 4) for robot in sorted(rows["robot"].unique())}
-    return {"assignment_top1": ci_dict(bootstrap_ci(np.mean, hits, n_resamples=n_resamples)), "per_assigned_robot": per_robot}
+    hits = np.array([ROBOT_CLASSES[int(i)] in gold for i, gold in zip(probs.argmax(axis=1), items.gold, strict=True)], dtype=float)
+    robots = sorted({r for gold in items.gold for r in gold})
+    per_robot = {robot: round(float(np.mean([h for h, gold in zip(hits, items.gold, strict=True) if robot in gold])), 4) for robot in robots}
+    return {
+        "n": len(items.texts), **counts, "gold": "union of the robots a text is assigned to",
+        "assignment_top1": ci_dict(bootstrap_ci(np.mean, hits, n_resamples=n_resamples)), "per_assigned_robot": per_robot,
+    }
 
 
 @torch.no_grad()
@@ -261,7 +267,7 @@ def evaluate_splits(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, task
         reasoning, head_conf, head_correct = reasoning_section(model_eval, task_texts, n_resamples)
         result.report["robot_selection"][split] = selection
         result.report["reasoning"][split] = reasoning
-        result.report["multi_robot"][split] = multi_robot_section(model, tokenizer, subtasks, split, n_resamples)
+        result.report["multi_robot"][split] = multi_robot_section(model, tokenizer, tasks, subtasks, split, n_resamples)
         if split == "test":
             result.figures.update(calibration_figures(head_conf, head_correct, model_eval, out_dir))
             result.tables["test_examples"] = pd.DataFrame(

@@ -213,6 +213,51 @@ def _task_subtasks(subtasks_df: pd.DataFrame, task_id: str) -> list[tuple[str, s
     return list(zip(rows["subtask_text"], rows["robot"], strict=True))
 
 
+def _split_subtasks(tasks_df: pd.DataFrame, subtasks_df: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Subtask rows of the tasks of `split`, with their normalised text as `key`."""
+    task_ids = set(tasks_df.loc[tasks_df["split"] == split, "task_id"])
+    subtasks = subtasks_df[subtasks_df["task_id"].isin(task_ids)]
+    return subtasks.assign(key=subtasks["subtask_text"].map(normalize_task_text))
+
+
+@dataclass(frozen=True)
+class EvaluableSubtasks:
+    """Held-out subtask prompts of one split, one per normalised text, in first-seen order."""
+
+    texts: list[str]
+    gold: list[list[str]]  # every robot the split's rows assign to the text, class order
+    excluded_seen_in_training: int  # distinct texts left out because training has them
+    conflicting_labels: int  # evaluated texts whose rows assign different robots
+
+
+def training_text_keys(tasks_df: pd.DataFrame, subtasks_df: pd.DataFrame) -> set[str]:
+    """Normalised texts of every train-split task and subtask: a superset of the SFT and
+    GRPO prompts (it also holds texts SFT skips for conflicting labels)."""
+    train_tasks = tasks_df.loc[tasks_df["split"] == "train", "task_text"].map(normalize_task_text)
+    return set(train_tasks) | set(_split_subtasks(tasks_df, subtasks_df, "train")["key"])
+
+
+def evaluable_subtasks(tasks_df: pd.DataFrame, subtasks_df: pd.DataFrame, split: str) -> EvaluableSubtasks:
+    """The subtask prompts of `split` that may be evaluated: those whose normalised text no
+    training row has (plans reuse subtask texts across splits, so the parent task's split
+    alone leaks training prompts). A text that rows assign to different robots keeps all
+    of them as multi-label gold: each is an assignment the data makes, none is guessed."""
+    seen = training_text_keys(tasks_df, subtasks_df)
+    subtasks = _split_subtasks(tasks_df, subtasks_df, split)
+    texts: list[str] = []
+    gold: list[list[str]] = []
+    excluded = conflicting = 0
+    for key, group in subtasks.groupby("key", sort=False):
+        if key in seen:
+            excluded += 1
+            continue
+        robots = _ordered(group["robot"].unique().tolist())
+        conflicting += len(robots) > 1
+        texts.append(group["subtask_text"].iloc[0])
+        gold.append(robots)
+    return EvaluableSubtasks(texts, gold, excluded, conflicting)
+
+
 def build_sft_examples(
     tasks_df: pd.DataFrame,
     subtasks_df: pd.DataFrame,
@@ -247,8 +292,7 @@ def build_sft_examples(
             )
         )
 
-    subtasks = subtasks_df[subtasks_df["task_id"].isin(set(tasks["task_id"]))]
-    subtasks = subtasks.assign(key=subtasks["subtask_text"].map(normalize_task_text))
+    subtasks = _split_subtasks(tasks_df, subtasks_df, split)
     for _, group in subtasks.groupby("key", sort=False):
         if group["robot"].nunique() > 1:
             continue

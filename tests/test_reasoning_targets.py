@@ -14,6 +14,7 @@ from bitmar_pipeline.reasoning_targets import (
     EVALUATED_ROBOTS,
     build_reasoning_target,
     build_sft_examples,
+    evaluable_subtasks,
     format_prompt,
 )
 from bitmar_pipeline.robot_sample import ROBOT_SELECTION_INSTRUCTION
@@ -204,6 +205,35 @@ def test_sft_examples_deduplicate_prefer_plans_and_keep_to_the_split():
     ]
 
 
+def test_evaluable_subtasks_drop_training_texts_and_union_conflicting_labels():
+    tasks = _tasks(
+        [
+            ("m1", "Inspect the roof", ["Drone"], "multi:f", "train"),
+            ("m2", "Guard the gate.", ["Robot with Legs"], "multi:f", "test"),
+            ("m3", "Fix the hull.", ["Underwater Robot"], "multi:f", "test"),
+        ]
+    )
+    subtasks = _subtasks(
+        [
+            ("m1", 0, "Scan the roof", "Drone", "train"),
+            ("m1", 1, "Log findings", "Humanoid", "train"),
+            ("m2", 0, "Scan  the roof!", "Drone", "test"),  # a training text after normalisation
+            ("m2", 1, "Carry the tools", "Robot with Legs", "test"),
+            ("m2", 2, "Dive to the hull", "Underwater Robot", "test"),
+            ("m3", 0, "Dive to the hull", "Underwater Robot", "test"),  # same label: one item
+            ("m3", 1, "carry the tools.", "Humanoid", "test"),  # conflicting label
+            ("m3", 2, "Inspect the roof", "Drone", "test"),  # a training task text
+        ]
+    )
+    test = evaluable_subtasks(tasks, subtasks, "test")
+    assert test.texts == ["Carry the tools", "Dive to the hull"]
+    assert test.gold == [["Humanoid", "Robot with Legs"], ["Underwater Robot"]]
+    assert (test.excluded_seen_in_training, test.conflicting_labels) == (2, 1)
+    assert evaluable_subtasks(tasks, subtasks, "validation").texts == []
+    train = evaluable_subtasks(tasks, subtasks, "train")
+    assert (train.texts, train.excluded_seen_in_training) == ([], 2)
+
+
 # --- real data -------------------------------------------------------------------------
 
 
@@ -268,3 +298,21 @@ def test_real_targets_are_short(real_examples):
     chars = [len(e.target) for ex in examples.values() for e in ex]
     assert statistics.mean(words) < 100 and max(words) <= 150
     assert statistics.mean(chars) < 850 and max(chars) <= 1200
+
+
+def test_real_evaluable_subtasks_never_were_sft_prompts(real_examples, robot_data: Path):
+    tasks, examples = real_examples
+    subtasks = ingest_robot_datasets(
+        robot_data / "single_robot_selection.json",
+        robot_data / "multi_robot_selection_dataset.json",
+    ).subtasks
+    trained = {normalize_task_text(e.prompt) for e in examples["train"]}
+    counts = {}
+    for split in ("validation", "test"):
+        held_out = evaluable_subtasks(tasks, subtasks, split)
+        assert not {normalize_task_text(t) for t in held_out.texts} & trained
+        assert all(held_out.gold)
+        counts[split] = (len(held_out.texts), held_out.excluded_seen_in_training)
+    # The public plans reuse a small set of subtask texts across splits: most held-out
+    # subtask prompts are verbatim training prompts and are not evaluated.
+    assert counts == {"validation": (0, 28), "test": (4, 28)}
