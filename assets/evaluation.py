@@ -118,6 +118,9 @@ def evaluation_report(
         **{k.replace("/", "_"): round(float(v), 4) for k, v in flat.items()},
         "robot_selection": markdown_table(result.tables["robot_selection"], max_rows=40),
         "reasoning_quality": markdown_table(quality, max_rows=20),
+        "stated_confidence_unusable": dg.MetadataValue.json(
+            {split: {k: section[k] for k in ("stated_confidence_missing", "stated_confidence_out_of_range")} for split, section in result.report["reasoning"].items()}
+        ),
         "test_examples": markdown_table(result.tables["test_examples"]),
         "vision_language": dg.MetadataValue.json(result.report["vision_language"]),
         "vision_language_after_pretraining": dg.MetadataValue.json(result.report["vision_language_after_pretraining"]),

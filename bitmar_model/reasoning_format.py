@@ -81,10 +81,21 @@ class ParsedReasoning:
             and self.tags_in_order
             and set(self.sections) == set(REASONING_TAGS)
             and bool(self.robots)
-            and self.confidence is not None
-            and 0.0 <= self.confidence <= 1.0
+            and self.usable_confidence is not None
             and bool(self.justification)
         )
+
+    @property
+    def usable_confidence(self) -> float | None:
+        """The stated confidence when it lies in [0, 1]; None when missing or out of range."""
+        if self.confidence is None or not 0.0 <= self.confidence <= 1.0:
+            return None
+        return self.confidence
+
+    @property
+    def confidence_out_of_range(self) -> bool:
+        """A confidence was written but lies outside [0, 1] (say "95" for 95%)."""
+        return self.confidence is not None and self.usable_confidence is None
 
 
 def canonical_robots(names: Iterable[str]) -> list[str]:

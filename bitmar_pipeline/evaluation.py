@@ -135,7 +135,11 @@ def reasoning_section(model_eval: ReasoningEvaluation, task_texts: list[str], n_
     section["format_compliance"] = ci_dict(model_eval.metrics["reasoning_well_formed"])
     consistency = np.array([jaccard(set(p.robots), set(h)) for p, h in zip(model_eval.parsed, model_eval.head_selections, strict=True)])
     section["consistency_with_head"] = ci_dict(bootstrap_ci(np.mean, consistency, n_resamples=n_resamples))
-    stated = np.array([p.confidence if p.confidence is not None else 0.0 for p in model_eval.parsed])
+    # A missing or out-of-range confidence ("95", "1.5") states nothing: scored as 0, as the
+    # rewards do, and counted so a reader sees how many there were.
+    stated = np.array([p.usable_confidence or 0.0 for p in model_eval.parsed])
+    section["stated_confidence_missing"] = sum(p.confidence is None for p in model_eval.parsed)
+    section["stated_confidence_out_of_range"] = sum(p.confidence_out_of_range for p in model_eval.parsed)
     correct = np.array([set(p.robots) == set(g) for p, g in zip(model_eval.parsed, model_eval.gold, strict=True)], dtype=float)
     section["stated_confidence_ece"] = round(expected_calibration_error(stated, correct), 4)
     head_conf = model_eval.head_probs.max(axis=1)

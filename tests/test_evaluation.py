@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from bitmar_model.config import BitMarConfig
+from bitmar_model.metrics import bootstrap_ci
 from bitmar_model.modeling import BitMarModel
-from bitmar_pipeline.evaluation import multi_robot_section
+from bitmar_model.reasoning_format import ReasoningTrace, format_reasoning, parse_reasoning
+from bitmar_model.robots import ROBOT_CLASSES
+from bitmar_pipeline.evaluation import multi_robot_section, reasoning_section
+from bitmar_pipeline.reasoning_eval import ReasoningEvaluation
 from bitmar_pipeline.tokenizer import train_bpe_tokenizer
 
 TASKS = pd.DataFrame(
@@ -56,3 +60,28 @@ def test_multi_robot_section_evaluates_unseen_subtask_texts_only(tiny) -> None:
     assert np.isfinite(section["assignment_top1"]["value"])
     empty = multi_robot_section(model, tokenizer, TASKS, SUBTASKS, "validation", n_resamples=50)
     assert empty == {"n": 0, "excluded_seen_in_training": 0, "conflicting_labels": 0}
+
+
+def test_reasoning_section_counts_out_of_range_confidences_as_missing() -> None:
+    gold = [["Drone"], ["Humanoid"], ["Drone"], ["Humanoid"]]
+    texts = [
+        format_reasoning(ReasoningTrace("t", "e", "Drone: suitable.", "s", "c", ["Drone"], 0.9, "j")),
+        format_reasoning(ReasoningTrace("t", "e", "Humanoid: suitable.", "s", "c", ["Humanoid"], 0.5, "j")),
+        format_reasoning(ReasoningTrace("t", "e", "Drone: suitable.", "s", "c", ["Drone"], 0.5, "j")),
+        "<thinking>t</thinking>\nSelected robot: Humanoid",  # no confidence at all
+    ]
+    texts[1] = texts[1].replace("Confidence: 0.50", "Confidence: 95")
+    texts[2] = texts[2].replace("Confidence: 0.50", "Confidence: 1.5")
+    parsed = [parse_reasoning(t) for t in texts]
+    assert [p.confidence for p in parsed] == [0.9, 95.0, 1.5, None]
+    well_formed = np.array([p.well_formed for p in parsed], dtype=float)
+    head_probs = np.full((4, len(ROBOT_CLASSES)), 0.1)
+    head_probs[:, 0] = 0.5
+    model_eval = ReasoningEvaluation(
+        "test", 4, head_probs, [["Drone"]] * 4, texts, parsed, gold,
+        {"reasoning_well_formed": bootstrap_ci(np.mean, well_formed, n_resamples=50)},
+    )
+    section, _, _ = reasoning_section(model_eval, ["Survey a field", "Greet guests", "Map a roof", "Greet guests"], n_resamples=50)
+    assert section["stated_confidence_out_of_range"] == 2
+    assert section["stated_confidence_missing"] == 1
+    assert 0.0 <= section["stated_confidence_ece"] <= 1.0
