@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
@@ -46,7 +47,7 @@ from bitmar_model.layers import RMSNorm, make_linear
 from bitmar_model.memory import EpisodicMemory, MemoryReadout
 from bitmar_model.packing import model_bytes_report
 from bitmar_model.reasoning import ReasoningModule, ReasoningOutput
-from bitmar_model.robots import ROBOT_CLASSES
+from bitmar_model.robots import ROBOT_CLASSES, select_robots
 from bitmar_model.vision_adapter import (
     VisionAdapter,
     VisionAdapterOutput,
@@ -77,6 +78,15 @@ class BitMarOutput:
     joint_embedding: torch.Tensor  # [B, hidden]
     has_image: torch.Tensor  # [B] bool: rows whose vision tokens come from image features
     attentions: dict[str, Any] | None = None  # per component, when output_attentions=True
+
+
+@dataclass
+class SequenceScores:
+    """Teacher-forced scores of a decoder sequence (see `BitMarModel.sequence_scores`)."""
+
+    log_probs: torch.Tensor  # [B, T-1], fp32, 0 where not scored
+    entropy: torch.Tensor | None  # [B, T-1], entropy of the next-token distribution; None unless asked
+    robot_logits: torch.Tensor  # [B, num_robot_classes], the selection head on the same forward
 
 
 @dataclass
@@ -392,25 +402,43 @@ class BitMarModel(
         and `attention_mask`: columns [T0 - 1:] are the new tokens' log-probs and match
         `generate(return_log_probs=True)` (same temperature) up to float rounding.
         """
+        return self.sequence_scores(input_ids, attention_mask, vision_features, decoder_input_ids, decoder_attention_mask, temperature).log_probs
+
+    def sequence_scores(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        vision_features: VisionFeaturesInput | None,
+        decoder_input_ids: torch.Tensor,
+        decoder_attention_mask: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        entropy: bool = False,
+    ) -> SequenceScores:
+        """`sequence_log_probs`, plus (with `entropy`) the entropy of the whole next-token
+        distribution at each scored position, and the selection head's logits of the same
+        forward pass, so GRPO gets all three from one pass."""
         out = self(input_ids, attention_mask, vision_features, decoder_input_ids, decoder_attention_mask)
         mask = torch.ones_like(decoder_input_ids) if decoder_attention_mask is None else decoder_attention_mask.long()
         columns = torch.arange(mask.shape[1], device=mask.device)
         last_real = torch.where(mask.bool(), columns, -1).cummax(dim=1).values  # last real column <= t
         previous = last_real[:, :-1]  # last real column < t, for t = 1..T-1
-        logits = out.logits.gather(1, previous.clamp(min=0)[..., None].expand(-1, -1, out.logits.shape[-1]))
-        log_probs = token_log_probs(logits / temperature, decoder_input_ids[:, 1:])
-        return log_probs * (mask[:, 1:].bool() & (previous >= 0)).to(log_probs.dtype)
+        logits = out.logits.gather(1, previous.clamp(min=0)[..., None].expand(-1, -1, out.logits.shape[-1])) / temperature
+        scored = (mask[:, 1:].bool() & (previous >= 0)).float()
+        log_probs = token_log_probs(logits, decoder_input_ids[:, 1:]) * scored
+        entropies = None
+        if entropy:
+            log_dist = torch.log_softmax(logits.float(), dim=-1)
+            entropies = -(log_dist.exp() * log_dist).sum(dim=-1) * scored
+        return SequenceScores(log_probs, entropies, out.robot_logits)
 
     # ------------------------------------------------------------------ analysis
 
     @staticmethod
     def extract_robot_selections(outputs: BitMarOutput, threshold: float = 0.5) -> list[list[str]]:
-        """Robots with probability >= threshold per sample, in class order; never empty
-        (the most probable robot is always included)."""
-        probs = outputs.robot_probs.detach().float().cpu()
-        selected = probs >= threshold
-        selected[torch.arange(probs.shape[0]), probs.argmax(dim=-1)] = True
-        return [[ROBOT_CLASSES[i] for i in row.nonzero().flatten().tolist()] for row in selected]
+        """Per sample, in class order: "No Robot" alone when it beats the best robot, else
+        the robots with probability >= threshold and always the best (`select_robots`)."""
+        selected = select_robots(outputs.robot_probs.detach().float().cpu().numpy(), threshold)
+        return [[ROBOT_CLASSES[i] for i in np.flatnonzero(row)] for row in selected]
 
     @staticmethod
     def get_reasoning_analysis(outputs: BitMarOutput, threshold: float = 0.5) -> dict[str, Any]:

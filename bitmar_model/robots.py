@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 ROBOT_CLASSES: tuple[str, ...] = (
     "Drone",
     "Underwater Robot",
@@ -20,6 +22,7 @@ ROBOT_CLASSES: tuple[str, ...] = (
 )
 NUM_ROBOT_CLASSES = len(ROBOT_CLASSES)
 ROBOT_INDEX: dict[str, int] = {name: i for i, name in enumerate(ROBOT_CLASSES)}
+_NO_ROBOT = ROBOT_INDEX["No Robot"]
 
 _ALIASES: dict[str, str] = {
     "drone": "Drone",
@@ -57,3 +60,23 @@ def split_robot_list(text: str) -> list[str]:
     """Split "Drone, Robot with Legs and Humanoid" into its raw names (not normalised)."""
     parts = re.split(r",|;|\band\b|&|/", str(text))
     return [p.strip() for p in parts if p.strip()]
+
+
+def select_robots(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Boolean [N, classes] selections from per-class probabilities [N, classes].
+
+    "No Robot" excludes every robot, so it is decided against the best robot: it is the
+    whole selection when its probability beats the best robot's; otherwise the selection
+    is the robots at or above `threshold` and always the best one (never empty).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    rows = np.arange(len(probs))
+    robot_probs = probs.copy()
+    robot_probs[:, _NO_ROBOT] = -np.inf
+    best = robot_probs.argmax(axis=1)
+    selected = robot_probs >= threshold
+    selected[rows, best] = True
+    no_robot = probs[:, _NO_ROBOT] > probs[rows, best]
+    selected[no_robot] = False
+    selected[no_robot, _NO_ROBOT] = True
+    return selected

@@ -23,7 +23,7 @@ from bitmar_model.metrics import (
     sample_f1,
     top1_accuracy,
 )
-from bitmar_model.robots import NUM_ROBOT_CLASSES
+from bitmar_model.robots import NUM_ROBOT_CLASSES, select_robots
 
 GoldSets = Sequence[Collection[str]]
 
@@ -69,8 +69,8 @@ class TfidfLogisticBaseline:
     One binary classifier per robot class. A class whose training column is constant
     (e.g. "No Robot" never occurs in the public data) gets that constant as its
     probability instead of a classifier, which could not be fitted on one label.
-    `predict` keeps robots with probability >= `threshold` and always the argmax, so a
-    task never gets an empty selection.
+    `predict` applies the head's rule (`select_robots`): robots with probability >=
+    `threshold` and always the best one, or "No Robot" alone when it beats the best robot.
     """
 
     def __init__(self, threshold: float = 0.5, c: float = 1.0, seed: int = 0) -> None:
@@ -111,10 +111,7 @@ class TfidfLogisticBaseline:
         return probs
 
     def predict(self, texts: Sequence[str]) -> np.ndarray:
-        probs = self.predict_proba(texts)
-        pred = probs >= self.threshold
-        pred[np.arange(len(probs)), probs.argmax(axis=1)] = True
-        return pred.astype(np.int64)
+        return select_robots(self.predict_proba(texts), self.threshold).astype(np.int64)
 
 
 def _fitted(value: Any) -> Any:

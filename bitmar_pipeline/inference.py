@@ -58,7 +58,7 @@ class PredictionError(ValueError):
 @dataclass
 class Prediction:
     task: str
-    robots: list[str]  # selection head: probability >= 0.5, never empty
+    robots: list[str]  # selection head (select_robots): >= 0.5 and the best, or "No Robot" alone
     probabilities: dict[str, float]  # per robot class (independent sigmoids)
     confidence: float  # probability of the most probable robot
     reasoning: str  # generated tagged reasoning

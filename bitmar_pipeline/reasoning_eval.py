@@ -20,7 +20,7 @@ from bitmar_model.metrics import (
 )
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import ParsedReasoning, parse_reasoning
-from bitmar_model.robots import ROBOT_CLASSES
+from bitmar_model.robots import ROBOT_CLASSES, select_robots
 from bitmar_pipeline.reasoning_targets import format_prompt
 
 
@@ -79,8 +79,7 @@ def evaluate_reasoning(
     head_probs = np.concatenate(probs)
     gold = [list(r) for r in rows["robots"]]
     gold_matrix = label_matrix(gold)
-    head_pred = head_probs >= 0.5
-    head_pred[np.arange(len(head_pred)), head_probs.argmax(axis=1)] = True
+    head_pred = select_robots(head_probs)
     metrics = {
         "head_top1": bootstrap_ci(top1_accuracy, head_probs, gold_matrix, n_resamples=n_resamples),
         "head_exact_set": bootstrap_ci(exact_set_accuracy, head_pred, gold_matrix, n_resamples=n_resamples),

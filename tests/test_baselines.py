@@ -72,6 +72,14 @@ def test_tfidf_baseline_learns_deterministic_and_never_empty() -> None:
     assert (strict.predict(["completely unrelated words"]).sum(axis=1) == 1).all()
 
 
+def test_tfidf_baseline_never_selects_no_robot_with_robots(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = TfidfLogisticBaseline().fit(TEXTS, GOLD)
+    # Columns: Drone, Underwater Robot, Humanoid, Robot with Wheels, Robot with Legs, No Robot.
+    probs = np.array([[0.9, 0.2, 0.1, 0.1, 0.1, 0.7], [0.6, 0.55, 0.1, 0.1, 0.1, 0.8]])
+    monkeypatch.setattr(model, "predict_proba", lambda texts: probs)
+    assert model.predict(["a", "b"]).tolist() == [[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]]
+
+
 def test_predict_before_fit_fails() -> None:
     with pytest.raises(RuntimeError, match="fit"):
         TfidfLogisticBaseline().predict(["x"])

@@ -3,6 +3,8 @@ evaluated, and that odd generated text is counted instead of crashing the report
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,7 @@ from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import ReasoningTrace, format_reasoning, parse_reasoning
 from bitmar_model.robots import ROBOT_CLASSES
 from bitmar_pipeline.evaluation import multi_robot_section, reasoning_section
-from bitmar_pipeline.reasoning_eval import ReasoningEvaluation
+from bitmar_pipeline.reasoning_eval import ReasoningEvaluation, evaluate_reasoning
 from bitmar_pipeline.tokenizer import train_bpe_tokenizer
 
 TASKS = pd.DataFrame(
@@ -85,3 +87,13 @@ def test_reasoning_section_counts_out_of_range_confidences_as_missing() -> None:
     assert section["stated_confidence_out_of_range"] == 2
     assert section["stated_confidence_missing"] == 1
     assert 0.0 <= section["stated_confidence_ece"] <= 1.0
+
+
+def test_head_selections_never_combine_no_robot_with_robots(tiny) -> None:
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # a constant head: Drone 0.9, No Robot 0.7, the others 0.1
+        model.reasoning.policy_head.weight.zero_()
+        model.reasoning.policy_head.bias.copy_(torch.logit(torch.tensor([0.9, 0.1, 0.1, 0.1, 0.1, 0.7])))
+    model_eval = evaluate_reasoning(model, tokenizer, TASKS.assign(task_key=TASKS["task_text"]), "test", generate=False, n_resamples=50)
+    assert model_eval.head_selections == [["Drone"], ["Drone"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -143,12 +144,37 @@ def test_robot_selection_and_reasoning_analysis() -> None:
     selections = model.extract_robot_selections(out, threshold=1.1)  # nothing passes: argmax only
     best = out.robot_probs.argmax(-1).tolist()
     assert selections == [[ROBOT_CLASSES[i]] for i in best]
-    assert all(len(s) == len(ROBOT_CLASSES) for s in BitMarModel.extract_robot_selections(out, threshold=0.0))
+    everything = BitMarModel.extract_robot_selections(out, threshold=0.0)  # every robot passes
+    assert all(s == ["No Robot"] or s == list(ROBOT_CLASSES[:-1]) for s in everything)
     analysis = model.get_reasoning_analysis(out)
     assert set(analysis["robot_probabilities"][0]) == set(ROBOT_CLASSES)
     assert len(analysis["reasoning_quality"]) == 3
     assert 0.0 < analysis["mean_reasoning_quality"] < 1.0
     assert analysis["selections"] == model.extract_robot_selections(out)
+
+
+def test_no_robot_is_exclusive_and_decided_against_the_best_robot() -> None:
+    out = build().eval()(**make_batch(BitMarConfig.tiny(), batch=5))
+    # Columns: Drone, Underwater Robot, Humanoid, Robot with Wheels, Robot with Legs, No Robot.
+    probs = torch.tensor(
+        [
+            [0.9, 0.2, 0.1, 0.1, 0.1, 0.7],  # No Robot passes the threshold but loses to Drone
+            [0.6, 0.55, 0.1, 0.1, 0.1, 0.8],  # No Robot beats the best robot: alone
+            [0.3, 0.2, 0.1, 0.1, 0.1, 0.4],  # nothing passes; No Robot is the most probable
+            [0.7, 0.6, 0.1, 0.1, 0.1, 0.6],  # a tie with a selected robot is not a No Robot
+            [0.3, 0.2, 0.1, 0.1, 0.1, 0.1],  # nothing passes: the best robot
+        ]
+    )
+    logits = torch.logit(probs)
+    hand_made = dataclasses.replace(out, robot_logits=logits, robot_probs=torch.sigmoid(logits))
+    assert BitMarModel.extract_robot_selections(hand_made) == [
+        ["Drone"],
+        ["No Robot"],
+        ["No Robot"],
+        ["Drone", "Underwater Robot"],
+        ["Drone"],
+    ]
+    assert BitMarModel.get_reasoning_analysis(hand_made)["selections"][0] == ["Drone"]
 
 
 # ----------------------------------------------------------------------------- generation
