@@ -26,7 +26,7 @@ def _sizes_table(sizes: dict) -> pd.DataFrame:
 @dg.asset(
     deps=[grpo_policy],
     group_name=RELEASE_GROUP,
-    code_version="1",
+    code_version="2",
     kinds={"pytorch"},
     description="Ternary weight statistics per BitLinear layer, fp32/fp16/packed sizes, packed vs trained output agreement on test prompts, CPU latency.",
 )
@@ -65,7 +65,7 @@ def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSetti
 @dg.asset(
     deps=["evaluation_report", quantization_report],
     group_name=RELEASE_GROUP,
-    code_version="1",
+    code_version="2",
     kinds={"huggingface"},
     description="Release folder (weights, packed weights, tokenizer, memory, reports, model card) under <storage>/release, uploaded to the Hub when enabled and HF_TOKEN is set.",
     retry_policy=NETWORK_RETRY,

@@ -1,7 +1,11 @@
 """Packed ternary export: the BitNet b1.58 edge format for BitMar checkpoints.
 
 A trained BitLinear only ever uses ternary weights times one absmean scale, so the edge
-form stores 2 bits per weight (four weights per byte) plus one fp32 scale per layer:
+form stores 2 bits per weight (four weights per byte) plus one fp32 scale per layer; every
+other floating tensor (embeddings, norms, biases, memory) is stored in fp16, as BitNet keeps
+them, and read back in the model's dtype. `model_bytes_report` counts exactly these bytes.
+The packed model therefore computes what the trained model computes with those tensors
+rounded to fp16 (`round_to_stored`), bit for bit:
 
     pack_ternary / unpack_ternary   {-1, 0, 1} tensor <-> uint8 codes (exact inverse)
     PackedBitLinear                 inference layer computing from the packed weights;
@@ -47,7 +51,8 @@ from bitmar_model.bitlinear import EPS, BitLinear, quantize_activations, ternari
 WEIGHTS_FILE = "model.packed.safetensors"
 CONFIG_FILE = "packed_config.json"
 FORMAT_NAME = "bitmar-packed-ternary"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: non-ternary floating tensors stored in fp16 (1 stored them in fp32)
+STORED_FLOAT_DTYPE = torch.float16
 
 _CODE_TO_VALUE = (0.0, 1.0, -1.0)
 _SHIFTS = (0, 2, 4, 6)
@@ -171,6 +176,36 @@ def _packed_layers(model: nn.Module) -> dict[str, PackedBitLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PackedBitLinear)}
 
 
+def _is_kept_exact(key: str, module_of: dict[str, nn.Module]) -> bool:
+    # Ternary weights are stored exactly (codes + fp32 scale); BitLinear's latent weight is
+    # what gets packed, so rounding it would change the ternarization.
+    owner = module_of.get(key.rsplit(".", 1)[0] if "." in key else "")
+    leaf = key.rsplit(".", 1)[-1]
+    return (isinstance(owner, PackedBitLinear) and leaf in ("packed_weight", "weight_scale")) or (
+        isinstance(owner, BitLinear) and leaf == "weight"
+    )
+
+
+def _to_stored(key: str, value: torch.Tensor) -> torch.Tensor:
+    stored = value.to(STORED_FLOAT_DTYPE)
+    if bool(torch.isinf(stored).any()) and not bool(torch.isinf(value).any()):
+        raise ValueError(f"tensor {key!r} exceeds the {STORED_FLOAT_DTYPE} range of the packed format")
+    return stored
+
+
+def round_to_stored(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose tensors are what `save_packed` stores: every floating
+    tensor but the ternary (latent) weights rounded through fp16. The packed file loaded
+    back computes exactly what this copy computes."""
+    rounded = copy.deepcopy(model)
+    modules = dict(rounded.named_modules())
+    with torch.no_grad():
+        for key, value in rounded.state_dict(keep_vars=True).items():
+            if value.is_floating_point() and not _is_kept_exact(key, modules):
+                value.copy_(_to_stored(key, value).to(value.dtype))
+    return rounded
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -204,17 +239,22 @@ def save_packed(model: nn.Module, directory: str | Path, config: dict[str, Any])
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_key: dict[int, str] = {}
+    modules = dict(model.named_modules())
     for key, value in model.state_dict(keep_vars=True).items():
         if id(value) in first_key:
             aliases[key] = first_key[id(value)]
             continue
         first_key[id(value)] = key
-        tensors[key] = value.detach().cpu().contiguous()
+        value = value.detach().cpu()
+        if value.is_floating_point() and not _is_kept_exact(key, modules):
+            value = _to_stored(key, value)
+        tensors[key] = value.contiguous()
 
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "weights_file": WEIGHTS_FILE,
+        "float_dtype": str(STORED_FLOAT_DTYPE).removeprefix("torch."),
         "config": config,
         "packed_layers": {
             name: {"shape": list(layer.weight_shape), "bias": layer.bias is not None}
@@ -305,6 +345,9 @@ def load_packed_into(packed_model: nn.Module, directory: str | Path) -> dict[str
             )
         if key.endswith("packed_weight") and stored[key].dtype != torch.uint8:
             raise ValueError(f"{weights_path}: key {key!r} has dtype {stored[key].dtype}, expected torch.uint8")
+        if stored[key].is_floating_point() != value.is_floating_point():
+            raise ValueError(f"{weights_path}: key {key!r} has dtype {stored[key].dtype}, the model expects {value.dtype}")
+        stored[key] = stored[key].to(value.dtype)  # fp16 on disk, the model's dtype in memory
     packed_model.load_state_dict(stored, strict=True)
     return manifest["config"]
 
@@ -320,7 +363,8 @@ def model_bytes_report(model: nn.Module) -> dict[str, Any]:
     BitLinear weights: 4 / 2 bytes per weight in fp32 / fp16; packed = 2 bits per weight
     (rounded up to whole bytes) + a 4-byte fp32 scale per layer. Everything else
     (embeddings, norms, biases, memory slots, ...) is counted at 4 / 2 bytes per element
-    in fp32 / fp16 and at fp16 in the packed form; non-float tensors keep their own size.
+    in fp32 / fp16 and at fp16 in the packed form (as `save_packed` writes them: the
+    packed bytes equal the tensor data of its file); non-float tensors keep their own size.
     Returns {"total", "bitlinear", "other"}, each {"num_elements", "fp32_bytes",
     "fp16_bytes", "packed_bytes"}, plus "components" (the same per first-level child;
     "(root)" for tensors held by the model itself) and "compression_vs_fp32".

@@ -5,8 +5,9 @@
     config.json, model.safetensors     save_pretrained: `BitMarModel.from_pretrained(folder)`
                                        gives the evaluated model, output for output
     model.packed.safetensors,          the 2-bit packed form for edge runtimes
-    packed_config.json                 (bitmar_model.packing; equal up to float rounding,
-                                       see the quantization report)
+    packed_config.json                 (bitmar_model.packing; embeddings, norms and biases in
+                                       fp16: equal to the trained model holding them in
+                                       fp16, see the quantization report)
     tokenizer/                         the pipeline's tokenizer, byte for byte
     vision_encoder/                    the DINOv2 encoder, when it is a local directory
                                        (a Hub id is recorded instead)
@@ -192,6 +193,11 @@ def _bytes(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+def _fp16_cost(quantization: dict[str, Any]) -> str:
+    cost = quantization.get("agreement", {}).get("fp16_storage_vs_fp32")
+    return f"; against fp32 they move robot probabilities by at most {cost['robot_probs_max_abs_diff']:.2e}" if cost else ""
+
+
 def render_card(
     manifest: dict[str, Any], evaluation: dict[str, Any], quantization: dict[str, Any], data: str, emissions: pd.DataFrame | None, repo_id: str
 ) -> str:
@@ -211,7 +217,8 @@ def render_card(
     )
     agreement = (
         f"On {packed['tasks']} test tasks the packed form {'reproduces the trained model exactly' if packed['exactly_equal'] else 'differs from the trained model by at most ' + format(packed['robot_probs_max_abs_diff'], '.2e') + ' in robot probability'}; "
-        f"robot top-1 agreement {packed['robot_top1_agreement']:.3f}, next-token agreement {packed['logits_argmax_agreement']:.3f}."
+        f"robot top-1 agreement {packed['robot_top1_agreement']:.3f}, next-token agreement {packed['logits_argmax_agreement']:.3f}"
+        f" (its embeddings, norms and biases are stored in fp16; the trained model holding them in fp16 is the reference{_fp16_cost(quantization)})."
         if packed else ""
     )
     encoder = f"`{vision['model']}`" + (f" (included in `{vision['path']}/`)" if vision.get("path") else "")
