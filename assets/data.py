@@ -282,14 +282,14 @@ def robot_selection_tasks(context: dg.AssetExecutionContext, settings: BitmarSet
 @dg.asset(
     deps=[image_caption_pairs, robot_selection_tasks],
     group_name=DATA_GROUP,
-    code_version="1",
+    code_version="2",
     kinds={"python"},
-    description="Byte-level BPE trained on captions and training-split robot texts (or a pretrained tokenizer by name/path).",
+    description="Byte-level BPE trained on the captions of training images (never the held-out ones) and training-split robot texts (or a pretrained tokenizer by name/path).",
 )
 def text_tokenizer(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
     config, storage = settings.config, settings.storage
     started = time.perf_counter()
-    corpus = tokenizer_corpus(storage, context.instance.get_dynamic_partitions(coco_shards.name))
+    corpus = tokenizer_corpus(storage, context.instance.get_dynamic_partitions(coco_shards.name), config.training.heldout_fraction)
     tokenizer = build_tokenizer(config.tokenizer, corpus.texts, storage.path(TOKENIZER_DIR))
     lengths = pd.Series([len(ids) for ids in tokenizer(corpus.texts[:2000])["input_ids"]])
     example = corpus.texts[0] if corpus.texts else ""

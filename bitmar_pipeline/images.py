@@ -82,3 +82,9 @@ def check_image(root: Path, relative: str, max_pixels: int) -> ImageCheck:
         format=fmt,
         content_hash=hashlib.sha256(data).hexdigest(),
     )
+
+
+def is_heldout(content_hash: str, fraction: float) -> bool:
+    """Deterministic hold-out by image content, so every caption of an image sits on one
+    side. The one place that decides: pretraining, evaluation and the tokenizer corpus use it."""
+    return int(hashlib.sha256(("heldout:" + content_hash).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction

@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
 from bitmar_pipeline.config import TokenizerConfig
+from bitmar_pipeline.images import is_heldout
 from bitmar_pipeline.reasoning_targets import build_sft_examples
 from bitmar_pipeline.robots import parse_instruction_capabilities
 from bitmar_pipeline.storage import Storage
@@ -23,13 +24,16 @@ class TokenizerCorpus:
     counts: dict[str, int]
 
 
-def tokenizer_corpus(storage: Storage, shards: Iterable[str]) -> TokenizerCorpus:
-    """Captions of the given shards plus the robot texts of the training split only, so no
-    validation or test wording shapes the vocabulary. The training split's reasoning targets
+def tokenizer_corpus(storage: Storage, shards: Iterable[str], heldout_fraction: float) -> TokenizerCorpus:
+    """Captions of the given shards' training images (not the images held out for
+    perplexity, BLEU, CIDEr and retrieval: `is_heldout` with training.heldout_fraction) plus
+    the robot texts of the training split only, so no evaluation wording shapes the vocabulary. The training split's reasoning targets
     are included: the capability words they repeat appear once in the instruction text, and
     below min_frequency they would be spelled out byte by byte in every target."""
     available = [s for s in shards if storage.has_partition("image_caption_pairs", s)]
-    captions = storage.read_table("image_caption_pairs", columns=["caption"], partitions=available)["caption"].tolist() if available else []
+    pairs = storage.read_table("image_caption_pairs", columns=["caption", "content_hash"], partitions=available) if available else None
+    heldout = [] if pairs is None else [is_heldout(h, heldout_fraction) for h in pairs["content_hash"]]
+    captions = [] if pairs is None else [c for c, held in zip(pairs["caption"], heldout, strict=True) if not held]
     tasks = storage.read_partition("robot_tasks", "all")
     subtasks = storage.read_partition("robot_subtasks", "all")
     train_tasks = tasks[tasks["split"] == "train"]
@@ -44,7 +48,7 @@ def tokenizer_corpus(storage: Storage, shards: Iterable[str]) -> TokenizerCorpus
         raise ValueError("no texts to train the tokenizer on: materialize image_caption_pairs and robot_selection_tasks first")
     return TokenizerCorpus(
         texts,
-        {"captions": len(captions), "robot_tasks": len(task_texts), "instructions": len(instructions), "subtasks": len(subtask_texts), "reasoning_targets": len(targets)},
+        {"captions": len(captions), "held_out_captions_excluded": sum(heldout), "robot_tasks": len(task_texts), "instructions": len(instructions), "subtasks": len(subtask_texts), "reasoning_targets": len(targets)},
     )
 
 

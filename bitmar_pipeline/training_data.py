@@ -18,6 +18,7 @@ from bitmar_model.modeling import IGNORE_INDEX
 from bitmar_model.robots import NUM_ROBOT_CLASSES, ROBOT_INDEX
 from bitmar_pipeline.config import PipelineConfig
 from bitmar_pipeline.features import load_features
+from bitmar_pipeline.images import is_heldout
 from bitmar_pipeline.reasoning_targets import SftExample
 from bitmar_pipeline.storage import Storage
 from bitmar_pipeline.text_corpus import TOKENIZER_DIR
@@ -85,11 +86,6 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torc
 def _decoder_batch(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     ids, mask = _pad(rows, pad_id)
     return {"decoder_ids": ids, "decoder_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
-
-
-def is_heldout(content_hash: str, fraction: float) -> bool:
-    """Deterministic hold-out by image content, so every caption of an image sits on one side."""
-    return int(hashlib.sha256(("heldout:" + content_hash).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
 @dataclass

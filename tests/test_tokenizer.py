@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
+from bitmar_pipeline.images import is_heldout
+from bitmar_pipeline.storage import Storage
+from bitmar_pipeline.text_corpus import tokenizer_corpus
 from bitmar_pipeline.tokenizer import (
     REASONING_TAGS,
     SPECIAL_TOKENS,
@@ -95,3 +99,27 @@ def test_load_tokenizer_errors_name_the_source(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="bitmar-tests/not-a-real-tokenizer.*HF_HUB_OFFLINE"):
         load_tokenizer("bitmar-tests/not-a-real-tokenizer")
+
+
+def test_corpus_leaves_out_held_out_captions(tmp_path: Path):
+    storage = Storage(tmp_path / ".bitmar")
+    hashes = [f"image-{i}" for i in range(40)]
+    captions = pd.DataFrame(
+        {"image_id": range(40), "caption": [f"caption number {i}" for i in range(40)], "content_hash": hashes}
+    )
+    storage.write_partition("image_caption_pairs", "s0", captions)
+    storage.write_partition(
+        "robot_tasks", "all",
+        pd.DataFrame({"task_id": ["t0"], "task_text": ["Fly over a roof"], "robots": [["Drone"]], "instruction": [""], "split": ["train"]}),
+    )
+    storage.write_partition(
+        "robot_subtasks", "all",
+        pd.DataFrame({"task_id": ["t0"], "subtask_text": ["Scan it"], "robot": ["Drone"], "split": ["train"]}),
+    )
+    held_out = {c for c, h in zip(captions["caption"], hashes, strict=True) if is_heldout(h, 0.25)}
+    assert 0 < len(held_out) < 40  # both sides are exercised
+    corpus = tokenizer_corpus(storage, ["s0"], heldout_fraction=0.25)
+    assert not held_out & set(corpus.texts)
+    assert set(captions["caption"]) - held_out <= set(corpus.texts)
+    assert corpus.counts["captions"] == 40 - len(held_out)
+    assert corpus.counts["held_out_captions_excluded"] == len(held_out)
