@@ -90,13 +90,18 @@ def capture_rng_state(device: torch.device | str = "cpu") -> dict[str, torch.Ten
     return state
 
 
+def _check_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    """The one rule both saving and restoring apply: a CUDA device needs its generator's state."""
+    if device.type == "cuda" and "cuda" not in state:
+        raise ValueError("checkpoint has no CUDA RNG state but training runs on CUDA")
+
+
 def set_rng_state(state: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
     """Inverse of `capture_rng_state`."""
     device = torch.device(device)
+    _check_rng_state(state, device)
     torch.set_rng_state(state["torch"])
     if device.type == "cuda":
-        if "cuda" not in state:
-            raise ValueError("checkpoint has no CUDA RNG state but training runs on CUDA")
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
@@ -110,6 +115,7 @@ def save_checkpoint(
     config: Mapping[str, Any],
     is_main: bool = True,
     *,
+    device: torch.device | str,
     rng_states: list[dict[str, torch.Tensor]] | None = None,
     keep_last: int | None = None,
 ) -> Path | None:
@@ -118,14 +124,20 @@ def save_checkpoint(
     `extra` holds whatever the caller needs to resume (data position, counters); it must be
     made of tensors, numbers, strings, lists, tuples and dicts. `config` is the JSON-able run
     config (model + trainer); `load_latest_checkpoint` refuses a checkpoint whose config
-    fingerprint differs from the current one. `rng_states` is one entry per rank (default:
-    this process's CPU RNG state only). `keep_last` keeps that many newest checkpoints.
+    fingerprint differs from the current one. `device` is the one the run trains on, the
+    same that `restore` will be given: it decides which generator states are stored.
+    `rng_states` is one entry per rank, as `capture_rng_state(device)` makes them (default:
+    this process's); states lacking the device's generator are refused here, not at resume.
+    `keep_last` keeps that many newest checkpoints.
 
     Only `is_main` writes (returns the checkpoint path); other ranks return None at once,
     so the caller provides the barrier that makes them wait for the files.
     """
     if not is_main:
         return None
+    rng_states = rng_states if rng_states is not None else [capture_rng_state(device)]
+    for state in rng_states:
+        _check_rng_state(state, torch.device(device))
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     directory = Path(directory)
@@ -144,7 +156,7 @@ def save_checkpoint(
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": rng_states if rng_states is not None else [capture_rng_state()],
+            "rng": rng_states,
             "extra": dict(extra),
         }
         torch.save(state, tmp / STATE_FILE)
@@ -221,7 +233,8 @@ def restore(
     optimizer: Optimizer,
     scheduler: LRScheduler,
     rank: int = 0,
-    device: torch.device | str = "cpu",
+    *,
+    device: torch.device | str,
 ) -> dict[str, Any]:
     """Load weights, optimizer, scheduler and rank `rank`'s RNG state (for the generator of
     `device`) from `checkpoint`; return its `extra`."""

@@ -7,13 +7,19 @@ advantages are the rewards normalised within their group, so no value function i
 The policy is updated with the PPO clipped ratio objective over the generated tokens, and a
 per-token KL penalty to the frozen SFT reference (the unbiased k3 estimator of the paper):
 
-    L = -1/G sum_i 1/|o_i| sum_t [ min(r A_i, clip(r, 1-eps, 1+eps) A_i) - beta KL_t ]
+    L = -1/G sum_i 1/|o_i| sum_t [ min(r A_i, clip(r, 1-eps, 1+eps) A_i) - beta KL_t + c H_t ]
     KL_t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1
+    H_t  = -sum_v pi_theta(v | o_<t) log pi_theta(v | o_<t)   (entropy bonus, c = entropy_coef, 0 by default)
 
 One departure, off with `advantage_std_floor=0`: the group std is floored before dividing.
 Once SFT fits the training tasks, every completion of a group is right and the rewards
 differ by calibration noise alone (std ~0.02-0.06 measured); the plain z-score turned that
 noise into unit advantages and moved the policy at random.
+
+The selection head is not part of the policy's text, but it reads the trunk the objective
+moves; `selection_anchor_weight` keeps the supervised selection loss of SFT (BCE on the gold
+robots) on every GRPO batch, so the head stays trained instead of drifting with the trunk
+and the consistency reward compares the text with a head that still means something.
 
 Dropout is off while sampling and while computing ratios, so with one policy epoch the
 ratio is exactly 1 at the first step and the objective's gradient is the policy gradient.
@@ -25,9 +31,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.rewards import RewardBreakdown, RewardWeights, compute_rewards, group_advantages
+from bitmar_model.robots import NUM_ROBOT_CLASSES, ROBOT_INDEX
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class GRPOSettings:
     policy_epochs: int = 1
     advantage_std_floor: float = 0.1
     entropy_coef: float = 0.0
+    selection_anchor_weight: float = 1.0
     loss_weight: float = 1.0
     reward_scaling: float = 1.0
     max_grad_norm: float = 0.5
@@ -58,8 +67,17 @@ class GroupSample:
     old_log_probs: torch.Tensor  # [B*G, N]
     ref_log_probs: torch.Tensor  # [B*G, N]
     advantages: torch.Tensor  # [B*G]
+    gold_labels: torch.Tensor  # [B*G, num_robot_classes] multi-hot, for the selection anchor
     rewards: RewardBreakdown
     texts: list[str]
+
+
+def gold_multi_hot(gold: Sequence[set[str]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """[len(gold), num_robot_classes] targets of the selection head (canonical robot names)."""
+    labels = torch.zeros(len(gold), NUM_ROBOT_CLASSES, device=device)
+    for row, robots in enumerate(gold):
+        labels[row, [ROBOT_INDEX[r] for r in robots]] = 1.0
+    return labels
 
 
 def _completion_log_probs(model: BitMarModel, sample_prompt: tuple[torch.Tensor, torch.Tensor], sequences: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -107,28 +125,40 @@ def sample_groups(
     completion_mask = generated.new_token_mask.float()
     old = generated.log_probs
     ref = _completion_log_probs(reference, (ids, mask), sequences, sequence_mask, settings.temperature)
-    return GroupSample(ids, mask, sequences, sequence_mask, completion_mask, old, ref * completion_mask, advantages.to(old.device), rewards, texts)
+    labels = gold_multi_hot(gold, old.device).repeat_interleave(group, dim=0)
+    return GroupSample(ids, mask, sequences, sequence_mask, completion_mask, old, ref * completion_mask, advantages.to(old.device), labels, rewards, texts)
 
 
 def grpo_loss(policy: BitMarModel, sample: GroupSample, settings: GRPOSettings) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped, KL-regularised GRPO objective (to minimise) and its diagnostics."""
-    log_probs = _completion_log_probs(policy, (sample.prompt_ids, sample.prompt_mask), sample.sequences, sample.sequence_mask, settings.temperature)
+    scores = policy.sequence_scores(
+        sample.prompt_ids, sample.prompt_mask, None, sample.sequences, sample.sequence_mask, settings.temperature, entropy=settings.entropy_coef > 0
+    )
+    log_probs = scores.log_probs
     mask = sample.completion_mask
     ratio = torch.exp(log_probs - sample.old_log_probs)
     advantages = sample.advantages[:, None]
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - settings.clip_epsilon, 1 + settings.clip_epsilon) * advantages)
     log_ref_ratio = sample.ref_log_probs - log_probs
     kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
-    # Sample estimate of the token entropy: -log pi of the tokens actually drawn.
-    per_token = surrogate - settings.kl_beta * kl - settings.entropy_coef * log_probs
+    per_token = surrogate - settings.kl_beta * kl
+    if scores.entropy is not None:
+        # The full next-token entropy: -log pi of the drawn tokens alone has zero expected
+        # gradient at pi = pi_old and pushes away from pi_old on later epochs.
+        per_token = per_token + settings.entropy_coef * scores.entropy
     lengths = mask.sum(dim=1).clamp_min(1.0)
     objective = ((per_token * mask).sum(dim=1) / lengths).mean()
     loss = -settings.loss_weight * objective
+    anchor = F.binary_cross_entropy_with_logits(scores.robot_logits.float(), sample.gold_labels)
+    if settings.selection_anchor_weight > 0:
+        loss = loss + settings.selection_anchor_weight * anchor
     with torch.no_grad():
         tokens = mask.sum().clamp_min(1.0)
         clipped = (((ratio - 1).abs() > settings.clip_epsilon).float() * mask).sum() / tokens
         mean_kl = (kl * mask).sum() / tokens
-    return loss, {"kl": float(mean_kl), "clip_fraction": float(clipped), "completion_tokens": float(lengths.mean())}
+    return loss, {
+        "kl": float(mean_kl), "clip_fraction": float(clipped), "completion_tokens": float(lengths.mean()), "selection_anchor_loss": float(anchor.detach()),
+    }
 
 
 def grpo_update(policy: BitMarModel, optimizer: torch.optim.Optimizer, sample: GroupSample, settings: GRPOSettings) -> dict[str, float]:

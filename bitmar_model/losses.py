@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bitmar_model.modeling import BitMarModel, BitMarOutput
+from bitmar_model.modeling import IGNORE_INDEX, BitMarModel, BitMarOutput
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,13 @@ def captioning_pass(model: BitMarModel, batch: dict[str, torch.Tensor], prefix: 
         labels=batch[f"{prefix}labels"],
         update_memory=update_memory,
     )
+
+
+def label_token_count(batch: dict[str, torch.Tensor]) -> float:
+    """Tokens the decoder loss of a batch is a mean over (labels are shifted by one inside the
+    model), for the trainer's token-weighted gradient accumulation. The per-sample terms
+    (InfoNCE, selection BCE, rehearsal) ride on the same weight."""
+    return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def pretrain_loss(model: BitMarModel, batch: dict[str, torch.Tensor], weights: PretrainWeights) -> tuple[torch.Tensor, dict[str, float]]:

@@ -17,6 +17,11 @@ Under torchrun (WORLD_SIZE > 1) the same call initialises the process group, wra
 model in DistributedDataParallel, shards every batch by rank and lets rank 0 alone log and
 write checkpoints. `loss_fn` must call `model(...)` (the DDP wrapper's forward) for the
 gradients to be synchronised, and return the same metric keys on every rank.
+
+Gradient accumulation: with `token_count_fn(batch)` (the number of tokens `loss_fn`'s loss is
+a mean over), each micro-batch's loss is weighted by its share of the tokens of the whole
+step, summed over micro-batches and ranks, so the step's gradient is the token mean of
+everything it saw, as one big batch would give; without it, micro-batches weigh equally.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from bitmar_model.checkpoint import (
 from bitmar_model.schedules import warmup_cosine_scheduler
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Mapping[str, float]]]
+TokenCountFn = Callable[[Any], float]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
 ValidateFn = Callable[[nn.Module, Dataset], None]
 Callback = Callable[[dict[str, float]], None]
@@ -302,11 +308,13 @@ class Trainer:
         *,
         validate_fns: Sequence[ValidateFn] = (),
         model_config: Mapping[str, Any] | None = None,
+        token_count_fn: TokenCountFn | None = None,
     ) -> None:
         """`eval_fn(model) -> metrics` runs on rank 0 in eval mode without gradients (logged as
         `eval/<name>`); `validate_fns(model, dataset)` run before the first step and raise to
         refuse the run; `model_config` (default: `model.config.to_dict()` when the model has
-        one) goes into the checkpoint fingerprint."""
+        one) goes into the checkpoint fingerprint; `token_count_fn(batch)` weights accumulated
+        micro-batches by their tokens (module docstring)."""
         self.model = model
         self.train_dataset = train_dataset
         self.loss_fn = loss_fn
@@ -315,6 +323,7 @@ class Trainer:
         self.eval_fn = eval_fn
         self.callbacks = list(callbacks)
         self.validate_fns = list(validate_fns)
+        self.token_count_fn = token_count_fn
         self.model_config = dict(model_config) if model_config is not None else _model_config(model)
 
     def run_config(self, world_size: int) -> dict[str, Any]:
@@ -379,7 +388,7 @@ class Trainer:
             # Before the DDP wrap: DDP broadcasts rank 0's weights when it is constructed.
             checkpoint = load_latest_checkpoint(cfg.checkpoint_dir, run_config)
             if checkpoint is not None:
-                extra = restore(checkpoint, model, optimizer, scheduler, ctx.rank, ctx.device)
+                extra = restore(checkpoint, model, optimizer, scheduler, ctx.rank, device=ctx.device)
                 progress = _Progress.from_extra(checkpoint.step, extra)
                 if scaler is not None and extra["grad_scaler"]:
                     scaler.load_state_dict(extra["grad_scaler"])
@@ -420,7 +429,7 @@ class Trainer:
             extra["grad_scaler"] = scaler.state_dict() if scaler is not None else {}
             path = save_checkpoint(
                 cfg.checkpoint_dir, progress.step, model, optimizer, scheduler, extra, run_config,
-                ctx.is_main, rng_states=rng_states, keep_last=cfg.keep_last,
+                ctx.is_main, device=ctx.device, rng_states=rng_states, keep_last=cfg.keep_last,
             )
             if ctx.is_distributed:
                 dist.barrier()  # no rank reads or prunes checkpoints while rank 0 writes
@@ -434,19 +443,19 @@ class Trainer:
         while progress.step < cfg.max_steps:
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=ctx.device)
-            for _ in range(cfg.grad_accumulation_steps):
-                batch = _to_device(next(data), ctx.device)
+            micro_batches = [_to_device(next(data), ctx.device) for _ in range(cfg.grad_accumulation_steps)]
+            for batch, weight in zip(micro_batches, self._micro_batch_weights(micro_batches, ctx), strict=True):
                 # Gradients are all-reduced on every micro-step: DDP's no_sync() trips an
                 # internal reducer assert under static_graph (torch 2.13), and static_graph is
                 # what lets a loss run the model twice per step. Costs one extra all-reduce
                 # per accumulated micro-step.
                 with _autocast(ctx.device, precision):
                     loss, metrics = self.loss_fn(train_model, batch)
-                scaled = loss / cfg.grad_accumulation_steps
+                scaled = loss * weight
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += loss.detach().float()
+                loss_sum += loss.detach().float() * weight
                 window.add_metrics(metrics)
-            loss_value = _mean_across_ranks(loss_sum / cfg.grad_accumulation_steps, ctx)
+            loss_value = _mean_across_ranks(loss_sum, ctx)
 
             # NaN/Inf anywhere (any rank, since the mean propagates it): skip the update.
             finite = math.isfinite(loss_value)
@@ -511,6 +520,18 @@ class Trainer:
             checkpoint_path=last_checkpoint,
             skipped_steps=progress.skipped_steps,
         )
+
+    def _micro_batch_weights(self, batches: list[Any], ctx: DistributedContext) -> list[float]:
+        """Loss weights of this rank's micro-batches: n_i * world_size / (tokens of the step on
+        all ranks), since DDP then averages the gradients over ranks; 1/k without a count."""
+        if self.token_count_fn is None:
+            return [1.0 / len(batches)] * len(batches)
+        counts = [float(self.token_count_fn(batch)) for batch in batches]
+        total = torch.tensor(sum(counts), dtype=torch.float64, device=ctx.device)
+        if ctx.is_distributed:
+            dist.all_reduce(total)  # SUM over ranks
+        # A step without tokens has a NaN loss and is skipped; the clamp only avoids 0/0.
+        return [count * ctx.world_size / max(total.item(), 1.0) for count in counts]
 
     def _log_record(
         self,

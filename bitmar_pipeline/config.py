@@ -181,7 +181,10 @@ class TrainingConfig(_Section):
 class GrpoTrainingConfig(_Section):
     learning_rate: float = Field(default=1e-5, gt=0.0)
     value_loss_coef: float = Field(default=0.0, ge=0.0, description="Kept for the seed's configs; GRPO needs no value function.")
-    entropy_coef: float = Field(default=0.0, ge=0.0)
+    entropy_coef: float = Field(default=0.0, ge=0.0, description="Bonus on the policy's full next-token entropy over completion tokens (0: off).")
+    selection_anchor_weight: float = Field(
+        default=1.0, ge=0.0, description="SFT's selection loss (BCE on the gold robots) kept on GRPO batches, so the head the trunk feeds stays supervised (0: off)."
+    )
     max_grad_norm: float = Field(default=0.5, gt=0.0)
     reward_scaling: float = Field(default=1.0, gt=0.0)
 

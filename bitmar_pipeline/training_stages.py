@@ -31,7 +31,7 @@ import torch
 
 from bitmar_model.checkpoint import load_latest_checkpoint, restore, save_checkpoint
 from bitmar_model.grpo import GRPOSettings, grpo_update, sample_groups
-from bitmar_model.losses import PretrainWeights, pretrain_loss, sft_loss
+from bitmar_model.losses import PretrainWeights, label_token_count, pretrain_loss, sft_loss
 from bitmar_model.metrics import matched_vs_random_cosine, retrieval_recall_at_k
 from bitmar_model.modeling import MODEL_REVISION, BitMarModel
 from bitmar_model.rewards import RewardWeights
@@ -208,7 +208,7 @@ def run_multimodal_pretrain(config: PipelineConfig, storage: Storage, shards: Se
     weights = PretrainWeights(config.training.text_generation_loss_weight, config.training.cross_modal_loss_weight, config.training.memory_regularization_weight)
     trainer = Trainer(
         model, data.train, partial(pretrain_loss, weights=weights), trainer_config(config, config.training.pretrain, checkpoint_dir),
-        collate_fn=data.train.collate, callbacks=[history, *callbacks],
+        collate_fn=data.train.collate, callbacks=[history, *callbacks], token_count_fn=label_token_count,
     )
     result, resumed = _run_trainer(trainer, checkpoint_dir)
     if not is_main_process():
@@ -262,6 +262,7 @@ def run_reasoning_sft(config: PipelineConfig, storage: Storage, shards: Sequence
     trainer = Trainer(
         model, dataset, partial(sft_loss, selection_weight=training.selection_loss_weight, rehearsal_weight=training.caption_rehearsal_weight),
         trainer_config(config, config.training.sft, checkpoint_dir), collate_fn=dataset.collate, callbacks=[history, *callbacks],
+        token_count_fn=label_token_count,
     )
     result, resumed = _run_trainer(trainer, checkpoint_dir)
     if not is_main_process():
@@ -284,8 +285,17 @@ def grpo_settings(config: PipelineConfig) -> GRPOSettings:
     return GRPOSettings(
         group_size=grpo.group_size, clip_epsilon=grpo.clip_epsilon, kl_beta=grpo.kl_beta, temperature=grpo.reasoning_temperature,
         top_p=grpo.top_p, max_new_tokens=grpo.max_new_tokens, policy_epochs=grpo.policy_epochs, advantage_std_floor=grpo.advantage_std_floor, entropy_coef=grpo.training.entropy_coef,
+        selection_anchor_weight=grpo.training.selection_anchor_weight,
         loss_weight=grpo.loss_weight, reward_scaling=grpo.training.reward_scaling, max_grad_norm=grpo.training.max_grad_norm,
     )
+
+
+def head_drift(before: ReasoningEvaluation, after: ReasoningEvaluation) -> dict[str, float]:
+    """How far GRPO moved the selection head's probabilities on one split's tasks (both
+    evaluations list the same rows in the same order); the head metrics themselves are in
+    the sft_*/grpo_* summaries."""
+    change = np.abs(after.head_probs - before.head_probs)
+    return {f"{after.split}_head_prob_drift_mean": round(float(change.mean()), 4), f"{after.split}_head_prob_drift_max": round(float(change.max()), 4)}
 
 
 def _task_order(num_tasks: int, seed: int, epoch: int) -> np.ndarray:
@@ -358,7 +368,10 @@ def run_grpo(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] 
         for callback in callbacks:
             callback(record)
         if (step + 1) % config.training.save_every_n_steps == 0 or step + 1 == grpo.steps:
-            save_checkpoint(checkpoint_dir, step + 1, policy, optimizer, scheduler, {"consecutive_nan": consecutive_nan}, run_config, keep_last=config.training.keep_last_checkpoints)
+            save_checkpoint(
+                checkpoint_dir, step + 1, policy, optimizer, scheduler, {"consecutive_nan": consecutive_nan}, run_config,
+                device=device, keep_last=config.training.keep_last_checkpoints,
+            )
             latest = load_latest_checkpoint(checkpoint_dir)
 
     evaluations = {}
@@ -366,6 +379,8 @@ def run_grpo(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] 
         evaluations[f"sft_{split}"] = evaluate_reasoning(reference, tokenizer, tasks, split, max_new_tokens=grpo.max_new_tokens)
         evaluations[f"grpo_{split}"] = evaluate_reasoning(policy, tokenizer, tasks, split, max_new_tokens=grpo.max_new_tokens)
     metrics = {f"{name}_{k}": v for name, e in evaluations.items() for k, v in e.summary().items()}
+    for split in ("validation", "test"):
+        metrics.update(head_drift(evaluations[f"sft_{split}"], evaluations[f"grpo_{split}"]))
     publish_model(policy, model_dir(storage, GRPO), {"stage": GRPO, "fingerprint": fingerprint, "step": grpo.steps, "metrics": metrics})
     comparison = pd.DataFrame(
         [{"model": name, "split": e.split, **e.summary()} for name, e in evaluations.items()]

@@ -66,7 +66,7 @@ def test_checkpoint_trainer_state_is_never_unpickled(tmp_path, as_torch):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     config = {"stage": "test"}
     directory = tmp_path / "checkpoints" / "multimodal_pretrain" / "fingerprint"
-    saved = save_checkpoint(directory, 2, model, optimizer, scheduler, {"position": 0}, config)
+    saved = save_checkpoint(directory, 2, model, optimizer, scheduler, {"position": 0}, config, device="cpu")
     marker = tmp_path / "pwned"
     plant(saved / STATE_FILE, marker, as_torch)
 

@@ -22,6 +22,7 @@ from bitmar_model.checkpoint import (
     load_checkpoint,
     load_latest_checkpoint,
     restore,
+    save_checkpoint,
 )
 from bitmar_model.schedules import WarmupCosineSchedule, warmup_cosine_scheduler
 from bitmar_model.trainer import (
@@ -401,4 +402,84 @@ def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     optimizer = torch.optim.AdamW(other.parameters())
     scheduler = warmup_cosine_scheduler(optimizer, 0, 4)
     with pytest.raises(ValueError, match=r"model.safetensors do not fit the model"):
-        restore(checkpoint, other, optimizer, scheduler)
+        restore(checkpoint, other, optimizer, scheduler, device="cpu")
+
+
+class _VariableLengths(torch.utils.data.Dataset):
+    """Two sequences of very different lengths: 3 and 11 next-token targets."""
+
+    def __init__(self) -> None:
+        self.sequences = [torch.arange(4) % 32, (torch.arange(12) * 5) % 32]
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.sequences[index]
+
+
+def _pad(sequences: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=-1)
+
+
+def _padded_lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    logits = model(batch[:, :-1].clamp_min(0))
+    targets = batch[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1), {}
+
+
+def _target_count(batch: torch.Tensor) -> int:
+    return int((batch[:, 1:] != -1).sum())
+
+
+def test_accumulated_gradient_is_the_token_mean_of_the_whole_step(monkeypatch) -> None:
+    """Two micro-batches of 3 and 11 target tokens accumulate to the gradient of one batch
+    holding both, not to the mean of the two micro-batch means."""
+    torch.manual_seed(0)
+    model = TinyLM(TinyLMConfig(dropout=0.0))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: dict[str, torch.Tensor] = {}
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        seen.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    config = tiny_config(None, max_steps=1, warmup_steps=0, batch_size=1, grad_accumulation_steps=2, grad_clip=0.0)
+    Trainer(model, _VariableLengths(), _padded_lm_loss, config, collate_fn=_pad, token_count_fn=_target_count).train()
+
+    reference = TinyLM(TinyLMConfig(dropout=0.0))
+    reference.load_state_dict(initial)
+    whole, _ = _padded_lm_loss(reference, _pad(_VariableLengths().sequences))
+    whole.backward()
+    for name, parameter in reference.named_parameters():
+        assert torch.allclose(seen[name], parameter.grad, atol=1e-6), name
+    # The test can tell the two apart: the mean of per-micro-batch means is another gradient.
+    reference.zero_grad()
+    means = sum(_padded_lm_loss(reference, _pad([s]))[0] for s in _VariableLengths().sequences) / 2
+    means.backward()
+    assert not torch.allclose(reference.embed.weight.grad, seen["embed.weight"], atol=1e-4)
+
+
+def _linear_state() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def test_checkpoint_written_on_cuda_restores_the_cuda_rng(tmp_path: Path, monkeypatch) -> None:
+    """GRPO's path (no rng_states of its own): the device named at save time decides which
+    generator states are stored, so a resume on that device finds its CUDA state."""
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: restored.append(state))
+    gpu = torch.device("cuda", 0)
+    model, optimizer, scheduler = _linear_state()
+    save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {}, {"run": 1}, device=gpu)
+    restore(load_latest_checkpoint(tmp_path), model, optimizer, scheduler, device=gpu)
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
+    # States gathered elsewhere must match the device too: a CPU-only state is refused at save.
+    with pytest.raises(ValueError, match="no CUDA RNG state"):
+        save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {}, {"run": 1}, device=gpu, rng_states=[{"torch": torch.get_rng_state()}])
