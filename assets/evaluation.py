@@ -121,6 +121,7 @@ def evaluation_report(
         "stated_confidence_unusable": dg.MetadataValue.json(
             {split: {k: section[k] for k in ("stated_confidence_missing", "stated_confidence_out_of_range")} for split, section in result.report["reasoning"].items()}
         ),
+        "stated_confidence_target": dg.MetadataValue.text(result.report["reasoning"]["test"]["stated_confidence_target"]),
         "test_examples": markdown_table(result.tables["test_examples"]),
         "vision_language": dg.MetadataValue.json(result.report["vision_language"]),
         "vision_language_after_pretraining": dg.MetadataValue.json(result.report["vision_language_after_pretraining"]),

@@ -156,7 +156,7 @@ def reasoning_sft(
 @dg.asset(
     deps=[reasoning_sft],
     group_name=TRAINING_GROUP,
-    code_version="1",
+    code_version="2",  # 2: selection anchor, full-entropy bonus, exact-set calibration target
     kinds={"pytorch"},
     description="Group Relative Policy Optimization of the generated reasoning against the frozen SFT model (reward: selection, format, consistency, calibration).",
 )

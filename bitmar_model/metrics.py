@@ -189,6 +189,17 @@ def _indexable(values: Any) -> np.ndarray:
 
 # --- calibration -------------------------------------------------------------------------
 
+# What a stated confidence is a probability of, for the GRPO calibration reward and the
+# reported ECE alike: "confidence that this selection is right" means the whole set.
+CONFIDENCE_TARGET = "exact-set correctness"
+
+
+def confidence_target(selected: Collection[str], gold: Collection[str]) -> float:
+    """1.0 when the selected robots are exactly the gold set, else 0.0 (an empty selection
+    is never right)."""
+    return float(bool(selected) and set(selected) == set(gold))
+
+
 
 class ReliabilityBin(NamedTuple):
     bin_low: float

@@ -12,8 +12,9 @@ scale of the total does not matter to GRPO, whose advantages are normalised per 
   Jaccard with the selection head's choice, and Jaccard with the robots the
   `<robot_evaluation>` block calls suitable (0 when the block is missing). An empty head
   choice, or an evaluation that calls no robot suitable, stands for "No Robot".
-- calibration: 1 - (confidence - selection)^2, a Brier-style score of the stated confidence
-  against the achieved Jaccard; 0 when the confidence is missing or outside [0, 1].
+- calibration: 1 - (confidence - correct)^2, a Brier-style score of the stated confidence
+  against exact-set correctness (bitmar_model.metrics.confidence_target, the target the
+  reported ECE uses too); 0 when the confidence is missing or outside [0, 1].
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from bitmar_model.metrics import confidence_target
 from bitmar_model.reasoning_format import (
     NO_ROBOT,
     REASONING_TAGS,
@@ -117,10 +119,10 @@ def consistency_reward(parsed: ParsedReasoning, head_selection: set[str]) -> flo
 
 
 def calibration_reward(parsed: ParsedReasoning, gold: set[str]) -> float:
-    """1 - (confidence - selection Jaccard)^2; 0 when the confidence is missing or out of range."""
+    """1 - (confidence - exact-set correctness)^2; 0 when the confidence is missing or out of range."""
     if not _confidence_ok(parsed):
         return 0.0
-    return 1.0 - (parsed.confidence - selection_reward(parsed, gold)) ** 2
+    return 1.0 - (parsed.confidence - confidence_target(parsed.robots, gold)) ** 2
 
 
 def compute_rewards(

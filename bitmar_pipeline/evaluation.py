@@ -29,10 +29,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedTokenizerBase
 
 from bitmar_model.metrics import (
+    CONFIDENCE_TARGET,
     MetricWithCI,
     bleu4,
     bootstrap_ci,
     cider_d,
+    confidence_target,
     expected_calibration_error,
     jaccard,
     label_matrix,
@@ -140,8 +142,10 @@ def reasoning_section(model_eval: ReasoningEvaluation, task_texts: list[str], n_
     stated = np.array([p.usable_confidence or 0.0 for p in model_eval.parsed])
     section["stated_confidence_missing"] = sum(p.confidence is None for p in model_eval.parsed)
     section["stated_confidence_out_of_range"] = sum(p.confidence_out_of_range for p in model_eval.parsed)
-    correct = np.array([set(p.robots) == set(g) for p, g in zip(model_eval.parsed, model_eval.gold, strict=True)], dtype=float)
+    # The target GRPO's calibration reward trains the stated confidence on (one definition).
+    correct = np.array([confidence_target(p.robots, g) for p, g in zip(model_eval.parsed, model_eval.gold, strict=True)])
     section["stated_confidence_ece"] = round(expected_calibration_error(stated, correct), 4)
+    section["stated_confidence_target"] = CONFIDENCE_TARGET
     head_conf = model_eval.head_probs.max(axis=1)
     head_correct = np.array([ROBOT_CLASSES[int(i)] in g for i, g in zip(model_eval.head_probs.argmax(axis=1), model_eval.gold, strict=True)], dtype=float)
     section["head_confidence_ece"] = round(expected_calibration_error(head_conf, head_correct), 4)

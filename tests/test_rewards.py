@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from bitmar_model.metrics import CONFIDENCE_TARGET, MetricWithCI
 from bitmar_model.reasoning_format import ReasoningTrace, format_reasoning, parse_reasoning
 from bitmar_model.rewards import (
     RewardWeights,
@@ -15,6 +17,9 @@ from bitmar_model.rewards import (
     group_advantages,
     selection_reward,
 )
+from bitmar_model.robots import NUM_ROBOT_CLASSES
+from bitmar_pipeline.evaluation import reasoning_section
+from bitmar_pipeline.reasoning_eval import ReasoningEvaluation
 
 ROBOTS = ("Drone", "Underwater Robot", "Humanoid", "Robot with Wheels", "Robot with Legs")
 DRONE = {"Drone"}
@@ -65,8 +70,10 @@ def test_wrong_robot():
     assert parts(trace(["Humanoid"], 0.8)) == pytest.approx((0.0, 1.0, 0.5, 1 - 0.8**2))
 
 
-def test_partly_right_selection_with_calibrated_confidence():
-    assert parts(trace(["Drone", "Robot with Legs"], 0.5)) == pytest.approx((0.5, 1.0, 0.75, 1.0))
+def test_partly_right_selection_is_wrong_for_calibration():
+    # Selection credit is the Jaccard; the confidence predicts exact-set correctness (here 0).
+    assert parts(trace(["Drone", "Robot with Legs"], 0.5)) == pytest.approx((0.5, 1.0, 0.75, 0.75))
+    assert parts(trace(["Drone", "Robot with Legs"], 0.0)) == pytest.approx((0.5, 1.0, 0.75, 1.0))
 
 
 def test_evaluation_that_contradicts_the_selection():
@@ -186,3 +193,19 @@ def test_std_floor_keeps_near_equal_rewards_small():
 def test_advantages_need_a_group_dimension():
     with pytest.raises(ValueError, match="num_groups"):
         group_advantages(torch.ones(4))
+
+
+def test_calibration_reward_and_reported_ece_score_the_same_target():
+    """One definition of what a stated confidence predicts (exact-set correctness): for a
+    single trace the report's ECE is |c - target| and the reward 1 - (c - target)^2, so
+    ECE^2 == 1 - reward, whether the selection is exact, partly right or wrong."""
+    cases = [(trace(["Drone"], 0.9), DRONE), (trace(["Drone", "Robot with Legs"], 0.5), DRONE), (trace(["Humanoid"], 0.3), DRONE)]
+    for text, gold in cases:
+        parsed = parse_reasoning(text)
+        evaluation = ReasoningEvaluation(
+            "test", 1, np.eye(NUM_ROBOT_CLASSES)[:1], [["Drone"]], [text], [parsed], [sorted(gold)],
+            {"reasoning_well_formed": MetricWithCI(1.0, 1.0, 1.0, 1)},
+        )
+        section, _, _ = reasoning_section(evaluation, ["inspect the roof"], n_resamples=100)
+        assert section["stated_confidence_ece"] ** 2 == pytest.approx(1 - calibration_reward(parsed, gold), abs=1e-4), text
+        assert section["stated_confidence_target"] == CONFIDENCE_TARGET == "exact-set correctness"
