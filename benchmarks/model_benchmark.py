@@ -62,7 +62,7 @@ def bench_training(steps: int, batch_size: int, text_len: int, dec_len: int) -> 
     models = {}
     for quantized in (True, False):
         torch.manual_seed(0)
-        models[quantized] = BitMarModel(BitMarConfig(quantized=quantized)).train()
+        models[quantized] = BitMarModel(BitMarConfig.paper(quantized=quantized)).train()
     batch = make_batch(models[True].config, batch_size, text_len, dec_len)
     steppers = {q: training_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4), batch) for q, m in models.items()}
     for stepper in steppers.values():  # warm-up: allocator, kernels, optimizer state
@@ -85,7 +85,7 @@ def bench_training(steps: int, batch_size: int, text_len: int, dec_len: int) -> 
 
 
 def bench_sizes() -> dict:
-    report = parameter_report(BitMarModel(BitMarConfig()))
+    report = parameter_report(BitMarModel(BitMarConfig.paper()))
     return {
         "total_parameters": report["total_parameters"],
         "fp32_bytes": report["fp32_bytes"],
@@ -105,7 +105,7 @@ def bench_generation(new_tokens: int, prompt_len: int, batch_sizes: tuple[int, .
     prompt, as in reasoning generation), cached vs recomputed; eos stopping off so every
     run produces exactly `new_tokens` tokens per row."""
     torch.manual_seed(0)
-    model = BitMarModel(BitMarConfig()).eval()
+    model = BitMarModel(BitMarConfig.paper()).eval()
     runs = []
     for batch_size in batch_sizes:
         batch = make_batch(model.config, batch_size, 32, prompt_len)

@@ -48,7 +48,7 @@ from bitmar_model.metrics import (
 )
 from bitmar_model.robots import NUM_ROBOT_CLASSES, ROBOT_CLASSES
 from bitmar_pipeline.robots import ingest_robot_datasets, parse_instruction_capabilities
-from bitmar_pipeline.tokenizer import REASONING_TAGS, train_bpe_tokenizer
+from bitmar_pipeline.tokenizer import REASONING_TAG_TOKENS, train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -189,7 +189,7 @@ def bpe_vocab(texts: list[str], vocab_size: int, extra_words: list[str], workdir
     corpus = [_prep(t) for t in texts] + [f" {w} {w}" for w in extra_words]
     tok = train_bpe_tokenizer(corpus, vocab_size, workdir)
     strings = [tok.decode([i]).strip() for i in range(len(tok))]
-    specials = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(t) for t in REASONING_TAGS}
+    specials = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(t) for t in REASONING_TAG_TOKENS}
     backend = tok.backend_tokenizer
 
     def tokenize(text: str) -> list[int]:

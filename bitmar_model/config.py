@@ -21,25 +21,27 @@ HIDDEN_ACTIVATIONS = ("swiglu", "gelu")
 
 @dataclass
 class BitMarConfig:
-    """Sizes of BitMar. The defaults give the ~14M-parameter model of the BitMar paper."""
+    """Sizes of BitMar. The defaults are the pipeline's sample-profile model (~2M parameters,
+    the `model:` section's defaults read them); `paper()` gives the BitMar paper's ~14M model
+    that configs/coco.yaml spells out."""
 
     # Text (encoder and decoder share one token embedding, tied with the LM head).
-    vocab_size: int = 16384
-    hidden_size: int = 256
+    vocab_size: int = 4096
+    hidden_size: int = 128
     num_attention_heads: int = 4
-    num_encoder_layers: int = 4
-    num_decoder_layers: int = 4
-    intermediate_size: int = 512
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 2
+    intermediate_size: int = 384
     hidden_act: str = "swiglu"
-    max_seq_len: int = 256  # encoder input length; decoder length is bounded by the window instead
+    max_seq_len: int = 128  # encoder input length; decoder length is bounded by the window instead
     rope_theta: float = 10000.0
     # Vision: cached DINOv2 features (CLS + pooled patch grid), compressed to a few tokens.
     vision_feature_dim: int = 768
     vision_num_patches: int = 16
-    num_vision_tokens: int = 8
+    num_vision_tokens: int = 4
     # Cross-modal fusion and the contrastive (InfoNCE) projection heads.
     num_fusion_layers: int = 1
-    projection_dim: int = 128
+    projection_dim: int = 64
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
     # Episodic memory.
@@ -63,6 +65,22 @@ class BitMarConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> BitMarConfig:
+        """The ~14M-parameter model of the BitMar paper (configs/coco.yaml's `model:` section)."""
+        values: dict[str, Any] = dict(
+            vocab_size=16384,
+            hidden_size=256,
+            num_encoder_layers=4,
+            num_decoder_layers=4,
+            intermediate_size=512,
+            max_seq_len=256,
+            num_vision_tokens=8,
+            projection_dim=128,
+        )
+        values.update(overrides)
+        return cls.from_dict(values)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> BitMarConfig:

@@ -21,18 +21,25 @@ moves; `selection_anchor_weight` keeps the supervised selection loss of SFT (BCE
 robots) on every GRPO batch, so the head stays trained instead of drifting with the trunk
 and the consistency reward compares the text with a head that still means something.
 
+`train_grpo` runs the steps through the loop machinery the Trainer uses (bitmar_model.loop):
+resume, the non-finite-step policy and checkpoints are the same for every stage.
+
 Dropout is off while sampling and while computing ratios, so with one policy epoch the
 ratio is exactly 1 at the first step and the objective's gradient is the policy gradient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bitmar_model.loop import LoopSettings, StepLoop
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.rewards import RewardBreakdown, RewardWeights, compute_rewards, group_advantages
 from bitmar_model.robots import NUM_ROBOT_CLASSES, ROBOT_INDEX
@@ -43,7 +50,7 @@ class GRPOSettings:
     group_size: int = 8
     clip_epsilon: float = 0.2
     kl_beta: float = 0.04
-    temperature: float = 1.0
+    reasoning_temperature: float = 1.0  # sampling temperature of the group completions
     top_p: float = 1.0
     max_new_tokens: int = 160
     policy_epochs: int = 1
@@ -108,7 +115,7 @@ def sample_groups(
         mask,
         max_new_tokens=settings.max_new_tokens,
         do_sample=True,
-        temperature=settings.temperature,
+        temperature=settings.reasoning_temperature,
         top_p=settings.top_p,
         generator=generator,
         return_log_probs=True,
@@ -124,7 +131,7 @@ def sample_groups(
     sequences, sequence_mask = generated.sequences, generated.attention_mask
     completion_mask = generated.new_token_mask.float()
     old = generated.log_probs
-    ref = _completion_log_probs(reference, (ids, mask), sequences, sequence_mask, settings.temperature)
+    ref = _completion_log_probs(reference, (ids, mask), sequences, sequence_mask, settings.reasoning_temperature)
     labels = gold_multi_hot(gold, old.device).repeat_interleave(group, dim=0)
     return GroupSample(ids, mask, sequences, sequence_mask, completion_mask, old, ref * completion_mask, advantages.to(old.device), labels, rewards, texts)
 
@@ -132,7 +139,7 @@ def sample_groups(
 def grpo_loss(policy: BitMarModel, sample: GroupSample, settings: GRPOSettings) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped, KL-regularised GRPO objective (to minimise) and its diagnostics."""
     scores = policy.sequence_scores(
-        sample.prompt_ids, sample.prompt_mask, None, sample.sequences, sample.sequence_mask, settings.temperature, entropy=settings.entropy_coef > 0
+        sample.prompt_ids, sample.prompt_mask, None, sample.sequences, sample.sequence_mask, settings.reasoning_temperature, entropy=settings.entropy_coef > 0
     )
     log_probs = scores.log_probs
     mask = sample.completion_mask
@@ -175,3 +182,66 @@ def grpo_update(policy: BitMarModel, optimizer: torch.optim.Optimizer, sample: G
         optimizer.step()
         metrics = {**metrics, "loss": float(loss.detach()), "grad_norm": float(grad_norm)}
     return metrics
+
+
+# One step's tasks: prompt ids [B, Tp], prompt mask [B, Tp] and each task's gold robot names.
+GroupBatch = tuple[torch.Tensor, torch.Tensor, list[set[str]]]
+StepRecordCallback = Callable[[dict[str, float]], None]
+
+
+@dataclass
+class GRPOResult:
+    final_step: int
+    resumed_from_step: int | None
+    checkpoint_path: Path | None
+
+
+def train_grpo(
+    policy: BitMarModel,
+    reference: BitMarModel,
+    batch_for_step: Callable[[int], GroupBatch],
+    decode: Callable[[torch.Tensor], list[str]],
+    settings: GRPOSettings,
+    weights: RewardWeights,
+    loop_settings: LoopSettings,
+    run_config: Mapping[str, Any],
+    *,
+    learning_rate: float,
+    seed: int,
+    callbacks: Sequence[StepRecordCallback] = (),
+) -> GRPOResult:
+    """GRPO steps until `loop_settings.max_steps`, resuming from the latest checkpoint;
+    `batch_for_step(step)` gives the tasks of step `step` (0-based), the same on a resume."""
+    device = next(policy.parameters()).device
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loop = StepLoop(loop_settings, run_config, device)
+    loop.resume(policy, optimizer, scheduler)
+    while not loop.done:
+        ids, mask, gold = batch_for_step(loop.step)
+        # Sampling randomness depends only on (seed, step), so a resumed run draws the same groups.
+        generator = torch.Generator(device=device).manual_seed(seed * 100_003 + loop.step)
+        sample = sample_groups(policy, reference, ids, mask, gold, decode, settings, weights, generator)
+        try:
+            update = grpo_update(policy, optimizer, sample, settings)
+        except FloatingPointError:
+            update = {"skipped": 1.0}
+        step = loop.finish_step("skipped" not in update)
+        record = _step_record(step, sample, update)
+        for callback in callbacks:
+            callback(record)
+        if loop.checkpoint_due(step):
+            loop.save(policy, optimizer, scheduler, {})
+    return GRPOResult(loop.step, loop.resumed_from, loop.last_checkpoint)
+
+
+def _step_record(step: int, sample: GroupSample, update: Mapping[str, float]) -> dict[str, float]:
+    means = sample.rewards.means()
+    return {
+        "step": step,
+        "train/grpo_reasoning_loss": update.get("loss", float("nan")),
+        **{f"reward/{k}": v for k, v in means.items()},
+        "reward/std": float(np.std(sample.rewards.total)),
+        "reasoning/well_formed": float(np.mean([p.well_formed for p in sample.rewards.parsed])),
+        **{f"grpo/{k}": v for k, v in update.items() if k != "loss"},
+    }

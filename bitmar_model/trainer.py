@@ -43,14 +43,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bitmar_model.checkpoint import (
-    capture_rng_state,
-    load_latest_checkpoint,
-    restore,
-    save_checkpoint,
-    unwrap_model,
-)
+from bitmar_model.checkpoint import capture_rng_state, unwrap_model
+from bitmar_model.loop import LoopSettings, StepLoop, TrainingDivergedError
 from bitmar_model.schedules import warmup_cosine_scheduler
+
+__all__ = ["Trainer", "TrainerConfig", "TrainResult", "TrainingDivergedError", "parameter_groups"]
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, Mapping[str, float]]]
 TokenCountFn = Callable[[Any], float]
@@ -62,21 +59,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # A metric under this key counts tokens; it is summed (for tokens/s), not averaged.
 TOKENS_METRIC = "tokens"
-
-
-class TrainingDivergedError(RuntimeError):
-    """Too many consecutive non-finite steps. The last good checkpoint is left untouched."""
-
-    def __init__(self, step: int, consecutive_steps: int, last_checkpoint: Path | None) -> None:
-        self.step = step
-        self.last_checkpoint = last_checkpoint
-        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else (
-            "no checkpoint was written before it"
-        )
-        super().__init__(
-            f"training diverged at step {step}: {consecutive_steps} consecutive steps with a "
-            f"non-finite loss or gradient; {where}"
-        )
 
 
 @dataclass
@@ -91,8 +73,8 @@ class TrainerConfig:
     max_steps: int = 1000
     cosine_restarts: int = 0
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    grad_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0  # gradients are clipped to this global norm; 0 disables clipping
+    gradient_accumulation_steps: int = 1
     batch_size: int = 8  # per rank and micro-step
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" (under DDP: cuda:LOCAL_RANK)
@@ -100,7 +82,7 @@ class TrainerConfig:
     precision: str = "auto"
     compile: bool = False
     save_every_n_steps: int = 500  # 0: only at the end
-    keep_last: int | None = 3  # None keeps every checkpoint
+    keep_last_checkpoints: int | None = 3  # None keeps every checkpoint
     log_every_n_steps: int = 10
     eval_every_n_steps: int = 0  # 0: eval_fn runs only at the end
     max_consecutive_nan_steps: int = 5
@@ -113,7 +95,7 @@ class TrainerConfig:
             "precision",
             "compile",
             "save_every_n_steps",
-            "keep_last",
+            "keep_last_checkpoints",
             "log_every_n_steps",
             "eval_every_n_steps",
             "max_consecutive_nan_steps",
@@ -124,12 +106,12 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))  # YAML gives a list
-        positive = ("learning_rate", "max_steps", "grad_accumulation_steps", "batch_size",
+        positive = ("learning_rate", "max_steps", "gradient_accumulation_steps", "batch_size",
                     "log_every_n_steps", "max_consecutive_nan_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainerConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "save_every_n_steps", "eval_every_n_steps",
+        for name in ("weight_decay", "max_grad_norm", "save_every_n_steps", "eval_every_n_steps",
                      "num_workers", "warmup_steps", "cosine_restarts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainerConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -139,8 +121,10 @@ class TrainerConfig:
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"TrainerConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.keep_last is not None and self.keep_last < 1:
-            raise ValueError(f"TrainerConfig.keep_last must be >= 1 or None, got {self.keep_last}")
+        if self.keep_last_checkpoints is not None and self.keep_last_checkpoints < 1:
+            raise ValueError(
+                f"TrainerConfig.keep_last_checkpoints must be >= 1 or None, got {self.keep_last_checkpoints}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainerConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not _DEVICE.match(self.device):
@@ -151,7 +135,20 @@ class TrainerConfig:
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS}
+        return {
+            _FINGERPRINT_NAMES.get(k, k): v for k, v in self.to_dict().items() if k not in self.RUNTIME_FIELDS
+        }
+
+    def loop_settings(self) -> LoopSettings:
+        return LoopSettings(
+            self.max_steps, self.checkpoint_dir, self.save_every_n_steps, self.keep_last_checkpoints,
+            self.max_consecutive_nan_steps,
+        )
+
+
+# Checkpoints keep the names their fingerprints were computed with before the issue 11 rename,
+# so runs started before it still resume.
+_FINGERPRINT_NAMES = {"max_grad_norm": "grad_clip", "gradient_accumulation_steps": "grad_accumulation_steps"}
 
 
 @dataclass
@@ -162,6 +159,7 @@ class TrainResult:
     eval_history: list[dict[str, float]]  # rank 0 only (eval_fn runs there)
     checkpoint_path: Path | None  # the final checkpoint (None on non-main ranks)
     skipped_steps: int  # non-finite steps over the whole run, resumes included
+    resumed_from_step: int | None = None  # the checkpoint step this run continued from
 
 
 @dataclass
@@ -254,28 +252,14 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 @dataclass
-class _Progress:
-    """Where training stands; saved in every checkpoint so a resume continues from here."""
+class _DataPosition:
+    """Which batch of which epoch this rank reads next; saved in every checkpoint (extra["data"])."""
 
-    step: int = 0  # optimizer steps done (skipped ones included)
     epoch: int = 0
     batch_index: int = 0  # batches of `epoch` this rank has consumed
-    skipped_steps: int = 0
-    consecutive_nan_steps: int = 0
 
     def to_extra(self, seed: int) -> dict[str, Any]:
-        return {
-            "data": {"epoch": self.epoch, "batch_index": self.batch_index, "sampler_seed": seed},
-            "counters": {
-                "skipped_steps": self.skipped_steps,
-                "consecutive_nan_steps": self.consecutive_nan_steps,
-            },
-        }
-
-    @classmethod
-    def from_extra(cls, step: int, extra: Mapping[str, Any]) -> _Progress:
-        return cls(step, extra["data"]["epoch"], extra["data"]["batch_index"],
-                   extra["counters"]["skipped_steps"], extra["counters"]["consecutive_nan_steps"])
+        return {"epoch": self.epoch, "batch_index": self.batch_index, "sampler_seed": seed}
 
 
 @dataclass
@@ -293,6 +277,24 @@ class _Window:
         for key, value in metrics.items():
             self.metric_sums[key] = self.metric_sums.get(key, 0.0) + float(value)
             self.metric_counts[key] = self.metric_counts.get(key, 0) + 1
+
+
+@dataclass
+class _Run:
+    """Everything one `train()` call builds before its first step, and what it collects."""
+
+    ctx: DistributedContext
+    precision: str
+    model: nn.Module  # the plain module: checkpoints, clipping and evaluation use it
+    train_model: nn.Module  # what loss_fn calls: compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    sampler: ResumableBatchSampler
+    loop: StepLoop
+    position: _DataPosition
+    history: list[dict[str, float]] = field(default_factory=list)
+    eval_history: list[dict[str, float]] = field(default_factory=list)
 
 
 class Trainer:
@@ -360,6 +362,23 @@ class Trainer:
             validate(self.model, self.train_dataset)
 
     def _train(self, ctx: DistributedContext, resume: bool) -> TrainResult:
+        run = self._prepare(ctx, resume)
+        data = self._batches(run)
+        window = _Window()
+        while not run.loop.done:
+            window = self._train_step(run, data, window)
+        return TrainResult(
+            final_step=run.loop.step,
+            metrics=run.history[-1] if run.history else {},
+            history=run.history,
+            eval_history=run.eval_history,
+            checkpoint_path=run.loop.last_checkpoint,
+            skipped_steps=run.loop.counters.skipped_steps,
+            resumed_from_step=run.loop.resumed_from,
+        )
+
+    def _prepare(self, ctx: DistributedContext, resume: bool) -> _Run:
+        """Validate, build model, optimizer, schedule and scaler, resume, then wrap the model."""
         cfg = self.config
         if not hasattr(self.train_dataset, "__len__"):
             raise ValueError("train_dataset must be a map-style dataset (with __len__)")
@@ -380,146 +399,133 @@ class Trainer:
             optimizer, cfg.warmup_steps, cfg.max_steps, cfg.cosine_restarts, cfg.min_lr_ratio
         )
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        run_config = self.run_config(ctx.world_size)
+        loop = StepLoop(
+            cfg.loop_settings(), self.run_config(ctx.world_size), ctx.device, rank=ctx.rank, is_main=ctx.is_main
+        )
+        position = _DataPosition()
+        # Before the DDP wrap: DDP broadcasts rank 0's weights when it is constructed.
+        extra = loop.resume(model, optimizer, scheduler) if resume else None
+        if extra is not None:
+            position = _DataPosition(extra["data"]["epoch"], extra["data"]["batch_index"])
+            if scaler is not None and extra["grad_scaler"]:
+                scaler.load_state_dict(extra["grad_scaler"])
+        return _Run(
+            ctx, precision, model, self._wrap(model, ctx), optimizer, scheduler, scaler, sampler, loop, position
+        )
 
-        progress = _Progress()
-        last_checkpoint: Path | None = None
-        if resume and cfg.checkpoint_dir is not None:
-            # Before the DDP wrap: DDP broadcasts rank 0's weights when it is constructed.
-            checkpoint = load_latest_checkpoint(cfg.checkpoint_dir, run_config)
-            if checkpoint is not None:
-                extra = restore(checkpoint, model, optimizer, scheduler, ctx.rank, device=ctx.device)
-                progress = _Progress.from_extra(checkpoint.step, extra)
-                if scaler is not None and extra["grad_scaler"]:
-                    scaler.load_state_dict(extra["grad_scaler"])
-                last_checkpoint = checkpoint.path if ctx.is_main else None
-
-        train_model: nn.Module = torch.compile(model) if cfg.compile else model
+    def _wrap(self, model: nn.Module, ctx: DistributedContext) -> nn.Module:
+        train_model: nn.Module = torch.compile(model) if self.config.compile else model
         if ctx.is_distributed:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             # static_graph: a loss may run the model more than once per step (BitMar's
             # pretraining does) and leave some parameters unused; the used set is the same
             # every step, which is what static_graph lets DDP rely on.
             train_model = DistributedDataParallel(train_model, device_ids=device_ids, static_graph=True)
+        return train_model
 
+    def _batches(self, run: _Run) -> Iterator[Any]:
+        """Endless batches from the run's data position, which they advance."""
+        cfg, position = self.config, run.position
         # A dedicated generator: DataLoader draws its workers' base seed from it on every new
         # iterator, which would otherwise consume the global RNG at epoch boundaries.
         loader_generator = torch.Generator()
         loader = DataLoader(
             self.train_dataset,
-            batch_sampler=sampler,
+            batch_sampler=run.sampler,
             collate_fn=self.collate_fn,
             num_workers=cfg.num_workers,
-            pin_memory=ctx.device.type == "cuda",
+            pin_memory=run.ctx.device.type == "cuda",
             generator=loader_generator,
         )
+        while True:
+            run.sampler.set_position(position.epoch, position.batch_index)
+            loader_generator.manual_seed(_mix_seed(cfg.seed, position.epoch))
+            for batch in loader:
+                position.batch_index += 1
+                yield batch
+            position.epoch, position.batch_index = position.epoch + 1, 0
 
-        def batches() -> Iterator[Any]:
-            while True:
-                sampler.set_position(progress.epoch, progress.batch_index)
-                loader_generator.manual_seed(_mix_seed(cfg.seed, progress.epoch))
-                for batch in loader:
-                    progress.batch_index += 1
-                    yield batch
-                progress.epoch, progress.batch_index = progress.epoch + 1, 0
-
-        def save() -> Path | None:
-            rng_states = _gather_rng_states(ctx)  # collective: every rank takes part
-            extra = progress.to_extra(cfg.seed)
-            extra["grad_scaler"] = scaler.state_dict() if scaler is not None else {}
-            path = save_checkpoint(
-                cfg.checkpoint_dir, progress.step, model, optimizer, scheduler, extra, run_config,
-                ctx.is_main, device=ctx.device, rng_states=rng_states, keep_last=cfg.keep_last,
-            )
-            if ctx.is_distributed:
-                dist.barrier()  # no rank reads or prunes checkpoints while rank 0 writes
-            return path
-
-        data = batches()
-        samples_per_step = cfg.batch_size * cfg.grad_accumulation_steps * ctx.world_size
-        history: list[dict[str, float]] = []
-        eval_history: list[dict[str, float]] = []
-        window = _Window()
-        while progress.step < cfg.max_steps:
-            started = time.perf_counter()
-            loss_sum = torch.zeros((), device=ctx.device)
-            micro_batches = [_to_device(next(data), ctx.device) for _ in range(cfg.grad_accumulation_steps)]
-            for batch, weight in zip(micro_batches, self._micro_batch_weights(micro_batches, ctx), strict=True):
-                # Gradients are all-reduced on every micro-step: DDP's no_sync() trips an
-                # internal reducer assert under static_graph (torch 2.13), and static_graph is
-                # what lets a loss run the model twice per step. Costs one extra all-reduce
-                # per accumulated micro-step.
-                with _autocast(ctx.device, precision):
-                    loss, metrics = self.loss_fn(train_model, batch)
-                scaled = loss * weight
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += loss.detach().float() * weight
-                window.add_metrics(metrics)
-            loss_value = _mean_across_ranks(loss_sum, ctx)
-
-            # NaN/Inf anywhere (any rank, since the mean propagates it): skip the update.
-            finite = math.isfinite(loss_value)
-            if finite:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                grad_norm = nn.utils.clip_grad_norm_(
-                    model.parameters(), cfg.grad_clip or math.inf
-                ).item()
-                # With fp16 the GradScaler itself skips overflowing steps and lowers its scale.
-                finite = scaler is not None or math.isfinite(grad_norm)
-            learning_rate = optimizer.param_groups[0]["lr"]
-            if finite:
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                progress.consecutive_nan_steps = 0
-                window.losses.append(loss_value)
-                window.grad_norms.append(grad_norm)
+    def _train_step(self, run: _Run, data: Iterator[Any], window: _Window) -> _Window:
+        """One optimizer step (skipped when non-finite), then logging, evaluation and checkpoint."""
+        started = time.perf_counter()
+        loss_value = self._forward_backward(run, data, window)
+        finite, grad_norm = self._unscale_and_clip(run, loss_value)
+        learning_rate = run.optimizer.param_groups[0]["lr"]
+        if finite:
+            if run.scaler is not None:
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
             else:
-                progress.skipped_steps += 1
-                progress.consecutive_nan_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            progress.step += 1
-            step = progress.step
-            window.steps += 1
-            window.seconds += time.perf_counter() - started
-            if progress.consecutive_nan_steps >= cfg.max_consecutive_nan_steps:
-                # Raised before any save: the diverged state never becomes a checkpoint.
-                raise TrainingDivergedError(step, progress.consecutive_nan_steps, last_checkpoint)
+                run.optimizer.step()
+            window.losses.append(loss_value)
+            window.grad_norms.append(grad_norm)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        window.steps += 1
+        window.seconds += time.perf_counter() - started
+        step = run.loop.finish_step(finite)
+        return self._after_step(run, window, step, learning_rate)
 
-            if step % cfg.log_every_n_steps == 0 or step == cfg.max_steps:
-                epoch = progress.epoch + progress.batch_index / sampler.batches_per_epoch
-                record = self._log_record(
-                    ctx, window, step, epoch, learning_rate, progress.skipped_steps,
-                    samples_per_step,
-                )
-                history.append(record)
-                self._emit(ctx, record)
-                window = _Window()
-            if self.eval_fn is not None and (
-                step == cfg.max_steps
-                or (cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
-            ):
-                eval_record = self._evaluate(ctx, model, precision, step)
-                if eval_record is not None:
-                    eval_history.append(eval_record)
-            if cfg.checkpoint_dir is not None and (
-                step == cfg.max_steps
-                or (cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0)
-            ):
-                last_checkpoint = save()
+    def _forward_backward(self, run: _Run, data: Iterator[Any], window: _Window) -> float:
+        """Accumulate the gradients of one step's micro-batches; return the step's loss (all ranks)."""
+        ctx = run.ctx
+        loss_sum = torch.zeros((), device=ctx.device)
+        micro_batches = [_to_device(next(data), ctx.device) for _ in range(self.config.gradient_accumulation_steps)]
+        for batch, weight in zip(micro_batches, self._micro_batch_weights(micro_batches, ctx), strict=True):
+            # Gradients are all-reduced on every micro-step: DDP's no_sync() trips an
+            # internal reducer assert under static_graph (torch 2.13), and static_graph is
+            # what lets a loss run the model twice per step. Costs one extra all-reduce
+            # per accumulated micro-step.
+            with _autocast(ctx.device, run.precision):
+                loss, metrics = self.loss_fn(run.train_model, batch)
+            scaled = loss * weight
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+            loss_sum += loss.detach().float() * weight
+            window.add_metrics(metrics)
+        return _mean_across_ranks(loss_sum, ctx)
 
-        return TrainResult(
-            final_step=progress.step,
-            metrics=history[-1] if history else {},
-            history=history,
-            eval_history=eval_history,
-            checkpoint_path=last_checkpoint,
-            skipped_steps=progress.skipped_steps,
-        )
+    def _unscale_and_clip(self, run: _Run, loss_value: float) -> tuple[bool, float]:
+        """Whether the step may update the weights, and the gradient norm before clipping."""
+        # NaN/Inf anywhere (any rank, since the mean propagates it): skip the update.
+        if not math.isfinite(loss_value):
+            return False, math.nan
+        if run.scaler is not None:
+            run.scaler.unscale_(run.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), self.config.max_grad_norm or math.inf).item()
+        # With fp16 the GradScaler itself skips overflowing steps and lowers its scale.
+        return run.scaler is not None or math.isfinite(grad_norm), grad_norm
+
+    def _after_step(self, run: _Run, window: _Window, step: int, learning_rate: float) -> _Window:
+        """Log, evaluate and checkpoint when `step` calls for it; return the (new) log window."""
+        cfg = self.config
+        if step % cfg.log_every_n_steps == 0 or step == cfg.max_steps:
+            epoch = run.position.epoch + run.position.batch_index / run.sampler.batches_per_epoch
+            samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * run.ctx.world_size
+            record = self._log_record(
+                run.ctx, window, step, epoch, learning_rate, run.loop.counters.skipped_steps, samples_per_step,
+            )
+            run.history.append(record)
+            self._emit(run.ctx, record)
+            window = _Window()
+        if self.eval_fn is not None and (
+            step == cfg.max_steps or (cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
+        ):
+            eval_record = self._evaluate(run.ctx, run.model, run.precision, step)
+            if eval_record is not None:
+                run.eval_history.append(eval_record)
+        if run.loop.checkpoint_due(step):
+            self._save(run)
+        return window
+
+    def _save(self, run: _Run) -> None:
+        rng_states = _gather_rng_states(run.ctx)  # collective: every rank takes part
+        extra = {
+            "data": run.position.to_extra(self.config.seed),
+            "grad_scaler": run.scaler.state_dict() if run.scaler is not None else {},
+        }
+        run.loop.save(run.model, run.optimizer, run.scheduler, extra, rng_states)
+        if run.ctx.is_distributed:
+            dist.barrier()  # no rank reads or prunes checkpoints while rank 0 writes
 
     def _micro_batch_weights(self, batches: list[Any], ctx: DistributedContext) -> list[float]:
         """Loss weights of this rank's micro-batches: n_i * world_size / (tokens of the step on

@@ -11,7 +11,9 @@ Secrets (HF token, W&B key) are not part of this schema: they come from the envi
 
 from __future__ import annotations
 
+import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -19,11 +21,21 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bitmar_model.config import BitMarConfig
+
 CONFIG_ENV_VAR = "BITMAR_CONFIG"
+# The model section's defaults are BitMarConfig's, so the pipeline and the library agree.
+_MODEL = BitMarConfig()
+# Old dotted keys still accepted for one release: old key -> the key that replaces it.
+RENAMED_KEYS: dict[str, str] = {"grpo_reasoning.max_reasoning_steps": "model.reasoning_steps"}
 
 
 class ConfigError(ValueError):
     """A configuration file or value that cannot be used; the message names key and value."""
+
+
+class DeprecatedConfigKeyWarning(FutureWarning):
+    """A renamed config key was used; FutureWarning so users see it (DeprecationWarning is hidden)."""
 
 
 class _Section(BaseModel):
@@ -115,27 +127,28 @@ class TokenizerConfig(_Section):
 
 
 class ModelSection(_Section):
-    """BitMarConfig sizes. vocab_size and vision feature widths are taken from the tokenizer
-    and the feature cache at training time, so they are not set here. The defaults are the
-    sample profile's small model (~2M parameters, minutes on a laptop CPU); configs/coco.yaml
-    sets the paper's ~14M model (BitMarConfig's own defaults)."""
+    """BitMarConfig sizes, with BitMarConfig's own defaults (the sample profile's small model,
+    ~2M parameters, minutes on a laptop CPU); configs/coco.yaml sets the paper's ~14M model
+    (BitMarConfig.paper()). vocab_size and vision feature widths are taken from the tokenizer
+    and the feature cache at training time, so they are not set here."""
 
-    hidden_size: int = Field(default=128, gt=0)
-    num_attention_heads: int = Field(default=4, gt=0)
-    num_encoder_layers: int = Field(default=2, gt=0)
-    num_decoder_layers: int = Field(default=2, gt=0)
-    intermediate_size: int = Field(default=384, gt=0)
-    max_seq_len: int = Field(default=128, gt=0)
-    num_vision_tokens: int = Field(default=4, gt=0)
-    num_fusion_layers: int = Field(default=1, ge=0)
-    projection_dim: int = Field(default=64, gt=0)
-    memory_slots: int = Field(default=32, gt=0)
-    memory_dim: int = Field(default=128, gt=0)
-    memory_alpha: float = Field(default=0.1, gt=0.0, le=1.0)
-    attention_sink_tokens: int = Field(default=4, ge=0)
-    sliding_window: int = Field(default=256, gt=0)
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
-    quantized: bool = True
+    hidden_size: int = Field(default=_MODEL.hidden_size, gt=0)
+    num_attention_heads: int = Field(default=_MODEL.num_attention_heads, gt=0)
+    num_encoder_layers: int = Field(default=_MODEL.num_encoder_layers, gt=0)
+    num_decoder_layers: int = Field(default=_MODEL.num_decoder_layers, gt=0)
+    intermediate_size: int = Field(default=_MODEL.intermediate_size, gt=0)
+    max_seq_len: int = Field(default=_MODEL.max_seq_len, gt=0)
+    num_vision_tokens: int = Field(default=_MODEL.num_vision_tokens, gt=0)
+    num_fusion_layers: int = Field(default=_MODEL.num_fusion_layers, ge=0)
+    projection_dim: int = Field(default=_MODEL.projection_dim, gt=0)
+    memory_slots: int = Field(default=_MODEL.memory_slots, gt=0)
+    memory_dim: int = Field(default=_MODEL.memory_dim, gt=0)
+    memory_alpha: float = Field(default=_MODEL.memory_alpha, gt=0.0, le=1.0)
+    reasoning_steps: int = Field(default=_MODEL.reasoning_steps, gt=0, description="Steps of the reasoning module.")
+    attention_sink_tokens: int = Field(default=_MODEL.attention_sink_tokens, ge=0)
+    sliding_window: int = Field(default=_MODEL.sliding_window, gt=0)
+    dropout: float = Field(default=_MODEL.dropout, ge=0.0, lt=1.0)
+    quantized: bool = _MODEL.quantized
 
 
 class StageSchedule(_Section):
@@ -200,7 +213,6 @@ class GrpoConfig(_Section):
     """The seed's `grpo_reasoning` section, with Group Relative Policy Optimization's own keys."""
 
     enabled: bool = True
-    max_reasoning_steps: int = Field(default=5, gt=0, description="Reasoning module steps (model.reasoning_steps).")
     reasoning_temperature: float = Field(default=1.0, gt=0.0, description="Sampling temperature of the group completions.")
     loss_weight: float = Field(default=1.0, gt=0.0, description="Scales the GRPO objective.")
     group_size: int = Field(default=8, ge=2)
@@ -349,12 +361,44 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _parent_of(tree: dict[str, Any], dotted_key: str) -> tuple[dict[str, Any] | None, str]:
+    """The mapping that holds `dotted_key`'s leaf (None when a parent is missing) and the leaf."""
+    *parents, leaf = dotted_key.split(".")
+    node: Any = tree
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), leaf
+
+
+def _rename_deprecated(raw: dict[str, Any], origin: str) -> dict[str, Any]:
+    """A copy of `raw` with each old key of RENAMED_KEYS moved to its new name, with a warning."""
+    tree = copy.deepcopy(raw)
+    for old, new in RENAMED_KEYS.items():
+        parent, leaf = _parent_of(tree, old)
+        if parent is None or leaf not in parent:
+            continue
+        new_parent, new_leaf = _parent_of(tree, new)
+        if new_parent is not None and new_leaf in new_parent:
+            raise ConfigError(f"invalid {origin}:\n  {old}: renamed to {new}; set only {new}")
+        warnings.warn(f"{origin}: config key {old} is deprecated; use {new}", DeprecatedConfigKeyWarning, stacklevel=3)
+        _set_dotted(tree, new, parent.pop(leaf))
+    return tree
+
+
+def _renamed_override(dotted_key: str) -> str:
+    new = RENAMED_KEYS.get(dotted_key)
+    if new is None:
+        return dotted_key
+    warnings.warn(f"config key {dotted_key} is deprecated; use {new}", DeprecatedConfigKeyWarning, stacklevel=3)
+    return new
+
+
 def build_config(raw: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, origin: str = "config") -> PipelineConfig:
     """Validate a config tree plus dotted-key overrides (``{"vision.model": "..."}``), both
     laid over the defaults, so a file or override may set one key of a nested section."""
-    tree = _deep_merge(PipelineConfig().model_dump(), raw or {})
+    tree = _deep_merge(PipelineConfig().model_dump(), _rename_deprecated(raw or {}, origin))
     for dotted_key, value in (overrides or {}).items():
-        _set_dotted(tree, dotted_key, value)
+        _set_dotted(tree, _renamed_override(dotted_key), value)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:

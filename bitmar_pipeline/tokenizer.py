@@ -15,19 +15,13 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from bitmar_model.reasoning_format import REASONING_TAGS
+
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
-REASONING_TAGS: tuple[str, ...] = tuple(
-    tag
-    for name in (
-        "thinking",
-        "environment_analysis",
-        "robot_evaluation",
-        "selection_reasoning",
-        "confidence_check",
-        "robot_selection",
-    )
-    for tag in (f"<{name}>", f"</{name}>")
+# The opening and closing token of every reasoning tag (bitmar_model.reasoning_format names them).
+REASONING_TAG_TOKENS: tuple[str, ...] = tuple(
+    tag for name in REASONING_TAGS for tag in (f"<{name}>", f"</{name}>")
 )
 # Byte-level BPE needs all 256 byte symbols in its base vocabulary.
 _BYTE_ALPHABET_SIZE = len(pre_tokenizers.ByteLevel.alphabet())
@@ -42,7 +36,7 @@ def train_bpe_tokenizer(
     `vocab_size` bounds the whole vocabulary, special tokens and reasoning tags included.
     The result is deterministic for the same texts (in the same order) and settings.
     """
-    minimum = len(SPECIAL_TOKENS) + len(REASONING_TAGS) + _BYTE_ALPHABET_SIZE
+    minimum = len(SPECIAL_TOKENS) + len(REASONING_TAG_TOKENS) + _BYTE_ALPHABET_SIZE
     if vocab_size <= minimum:
         raise ValueError(
             f"vocab_size must exceed {minimum} (specials, tags and the byte alphabet), got {vocab_size}"
@@ -52,7 +46,7 @@ def train_bpe_tokenizer(
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         # The tags are appended after training, so leave room for them in the budget.
-        vocab_size=vocab_size - len(REASONING_TAGS),
+        vocab_size=vocab_size - len(REASONING_TAG_TOKENS),
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -60,7 +54,7 @@ def train_bpe_tokenizer(
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.add_tokens(
-        [AddedToken(tag, special=False, normalized=False) for tag in REASONING_TAGS]
+        [AddedToken(tag, special=False, normalized=False) for tag in REASONING_TAG_TOKENS]
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

@@ -45,7 +45,6 @@ def build_model_config(config: PipelineConfig, tokenizer: PreTrainedTokenizerBas
         vocab_size=len(tokenizer),
         vision_feature_dim=feature_dim,
         vision_num_patches=num_patches,
-        reasoning_steps=config.grpo_reasoning.max_reasoning_steps,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

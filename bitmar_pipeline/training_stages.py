@@ -29,13 +29,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bitmar_model.checkpoint import load_latest_checkpoint, restore, save_checkpoint
-from bitmar_model.grpo import GRPOSettings, grpo_update, sample_groups
+from bitmar_model.grpo import GroupBatch, GRPOSettings, train_grpo
+from bitmar_model.loop import LoopSettings
 from bitmar_model.losses import PretrainWeights, label_token_count, pretrain_loss, sft_loss
 from bitmar_model.metrics import matched_vs_random_cosine, retrieval_recall_at_k
 from bitmar_model.modeling import MODEL_REVISION, BitMarModel
 from bitmar_model.rewards import RewardWeights
-from bitmar_model.trainer import Trainer, TrainerConfig, TrainingDivergedError
+from bitmar_model.trainer import Trainer, TrainerConfig
 from bitmar_pipeline.config import PipelineConfig, StageSchedule
 from bitmar_pipeline.reasoning_eval import ReasoningEvaluation, evaluate_reasoning
 from bitmar_pipeline.reasoning_targets import build_sft_examples, format_prompt
@@ -147,14 +147,14 @@ def trainer_config(config: PipelineConfig, schedule: StageSchedule, checkpoint_d
         max_steps=schedule.max_steps,
         cosine_restarts=training.cosine_restarts,
         min_lr_ratio=training.min_lr_ratio,
-        grad_clip=training.max_grad_norm,
-        grad_accumulation_steps=training.gradient_accumulation_steps,
+        max_grad_norm=training.max_grad_norm,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
         batch_size=schedule.batch_size,
         seed=training.seed,
         device=config.compute.device,
         compile=training.compile,
         save_every_n_steps=training.save_every_n_steps,
-        keep_last=training.keep_last_checkpoints,
+        keep_last_checkpoints=training.keep_last_checkpoints,
         log_every_n_steps=training.log_every_n_steps,
         max_consecutive_nan_steps=training.max_consecutive_nan_steps,
         checkpoint_dir=str(checkpoint_dir),
@@ -166,9 +166,9 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _run_trainer(trainer: Trainer, checkpoint_dir: Path) -> tuple[Any, int | None]:
-    latest = load_latest_checkpoint(checkpoint_dir)
-    return trainer.train(resume=True), (latest.step if latest else None)
+def _run_trainer(trainer: Trainer) -> tuple[Any, int | None]:
+    result = trainer.train(resume=True)
+    return result, result.resumed_from_step
 
 
 @torch.no_grad()
@@ -210,7 +210,7 @@ def run_multimodal_pretrain(config: PipelineConfig, storage: Storage, shards: Se
         model, data.train, partial(pretrain_loss, weights=weights), trainer_config(config, config.training.pretrain, checkpoint_dir),
         collate_fn=data.train.collate, callbacks=[history, *callbacks], token_count_fn=label_token_count,
     )
-    result, resumed = _run_trainer(trainer, checkpoint_dir)
+    result, resumed = _run_trainer(trainer)
     if not is_main_process():
         return StageResult(PRETRAIN, model_dir(storage, PRETRAIN), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started)
     metrics = {
@@ -264,7 +264,7 @@ def run_reasoning_sft(config: PipelineConfig, storage: Storage, shards: Sequence
         trainer_config(config, config.training.sft, checkpoint_dir), collate_fn=dataset.collate, callbacks=[history, *callbacks],
         token_count_fn=label_token_count,
     )
-    result, resumed = _run_trainer(trainer, checkpoint_dir)
+    result, resumed = _run_trainer(trainer)
     if not is_main_process():
         return StageResult(SFT, model_dir(storage, SFT), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started)
     evaluation = evaluate_reasoning(model, tokenizer, tasks, "validation", max_new_tokens=config.grpo_reasoning.max_new_tokens)
@@ -283,7 +283,7 @@ def run_reasoning_sft(config: PipelineConfig, storage: Storage, shards: Sequence
 def grpo_settings(config: PipelineConfig) -> GRPOSettings:
     grpo = config.grpo_reasoning
     return GRPOSettings(
-        group_size=grpo.group_size, clip_epsilon=grpo.clip_epsilon, kl_beta=grpo.kl_beta, temperature=grpo.reasoning_temperature,
+        group_size=grpo.group_size, clip_epsilon=grpo.clip_epsilon, kl_beta=grpo.kl_beta, reasoning_temperature=grpo.reasoning_temperature,
         top_p=grpo.top_p, max_new_tokens=grpo.max_new_tokens, policy_epochs=grpo.policy_epochs, advantage_std_floor=grpo.advantage_std_floor, entropy_coef=grpo.training.entropy_coef,
         selection_anchor_weight=grpo.training.selection_anchor_weight,
         loss_weight=grpo.loss_weight, reward_scaling=grpo.training.reward_scaling, max_grad_norm=grpo.training.max_grad_norm,
@@ -321,58 +321,32 @@ def run_grpo(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] 
     )
     checkpoint_dir = storage.path("checkpoints", GRPO, fingerprint)
     history = History(checkpoint_dir / HISTORY_FILE)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=grpo.training.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    run_config = {"model": policy.config.to_dict(), "fingerprint": fingerprint}
-    start_step, resumed, consecutive_nan = 0, None, 0
-    latest = load_latest_checkpoint(checkpoint_dir)
-    if latest is not None:
-        extra = restore(latest, policy, optimizer, scheduler, device=device)
-        start_step = resumed = latest.step
-        consecutive_nan = int(extra.get("consecutive_nan", 0))
 
     def decode(tokens: torch.Tensor) -> list[str]:
         return tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
 
-    def prompts(rows: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = tokenizer([format_prompt(t) for t in rows["task_text"]], add_special_tokens=False, truncation=True, max_length=MAX_PROMPT_TOKENS, padding=True, return_tensors="pt")
-        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
-
     per_epoch = max(1, len(train) // grpo.tasks_per_step)
-    for step in range(start_step, grpo.steps):
+
+    def batch_for_step(step: int) -> GroupBatch:
         epoch, offset = divmod(step, per_epoch)
-        chosen = _task_order(len(train), config.training.seed, epoch)[offset * grpo.tasks_per_step : (offset + 1) * grpo.tasks_per_step]
-        rows = train.iloc[chosen]
-        ids, mask = prompts(rows)
-        # Sampling randomness depends only on (seed, step), so a resumed run draws the same groups.
-        generator = torch.Generator(device=device).manual_seed(config.training.seed * 100_003 + step)
-        sample = sample_groups(policy, reference, ids, mask, [set(r) for r in rows["robots"]], decode, settings, weights, generator)
-        try:
-            update = grpo_update(policy, optimizer, sample, settings)
-            consecutive_nan = 0
-        except FloatingPointError:
-            consecutive_nan += 1
-            update = {"skipped": 1.0}
-            if consecutive_nan >= config.training.max_consecutive_nan_steps:
-                raise TrainingDivergedError(step + 1, consecutive_nan, latest.path if latest else None) from None
-        means = sample.rewards.means()
-        record = {
-            "step": step + 1,
-            "train/grpo_reasoning_loss": update.get("loss", float("nan")),
-            **{f"reward/{k}": v for k, v in means.items()},
-            "reward/std": float(np.std(sample.rewards.total)),
-            "reasoning/well_formed": float(np.mean([p.well_formed for p in sample.rewards.parsed])),
-            **{f"grpo/{k}": v for k, v in update.items() if k != "loss"},
-        }
-        history(record)
-        for callback in callbacks:
-            callback(record)
-        if (step + 1) % config.training.save_every_n_steps == 0 or step + 1 == grpo.steps:
-            save_checkpoint(
-                checkpoint_dir, step + 1, policy, optimizer, scheduler, {"consecutive_nan": consecutive_nan}, run_config,
-                device=device, keep_last=config.training.keep_last_checkpoints,
-            )
-            latest = load_latest_checkpoint(checkpoint_dir)
+        order = _task_order(len(train), config.training.seed, epoch)
+        rows = train.iloc[order[offset * grpo.tasks_per_step : (offset + 1) * grpo.tasks_per_step]]
+        encoded = tokenizer(
+            [format_prompt(t) for t in rows["task_text"]], add_special_tokens=False, truncation=True,
+            max_length=MAX_PROMPT_TOKENS, padding=True, return_tensors="pt",
+        )
+        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device), [set(r) for r in rows["robots"]]
+
+    training = config.training
+    loop = LoopSettings(
+        grpo.steps, checkpoint_dir, training.save_every_n_steps, training.keep_last_checkpoints,
+        training.max_consecutive_nan_steps,
+    )
+    run_config = {"model": policy.config.to_dict(), "fingerprint": fingerprint}
+    run = train_grpo(
+        policy, reference, batch_for_step, decode, settings, weights, loop, run_config,
+        learning_rate=grpo.training.learning_rate, seed=training.seed, callbacks=[history, *callbacks],
+    )
 
     evaluations = {}
     for split in ("validation", "test"):
@@ -386,6 +360,6 @@ def run_grpo(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] 
         [{"model": name, "split": e.split, **e.summary()} for name, e in evaluations.items()]
     )
     return StageResult(
-        GRPO, model_dir(storage, GRPO), fingerprint, grpo.steps, resumed, history.read(), metrics,
+        GRPO, model_dir(storage, GRPO), fingerprint, grpo.steps, run.resumed_from_step, history.read(), metrics,
         time.perf_counter() - started, {"sft_vs_grpo": comparison}, evaluations,
     )

@@ -2,8 +2,14 @@ from pathlib import Path
 
 import pytest
 
+from bitmar_model.config import BitMarConfig
 from bitmar_pipeline.cli import parse_overrides
-from bitmar_pipeline.config import ConfigError, PipelineConfig, load_config
+from bitmar_pipeline.config import (
+    ConfigError,
+    DeprecatedConfigKeyWarning,
+    PipelineConfig,
+    load_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,3 +82,22 @@ def test_train_command_maps_seed_options(monkeypatch):
         "selection": "multimodal_pretrain,reasoning_sft,grpo_policy",
         "overrides": {"compute.device": "cuda:0", "training.save_every_n_steps": 50},
     }
+
+
+def test_renamed_key_still_loads_with_a_deprecation_warning(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("grpo_reasoning:\n  max_reasoning_steps: 7\n  steps: 3\n")
+    with pytest.warns(DeprecatedConfigKeyWarning, match="grpo_reasoning.max_reasoning_steps is deprecated; use model.reasoning_steps"):
+        config = load_config(old)
+    assert config.model.reasoning_steps == 7 and config.grpo_reasoning.steps == 3
+    with pytest.warns(DeprecatedConfigKeyWarning, match="use model.reasoning_steps"):
+        assert load_config(None, {"grpo_reasoning.max_reasoning_steps": 6}).model.reasoning_steps == 6
+    both = tmp_path / "both.yaml"
+    both.write_text("model: {reasoning_steps: 5}\ngrpo_reasoning: {max_reasoning_steps: 7}\n")
+    with pytest.raises(ConfigError, match="renamed to model.reasoning_steps; set only model.reasoning_steps"):
+        load_config(both)
+
+
+def test_model_section_defaults_are_bitmar_config_defaults():
+    defaults = BitMarConfig().to_dict()
+    assert {key: defaults[key] for key in PipelineConfig().model.model_dump()} == PipelineConfig().model.model_dump()

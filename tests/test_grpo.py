@@ -76,19 +76,19 @@ def gradients(policy: BitMarModel, loss: torch.Tensor) -> dict[str, torch.Tensor
 
 def test_entropy_bonus_is_the_gradient_of_the_policy_entropy() -> None:
     policy = tiny_policy()
-    settings = GRPOSettings(group_size=3, max_new_tokens=6, temperature=0.8, kl_beta=0.0, entropy_coef=0.3, selection_anchor_weight=0.0)
+    settings = GRPOSettings(group_size=3, max_new_tokens=6, reasoning_temperature=0.8, kl_beta=0.0, entropy_coef=0.3, selection_anchor_weight=0.0)
     sample = sampled(policy, settings)
     assert sample.completion_mask.sum() > 6 and bool((sample.advantages == 0).all())
 
     loss, _ = grpo_loss(policy, sample, settings)
     bonus = gradients(policy, loss)
-    expected = gradients(policy, -settings.entropy_coef * completion_entropy(policy, sample, settings.temperature))
+    expected = gradients(policy, -settings.entropy_coef * completion_entropy(policy, sample, settings.reasoning_temperature))
     assert expected.keys() <= bonus.keys()
     for name, grad in expected.items():
         assert torch.allclose(bonus[name], grad, atol=1e-6, rtol=1e-4), name
 
     # The test tells the old term apart: -log pi of the drawn tokens has another gradient.
-    drawn = policy.sequence_log_probs(sample.prompt_ids, sample.prompt_mask, None, sample.sequences, sample.sequence_mask, settings.temperature)
+    drawn = policy.sequence_log_probs(sample.prompt_ids, sample.prompt_mask, None, sample.sequences, sample.sequence_mask, settings.reasoning_temperature)
     mask = sample.completion_mask
     old = gradients(policy, settings.entropy_coef * ((drawn * mask).sum(dim=1) / mask.sum(dim=1)).mean())
     assert not torch.allclose(old["embed_tokens.weight"], expected["embed_tokens.weight"], atol=1e-4)

@@ -13,7 +13,7 @@ from bitmar_pipeline.images import is_heldout
 from bitmar_pipeline.storage import Storage
 from bitmar_pipeline.text_corpus import tokenizer_corpus
 from bitmar_pipeline.tokenizer import (
-    REASONING_TAGS,
+    REASONING_TAG_TOKENS,
     SPECIAL_TOKENS,
     load_tokenizer,
     train_bpe_tokenizer,
@@ -51,7 +51,7 @@ def test_round_trip_is_exact(trained, corpus: list[str]):
 
 def test_tags_and_specials_are_single_tokens(trained):
     tokenizer, _ = trained
-    for token in SPECIAL_TOKENS + REASONING_TAGS:
+    for token in SPECIAL_TOKENS + REASONING_TAG_TOKENS:
         ids = tokenizer.encode(token)
         assert len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids) == [token]
     assert tokenizer.convert_ids_to_tokens([0, 1, 2, 3]) == list(SPECIAL_TOKENS)

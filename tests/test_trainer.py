@@ -198,6 +198,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path, reference)
     assert_same_weights(again.model, weights)
 
 
+@pytest.mark.slow  # subprocesses
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, reference) -> None:
     weights, _ = reference
     process = subprocess.Popen(
@@ -244,7 +245,7 @@ def test_nan_steps_are_skipped_and_counted() -> None:
         loss, metrics = lm_loss(model, batch)
         return (loss * math.nan if calls in (3, 8) else loss), metrics
 
-    trainer = tiny_trainer(None, grad_accumulation_steps=1)
+    trainer = tiny_trainer(None, gradient_accumulation_steps=1)
     trainer.loss_fn = nan_on_some_calls
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     result = trainer.train()
@@ -263,7 +264,7 @@ def test_divergence_raises_and_keeps_last_good_checkpoint(tmp_path: Path) -> Non
         loss, metrics = lm_loss(model, batch)
         return (loss + math.inf if calls > 5 else loss), metrics
 
-    trainer = tiny_trainer(tmp_path, grad_accumulation_steps=1, max_consecutive_nan_steps=3)
+    trainer = tiny_trainer(tmp_path, gradient_accumulation_steps=1, max_consecutive_nan_steps=3)
     trainer.loss_fn = diverge_after_5
     with pytest.raises(TrainingDivergedError, match="step 8") as raised:
         trainer.train()
@@ -296,7 +297,7 @@ def test_checkpoint_from_another_config_is_refused_before_training(tmp_path: Pat
     assert "trainer.learning_rate: 0.03 (checkpoint) != 0.001 (current)" in message
     assert calls == 0
     # Runtime-only settings may change on resume.
-    assert tiny_trainer(tmp_path, max_steps=4, log_every_n_steps=2, keep_last=5).train().final_step == 4
+    assert tiny_trainer(tmp_path, max_steps=4, log_every_n_steps=2, keep_last_checkpoints=5).train().final_step == 4
 
 
 def test_checkpoint_files_load_without_pickle(tmp_path: Path) -> None:
@@ -369,6 +370,7 @@ def test_eval_fn_runs_without_touching_the_training_rng(reference) -> None:
 # --- DDP ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # subprocesses
 def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -446,7 +448,7 @@ def test_accumulated_gradient_is_the_token_mean_of_the_whole_step(monkeypatch) -
         return clip(parameters, max_norm, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
-    config = tiny_config(None, max_steps=1, warmup_steps=0, batch_size=1, grad_accumulation_steps=2, grad_clip=0.0)
+    config = tiny_config(None, max_steps=1, warmup_steps=0, batch_size=1, gradient_accumulation_steps=2, max_grad_norm=0.0)
     Trainer(model, _VariableLengths(), _padded_lm_loss, config, collate_fn=_pad, token_count_fn=_target_count).train()
 
     reference = TinyLM(TinyLMConfig(dropout=0.0))
