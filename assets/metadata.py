@@ -8,17 +8,14 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from bitmar_pipeline.markdown import markdown_table as render_markdown_table
+
 
 def markdown_table(frame: pd.DataFrame, max_rows: int = 8, max_chars: int = 80) -> dg.MarkdownMetadataValue:
-    shown = frame.head(max_rows).copy()
-    for column in shown.columns:
-        shown[column] = shown[column].map(lambda v: str(v) if len(str(v)) <= max_chars else str(v)[: max_chars - 1] + "…")
-    if shown.empty:
+    """A preview of `frame` for the metadata panel: a few rows, long cells cut."""
+    if frame.head(max_rows).empty:
         return dg.MetadataValue.md("_(no rows)_")
-    header = "| " + " | ".join(map(str, shown.columns)) + " |"
-    rule = "| " + " | ".join("---" for _ in shown.columns) + " |"
-    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in shown.itertuples(index=False)]
-    return dg.MetadataValue.md("\n".join([header, rule, *body]))
+    return dg.MetadataValue.md(render_markdown_table(frame, max_rows=max_rows, max_chars=max_chars))
 
 
 def quarantine_metadata(quarantine: pd.DataFrame) -> dict[str, dg.MetadataValue]:

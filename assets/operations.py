@@ -22,6 +22,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.partitions import coco_shards
+from bitmar_model.io import sha256_file
 from bitmar_pipeline.coco import manifest_shards
 from bitmar_pipeline.config import ScheduleConfig
 from bitmar_pipeline.resources import BitmarSettings
@@ -69,14 +70,6 @@ feature_backfill = dg.define_asset_job(
 JOBS = [full_pipeline, retrain, feature_backfill]
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def robot_dataset_files(settings: BitmarSettings) -> list[Path]:
     """The local robot dataset files the profile points at (none for sample or url sources)."""
     robot = settings.config.data.robot
@@ -102,7 +95,7 @@ def _robot_dataset_sensor(interval: int) -> dg.SensorDefinition:
         if missing:
             return dg.SkipReason(f"robot dataset file(s) not found: {', '.join(missing)}")
         # Content, not mtime: a copy or `touch` without a change must not retrain.
-        hashes = {str(p): file_digest(p) for p in files}
+        hashes = {str(p): sha256_file(p) for p in files}
         cursor = json.dumps(hashes, sort_keys=True)
         if context.cursor is None:
             return dg.SensorResult(skip_reason=dg.SkipReason(f"recorded the content of {len(files)} file(s)"), cursor=cursor)

@@ -12,7 +12,7 @@ Layout of a checkpoint directory:
 Nothing is unpickled on load: `trainer_state.pt` holds only tensors, numbers, strings,
 lists, tuples and dicts, and is read with `torch.load(..., weights_only=True)`.
 
-A checkpoint is written into `step-N.tmp-<uuid>` and renamed into place only when complete,
+A checkpoint is written into `.tmp-step-N.<uuid>` and renamed into place only when complete,
 and `latest.json` moves to it only after that, so a run killed at any moment leaves the
 previous checkpoint as the latest one.
 """
@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from bitmar_model.io import TMP_PREFIX, atomic_directory, atomic_write_json
+
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.json"
@@ -43,7 +43,9 @@ LATEST_FILE = "latest.json"
 CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE, CONFIG_FILE)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_TMP_DIR = re.compile(r"^step-\d+\.(tmp|old)-[0-9a-f]+$")
+# Staging and set-aside folders of killed saves: bitmar_model.io's `.tmp-step-N.*` names, and
+# the `step-N.tmp-*` / `step-N.old-*` names of earlier versions.
+_TMP_DIR = re.compile(r"^(\.tmp-step-\d+\.(old-)?|step-\d+\.(tmp|old)-)[0-9a-f]+$")
 
 
 @dataclass
@@ -143,9 +145,9 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step}"
-    tmp = directory / f"step-{step}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    # The staging folder's files are fsynced before the swap; an orphan `final` (a run killed
+    # before it updated latest.json, or one overwritten deliberately) is replaced.
+    with atomic_directory(final) as tmp:
         fingerprint = config_fingerprint(config)
         save_model(
             unwrap_model(model),
@@ -162,14 +164,7 @@ def save_checkpoint(
         torch.save(state, tmp / STATE_FILE)
         record = {"step": step, "fingerprint": fingerprint, "config": config}
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        for name in CHECKPOINT_FILES:
-            _fsync(tmp / name)
-        _fsync(tmp)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_json_atomic(directory / LATEST_FILE, {"step": step, "path": final.name})
+    atomic_write_json(directory / LATEST_FILE, {"step": step, "path": final.name})
     _prune(directory, keep_last, keep=final)
     return final
 
@@ -273,45 +268,13 @@ def _config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]
     return []
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Rename `source` to `target`. An existing `target` is an orphan of a run killed before
-    it updated latest.json (or one being overwritten deliberately); move it aside first,
-    since a directory cannot be renamed over a non-empty one."""
-    if target.exists():
-        aside = target.with_name(f"{target.name}.old-{uuid.uuid4().hex}")
-        target.rename(aside)
-        source.rename(target)
-        shutil.rmtree(aside)
-    else:
-        source.rename(target)
-    _fsync(target.parent)
-
-
-def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def _prune(directory: Path, keep_last: int | None, keep: Path) -> None:
     """Delete leftovers of killed saves and all but the `keep_last` newest checkpoints
     (never `keep`, the one latest.json now points to)."""
     for entry in directory.iterdir():
         if entry.is_dir() and _TMP_DIR.match(entry.name):
             shutil.rmtree(entry, ignore_errors=True)
-        elif entry.name.startswith(f"{LATEST_FILE}.tmp-"):
+        elif entry.name.startswith(f"{TMP_PREFIX}{LATEST_FILE}."):
             entry.unlink(missing_ok=True)
     if keep_last is None:
         return

@@ -241,15 +241,26 @@ class BitMarDecoder(nn.Module):
                     hidden = out.last_hidden_state[:, -1]
                 next_position = next_position + 1
 
-        new_tokens = torch.stack(tokens, dim=1)
-        new_token_mask = torch.stack(token_masks, dim=1)
-        return GenerationOutput(
-            sequences=torch.cat((prompt_ids, new_tokens), dim=1),
-            attention_mask=torch.cat((prompt_mask, new_token_mask), dim=1),
-            new_tokens=new_tokens,
-            new_token_mask=new_token_mask,
-            log_probs=torch.stack(log_probs, dim=1) if return_log_probs else None,
-        )
+        return _generation_output(prompt_ids, prompt_mask, tokens, token_masks, log_probs if return_log_probs else None)
+
+
+def _generation_output(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    tokens: list[torch.Tensor],
+    token_masks: list[torch.Tensor],
+    log_probs: list[torch.Tensor] | None,
+) -> GenerationOutput:
+    """Stack the per-step tokens ([B] each) of `generate` and append them to the prompts."""
+    new_tokens = torch.stack(tokens, dim=1)
+    new_token_mask = torch.stack(token_masks, dim=1)
+    return GenerationOutput(
+        sequences=torch.cat((prompt_ids, new_tokens), dim=1),
+        attention_mask=torch.cat((prompt_mask, new_token_mask), dim=1),
+        new_tokens=new_tokens,
+        new_token_mask=new_token_mask,
+        log_probs=torch.stack(log_probs, dim=1) if log_probs is not None else None,
+    )
 
 
 def last_valid_index(attention_mask: torch.Tensor) -> torch.Tensor:

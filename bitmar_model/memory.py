@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +42,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from bitmar_model.io import atomic_path
 
 FORMAT_NAME = "bitmar-episodic-memory"
 FORMAT_VERSION = 1
@@ -211,11 +212,8 @@ class EpisodicMemory(nn.Module):
             "format_version": str(FORMAT_VERSION),
             "fingerprint": str(fingerprint),
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=config | {"checksum": _checksum(tensors, config)})
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=config | {"checksum": _checksum(tensors, config)})
 
     @classmethod
     def load(cls, path: str | Path, expected_fingerprint: str | None = None) -> EpisodicMemory:

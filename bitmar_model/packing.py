@@ -35,7 +35,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from bitmar_model.bitlinear import EPS, BitLinear, quantize_activations, ternarize
+from bitmar_model.io import atomic_write_bytes, atomic_write_json, sha256_file
 
 WEIGHTS_FILE = "model.packed.safetensors"
 CONFIG_FILE = "packed_config.json"
@@ -206,23 +206,6 @@ def round_to_stored(model: nn.Module) -> nn.Module:
     return rounded
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_packed(model: nn.Module, directory: str | Path, config: dict[str, Any]) -> Path:
     """Write `model` in packed form to `directory`; returns the weights file path.
 
@@ -264,11 +247,11 @@ def save_packed(model: nn.Module, directory: str | Path, config: dict[str, Any])
     }
     json.dumps(manifest)  # a non-JSON config fails here, before anything is written
     weights_path = directory / WEIGHTS_FILE
-    _write_atomically(weights_path, save_safetensors(tensors, metadata={"format": FORMAT_NAME}))
+    atomic_write_bytes(weights_path, save_safetensors(tensors, metadata={"format": FORMAT_NAME}))
     manifest["sha256"] = sha256_file(weights_path)
     # The manifest is written last: it carries the checksum, so a crash in between
     # leaves a directory that load refuses rather than a silently mismatched pair.
-    _write_atomically(directory / CONFIG_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    atomic_write_json(directory / CONFIG_FILE, manifest, indent=2, sort_keys=True)
     return weights_path
 
 

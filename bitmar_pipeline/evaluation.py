@@ -16,8 +16,8 @@ Format compliance is the share of well-formed texts (bitmar_model.reasoning_form
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedTokenizerBase
 
+from bitmar_model.io import atomic_write_json
 from bitmar_model.metrics import (
     CONFIDENCE_TARGET,
     MetricWithCI,
@@ -49,6 +50,8 @@ from bitmar_model.reasoning_format import (
 )
 from bitmar_model.robots import ROBOT_CLASSES
 from bitmar_pipeline.baselines import MajorityBaseline, TfidfLogisticBaseline, evaluate_selection
+from bitmar_pipeline.coco import manifest_shards
+from bitmar_pipeline.config import EvaluationThresholds, PipelineConfig
 from bitmar_pipeline.figures import (
     attention_map_figure,
     confusion_figure,
@@ -57,7 +60,10 @@ from bitmar_pipeline.figures import (
 )
 from bitmar_pipeline.reasoning_eval import ReasoningEvaluation, evaluate_reasoning
 from bitmar_pipeline.reasoning_targets import evaluable_subtasks, format_prompt
-from bitmar_pipeline.training_data import CaptionSet
+from bitmar_pipeline.robustness import user_phrased_section
+from bitmar_pipeline.storage import Storage
+from bitmar_pipeline.training_data import CaptionSet, load_caption_data, load_pipeline_tokenizer
+from bitmar_pipeline.training_stages import GRPO, PRETRAIN, load_stage_model, retrieval_metrics
 
 EVALUATED_ROBOTS = [r for r in ROBOT_CLASSES if r != "No Robot"]
 _STOP_WORDS = frozenset("that this with from into over under their there have will your what when where which about while".split())
@@ -249,11 +255,7 @@ def analysis_figures(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, hel
 
 
 def write_report(report: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=float))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(path, report, indent=2, default=float)
 
 
 def calibration_figures(head_conf: np.ndarray, head_correct: np.ndarray, model_eval: ReasoningEvaluation, out_dir: Path) -> dict[str, Path]:
@@ -283,3 +285,110 @@ def evaluate_splits(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, task
             )
     result.tables["robot_selection"] = pd.concat(tables, ignore_index=True)
     return result
+
+
+@dataclass(frozen=True)
+class ThresholdCheck:
+    """One release bar of the report: `value` compared with `threshold`."""
+
+    name: str
+    value: float
+    threshold: float
+    higher_is_better: bool = True
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
+
+
+def _flops_section(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, heldout: CaptionSet, task_texts: list[str]) -> dict[str, dict[str, int]]:
+    """FLOPs per component for one batch of task prompts and one of image-caption pairs."""
+    encoded = tokenizer([format_prompt(t) for t in task_texts[:8]], add_special_tokens=False, padding=True, return_tensors="pt")
+    batch = heldout.collate(list(range(min(8, len(heldout)))))
+    text_inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    image_inputs = {
+        "input_ids": batch["caption_ids"],
+        "attention_mask": batch["caption_mask"],
+        "vision_features": {"cls": batch["cls"], "patches": batch["patches"]},
+    }
+    return {
+        "text_only_task_batch": flops_per_component(model, text_inputs),
+        "image_caption_batch": flops_per_component(model, image_inputs),
+    }
+
+
+def build_evaluation_report(config: PipelineConfig, storage: Storage, encoder_fingerprint: Callable[[], str], report_path: Path) -> EvaluationResult:
+    """Measure the latest (grpo_policy) model on validation and test and write the report JSON
+    to `report_path`: robot selection and reasoning next to the baselines, captioning and
+    retrieval (also of the pretrained model), memory, attention figures and FLOPs.
+
+    `encoder_fingerprint` is called only once robot selection is measured: loading the vision
+    encoder may draw from the global RNG, and that order keeps the numbers reproducible."""
+    out_dir = storage.path("reports", "evaluation")
+    tokenizer = load_pipeline_tokenizer(storage)
+    model = load_stage_model(storage, GRPO).eval()
+    tasks = storage.read_partition("robot_tasks", "all")
+    tasks["robots"] = tasks["robots"].map(list)
+    subtasks = storage.read_partition("robot_subtasks", "all")
+
+    result = evaluate_splits(model, tokenizer, tasks, subtasks, config.grpo_reasoning.max_new_tokens, config.evaluation.bootstrap_resamples, out_dir)
+    result.report["user_phrased"] = user_phrased_section(model, tokenizer, config.grpo_reasoning.max_new_tokens, config.evaluation.bootstrap_resamples)
+    captions = load_caption_data(storage, manifest_shards(storage), encoder_fingerprint(), tokenizer, model.config.max_seq_len, config.training.heldout_fraction)
+    heldout, max_images = captions.heldout, config.evaluation.max_caption_images
+    result.report["vision_language"] = vision_language_section(model, tokenizer, heldout, retrieval_metrics(model, heldout), max_images)
+    # The same measured on the pretrained model: the reasoning stages train the decoder on
+    # reasoning text only, so the gap shows what they cost in captioning and retrieval.
+    pretrained = load_stage_model(storage, PRETRAIN).eval()
+    result.report["vision_language_after_pretraining"] = vision_language_section(
+        pretrained, tokenizer, heldout, retrieval_metrics(pretrained, heldout), max_images
+    )
+    test_tasks = tasks[tasks["split"] == "test"].drop_duplicates("task_key")["task_text"].tolist()[:16]
+    figures, memory = analysis_figures(model, tokenizer, heldout, test_tasks, out_dir)
+    result.figures.update(figures)
+    result.report["memory"] = memory
+    result.report["flops_per_forward"] = _flops_section(model, tokenizer, heldout, test_tasks)
+    result.report["model"] = {"stage": GRPO, "parameters": sum(p.numel() for p in model.parameters())}
+    write_report(result.report, report_path)
+    return result
+
+
+def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of a report, keyed as they are logged to W&B."""
+    head = report["robot_selection"]["test"]["bitmar_head"]
+    return {
+        "robot_selection/test_head_top1": head["top1"]["value"],
+        "robot_selection/test_head_sample_f1": head["sample_f1"]["value"],
+        "robot_selection/test_head_exact_set": head["exact_set"]["value"],
+        "reasoning/test_format_compliance": report["reasoning"]["test"]["format_compliance"]["value"],
+        **{f"vision_language/{k}": v for k, v in report["vision_language"].items() if isinstance(v, float | int)},
+        **{f"Memory/{k}": v for k, v in report["memory"].items()},
+    }
+
+
+def threshold_checks(report: dict[str, Any], thresholds: EvaluationThresholds) -> list[ThresholdCheck]:
+    """The report measured against the configured release bars."""
+    test = report["robot_selection"]["test"]
+    head, reasoning_test = test["bitmar_head"], report["reasoning"]["test"]
+    return [
+        ThresholdCheck("test_head_top1", head["top1"]["value"], thresholds.test_head_top1),
+        ThresholdCheck("test_head_sample_f1", head["sample_f1"]["value"], thresholds.test_head_sample_f1),
+        # The baselines are computed on the same split and items, so these two hold whatever
+        # the split's difficulty: the robot-selection bar is relative to them.
+        ThresholdCheck("test_head_top1_gain_over_majority", head["top1"]["value"] - test["majority"]["top1"]["value"], thresholds.min_top1_gain_over_majority),
+        ThresholdCheck("test_head_f1_vs_tfidf", head["sample_f1"]["value"] - test["tfidf_logreg"]["sample_f1"]["value"], thresholds.min_f1_vs_tfidf),
+        ThresholdCheck("reasoning_format_compliance", reasoning_test["format_compliance"]["value"], thresholds.reasoning_format_compliance),
+        ThresholdCheck("retrieval_i2t_recall_at_5", report["vision_language"].get("i2t_R@5", 0.0), thresholds.retrieval_i2t_recall_at_5),
+        ThresholdCheck("head_confidence_calibrated", reasoning_test["head_confidence_ece"], thresholds.max_head_confidence_ece, higher_is_better=False),
+    ]
+
+
+def reasoning_quality_table(report: dict[str, Any]) -> pd.DataFrame:
+    """One row per split and reasoning-quality dimension."""
+    return pd.DataFrame(
+        [
+            {"split": split, "dimension": dim, **values}
+            for split, section in report["reasoning"].items()
+            for dim, values in section.items()
+            if isinstance(values, dict)
+        ]
+    )

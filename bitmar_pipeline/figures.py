@@ -8,7 +8,6 @@ threads and on headless machines. Each function writes one PNG (dpi 100) atomica
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from bitmar_model.io import atomic_path
 from bitmar_model.metrics import expected_calibration_error, label_matrix, reliability_bins
 from bitmar_model.robots import ROBOT_CLASSES
 
@@ -32,10 +32,8 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, out_path: str | Path) -> Path:
     path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
     return path
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from bitmar_model.bitlinear import BitLinear, bitlinear_stats, ternarize
+from bitmar_model.io import atomic_write_json
 from bitmar_model.modeling import BitMarModel, parameter_report
 from bitmar_model.packing import pack_model, round_to_stored
 from bitmar_pipeline.figures import weight_distribution_figure
@@ -63,15 +63,6 @@ class QuantizationReport:
     layers: pd.DataFrame
     path: Path
     figure: Path
-
-
-def write_json_atomic(data: dict[str, Any], path: Path) -> Path:
-    """Readers (the release, a person) see the previous report or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
-    return path
 
 
 def layer_table(model: nn.Module) -> pd.DataFrame:
@@ -260,5 +251,6 @@ def build_quantization_report(
         },
         "figure": figure.relative_to(out_dir).as_posix(),  # relative: the report ships in the release
     }
-    path = write_json_atomic(report, out_dir / REPORT_FILE)
+    # Readers (the release, a person) see the previous report or the complete new one.
+    path = atomic_write_json(out_dir / REPORT_FILE, report, indent=2, default=float)
     return QuantizationReport(report, layers, path, figure)

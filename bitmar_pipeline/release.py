@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,10 +33,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import yaml
 
-from bitmar_model.packing import save_packed, sha256_file
+from bitmar_model.io import atomic_directory, atomic_write_json, sha256_file
+from bitmar_model.packing import save_packed
 from bitmar_pipeline.config import PipelineConfig
+from bitmar_pipeline.markdown import markdown_table
 from bitmar_pipeline.quantization import REPORT_FILE as QUANTIZATION_REPORT
-from bitmar_pipeline.quantization import REPORTS_DIR, write_json_atomic
+from bitmar_pipeline.quantization import REPORTS_DIR
 from bitmar_pipeline.storage import Storage
 from bitmar_pipeline.text_corpus import TOKENIZER_DIR
 from bitmar_pipeline.training_data import check_compatible, load_pipeline_tokenizer
@@ -112,13 +113,6 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _markdown(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "|".join(" --- " for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
-
-
 def _leaves(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
     """(dotted path, value) of every number or confidence interval in a nested dict."""
     found = []
@@ -147,12 +141,12 @@ def metrics_markdown(evaluation: dict[str, Any]) -> str:
         names = list(dict.fromkeys(m for metrics in models.values() for m in metrics))
         table = pd.DataFrame([{"metric": m, **{model: _cell(metrics[m]) if m in metrics else "-" for model, metrics in models.items()}} for m in names])
         n = f", n={section['n']}" if "n" in section else ""
-        parts.append(f"Robot selection, {split} split{n}; `majority` and `tfidf_logreg` are the baselines:\n\n{_markdown(table)}")
+        parts.append(f"Robot selection, {split} split{n}; `majority` and `tfidf_logreg` are the baselines:\n\n{markdown_table(table)}")
     others = _leaves({k: v for k, v in evaluation.items() if k != "robot_selection"})
     if others:
         shown = pd.DataFrame([{"metric": path, "value": _cell(v)} for path, v in others[:_MAX_OTHER_METRICS]])
         more = f"\n\n({len(others) - _MAX_OTHER_METRICS} more in `evaluation.json`.)" if len(others) > _MAX_OTHER_METRICS else ""
-        parts.append(f"Other metrics:\n\n{_markdown(shown)}{more}")
+        parts.append(f"Other metrics:\n\n{markdown_table(shown)}{more}")
     return "\n\n".join(parts) or "The evaluation report holds no numeric metrics; see `evaluation.json`."
 
 
@@ -198,29 +192,58 @@ def _fp16_cost(quantization: dict[str, Any]) -> str:
     return f"; against fp32 they move robot probabilities by at most {cost['robot_probs_max_abs_diff']:.2e}" if cost else ""
 
 
+def _emissions_section(emissions: pd.DataFrame | None) -> str:
+    if emissions is None:
+        return "No emissions were recorded (codecarbon off: `carbon_tracking.enabled: false`, or no training run tracked)."
+    return (
+        "Measured with codecarbon (offline, by country), summed over every recorded run of each stage:\n\n"
+        + markdown_table(emissions.round(6))
+    )
+
+
+def _size_line(sizes: dict[str, Any]) -> str:
+    if not sizes:
+        return "See `quantization.json`."
+    return (
+        f"{sizes['total_parameters']:,} parameters: {_bytes(sizes['fp32_bytes'])} in fp32, "
+        f"{_bytes(sizes['fp16_bytes'])} in fp16, {_bytes(sizes['packed_bytes'])} packed "
+        f"({sizes['compression_vs_fp32']:.1f}x smaller than fp32)."
+    )
+
+
+def _agreement_line(quantization: dict[str, Any]) -> str:
+    """How closely the packed form reproduces the trained model, in one sentence."""
+    packed = quantization.get("agreement", {}).get("packed_vs_fake_quant", {})
+    if not packed:
+        return ""
+    if packed["exactly_equal"]:
+        match = "reproduces the trained model exactly"
+    else:
+        diff = format(packed["robot_probs_max_abs_diff"], ".2e")
+        match = f"differs from the trained model by at most {diff} in robot probability"
+    return (
+        f"On {packed['tasks']} test tasks the packed form {match}; "
+        f"robot top-1 agreement {packed['robot_top1_agreement']:.3f}, "
+        f"next-token agreement {packed['logits_argmax_agreement']:.3f}"
+        " (its embeddings, norms and biases are stored in fp16; the trained model holding them in fp16 is the "
+        f"reference{_fp16_cost(quantization)})."
+    )
+
+
 def render_card(
-    manifest: dict[str, Any], evaluation: dict[str, Any], quantization: dict[str, Any], data: str, emissions: pd.DataFrame | None, repo_id: str
+    manifest: dict[str, Any],
+    evaluation: dict[str, Any],
+    quantization: dict[str, Any],
+    data: str,
+    emissions: pd.DataFrame | None,
+    repo_id: str,
 ) -> str:
     front = yaml.safe_dump({"license": "mit", "library_name": "bitmar", "tags": TAGS}, sort_keys=False)
-    sizes = quantization.get("sizes", {})
-    packed = quantization.get("agreement", {}).get("packed_vs_fake_quant", {})
     source = manifest["source"]
     vision = manifest["vision"]
-    if emissions is None:
-        emitted = "No emissions were recorded (codecarbon off: `carbon_tracking.enabled: false`, or no training run tracked)."
-    else:
-        emitted = "Measured with codecarbon (offline, by country), summed over every recorded run of each stage:\n\n" + _markdown(emissions.round(6))
-    size_line = (
-        f"{sizes['total_parameters']:,} parameters: {_bytes(sizes['fp32_bytes'])} in fp32, {_bytes(sizes['fp16_bytes'])} in fp16, "
-        f"{_bytes(sizes['packed_bytes'])} packed ({sizes['compression_vs_fp32']:.1f}x smaller than fp32)."
-        if sizes else "See `quantization.json`."
-    )
-    agreement = (
-        f"On {packed['tasks']} test tasks the packed form {'reproduces the trained model exactly' if packed['exactly_equal'] else 'differs from the trained model by at most ' + format(packed['robot_probs_max_abs_diff'], '.2e') + ' in robot probability'}; "
-        f"robot top-1 agreement {packed['robot_top1_agreement']:.3f}, next-token agreement {packed['logits_argmax_agreement']:.3f}"
-        f" (its embeddings, norms and biases are stored in fp16; the trained model holding them in fp16 is the reference{_fp16_cost(quantization)})."
-        if packed else ""
-    )
+    emitted = _emissions_section(emissions)
+    size_line = _size_line(quantization.get("sizes", {}))
+    agreement = _agreement_line(quantization)
     encoder = f"`{vision['model']}`" + (f" (included in `{vision['path']}/`)" if vision.get("path") else "")
     return f"""---
 {front}---
@@ -313,14 +336,6 @@ def _vision_entry(vision: VisionSpec, staging: Path) -> dict[str, Any]:
     return entry
 
 
-def _swap_in(staging: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def build_release(storage: Storage, config: PipelineConfig, vision: VisionSpec, created: datetime | None = None) -> Release:
     """Assemble `<storage>/release/` from the latest grpo_policy model and the reports."""
     evaluation = read_report(storage, EVALUATION_REPORT, "evaluation_report")
@@ -331,15 +346,14 @@ def build_release(storage: Storage, config: PipelineConfig, vision: VisionSpec, 
     info_path = model_dir(storage, GRPO) / STAGE_INFO_FILE
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
 
-    target = storage.path(RELEASE_DIR)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    try:
+    # Built in a staging folder and swapped in whole: readers see the old release or the new one.
+    with atomic_directory(storage.path(RELEASE_DIR)) as staging:
         model.save_pretrained(str(staging))
         save_packed(model, staging, model.config.to_dict())
         shutil.copytree(storage.path(TOKENIZER_DIR), staging / TOKENIZER_SUBDIR, ignore=shutil.ignore_patterns(".*"))
         model.memory.save(staging / MEMORY_FILE, fingerprint=model.config.fingerprint())
-        write_json_atomic(evaluation, staging / EVALUATION_FILE)
-        write_json_atomic(quantization, staging / QUANTIZATION_FILE)
+        atomic_write_json(staging / EVALUATION_FILE, evaluation, indent=2, default=float)
+        atomic_write_json(staging / QUANTIZATION_FILE, quantization, indent=2, default=float)
         manifest: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -361,12 +375,8 @@ def build_release(storage: Storage, config: PipelineConfig, vision: VisionSpec, 
             p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
         }
         # Written last: a folder without its manifest is refused by inference.
-        write_json_atomic(manifest, staging / MANIFEST_FILE)
-        _swap_in(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return Release(target, manifest, card)
+        atomic_write_json(staging / MANIFEST_FILE, manifest, indent=2, default=float)
+    return Release(storage.path(RELEASE_DIR), manifest, card)
 
 
 def release_files(path: Path) -> pd.DataFrame:

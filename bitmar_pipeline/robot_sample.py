@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from bitmar_model.io import atomic_write_text
 from bitmar_model.robots import ROBOT_INDEX
 
 SINGLE_FILE_NAME = "single_robot_selection.json"
@@ -199,7 +199,4 @@ def _sentence_case(text: str) -> str:
 
 def _write_json(path: Path, records: list[dict]) -> Path:
     # Write then rename, so a killed run never leaves a truncated file for ingestion.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")

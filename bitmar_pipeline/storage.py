@@ -14,8 +14,6 @@ over globs, so it is touched briefly (and retried) when a table first appears, n
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 import uuid
 from collections.abc import Iterable
@@ -26,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-TMP_PREFIX = ".tmp-"
+from bitmar_model.io import TMP_PREFIX, atomic_path
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -60,37 +58,20 @@ class StorageError(OSError):
     """The storage root cannot be used (missing permission, full disk, ...); names the path."""
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Directory fsync makes the rename itself durable; not available on every platform.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def write_parquet_atomic(table: pa.Table | pd.DataFrame, path: Path) -> Path:
     """Write `table` to `path` so that readers see the old file or the complete new one."""
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
     path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Leftovers of a killed writer of this same file: never visible, but not kept either.
         for stale in path.parent.glob(f"{TMP_PREFIX}{path.name}.*"):
             stale.unlink(missing_ok=True)
-        with open(tmp, "wb") as handle:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             pq.write_table(table, handle, compression="zstd")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise StorageError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
-    _fsync_dir(path.parent)
     return path
 
 

@@ -231,9 +231,10 @@ def build_sft_set(examples: Sequence[SftExample], tokenizer: PreTrainedTokenizer
     )
 
 
-def file_digest(paths: Sequence[Path]) -> str:
-    """Content digest of small files (tokenizer, robot tables) or the names and sizes of big
-    ones (feature shards): changes whenever the data a stage trains on changes."""
+def data_files_fingerprint(paths: Sequence[Path]) -> str:
+    """Fingerprint of a stage's input files: names plus the content of small files (tokenizer,
+    robot tables) or the size of big ones (feature shards); changes whenever the data changes.
+    Not a file checksum: that is bitmar_model.io.sha256_file."""
     digest = hashlib.sha256()
     for path in sorted(Path(p) for p in paths):
         digest.update(path.name.encode())

@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,6 +28,7 @@ import pandas as pd
 import torch
 
 from bitmar_model.grpo import GroupBatch, GRPOSettings, train_grpo
+from bitmar_model.io import atomic_directory
 from bitmar_model.loop import LoopSettings
 from bitmar_model.losses import PretrainWeights, label_token_count, pretrain_loss, sft_loss
 from bitmar_model.metrics import matched_vs_random_cosine, retrieval_recall_at_k
@@ -50,7 +49,7 @@ from bitmar_pipeline.training_data import (
     build_model_config,
     build_sft_set,
     check_compatible,
-    file_digest,
+    data_files_fingerprint,
     load_caption_data,
     load_pipeline_tokenizer,
 )
@@ -103,14 +102,9 @@ def load_stage_model(storage: Storage, stage: str, device: str | torch.device = 
 
 def publish_model(model: BitMarModel, directory: Path, info: dict[str, Any]) -> None:
     """save_pretrained into a temporary directory, then swap it in: readers never see a mix."""
-    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex}")
-    model.save_pretrained(str(staging))
-    (staging / STAGE_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex}")
-    if directory.exists():
-        directory.rename(old)
-    staging.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(directory) as staging:
+        model.save_pretrained(str(staging))
+        (staging / STAGE_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
 
 
 class History:
@@ -200,7 +194,7 @@ def run_multimodal_pretrain(config: PipelineConfig, storage: Storage, shards: Se
     fingerprint = _fingerprint(
         {
             "stage": PRETRAIN, "model": model_config.to_dict(), "training": config.training.model_dump(exclude={"sft", "selection_loss_weight", "caption_rehearsal_weight", "caption_rehearsal_batch_size"}),
-            "data": file_digest(data_files), "encoder": encoder_fingerprint, "architecture": architecture_digest(model),
+            "data": data_files_fingerprint(data_files), "encoder": encoder_fingerprint, "architecture": architecture_digest(model),
         }
     )
     checkpoint_dir = storage.path("checkpoints", PRETRAIN, fingerprint)
@@ -234,7 +228,7 @@ def _robot_tables(storage: Storage) -> tuple[pd.DataFrame, pd.DataFrame, dict[st
 
 
 def _upstream_digest(storage: Storage, stage: str) -> str:
-    return file_digest(sorted(model_dir(storage, stage).glob("*.safetensors")) + [storage.path(TOKENIZER_DIR, "tokenizer.json"), storage.partition_path("robot_tasks", "all")])
+    return data_files_fingerprint(sorted(model_dir(storage, stage).glob("*.safetensors")) + [storage.path(TOKENIZER_DIR, "tokenizer.json"), storage.partition_path("robot_tasks", "all")])
 
 
 def run_reasoning_sft(config: PipelineConfig, storage: Storage, shards: Sequence[str], encoder_fingerprint: str, callbacks: Sequence[Log] = ()) -> StageResult:
@@ -254,7 +248,7 @@ def run_reasoning_sft(config: PipelineConfig, storage: Storage, shards: Sequence
         captions = load_caption_data(storage, shards, encoder_fingerprint, tokenizer, config.model.max_seq_len, training.heldout_fraction)
         check_compatible(model.config, tokenizer, captions.feature_dim, captions.num_patches)
         dataset = RehearsalSftSet(sft_set, captions.train, training.caption_rehearsal_batch_size)
-        inputs["captions"] = file_digest([storage.partition_path("image_caption_pairs", s) for s in shards])
+        inputs["captions"] = data_files_fingerprint([storage.partition_path("image_caption_pairs", s) for s in shards])
         inputs["encoder"] = encoder_fingerprint
     fingerprint = _fingerprint({"stage": SFT, "revision": MODEL_REVISION, "training": training.model_dump(exclude={"pretrain"}), "inputs": inputs})
     checkpoint_dir = storage.path("checkpoints", SFT, fingerprint)

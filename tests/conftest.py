@@ -17,6 +17,15 @@ SHARED_DATA = Path(os.environ.get("BITMAR_SHARED_DATA", Path(__file__).resolve()
 
 
 @pytest.fixture(scope="session")
+def released(tmp_path_factory: pytest.TempPathFactory):
+    """One release (storage layout, quantization report, release folder) for the whole session:
+    building it takes seconds. Tests that change files work on a copy."""
+    from tests.factories import make_release  # imports torch: only when a test needs it
+
+    return make_release(tmp_path_factory.mktemp("release"))
+
+
+@pytest.fixture(scope="session")
 def coco_mini() -> Path:
     root = SHARED_DATA / "coco-mini"
     if not (root / "annotations" / "captions_train2017.json").is_file():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from PIL import Image
 
 from bitmar_pipeline.sources.coco_download import (
     DownloadError,
@@ -25,6 +24,7 @@ from bitmar_pipeline.sources.coco_download import (
     safe_extract_zip,
 )
 from bitmar_pipeline.sources.coco_layout import discover_caption_files, read_caption_annotations
+from tests.factories import jpeg_bytes, publish_coco
 from tests.http_server import ServerState
 
 
@@ -234,47 +234,14 @@ def test_corrupt_zip_names_file(tmp_path: Path) -> None:
 # download_coco --------------------------------------------------------------------------------
 
 
-def _jpeg(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 6), (seed * 40 % 256, 100, 50)).save(buffer, format="JPEG")
-    return buffer.getvalue()
 
 
-def _publish_coco(server: ServerState) -> dict:
-    """Serve a small annotations zip (train and val captions, plus a file that is not needed)
-    and five JPEGs under /train2017/, with ids deliberately out of order."""
-    ids = [42, 7, 19, 3, 25]
-    images = [
-        {
-            "id": i,
-            "file_name": f"{i:012d}.jpg",
-            "width": 8,
-            "height": 6,
-            "coco_url": f"{server.base}/train2017/{i:012d}.jpg",
-        }
-        for i in ids
-    ]
-    captions = [
-        {"id": 100 + n, "image_id": i, "caption": f"caption {n} of {i}"}
-        for n, i in enumerate(ids * 2)
-    ]
-    train = {"info": {"year": 2017}, "licenses": [], "images": images, "annotations": captions}
-    val = {"images": [], "annotations": []}
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("annotations/captions_train2017.json", json.dumps(train))
-        archive.writestr("annotations/captions_val2017.json", json.dumps(val))
-        archive.writestr("annotations/instances_train2017.json", "{}")
-    server.files["/annotations/annotations_trainval2017.zip"] = buffer.getvalue()
-    for i in ids:
-        server.files[f"/train2017/{i:012d}.jpg"] = _jpeg(i)
-    return train
 
 
 def test_download_coco_max_images(
     server: ServerState, session: requests.Session, tmp_path: Path
 ) -> None:
-    train = _publish_coco(server)
+    train = publish_coco(server)
     stages: list[tuple[str, int, int | None, str]] = []
     root = download_coco(
         tmp_path / "coco",
@@ -293,7 +260,7 @@ def test_download_coco_max_images(
     assert ann.images["image_id"].tolist() == [3, 7, 19]  # the first three ids, sorted
     assert sorted(ann.captions["image_id"].tolist()) == [3, 3, 7, 7, 19, 19]
     for i, name in zip(ann.images["image_id"], ann.images["file_name"], strict=True):
-        assert (root / "train2017" / name).read_bytes() == _jpeg(i)
+        assert (root / "train2017" / name).read_bytes() == jpeg_bytes(i)
     assert sorted(p.name for p in (root / "train2017").iterdir()) == [
         f"{i:012d}.jpg" for i in (3, 7, 19)
     ]
@@ -325,12 +292,12 @@ def test_download_coco_max_images(
 def test_download_coco_resumes_and_uses_image_base_url(
     server: ServerState, session: requests.Session, tmp_path: Path
 ) -> None:
-    _publish_coco(server)
+    publish_coco(server)
     for i in (3, 7, 19, 25):
-        server.files[f"/mirror/train2017/{i:012d}.jpg"] = _jpeg(i)
+        server.files[f"/mirror/train2017/{i:012d}.jpg"] = jpeg_bytes(i)
     root = tmp_path / "coco"
     (root / "train2017").mkdir(parents=True)
-    (root / "train2017" / "000000000003.jpg").write_bytes(_jpeg(3))  # already fetched earlier
+    (root / "train2017" / "000000000003.jpg").write_bytes(jpeg_bytes(3))  # already fetched earlier
     download_coco(
         root,
         max_images=4,
@@ -348,7 +315,7 @@ def test_download_coco_resumes_and_uses_image_base_url(
 def test_download_coco_failed_image_names_it_and_writes_no_captions(
     server: ServerState, session: requests.Session, tmp_path: Path
 ) -> None:
-    _publish_coco(server)
+    publish_coco(server)
     del server.files["/train2017/000000000007.jpg"]
     with pytest.raises(
         DownloadError,
@@ -367,7 +334,7 @@ def test_download_coco_failed_image_names_it_and_writes_no_captions(
 def test_download_coco_unknown_split(
     server: ServerState, session: requests.Session, tmp_path: Path
 ) -> None:
-    _publish_coco(server)
+    publish_coco(server)
     with pytest.raises(
         ValueError, match=r"no annotations/captions_test2017\.json.*captions_val2017"
     ):
@@ -383,12 +350,12 @@ def test_download_coco_unknown_split(
 def test_download_coco_full_split_from_zip(
     server: ServerState, session: requests.Session, tmp_path: Path
 ) -> None:
-    train = _publish_coco(server)
+    train = publish_coco(server)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("train2017/", b"")
         for image in train["images"]:
-            archive.writestr(f"train2017/{image['file_name']}", _jpeg(image["id"]))
+            archive.writestr(f"train2017/{image['file_name']}", jpeg_bytes(image["id"]))
         archive.writestr("README.txt", b"not part of the layout")
     server.files["/zips/train2017.zip"] = buffer.getvalue()
     kwargs = {

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -136,8 +135,7 @@ def test_rejects_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> No
         generate_sample_coco(tmp_path, **kwargs)
 
 
-def test_thousand_images_in_a_few_seconds(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_thousand_images(tmp_path: Path) -> None:
+    # How long this takes is measured by benchmarks/speed.py, not asserted here.
     generate_sample_coco(tmp_path, num_images=1000)
-    assert time.perf_counter() - start < 5
     assert len(list((tmp_path / "train2017").iterdir())) == 1000

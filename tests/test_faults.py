@@ -28,6 +28,9 @@ from bitmar_pipeline.cli import main
 from bitmar_pipeline.resources import BitmarSettings
 from bitmar_pipeline.storage import TMP_PREFIX
 
+# Runs subprocesses or whole Dagster runs: deselect with -m 'not slow'; .ci/run runs it.
+pytestmark = pytest.mark.slow
+
 IMAGES, SHARD = 240, 60
 ARGS = [
     "--set", f"data.coco.sample_num_images={IMAGES}",

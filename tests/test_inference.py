@@ -22,18 +22,12 @@ from bitmar_pipeline.inference import (
     predict_main,
 )
 from bitmar_pipeline.storage import Storage
-from tests.test_release import make_release
 
 README_LINES = """\
 from bitmar_pipeline.inference import load_predictor
 predictor = load_predictor(".bitmar/release")
 print(predictor.predict("Inspect underwater pipelines").robots)
 """
-
-
-@pytest.fixture(scope="module")
-def released(tmp_path_factory: pytest.TempPathFactory) -> Storage:
-    return make_release(tmp_path_factory.mktemp("inference"))
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,13 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
 import pyarrow.parquet as pq
 
 from bitmar_pipeline.cli import main
+
+# Runs subprocesses or whole Dagster runs: deselect with -m 'not slow'; .ci/run runs it.
+pytestmark = pytest.mark.slow
 
 ARGS = [
     "--set", "data.coco.sample_num_images=600",

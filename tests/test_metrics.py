@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -107,13 +106,13 @@ def test_bootstrap_ci_matches_normal_approximation_for_a_mean() -> None:
     assert ci.high - ci.low == pytest.approx(2 * half, rel=0.1)
 
 
-def test_bootstrap_ci_is_fast_at_5000_items() -> None:
+def test_bootstrap_ci_at_5000_items() -> None:
+    # How long this takes is measured by benchmarks/speed.py, not asserted here.
     rng = np.random.default_rng(0)
     probs = rng.random((5000, 6))
     gold = rng.random((5000, 6)) < 0.3
-    start = time.perf_counter()
-    bootstrap_ci(sample_f1, probs > 0.5, gold)
-    assert time.perf_counter() - start < 5.0
+    ci = bootstrap_ci(sample_f1, probs > 0.5, gold)
+    assert ci.low <= ci.value <= ci.high and ci.n == 5000
 
 
 def test_calibration_by_hand() -> None:

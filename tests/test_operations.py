@@ -4,14 +4,12 @@ Dagster's own backfill daemon code; several shard runs at once against one stora
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
 import sys
 import textwrap
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -26,13 +24,20 @@ from bitmar_pipeline.resources import BitmarSettings
 from bitmar_pipeline.robot_sample import generate_sample_robot_datasets
 from bitmar_pipeline.sources.coco_download import VerificationError
 from bitmar_pipeline.sources.coco_layout import AnnotationFileError
+from tests.factories import (
+    REPO,
+    run_asset_backfill,
+    synchronous_instance,
+    write_location,
+)
 
-REPO = Path(__file__).resolve().parents[1]
+# Runs subprocesses or whole Dagster runs: deselect with -m 'not slow'; .ci/run runs it.
+pytestmark = pytest.mark.slow
+
 FEATURES = ["image_caption_pairs", "vision_features"]
 RETRAIN = {"multimodal_pretrain", "reasoning_sft", "grpo_policy", "evaluation_report", "quantization_report", "hub_release"}
 # 4 shards of 3 generated images (5 captions each): cheap, but enough to exercise shard fan-out.
 SMALL = {"data.coco.sample_num_images": 12, "data.coco.shard_size": 3, "data.robot.sample_num_tasks": 20, "vision.batch_size": 4}
-IN_PROCESS = {"execution": {"config": {"in_process": {}}}}  # one process per run, not one per step
 
 
 def _settings(tmp_path: Path, **overrides) -> BitmarSettings:
@@ -232,59 +237,12 @@ def test_coco_raw_fails_at_once_on_a_permanent_error(tmp_path, monkeypatch, erro
     assert f"{type(error).__name__}: {error}" in failure.message
 
 
-@contextmanager
-def _workspace(instance: dg.DagsterInstance, location: Path):
-    """The code location loaded in this process, as the daemon and webserver load it."""
-    from dagster._core.remote_origin import InProcessCodeLocationOrigin
-    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
-    from dagster._core.workspace.context import WorkspaceProcessContext
-    from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
-
-    origin = InProcessCodeLocationOrigin(LoadableTargetOrigin(executable_path=sys.executable, python_file=str(location), attribute="defs", working_directory=str(REPO)))
-    with WorkspaceProcessContext(instance, InProcessWorkspaceLoadTarget(origin)) as context:
-        entry = next(iter(context.create_request_context().get_code_location_entries().values()))
-        assert entry.load_error is None, entry.load_error
-        yield context
 
 
-def write_location(path: Path, overrides: dict) -> Path:
-    path.write_text(
-        "from assets.definitions import build_definitions\n"
-        "from bitmar_pipeline.resources import BitmarSettings\n"
-        f"defs = build_definitions(BitmarSettings(overrides={overrides!r}))\n"
-    )
-    return path
 
 
-def run_asset_backfill(instance: dg.DagsterInstance, location: Path, selection: list[str], partitions: list[str], timeout: float = 600) -> str:
-    """Launch an asset backfill as the UI does, then run the backfill daemon's iterations here
-    until it is done. With the synchronous coordinator and launcher of the test instance, the
-    runs it submits execute inside each iteration."""
-    from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
-    from dagster._core.utils import make_new_backfill_id
-    from dagster._daemon.backfill import execute_backfill_iteration
-    from dagster._time import get_current_timestamp
-
-    with _workspace(instance, location) as context:
-        backfill = PartitionBackfill.from_asset_partitions(
-            backfill_id=make_new_backfill_id(), asset_graph=context.create_request_context().asset_graph, partition_names=partitions,
-            asset_selection=[dg.AssetKey(k) for k in selection], backfill_timestamp=get_current_timestamp(), tags={},
-            dynamic_partitions_store=instance, all_partitions=False, title=None, description=None, run_config=IN_PROCESS,
-        )
-        instance.add_backfill(backfill)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for error in execute_backfill_iteration(context, logging.getLogger("bitmar.test.backfill")):
-                assert error is None, error
-            status = instance.get_backfill(backfill.backfill_id).status
-            if status != BulkActionStatus.REQUESTED:
-                assert status == BulkActionStatus.COMPLETED_SUCCESS, status
-                return backfill.backfill_id
-        raise AssertionError(f"backfill {backfill.backfill_id} not done after {timeout}s")
 
 
-def synchronous_instance(**kwargs):
-    return dg.instance_for_test(synchronous_run_coordinator=True, synchronous_run_launcher=True, **kwargs)
 
 
 def test_backfill_of_all_shards_through_the_backfill_daemon(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from assets.definitions import ALL_ASSETS, default_resources
 from bitmar_pipeline.cli import main
 from bitmar_pipeline.resources import BitmarSettings
-from tests.test_coco_download import _publish_coco
+from tests.factories import publish_coco
 
 
 def _local_settings(tmp_path, coco_root, robot_root):
@@ -125,7 +125,7 @@ def test_cli_partitioned_without_shards_fails_clearly(tmp_path, monkeypatch, cap
 def test_coco_raw_download_source_from_a_local_server(tmp_path, monkeypatch, server):
     """`data.coco.source: download` end to end, with the official layout served on loopback."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    _publish_coco(server)
+    publish_coco(server)
     settings = BitmarSettings(
         overrides={
             "storage.root": str(tmp_path / "store"),

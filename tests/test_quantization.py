@@ -21,7 +21,7 @@ from bitmar_pipeline.quantization import (
     layer_table,
     weight_totals,
 )
-from tests.test_release import make_storage
+from tests.factories import make_storage
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """hub_release: the release folder, its model card, and the Hub upload (skip, calls, retries,
-token hygiene), without network. `make_storage` builds the storage layout the release stages
-read (also used by test_quantization and test_inference)."""
+token hygiene), without network. The storage layout and the release come from tests/factories.py
+(`released` is conftest's session-wide release)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 import pytest
 import torch
 import yaml
@@ -22,125 +21,26 @@ from safetensors.torch import save_file
 
 from assets.release import hub_release, quantization_report
 from bitmar_model.bitlinear import bitlinear_stats
-from bitmar_model.config import BitMarConfig
-from bitmar_model.modeling import BitMarModel
-from bitmar_model.packing import sha256_file
+from bitmar_model.io import TMP_PREFIX, sha256_file
 from bitmar_pipeline.config import HubConfig
 from bitmar_pipeline.hub import HubUploadError, HuggingFaceHubResource, commit_message
-from bitmar_pipeline.quantization import build_quantization_report
 from bitmar_pipeline.release import (
     MANIFEST_FILE,
     ReleaseError,
-    VisionSpec,
     build_release,
     read_report,
 )
-from bitmar_pipeline.resources import BitmarSettings
 from bitmar_pipeline.storage import Storage
-from bitmar_pipeline.tokenizer import train_bpe_tokenizer
-from bitmar_pipeline.training_stages import GRPO, load_stage_model, model_dir, publish_model
-from bitmar_pipeline.vision_encoder import build_tiny_random_encoder
-
-PATCH_GRID = 2
-STEP = 7
-TASKS = [
-    ("Inspect underwater pipelines for leaks", ["Underwater Robot"], "test"),
-    ("Survey a wide field from above", ["Drone"], "test"),
-    ("Carry boxes up a staircase", ["Robot with Legs"], "test"),
-    ("Deliver parcels across a flat warehouse floor", ["Robot with Wheels"], "validation"),
-    ("Greet visitors at a hotel reception", ["Humanoid"], "train"),
-    ("Map a coral reef and film fish", ["Underwater Robot", "Drone"], "train"),
-]
-EVALUATION = {
-    "robot_selection": {
-        "test": {
-            "n": 3,
-            "majority": {"top1": {"value": 0.33, "ci95_low": 0.0, "ci95_high": 1.0, "n": 3}},
-            "tfidf_logreg": {"top1": {"value": 0.5, "ci95_low": 0.0, "ci95_high": 1.0, "n": 3}},
-            "bitmar_head": {"top1": {"value": 0.67, "ci95_low": 0.0, "ci95_high": 1.0, "n": 3}},
-            "per_robot": {"Drone": {"precision": 1.0, "recall": 0.5}},
-        }
-    },
-    "reasoning": {"test": {"format_compliance": {"value": 0.25, "ci95_low": 0.0, "ci95_high": 0.7, "n": 3}, "stated_confidence_ece": 0.31}},
-}
-
-
-def make_storage(root: Path, seed: int = 0) -> Storage:
-    """A storage root with what the release stages read: the grpo_policy model (tiny, random),
-    the tokenizer, a tiny-random DINOv2, the robot_tasks table, an evaluation report and a
-    codecarbon CSV."""
-    storage = Storage(root / ".bitmar")
-    storage.ensure_writable()
-    texts = [f"Task: {t}" for t, _, _ in TASKS] + ["<thinking> robot drone underwater wheels legs humanoid </thinking>"]
-    tokenizer = train_bpe_tokenizer(texts * 3, 320, storage.path("tokenizer"), min_frequency=1)
-    build_tiny_random_encoder(storage.path("models", "vision", "tiny-random"))
-    config = BitMarConfig.tiny(
-        vocab_size=len(tokenizer), vision_feature_dim=64, vision_num_patches=PATCH_GRID**2,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = BitMarModel(config)
-    with torch.no_grad():  # a memory that is not the initial one, so saving it means something
-        model.memory.write(torch.randn(3, config.memory_dim))
-    publish_model(model, model_dir(storage, GRPO), {"stage": GRPO, "step": STEP, "fingerprint": "0123456789abcdef"})
-    storage.write_partition(
-        "robot_tasks", "all",
-        pd.DataFrame({
-            "task_id": [f"t{i}" for i in range(len(TASKS))], "task_key": [t.lower() for t, _, _ in TASKS],
-            "task_text": [t for t, _, _ in TASKS], "robots": [r for _, r, _ in TASKS], "split": [s for _, _, s in TASKS],
-        }),
-    )
-    storage.path("reports").mkdir()
-    storage.path("reports", "evaluation_report.json").write_text(json.dumps(EVALUATION))
-    storage.path("emissions").mkdir()
-    pd.DataFrame(
-        {"project_name": ["multimodal_pretrain", "grpo_policy"], "duration": [12.0, 3.0], "emissions": [1e-5, 2e-6], "energy_consumed": [3e-5, 6e-6]}
-    ).to_csv(storage.path("emissions", "emissions.csv"), index=False)
-    return storage
-
-
-def vision_spec(storage: Storage) -> VisionSpec:
-    source = str(storage.path("models", "vision", "tiny-random"))
-    return VisionSpec(model=source, source=source, revision=None, patch_grid=PATCH_GRID)
-
-
-def settings_for(storage: Storage, **overrides) -> BitmarSettings:
-    return BitmarSettings(overrides={"storage.root": str(storage.root), "vision.model": vision_spec(storage).source, "vision.patch_grid": PATCH_GRID, **overrides})
-
-
-def make_release(root: Path) -> Storage:
-    """make_storage plus the quantization report and the release folder."""
-    storage = make_storage(root)
-    build_quantization_report(storage, max_tasks=4, decode_tokens=8, latency_runs=2)
-    build_release(storage, settings_for(storage).config, vision_spec(storage))
-    return storage
-
-
-@pytest.fixture(scope="module")
-def released(tmp_path_factory: pytest.TempPathFactory) -> Storage:
-    return make_release(tmp_path_factory.mktemp("release"))
-
-
-class RecordingApi:
-    """Stands in for huggingface_hub.HfApi: records the calls, fails `failures` times first."""
-
-    instances: list[RecordingApi] = []
-    failures: list[Exception] = []
-    sleeps: list[float] = []  # the backoff delays, from a patched time.sleep
-
-    def __init__(self, endpoint: str | None = None, token: str | None = None) -> None:
-        self.endpoint, self.token, self.calls = endpoint, token, []
-        RecordingApi.instances.append(self)
-
-    def create_repo(self, repo_id: str, **kwargs) -> str:
-        self.calls.append(("create_repo", repo_id, kwargs))
-        return f"https://hub.example/{repo_id}"
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
-        if RecordingApi.failures:
-            raise RecordingApi.failures.pop(0)
-        return type("CommitInfo", (), {"commit_url": f"https://hub.example/{kwargs['repo_id']}/commit/abc123"})()
+from bitmar_pipeline.training_stages import GRPO, load_stage_model
+from tests.factories import (
+    EVALUATION,
+    PATCH_GRID,
+    STEP,
+    RecordingApi,
+    make_storage,
+    settings_for,
+    vision_spec,
+)
 
 
 @pytest.fixture
@@ -161,7 +61,7 @@ def test_release_folder_contents_and_card(released: Storage) -> None:
     assert manifest["vision"] == {"model": "tiny-random", "revision": None, "patch_grid": PATCH_GRID, "path": "vision_encoder"}
     assert manifest["source"] == {"stage": GRPO, "step": STEP, "fingerprint": "0123456789abcdef"}
     assert json.loads((release / "evaluation.json").read_text()) == EVALUATION
-    assert not [p for p in released.root.iterdir() if p.name.startswith(".release")]  # no staging left behind
+    assert not [p for p in released.root.iterdir() if p.name.startswith((".release", TMP_PREFIX))]  # no staging left behind
 
     card = (release / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])

@@ -26,10 +26,15 @@ from bitmar_model.modeling import BitMarModel
 from bitmar_pipeline.inference import PredictionError, load_predictor
 from bitmar_pipeline.resources import BitmarSettings
 from bitmar_pipeline.sources.coco_sample import generate_sample_coco
-from tests.test_coco_download import _jpeg
-from tests.test_operations import run_asset_backfill, synchronous_instance, write_location
-from tests.test_release import RecordingApi, make_release
-from tests.test_training import TINY
+from bitmar_pipeline.storage import Storage
+from tests.factories import (
+    TINY,
+    RecordingApi,
+    jpeg_bytes,
+    run_asset_backfill,
+    synchronous_instance,
+    write_location,
+)
 
 
 class Payload:
@@ -76,8 +81,9 @@ def test_checkpoint_trainer_state_is_never_unpickled(tmp_path, as_torch):
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_release(tmp_path_factory.mktemp("security")).path("release")
+def release(released: Storage) -> Path:
+    """conftest's session-wide release; tests plant files only in copies of it."""
+    return released.path("release")
 
 
 def test_release_weights_are_never_unpickled(release, tmp_path):
@@ -145,7 +151,7 @@ def test_dataset_file_names_cannot_leave_the_dataset_root(tmp_path, watch_opens)
     root = generate_sample_coco(tmp_path / "data" / "coco", num_images=4, image_size=32)
     secrets = [tmp_path / "data" / "secret.jpg", tmp_path / "secret.jpg"]
     for secret in secrets:
-        secret.write_bytes(_jpeg(1))
+        secret.write_bytes(jpeg_bytes(1))
     annotations = root / "annotations" / "captions_train2017.json"
     data = json.loads(annotations.read_text())
     hostile = {101: "../../secret.jpg", 102: str(secrets[1]), 103: "../../../secret.jpg"}
@@ -202,7 +208,7 @@ def test_coco_download_refuses_escaping_archives_and_file_names(tmp_path, monkey
         {"id": 2, "file_name": "../../../pwned.jpg", "coco_url": f"{server.base}/train2017/2.jpg"},
     ]
     captions = {"images": images, "annotations": [{"id": 10 + i, "image_id": i, "caption": f"caption {i}"} for i in (1, 2)]}
-    server.files["/train2017/1.jpg"] = server.files["/train2017/2.jpg"] = _jpeg(3)
+    server.files["/train2017/1.jpg"] = server.files["/train2017/2.jpg"] = jpeg_bytes(3)
     settings = BitmarSettings(
         overrides={
             "storage.root": str(tmp_path / "a" / "b" / "store"), "data.coco.source": "download", "data.coco.max_images": 2,

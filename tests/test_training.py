@@ -17,39 +17,11 @@ from assets.definitions import ALL_ASSETS, default_resources
 from bitmar_pipeline.cli import main
 from bitmar_pipeline.resources import BitmarSettings
 from bitmar_pipeline.training_data import TrainingDataError
+from tests.factories import TINY
 
-TINY = {
-    "data.coco.sample_num_images": 60,
-    "data.coco.shard_size": 30,
-    "data.robot.sample_num_tasks": 60,
-    "tokenizer.vocab_size": 600,
-    "model.hidden_size": 32,
-    "model.num_attention_heads": 2,
-    "model.num_encoder_layers": 1,
-    "model.num_decoder_layers": 1,
-    "model.intermediate_size": 64,
-    "model.max_seq_len": 64,
-    "model.memory_dim": 32,
-    "model.memory_slots": 8,
-    "model.num_vision_tokens": 2,
-    "model.projection_dim": 32,
-    "training.pretrain.max_steps": 6,
-    "training.pretrain.warmup_steps": 1,
-    "training.pretrain.batch_size": 8,
-    "training.sft.max_steps": 6,
-    "training.sft.warmup_steps": 1,
-    "training.sft.batch_size": 4,
-    "training.save_every_n_steps": 2,
-    "training.log_every_n_steps": 2,
-    "grpo_reasoning.steps": 2,
-    "grpo_reasoning.group_size": 2,
-    "grpo_reasoning.tasks_per_step": 2,
-    "grpo_reasoning.max_new_tokens": 12,
-    "evaluation.bootstrap_resamples": 100,
-    "evaluation.max_caption_images": 4,
-    "wandb.mode": "disabled",
-    "carbon_tracking.enabled": False,
-}
+# Runs subprocesses or whole Dagster runs: deselect with -m 'not slow'; .ci/run runs it.
+pytestmark = pytest.mark.slow
+
 DATA = "coco_raw,image_caption_pairs,vision_features,robot_selection_tasks,text_tokenizer"
 
 

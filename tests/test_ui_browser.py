@@ -23,6 +23,9 @@ import pytest
 
 from assets.definitions import ALL_ASSETS
 
+# Runs subprocesses or whole Dagster runs: deselect with -m 'not slow'; .ci/run runs it.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -8,13 +8,13 @@ Reading is strict about the file and lenient about rows: a file that is not JSON
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import pandas as pd
+
+from bitmar_model.io import atomic_write_json
 
 ANNOTATIONS_DIR = "annotations"
 CAPTIONS_PREFIX = "captions_"
@@ -96,17 +96,38 @@ def read_caption_annotations(path: Path) -> CaptionAnnotations:
     return parse_caption_annotations(load_annotation_json(path), path)
 
 
+Problem = tuple[str, str, str]  # (key, reason, detail): one row of `problems`
+
+
 def parse_caption_annotations(data: dict[str, Any], source: Path) -> CaptionAnnotations:
     """Split rows into accepted images/captions and problems. The first row carrying an id owns
     it; later rows with the same id are duplicates, whatever else is wrong with the first."""
     source = Path(source)
     _check_structure(data, source)
-    problems: list[tuple[str, str, str]] = []
+    problems: list[Problem] = []
+    images, rejected_images = _accepted_images(data["images"], problems)
+    captions = _accepted_captions(data["annotations"], images, rejected_images, problems)
+    return CaptionAnnotations(
+        source=source,
+        images=_images_frame(images),
+        captions=_captions_frame(captions),
+        problems=pd.DataFrame(
+            {
+                name: pd.Series([p[i] for p in problems], dtype="str")
+                for i, name in enumerate(PROBLEM_COLUMNS)
+            }
+        ),
+    )
 
+
+def _accepted_images(
+    rows: list[Any], problems: list[Problem]
+) -> tuple[dict[int, tuple[str, int | None, int | None]], dict[int, str]]:
+    """(image id -> (file name, width, height), rejected image id -> reason); problems appended."""
     images: dict[int, tuple[str, int | None, int | None]] = {}
     image_owner: dict[int, int] = {}
     rejected_images: dict[int, str] = {}
-    for index, row in enumerate(data["images"]):
+    for index, row in enumerate(rows):
         key = f"images[{index}]"
         image_id = _row_id(row, "id", key, problems)
         if image_id is None:
@@ -126,10 +147,16 @@ def parse_caption_annotations(data: dict[str, Any], source: Path) -> CaptionAnno
             rejected_images[image_id] = reason
             continue
         images[image_id] = (row["file_name"], row.get("width"), row.get("height"))
+    return images, rejected_images
 
+
+def _accepted_captions(
+    rows: list[Any], images: dict[int, Any], rejected_images: dict[int, str], problems: list[Problem]
+) -> list[tuple[int, int, str]]:
+    """(caption id, image id, caption) of the usable annotation rows; problems appended."""
     captions: list[tuple[int, int, str]] = []
     caption_owner: dict[int, int] = {}
-    for index, row in enumerate(data["annotations"]):
+    for index, row in enumerate(rows):
         key = f"annotations[{index}]"
         caption_id = _row_id(row, "id", key, problems)
         if caption_id is None:
@@ -147,68 +174,34 @@ def parse_caption_annotations(data: dict[str, Any], source: Path) -> CaptionAnno
         image_id = _row_id(row, "image_id", key, problems)
         if image_id is None:
             continue
-        if "caption" not in row:
-            problems.append((key, MISSING_FIELD, f"caption {caption_id} has no 'caption'"))
-            continue
-        if not isinstance(row["caption"], str):
-            problems.append(
-                (
-                    key,
-                    CAPTION_NOT_STRING,
-                    f"caption {caption_id}: caption is {type(row['caption']).__name__}: {row['caption']!r:.80}",
-                )
-            )
-            continue
-        if image_id in rejected_images:
-            problems.append(
-                (
-                    key,
-                    IMAGE_REJECTED,
-                    f"caption {caption_id}: image {image_id} was rejected ({rejected_images[image_id]})",
-                )
-            )
-            continue
-        if image_id not in images:
-            problems.append(
-                (
-                    key,
-                    UNKNOWN_IMAGE_ID,
-                    f"caption {caption_id}: no image with id {image_id} in the file",
-                )
-            )
+        problem = _caption_problem(row, key, caption_id, image_id, images, rejected_images)
+        if problem is not None:
+            problems.append(problem)
             continue
         captions.append((caption_id, image_id, row["caption"]))
+    return captions
 
-    return CaptionAnnotations(
-        source=source,
-        images=_images_frame(images),
-        captions=_captions_frame(captions),
-        problems=pd.DataFrame(
-            {
-                name: pd.Series([p[i] for p in problems], dtype="str")
-                for i, name in enumerate(PROBLEM_COLUMNS)
-            }
-        ),
-    )
+
+def _caption_problem(
+    row: dict[str, Any], key: str, caption_id: int, image_id: int, images: dict[int, Any], rejected_images: dict[int, str]
+) -> Problem | None:
+    """Why an annotation row with valid ids cannot be used, or None when it can."""
+    if "caption" not in row:
+        return (key, MISSING_FIELD, f"caption {caption_id} has no 'caption'")
+    if not isinstance(row["caption"], str):
+        kind = type(row["caption"]).__name__
+        return (key, CAPTION_NOT_STRING, f"caption {caption_id}: caption is {kind}: {row['caption']!r:.80}")
+    if image_id in rejected_images:
+        return (key, IMAGE_REJECTED, f"caption {caption_id}: image {image_id} was rejected ({rejected_images[image_id]})")
+    if image_id not in images:
+        return (key, UNKNOWN_IMAGE_ID, f"caption {caption_id}: no image with id {image_id} in the file")
+    return None
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
-    """Write atomically (temporary file in the same folder, fsync, rename): a reader sees the old
+    """Write COCO JSON in its compact form, atomically (bitmar_model.io): a reader sees the old
     file or the new one, never half of it. The temporary name does not match `captions_*.json`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would survive the rename; open(..., "x") honours the umask.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            json.dump(data, fh, ensure_ascii=False, separators=(",", ":"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, data, ensure_ascii=False, separators=(",", ":"))
 
 
 def _check_structure(data: Any, path: Path) -> None:
