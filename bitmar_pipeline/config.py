@@ -69,6 +69,11 @@ class RobotDataConfig(_Section):
     multi_path: str | None = None
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: str = "bitmar"
+    cv_fold: int | None = Field(
+        default=None, ge=0, le=4,
+        description="None: the split_fractions hash split. k in 0..4: 5-fold cross-validation by task hash "
+        "(test = fold k, validation = fold (k+1) % 5, train = the other three).",
+    )
     sample_num_tasks: int = Field(default=250, gt=0)
     sample_seed: int = 0
 
@@ -101,7 +106,7 @@ class VisionConfig(_Section):
     # (e.g. facebook/dinov2-base) or a local model directory.
     model: str = "tiny-random"
     revision: str | None = None
-    patch_grid: int = Field(default=4, ge=0, description="Patch tokens are average-pooled to a grid x grid map; 0 keeps CLS only.")
+    patch_grid: int = Field(default=3, ge=0, description="Patch tokens are average-pooled to a grid x grid map; 0 keeps CLS only.")
     batch_size: int = Field(default=32, gt=0)
     num_workers: int = Field(default=1, ge=0, description="Image decoding threads overlapped with inference.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

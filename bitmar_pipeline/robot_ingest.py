@@ -44,5 +44,6 @@ def load_robot_tables(config: PipelineConfig, storage: Storage) -> tuple[RobotIn
         split_fractions=config.data.robot.split_fractions,
         split_seed=config.data.robot.split_seed,
         source_name="sample" if config.data.robot.source == "sample" else None,
+        cv_fold=config.data.robot.cv_fold,
     )
     return result, {kind: str(path) for kind, path in (("single", single), ("multi", multi)) if path is not None}

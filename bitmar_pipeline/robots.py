@@ -36,6 +36,7 @@ RobotFileKind = Literal["single", "multi"]
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 DEFAULT_SPLIT_FRACTIONS: tuple[float, float, float] = (0.7, 0.15, 0.15)
 DEFAULT_SPLIT_SEED = "bitmar"
+CV_FOLDS = 5
 
 TASK_COLUMNS = ["task_id", "task_text", "task_key", "robots", "instruction", "source", "split"]
 SUBTASK_COLUMNS = ["task_id", "subtask_index", "subtask_text", "robot", "execution_order", "split"]
@@ -127,6 +128,27 @@ def assign_split(
     )
 
 
+def cv_fold_of(normalized_text: str, n_folds: int = CV_FOLDS) -> int:
+    """The cross-validation fold of a normalised task text: int(sha256(key)) % n_folds."""
+    return int(hashlib.sha256(normalized_text.encode()).hexdigest(), 16) % n_folds
+
+
+def assign_cv_split(normalized_text: str, test_fold: int, n_folds: int = CV_FOLDS) -> str:
+    """Split under cross-validation: test = fold `test_fold`, validation = the next fold, train = the rest."""
+    if not 0 <= test_fold < n_folds:
+        raise ValueError(f"test_fold must be in 0..{n_folds - 1}, got {test_fold}")
+    fold = cv_fold_of(normalized_text, n_folds)
+    if fold == test_fold:
+        return "test"
+    return "validation" if fold == (test_fold + 1) % n_folds else "train"
+
+
+def _task_split(normalized_text: str, fractions: Sequence[float], seed: str, cv_fold: int | None) -> str:
+    if cv_fold is None:
+        return assign_split(normalized_text, fractions, seed)
+    return assign_cv_split(normalized_text, cv_fold)
+
+
 def parse_instruction_capabilities(instruction: str) -> dict[str, dict[str, list[str]]]:
     """Parse the capability block: canonical robot -> {capabilities, limitations, environments}.
 
@@ -167,10 +189,12 @@ def ingest_robot_datasets(
     split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
     split_seed: str = DEFAULT_SPLIT_SEED,
     source_name: str | None = None,
+    cv_fold: int | None = None,
 ) -> RobotIngestResult:
     """Ingest the single and/or multi robot files into tasks, subtasks and quarantine tables.
 
-    `source_name` replaces the file name in the `source` column (e.g. "sample").
+    `source_name` replaces the file name in the `source` column (e.g. "sample"); `cv_fold`
+    (0..4) replaces the fraction split by that fold of 5-fold cross-validation (`assign_cv_split`).
     """
     if single_path is None and multi_path is None:
         raise ValueError("ingest_robot_datasets needs at least one of single_path, multi_path")
@@ -208,7 +232,7 @@ def ingest_robot_datasets(
                 )
                 continue
             task_id = _task_id(kind, candidate.task_key)
-            split = assign_split(candidate.task_key, split_fractions, split_seed)
+            split = _task_split(candidate.task_key, split_fractions, split_seed, cv_fold)
             tasks.append(
                 {
                     "task_id": task_id,
