@@ -57,7 +57,10 @@ class DownloadProgress:
     group_name=DATA_GROUP,
     code_version="1",
     kinds={"python", "parquet"},
-    description="COCO-layout captions and images (sample, local or download), described as fixed-size shards; registers the coco_shards partitions.",
+    description=(
+        "COCO-layout captions and images (sample, local or download), described "
+        "as fixed-size shards; registers the coco_shards partitions."
+    ),
     retry_policy=NETWORK_RETRY,
 )
 def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
@@ -70,7 +73,9 @@ def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.
             root = fetch_coco(config, progress=progress)
         finally:
             progress.close()
-        manifest: CocoManifest = build_manifest(root, config.data.coco.splits, config.data.coco.max_images, config.data.coco.shard_size)
+        manifest: CocoManifest = build_manifest(
+            root, config.data.coco.splits, config.data.coco.max_images, config.data.coco.shard_size
+        )
     write_manifest(storage, manifest)
     storage.write_quarantine("coco_raw", "all", manifest.quarantine, context.run.run_id)
     storage.refresh_catalog()
@@ -81,7 +86,9 @@ def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.
         context.instance.add_dynamic_partitions(coco_shards.name, new_shards)
     stale = sorted(existing - set(manifest.shards))
     if stale:
-        context.log.warning(f"{len(stale)} registered shards are no longer in the manifest and will not be trained on: {stale[:10]}")
+        context.log.warning(
+            f"{len(stale)} registered shards are no longer in the manifest and will not be trained on: {stale[:10]}"
+        )
     per_split = manifest.images.groupby("split").size().rename_axis("split").reset_index(name="images")
     return dg.MaterializeResult(
         metadata={
@@ -111,7 +118,10 @@ def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.
         dg.AssetCheckSpec("pairs_not_empty", asset=PAIRS_TABLE),
         dg.AssetCheckSpec("quarantine_share_below_threshold", asset=PAIRS_TABLE),
     ],
-    description="One shard of validated, normalised, de-duplicated image-caption pairs; refused rows go to quarantine with a reason.",
+    description=(
+        "One shard of validated, normalised, de-duplicated image-caption pairs; "
+        "refused rows go to quarantine with a reason."
+    ),
 )
 def image_caption_pairs(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
     config, storage = settings.config, settings.storage
@@ -149,7 +159,9 @@ def image_caption_pairs(context: dg.AssetExecutionContext, settings: BitmarSetti
             **quarantine_metadata(result.quarantine),
         },
         check_results=[
-            dg.AssetCheckResult(check_name="pairs_not_empty", passed=len(result.pairs) > 0, metadata={"pairs": len(result.pairs)}),
+            dg.AssetCheckResult(
+                check_name="pairs_not_empty", passed=len(result.pairs) > 0, metadata={"pairs": len(result.pairs)}
+            ),
             dg.AssetCheckResult(
                 check_name="quarantine_share_below_threshold",
                 passed=share <= limit,
@@ -170,7 +182,10 @@ def image_caption_pairs(context: dg.AssetExecutionContext, settings: BitmarSetti
         dg.AssetCheckSpec("features_finite", asset="vision_features"),
         dg.AssetCheckSpec("feature_dimensions_match", asset="vision_features"),
     ],
-    description="DINOv2 CLS vector and pooled patch grid (float16) per image of a shard, content-addressed by image hash and encoder fingerprint.",
+    description=(
+        "DINOv2 CLS vector and pooled patch grid (float16) per image of a "
+        "shard, content-addressed by image hash and encoder fingerprint."
+    ),
 )
 def vision_features(
     context: dg.AssetExecutionContext, settings: BitmarSettings, vision_encoder: VisionEncoderResource
@@ -196,10 +211,14 @@ def vision_features(
 
     table = result.features
     cls = np.asarray(table.column("cls").combine_chunks().values, dtype=np.float32) if table.num_rows else np.zeros(0)
-    patches = np.asarray(table.column("patches").combine_chunks().values, dtype=np.float32) if table.num_rows else np.zeros(0)
+    patches = (
+        np.asarray(table.column("patches").combine_chunks().values, dtype=np.float32) if table.num_rows else np.zeros(0)
+    )
     finite = bool(np.isfinite(cls).all() and np.isfinite(patches).all())
     dims = set(table.column("feature_dim").to_pylist())
-    dims_ok = dims <= {encoder.feature_dim} and set(table.column("num_patches").to_pylist()) <= {encoder.num_patch_tokens}
+    dims_ok = dims <= {encoder.feature_dim} and set(table.column("num_patches").to_pylist()) <= {
+        encoder.num_patch_tokens
+    }
     return dg.MaterializeResult(
         metadata={
             "images": table.num_rows,
@@ -234,7 +253,10 @@ def vision_features(
         dg.AssetCheckSpec("no_split_leakage", asset="robot_selection_tasks"),
         dg.AssetCheckSpec("quarantine_share_below_threshold", asset="robot_selection_tasks"),
     ],
-    description="Single- and multi-robot selection tasks with canonical robot names and a leak-free train/val/test split (tables robot_tasks, robot_subtasks).",
+    description=(
+        "Single- and multi-robot selection tasks with canonical robot names "
+        "and a leak-free train/val/test split (tables robot_tasks, robot_subtasks)."
+    ),
 )
 def robot_selection_tasks(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
     config, storage = settings.config, settings.storage
@@ -249,7 +271,9 @@ def robot_selection_tasks(context: dg.AssetExecutionContext, settings: BitmarSet
     rows_in = len(result.tasks) + len(result.quarantine)
     share = len(result.quarantine) / rows_in if rows_in else 0.0
     split_counts = result.tasks.groupby(["source", "split"]).size().unstack(fill_value=0).reset_index()
-    label_counts = result.tasks.explode("robots").groupby("robots").size().rename_axis("robot").reset_index(name="tasks")
+    label_counts = (
+        result.tasks.explode("robots").groupby("robots").size().rename_axis("robot").reset_index(name="tasks")
+    )
     return dg.MaterializeResult(
         metadata={
             "tasks": len(result.tasks),
@@ -284,12 +308,17 @@ def robot_selection_tasks(context: dg.AssetExecutionContext, settings: BitmarSet
     group_name=DATA_GROUP,
     code_version="2",
     kinds={"python"},
-    description="Byte-level BPE trained on the captions of training images (never the held-out ones) and training-split robot texts (or a pretrained tokenizer by name/path).",
+    description=(
+        "Byte-level BPE trained on the captions of training images (never "
+        "the held-out ones) and training-split robot texts (or a pretrained tokenizer by name/path)."
+    ),
 )
 def text_tokenizer(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
     config, storage = settings.config, settings.storage
     started = time.perf_counter()
-    corpus = tokenizer_corpus(storage, context.instance.get_dynamic_partitions(coco_shards.name), config.training.heldout_fraction)
+    corpus = tokenizer_corpus(
+        storage, context.instance.get_dynamic_partitions(coco_shards.name), config.training.heldout_fraction
+    )
     tokenizer = build_tokenizer(config.tokenizer, corpus.texts, storage.path(TOKENIZER_DIR))
     lengths = pd.Series([len(ids) for ids in tokenizer(corpus.texts[:2000])["input_ids"]])
     example = corpus.texts[0] if corpus.texts else ""

@@ -18,7 +18,10 @@ ALL_ASSETS = [
 
 def default_resources(settings: BitmarSettings) -> dict[str, Any]:
     return {
-        "settings": settings, "vision_encoder": VisionEncoderResource(), "wandb": WandbResource(), "carbon": CarbonTrackerResource(),
+        "settings": settings,
+        "vision_encoder": VisionEncoderResource(),
+        "wandb": WandbResource(),
+        "carbon": CarbonTrackerResource(),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),  # torchrun launches (compute.nproc_per_node > 1)
         "hub": HuggingFaceHubResource(),
     }

@@ -19,7 +19,11 @@ def markdown_table(frame: pd.DataFrame, max_rows: int = 8, max_chars: int = 80) 
 
 
 def quarantine_metadata(quarantine: pd.DataFrame) -> dict[str, dg.MetadataValue]:
-    counts = quarantine["reason"].value_counts().rename_axis("reason").reset_index(name="rows") if len(quarantine) else pd.DataFrame(columns=["reason", "rows"])
+    counts = (
+        quarantine["reason"].value_counts().rename_axis("reason").reset_index(name="rows")
+        if len(quarantine)
+        else pd.DataFrame(columns=["reason", "rows"])
+    )
     return {
         "quarantined_rows": dg.MetadataValue.int(len(quarantine)),
         "quarantined_by_reason": markdown_table(counts, max_rows=50),

@@ -87,10 +87,14 @@ def _robot_dataset_sensor(interval: int) -> dg.SensorDefinition:
         description="Hashes data.robot.single_path / multi_path (source: local); when their content changes, "
         "re-ingests robot_selection_tasks and retrains in one run. The first tick only records the hashes.",
     )
-    def robot_dataset_sensor(context: dg.SensorEvaluationContext, settings: BitmarSettings) -> dg.SensorResult | dg.SkipReason:
+    def robot_dataset_sensor(
+        context: dg.SensorEvaluationContext, settings: BitmarSettings
+    ) -> dg.SensorResult | dg.SkipReason:
         files = robot_dataset_files(settings)
         if not files:
-            return dg.SkipReason(f"data.robot.source is '{settings.config.data.robot.source}': only local files are watched")
+            return dg.SkipReason(
+                f"data.robot.source is '{settings.config.data.robot.source}': only local files are watched"
+            )
         missing = [str(p) for p in files if not p.is_file()]
         if missing:
             return dg.SkipReason(f"robot dataset file(s) not found: {', '.join(missing)}")
@@ -98,7 +102,9 @@ def _robot_dataset_sensor(interval: int) -> dg.SensorDefinition:
         hashes = {str(p): sha256_file(p) for p in files}
         cursor = json.dumps(hashes, sort_keys=True)
         if context.cursor is None:
-            return dg.SensorResult(skip_reason=dg.SkipReason(f"recorded the content of {len(files)} file(s)"), cursor=cursor)
+            return dg.SensorResult(
+                skip_reason=dg.SkipReason(f"recorded the content of {len(files)} file(s)"), cursor=cursor
+            )
         if context.cursor == cursor:
             return dg.SkipReason("robot dataset files unchanged")
         previous = json.loads(context.cursor)
@@ -106,7 +112,12 @@ def _robot_dataset_sensor(interval: int) -> dg.SensorDefinition:
         run_key = hashlib.sha256(cursor.encode()).hexdigest()[:16]
         context.log.info(f"robot dataset changed: {changed}")
         return dg.SensorResult(
-            run_requests=[dg.RunRequest(run_key=run_key, tags={**TRAINING_TAGS, "bitmar/changed_files": ",".join(Path(p).name for p in changed)})],
+            run_requests=[
+                dg.RunRequest(
+                    run_key=run_key,
+                    tags={**TRAINING_TAGS, "bitmar/changed_files": ",".join(Path(p).name for p in changed)},
+                )
+            ],
             cursor=cursor,
         )
 
@@ -128,7 +139,9 @@ def _coco_shard_sensor(interval: int) -> dg.SensorDefinition:
         description="One feature_backfill run per coco_shards partition that coco_raw registered and vision_features "
         "has not materialized yet (run_key = shard: a shard is requested once; re-run a failed one from the UI).",
     )
-    def coco_shard_sensor(context: dg.SensorEvaluationContext, settings: BitmarSettings) -> list[dg.RunRequest] | dg.SkipReason:
+    def coco_shard_sensor(
+        context: dg.SensorEvaluationContext, settings: BitmarSettings
+    ) -> list[dg.RunRequest] | dg.SkipReason:
         registered = context.instance.get_dynamic_partitions(coco_shards.name)
         if not registered:
             return dg.SkipReason("no coco_shards registered yet: materialize coco_raw")
@@ -153,10 +166,16 @@ def build_schedules(config: ScheduleConfig) -> list[dg.ScheduleDefinition]:
             cron_schedule=config.retrain_cron,
             execution_timezone=config.timezone,
             default_status=dg.DefaultScheduleStatus.STOPPED,  # nobody trains by accident
-            description=f"Runs `retrain` at '{config.retrain_cron}' ({config.timezone}); schedules.retrain_cron / schedules.timezone.",
+            description=(
+                f"Runs `retrain` at '{config.retrain_cron}' ({config.timezone}); "
+                "schedules.retrain_cron / schedules.timezone."
+            ),
         )
     ]
 
 
 def build_sensors(config: ScheduleConfig) -> list[dg.SensorDefinition]:
-    return [_robot_dataset_sensor(config.robot_sensor_interval_seconds), _coco_shard_sensor(config.feature_sensor_interval_seconds)]
+    return [
+        _robot_dataset_sensor(config.robot_sensor_interval_seconds),
+        _coco_shard_sensor(config.feature_sensor_interval_seconds),
+    ]

@@ -19,7 +19,10 @@ RELEASE_GROUP = "release"
 
 def _sizes_table(sizes: dict) -> pd.DataFrame:
     rows = [{"component": "total", **{k: sizes[k] for k in ("fp32_bytes", "fp16_bytes", "packed_bytes")}}]
-    rows += [{"component": name, **{k: entry[k] for k in ("fp32_bytes", "fp16_bytes", "packed_bytes")}} for name, entry in sizes["components"].items()]
+    rows += [
+        {"component": name, **{k: entry[k] for k in ("fp32_bytes", "fp16_bytes", "packed_bytes")}}
+        for name, entry in sizes["components"].items()
+    ]
     return pd.DataFrame(rows)
 
 
@@ -28,7 +31,10 @@ def _sizes_table(sizes: dict) -> pd.DataFrame:
     group_name=RELEASE_GROUP,
     code_version="2",
     kinds={"pytorch"},
-    description="Ternary weight statistics per BitLinear layer, fp32/fp16/packed sizes, packed vs trained output agreement on test prompts, CPU latency.",
+    description=(
+        "Ternary weight statistics per BitLinear layer, fp32/fp16/packed sizes, "
+        "packed vs trained output agreement on test prompts, CPU latency."
+    ),
 )
 def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.MaterializeResult:
     result = build_quantization_report(settings.storage)
@@ -56,7 +62,10 @@ def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSetti
             "latency": markdown_table(
                 pd.DataFrame([{"model": k, **v} for k, v in latency["models"].items()]), max_rows=10, max_chars=160
             ),
-            "latency_setup": f"{latency['device']}, {latency['threads']} threads, batch {latency['batch_size']}, median of {latency['models']['packed']['runs']} interleaved runs",
+            "latency_setup": (
+                f"{latency['device']}, {latency['threads']} threads, batch {latency['batch_size']}, "
+                f"median of {latency['models']['packed']['runs']} interleaved runs"
+            ),
             **image_metadata(result.figure),
         }
     )
@@ -67,10 +76,15 @@ def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSetti
     group_name=RELEASE_GROUP,
     code_version="2",
     kinds={"huggingface"},
-    description="Release folder (weights, packed weights, tokenizer, memory, reports, model card) under <storage>/release, uploaded to the Hub when enabled and HF_TOKEN is set.",
+    description=(
+        "Release folder (weights, packed weights, tokenizer, memory, reports, "
+        "model card) under <storage>/release, uploaded to the Hub when enabled and HF_TOKEN is set."
+    ),
     retry_policy=NETWORK_RETRY,
 )
-def hub_release(context: dg.AssetExecutionContext, settings: BitmarSettings, hub: HuggingFaceHubResource) -> dg.MaterializeResult:
+def hub_release(
+    context: dg.AssetExecutionContext, settings: BitmarSettings, hub: HuggingFaceHubResource
+) -> dg.MaterializeResult:
     config, storage = settings.config, settings.storage
     vision = VisionSpec(
         model=config.vision.model,
@@ -80,7 +94,9 @@ def hub_release(context: dg.AssetExecutionContext, settings: BitmarSettings, hub
     )
     with fail_without_retry(ReleaseError):
         release = build_release(storage, config, vision)
-    outcome = hub.publish(release.path, config.huggingface_hub, release.manifest["source"]["step"], log=context.log.warning)
+    outcome = hub.publish(
+        release.path, config.huggingface_hub, release.manifest["source"]["step"], log=context.log.warning
+    )
     context.log.info(f"release at {release.path}; hub: {outcome.metadata()['hub_upload']}")
     return dg.MaterializeResult(
         metadata={

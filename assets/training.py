@@ -36,7 +36,9 @@ def _step_logger(context: dg.AssetExecutionContext, stage: str) -> Callable[[dic
     return lambda record: context.log.info(step_line(stage, record))
 
 
-def _curves(result: StageResult, settings: BitmarSettings, names: tuple[str, ...], title: str) -> dict[str, dg.MetadataValue]:
+def _curves(
+    result: StageResult, settings: BitmarSettings, names: tuple[str, ...], title: str
+) -> dict[str, dg.MetadataValue]:
     curves = {name: [(r["step"], r[name]) for r in result.history if name in r] for name in names}
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
@@ -48,15 +50,26 @@ def _curves(result: StageResult, settings: BitmarSettings, names: tuple[str, ...
 Launched = tuple[StageResult, Mapping[str, dg.MetadataValue]]
 
 
-def _torchrun(context: dg.AssetExecutionContext, client: dg.PipesSubprocessClient, settings: BitmarSettings, stage: str, **launch_args: Any) -> Launched:
+def _torchrun(
+    context: dg.AssetExecutionContext,
+    client: dg.PipesSubprocessClient,
+    settings: BitmarSettings,
+    stage: str,
+    **launch_args: Any,
+) -> Launched:
     """The stage under torchrun through Dagster Pipes (bitmar_pipeline/launch.py): rank 0 streams
     its log lines into this run, logs to W&B, and reports the materialization and its StageResult."""
     nproc = settings.config.compute.nproc_per_node
-    command = build_torchrun_command(stage, settings, nproc, wandb_run_name=f"{stage}-{context.run.run_id[:8]}", **launch_args)
+    command = build_torchrun_command(
+        stage, settings, nproc, wandb_run_name=f"{stage}-{context.run.run_id[:8]}", **launch_args
+    )
     context.log.info(f"{stage}: launching torchrun with {nproc} processes")
     invocation = client.run(command=command, context=context, env=torchrun_env(nproc))
     reported = invocation.get_materialize_result()
-    payload = next((m[RESULT_MESSAGE] for m in invocation.get_custom_messages() if isinstance(m, dict) and RESULT_MESSAGE in m), None)
+    payload = next(
+        (m[RESULT_MESSAGE] for m in invocation.get_custom_messages() if isinstance(m, dict) and RESULT_MESSAGE in m),
+        None,
+    )
     if payload is None:
         raise dg.Failure(f"{stage}: torchrun exited without rank 0 reporting a result")
     return result_from_payload(payload), reported.metadata
@@ -71,13 +84,21 @@ def _train(
     config, storage = settings.config, settings.storage
     nproc = config.compute.nproc_per_node
     if nproc > 1 and launch is None:
-        context.log.info(f"{stage} runs in one process although compute.nproc_per_node={nproc}: it is sampling-bound on a small model (see bitmar_pipeline/launch.py)")
+        context.log.info(
+            f"{stage} runs in one process although compute.nproc_per_node={nproc}: "
+            "it is sampling-bound on a small model (see bitmar_pipeline/launch.py)"
+        )
     reported: Mapping[str, dg.MetadataValue] = {}
     with carbon.track(config.carbon_tracking, stage, storage.path("emissions")) as emissions:
         if nproc > 1 and launch is not None:
             result, reported = launch()
         else:
-            with wandb.run(config.wandb, f"{stage}-{context.run.run_id[:8]}", {"stage": stage, **config.model_dump(mode="json")}, storage.path("wandb")) as logger:
+            with wandb.run(
+                config.wandb,
+                f"{stage}-{context.run.run_id[:8]}",
+                {"stage": stage, **config.model_dump(mode="json")},
+                storage.path("wandb"),
+            ) as logger:
                 result = run([_step_logger(context, stage), logger.log])
                 logger.summary({f"{stage}/{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)})
     emitted = emissions[0]
@@ -92,7 +113,11 @@ def _train(
         "tokens_per_second": round(float(last.get("perf/tokens_per_second", 0.0)), 1),
         "final_loss": round(float(last.get("train/loss", last.get("train/grpo_reasoning_loss", float("nan")))), 4),
         **emitted.metadata(),
-        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.metrics.items() if isinstance(v, int | float)},
+        **{
+            k: (round(v, 4) if isinstance(v, float) else v)
+            for k, v in result.metrics.items()
+            if isinstance(v, int | float)
+        },
         **{f"table_{name}": markdown_table(table, max_rows=20) for name, table in result.tables.items()},
         **_curves(result, settings, curve_names, stage),
         **reported,  # rank 0's own report (world_size and the values above) when launched
@@ -124,7 +149,10 @@ def _train_on_features(
     group_name=TRAINING_GROUP,
     code_version="1",
     kinds={"pytorch"},
-    description="Caption language modelling conditioned on image and memory, InfoNCE image-text alignment and memory regularisation.",
+    description=(
+        "Caption language modelling conditioned on image and memory, InfoNCE "
+        "image-text alignment and memory regularisation."
+    ),
 )
 def multimodal_pretrain(
     context: dg.AssetExecutionContext, settings: BitmarSettings, vision_encoder: VisionEncoderResource,
@@ -141,15 +169,31 @@ def multimodal_pretrain(
     group_name=TRAINING_GROUP,
     code_version="1",
     kinds={"pytorch"},
-    description="Supervised reasoning on robot tasks: tagged reasoning targets built from the data, multi-label selection head, caption rehearsal.",
+    description=(
+        "Supervised reasoning on robot tasks: tagged reasoning targets built "
+        "from the data, multi-label selection head, caption rehearsal."
+    ),
 )
 def reasoning_sft(
     context: dg.AssetExecutionContext, settings: BitmarSettings, vision_encoder: VisionEncoderResource,
     wandb: WandbResource, carbon: CarbonTrackerResource, pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     return _train_on_features(
-        context, settings, vision_encoder, wandb, carbon, pipes_subprocess_client, SFT, run_reasoning_sft,
-        ("train/loss", "train/text_generation_loss", "train/selection_loss", "train/caption_rehearsal_loss", "train/robot_selection_accuracy"),
+        context,
+        settings,
+        vision_encoder,
+        wandb,
+        carbon,
+        pipes_subprocess_client,
+        SFT,
+        run_reasoning_sft,
+        (
+            "train/loss",
+            "train/text_generation_loss",
+            "train/selection_loss",
+            "train/caption_rehearsal_loss",
+            "train/robot_selection_accuracy",
+        ),
     )
 
 
@@ -158,9 +202,14 @@ def reasoning_sft(
     group_name=TRAINING_GROUP,
     code_version="2",  # 2: selection anchor, full-entropy bonus, exact-set calibration target
     kinds={"pytorch"},
-    description="Group Relative Policy Optimization of the generated reasoning against the frozen SFT model (reward: selection, format, consistency, calibration).",
+    description=(
+        "Group Relative Policy Optimization of the generated reasoning against "
+        "the frozen SFT model (reward: selection, format, consistency, calibration)."
+    ),
 )
-def grpo_policy(context: dg.AssetExecutionContext, settings: BitmarSettings, wandb: WandbResource, carbon: CarbonTrackerResource) -> dg.MaterializeResult:
+def grpo_policy(
+    context: dg.AssetExecutionContext, settings: BitmarSettings, wandb: WandbResource, carbon: CarbonTrackerResource
+) -> dg.MaterializeResult:
     _, metadata = _train(
         context, settings, wandb, carbon, GRPO,
         lambda callbacks: run_grpo(settings.config, settings.storage, callbacks),

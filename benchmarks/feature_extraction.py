@@ -37,9 +37,25 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-m
 
 def build_base_architecture(directory: Path) -> Path:
     torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=518, patch_size=14)).save_pretrained(directory)
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            image_size=518,
+            patch_size=14,
+        )
+    ).save_pretrained(directory)
     # facebook/dinov2-base's preprocessing: shortest edge 256, centre crop 224, ImageNet stats.
-    BitImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3).save_pretrained(directory)
+    BitImageProcessorPil(
+        size={"shortest_edge": 256},
+        crop_size={"height": 224, "width": 224},
+        do_center_crop=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        resample=3,
+    ).save_pretrained(directory)
     return directory
 
 
@@ -54,7 +70,9 @@ def make_dataset(source: Path, target: Path, count: int) -> pd.DataFrame:
         data = data[:2] + b"\xff\xfe\x00\x06" + i.to_bytes(4, "big") + data[2:]  # JPEG COM segment
         name = f"{i:06d}.jpg"
         (target / "train2017" / name).write_bytes(data)
-        rows.append({"image_id": i, "split": "train2017", "file_name": name, "content_hash": hashlib.sha256(data).hexdigest()})
+        rows.append(
+            {"image_id": i, "split": "train2017", "file_name": name, "content_hash": hashlib.sha256(data).hexdigest()}
+        )
     return pd.DataFrame(rows)
 
 
@@ -65,7 +83,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default=None, help="model dir or hub id (default: DINOv2-base architecture, random weights)")
+    parser.add_argument(
+        "--model", default=None, help="model dir or hub id (default: DINOv2-base architecture, random weights)"
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = parser.parse_args()
 
@@ -73,7 +93,9 @@ def main() -> None:
     try:
         model_dir = args.model or str(build_base_architecture(work / "model"))
         images = make_dataset(args.data, work / "coco", args.images)
-        encoder = VisionEncoder(args.model or "dinov2-base-architecture", model_dir, None, patch_grid=4, device=args.device)
+        encoder = VisionEncoder(
+            args.model or "dinov2-base-architecture", model_dir, None, patch_grid=4, device=args.device
+        )
         paths = [work / "coco" / "train2017" / f for f in images["file_name"]]
         predecoded = torch.stack([encoder.preprocessing(open_rgb(p.read_bytes(), 10**8)) for p in paths])
         encoder.encode(predecoded[: args.batch_size])  # warm-up (allocator, kernels)
@@ -94,14 +116,18 @@ def main() -> None:
 
             storage = Storage(work / f"store-{repeat}")
             started = time.perf_counter()
-            extract_shard_features(storage, encoder, images, work / "coco", "bench", batch_size=args.batch_size, workers=args.workers)
+            extract_shard_features(
+                storage, encoder, images, work / "coco", "bench", batch_size=args.batch_size, workers=args.workers
+            )
             sync()
             pipeline_times.append(time.perf_counter() - started)
 
         cached_times = []
         for _ in range(args.repeats):
             started = time.perf_counter()
-            result = extract_shard_features(storage, encoder, images, work / "coco", "bench", batch_size=args.batch_size, workers=args.workers)
+            result = extract_shard_features(
+                storage, encoder, images, work / "coco", "bench", batch_size=args.batch_size, workers=args.workers
+            )
             cached_times.append(time.perf_counter() - started)
             assert result.encoded == 0
 
@@ -111,7 +137,12 @@ def main() -> None:
         print(
             json.dumps(
                 {
-                    "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "device": str(encoder.device), "gpu": torch.cuda.get_device_name() if encoder.device.type == "cuda" else None},
+                    "machine": {
+                        "platform": platform.platform(),
+                        "cpus": torch.get_num_threads(),
+                        "device": str(encoder.device),
+                        "gpu": torch.cuda.get_device_name() if encoder.device.type == "cuda" else None,
+                    },
                     "model": args.model or "dinov2-base architecture (random weights)",
                     "images": args.images,
                     "batch_size": args.batch_size,

@@ -51,7 +51,9 @@ def environment(workdir: Path) -> dict[str, str]:
 
 def run_cli(workdir: Path, *args: str, timeout: float = 480) -> dict[str, Any]:
     started = time.perf_counter()
-    done = subprocess.run(bitmar(*args), cwd=workdir, env=environment(workdir), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        bitmar(*args), cwd=workdir, env=environment(workdir), capture_output=True, text=True, timeout=timeout
+    )
     tail = (done.stdout + done.stderr).strip().splitlines()[-8:]
     return {"rc": done.returncode, "wall_s": round(time.perf_counter() - started, 1), "tail": tail}
 
@@ -75,7 +77,9 @@ def kill_then_resume(workdir: Path, asset: str, changed: str) -> dict[str, Any]:
     args = ["--select", asset, "--set", changed]
     checkpoints = workdir / ".bitmar" / "checkpoints" / asset
     before = {p.parent for p in checkpoints.glob("*/latest.json")}
-    process = subprocess.Popen(bitmar(*args), cwd=workdir, env=environment(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        bitmar(*args), cwd=workdir, env=environment(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
         if any(p.parent not in before for p in checkpoints.glob("*/latest.json")):
@@ -93,7 +97,18 @@ def kill_then_resume(workdir: Path, asset: str, changed: str) -> dict[str, Any]:
 
 
 def feature_benchmark(images: int) -> dict[str, Any]:
-    command = [sys.executable, str(ROOT / "benchmarks" / "feature_extraction.py"), "--device", "cuda", "--images", str(images), "--batch-size", "32", "--repeats", "2"]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "feature_extraction.py"),
+        "--device",
+        "cuda",
+        "--images",
+        str(images),
+        "--batch-size",
+        "32",
+        "--repeats",
+        "2",
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         return {"ok": False, "rc": done.returncode, "tail": done.stderr.strip().splitlines()[-5:]}
@@ -101,7 +116,15 @@ def feature_benchmark(images: int) -> dict[str, Any]:
 
 
 def ddp_pretrain(workdir: Path) -> dict[str, Any]:
-    result = run_cli(workdir, "--select", "multimodal_pretrain", "--set", "compute.nproc_per_node=2", "--set", "training.pretrain.max_steps=60")
+    result = run_cli(
+        workdir,
+        "--select",
+        "multimodal_pretrain",
+        "--set",
+        "compute.nproc_per_node=2",
+        "--set",
+        "training.pretrain.max_steps=60",
+    )
     return {"ok": result["rc"] == 0, **result, **latest_metadata(workdir, "multimodal_pretrain")}
 
 
@@ -115,7 +138,9 @@ def main() -> int:
     args = parser.parse_args()
     EXTRA.extend(["--set", f"compute.device={args.device}", *[a for kv in args.set for a in ("--set", kv)]])
     if args.device != "cpu" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing was checked", file=sys.stderr)
+        print(
+            "gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing was checked", file=sys.stderr
+        )
         return 1
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bitmar-gpu-check-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -126,12 +151,18 @@ def main() -> int:
         "torch": torch.__version__, "cuda": torch.version.cuda, "workdir": str(workdir),
     }
     full = run_cli(workdir)
-    summary["sample_profile"] = {"ok": full["rc"] == 0, **full, "stages": {a: latest_metadata(workdir, a) for a in TRAINING_ASSETS}}
+    summary["sample_profile"] = {
+        "ok": full["rc"] == 0,
+        **full,
+        "stages": {a: latest_metadata(workdir, a) for a in TRAINING_ASSETS},
+    }
     summary["kill_resume_sft"] = kill_then_resume(workdir, "reasoning_sft", "training.sft.max_steps=120")
     summary["kill_resume_grpo"] = kill_then_resume(workdir, "grpo_policy", "grpo_reasoning.steps=25")
     if not args.skip_features and on_cuda:
         summary["feature_benchmark"] = feature_benchmark(args.feature_images)
-    summary["ddp_2_ranks"] = ddp_pretrain(workdir) if torch.cuda.device_count() >= 2 else {"ok": True, "skipped": "one GPU"}
+    summary["ddp_2_ranks"] = (
+        ddp_pretrain(workdir) if torch.cuda.device_count() >= 2 else {"ok": True, "skipped": "one GPU"}
+    )
     checks = [v for v in summary.values() if isinstance(v, dict) and "ok" in v]
     summary["all_ok"] = all(v["ok"] for v in checks)
     print(json.dumps(summary, indent=2, default=str))

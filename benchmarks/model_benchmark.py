@@ -147,7 +147,12 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "quick": args.quick},
+                "environment": {
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "machine": platform.machine(),
+                    "quick": args.quick,
+                },
                 "training_step": training,
                 "sizes": bench_sizes(),
                 "generation": generation,

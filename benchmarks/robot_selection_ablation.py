@@ -132,7 +132,9 @@ class Teacher:
     def _encode(self, texts: list[str], batch: int, max_length: int) -> np.ndarray:
         out = []
         for i in range(0, len(texts), batch):
-            enc = self.tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            enc = self.tokenizer(
+                texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -413,7 +415,10 @@ def evaluate(
         out[metric] = [round(float(vals.mean()), 3), round(float(vals.std()), 3)]
     out["ece_top1_temp_scaled"] = [round(float(np.mean(eces)), 3), round(float(np.std(eces)), 3)]
     out["ece_pooled"] = round(expected_calibration_error(np.concatenate(pooled_conf), np.concatenate(pooled_hit)), 3)
-    out["user_top1"] = [round(float(np.mean([r["top1"] for r in user_rows])), 3), round(float(np.std([r["top1"] for r in user_rows])), 3)]
+    out["user_top1"] = [
+        round(float(np.mean([r["top1"] for r in user_rows])), 3),
+        round(float(np.std([r["top1"] for r in user_rows])), 3),
+    ]
     out["user_f1"] = round(float(np.mean([r["sample_f1"] for r in user_rows])), 3)
     out["chosen"] = chosen
     print(json.dumps({k: out[k] for k in out if k != "chosen"}), file=sys.stderr, flush=True)
@@ -451,7 +456,9 @@ def capability_sentences(profiles: dict[str, dict[str, list[str]]]) -> tuple[lis
     return texts, label_matrix(labels)
 
 
-def method_embed_lr(data: Tasks, encode: Callable[[Sequence[str]], np.ndarray] | None, build=None, augment: float = 0.0):
+def method_embed_lr(
+    data: Tasks, encode: Callable[[Sequence[str]], np.ndarray] | None, build=None, augment: float = 0.0
+):
     """LR on sentence vectors; `build(outer_train_idx)` returns a fold-specific encoder.
     augment > 0 adds the capability sentences (repeated round(augment) times) to training."""
     aug_texts, aug_gold = capability_sentences(data.profiles)
@@ -594,7 +601,12 @@ def main() -> None:
 
     def corpus(outer: np.ndarray) -> list[str]:
         sub = [s for i in outer for s in data.subtasks.get(data.keys[i], [])]
-        return captions + [data.texts[i] for i in outer] + sub + [robot_description(r, data.profiles[r], desc_fields["all"]) for r in ROBOTS]
+        return (
+            captions
+            + [data.texts[i] for i in outer]
+            + sub
+            + [robot_description(r, data.profiles[r], desc_fields["all"]) for r in ROBOTS]
+        )
 
     static_cache: dict[tuple, StaticEmbedder] = {}
     aug_texts, _ = capability_sentences(data.profiles)
@@ -610,7 +622,9 @@ def main() -> None:
                 base(outer)
                 emb = next(v for k, v in static_cache.items() if k[:3] == ("bpe+words", size, 384) and k[3] == key[4])
                 texts = corpus(outer)[:-5] + aug_texts
-                static_cache[key] = regress_to_teacher(emb, emb.table.astype(np.float64), texts, teacher.encode(texts), lam, dim)
+                static_cache[key] = regress_to_teacher(
+                    emb, emb.table.astype(np.float64), texts, teacher.encode(texts), lam, dim
+                )
             return static_cache[key].encode
 
         return build
@@ -647,10 +661,18 @@ def main() -> None:
     run("B minilm+LR", method_embed_lr(data, teacher_enc), C_GRID)
     run("B minilm+LR thr-tuned", method_embed_lr(data, teacher_enc), C_GRID, tune_threshold=True)
     run("B minilm+LR +capaug x1", method_embed_lr(data, teacher_enc, augment=1), C_GRID)
-    run("B minilm+LR +capaug inner-chosen", method_embed_lr(data, teacher_enc), [{"c": c, "aug": a} for c in (1.0, 3.0, 10.0) for a in (0, 1, 2)])
+    run(
+        "B minilm+LR +capaug inner-chosen",
+        method_embed_lr(data, teacher_enc),
+        [{"c": c, "aug": a} for c in (1.0, 3.0, 10.0) for a in (0, 1, 2)],
+    )
     for dk in ("all", "cap+env"):
         run(f"C minilm zero-shot desc={dk}", method_zero_shot(data, teacher_enc, descs[dk]), margin_grid)
-    run("E minilm LR+pair", method_grounded(data, teacher_enc, descs["all"]), [{"c": c, "alpha": a} for c in (1.0, 3.0) for a in (0.5, 1.0)])
+    run(
+        "E minilm LR+pair",
+        method_grounded(data, teacher_enc, descs["all"]),
+        [{"c": c, "alpha": a} for c in (1.0, 3.0) for a in (0.5, 1.0)],
+    )
     run("E minilm pair-only", method_grounded(data, teacher_enc, descs["all"], mode="pair"), C_GRID)
 
     static_variants = [
@@ -665,8 +687,16 @@ def main() -> None:
         run(f"F static {tag} +LR +capaug x1", method_embed_lr(data, None, build, augment=1), C_GRID)
         if (vocab, size) in (("bpe+words", 8192), ("wordpiece", 30522)):
             run(f"E static {tag} zero-shot", method_zero_shot(data, None, descs["all"], build), margin_grid)
-            run(f"E static {tag} LR+cos", method_grounded(data, None, descs["all"], build, mode="lr+cos"), [{"c": c, "alpha": a} for c in (1.0, 3.0, 10.0) for a in (0.5, 1.0, 2.0)])
-            run(f"E static {tag} LR+pair", method_grounded(data, None, descs["all"], build), [{"c": c, "alpha": a} for c in (1.0, 3.0, 10.0) for a in (0.5, 1.0)])
+            run(
+                f"E static {tag} LR+cos",
+                method_grounded(data, None, descs["all"], build, mode="lr+cos"),
+                [{"c": c, "alpha": a} for c in (1.0, 3.0, 10.0) for a in (0.5, 1.0, 2.0)],
+            )
+            run(
+                f"E static {tag} LR+pair",
+                method_grounded(data, None, descs["all"], build),
+                [{"c": c, "alpha": a} for c in (1.0, 3.0, 10.0) for a in (0.5, 1.0)],
+            )
             run(f"E static {tag} pair-only", method_grounded(data, None, descs["all"], build, mode="pair"), C_GRID)
         emb = next((v for k, v in static_cache.items() if k[:3] == (vocab, size, dim)), None)
         if emb is not None:
@@ -675,13 +705,27 @@ def main() -> None:
     for lam in (0.03, 0.3):
         build = finetuned_builder(8192, 128, lam)
         run(f"F static-ft bpe+words8192/d128 lam={lam} +LR", method_embed_lr(data, None, build), C_GRID)
-        run(f"F static-ft bpe+words8192/d128 lam={lam} +LR +capaug x1", method_embed_lr(data, None, build, augment=1), C_GRID)
-        run(f"F static-ft bpe+words8192/d128 lam={lam} zero-shot", method_zero_shot(data, None, descs["all"], build), margin_grid)
-        run(f"F static-ft bpe+words8192/d128 lam={lam} LR+pair", method_grounded(data, None, descs["all"], build), [{"c": c, "alpha": a} for c in (1.0, 3.0, 10.0) for a in (0.5, 1.0)])
+        run(
+            f"F static-ft bpe+words8192/d128 lam={lam} +LR +capaug x1",
+            method_embed_lr(data, None, build, augment=1),
+            C_GRID,
+        )
+        run(
+            f"F static-ft bpe+words8192/d128 lam={lam} zero-shot",
+            method_zero_shot(data, None, descs["all"], build),
+            margin_grid,
+        )
+        run(
+            f"F static-ft bpe+words8192/d128 lam={lam} LR+pair",
+            method_grounded(data, None, descs["all"], build),
+            [{"c": c, "alpha": a} for c in (1.0, 3.0, 10.0) for a in (0.5, 1.0)],
+        )
     held = {}
     if not only or "held" in only:
         held["minilm pair"] = held_out_robot(data, user, lambda tr: teacher_enc, descs["all"])
-        held["static bpe+words8192/d128 pair"] = held_out_robot(data, user, static_builder("bpe+words", 8192, 128), descs["all"])
+        held["static bpe+words8192/d128 pair"] = held_out_robot(
+            data, user, static_builder("bpe+words", 8192, 128), descs["all"]
+        )
     print(json.dumps({
         "n_tasks": len(data.texts),
         "fold_sizes": np.bincount(data.folds).tolist(),

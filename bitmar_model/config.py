@@ -154,7 +154,10 @@ class BitMarConfig:
                 f"num_attention_heads ({self.num_attention_heads})"
             )
         if self.head_dim % 2:
-            raise ValueError(f"BitMarConfig: head_dim = hidden_size / num_attention_heads must be even for rotary embeddings, got {self.head_dim}")
+            raise ValueError(
+                "BitMarConfig: head_dim = hidden_size / num_attention_heads "
+                f"must be even for rotary embeddings, got {self.head_dim}"
+            )
         if self.hidden_act not in HIDDEN_ACTIVATIONS:
             raise ValueError(f"BitMarConfig.hidden_act must be one of {HIDDEN_ACTIVATIONS}, got {self.hidden_act!r}")
         if self.num_robot_classes != NUM_ROBOT_CLASSES:
@@ -170,16 +173,24 @@ class BitMarConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"BitMarConfig.{key} must be a positive number, got {value!r}")
-        if not isinstance(self.logit_scale_init, (int, float)) or not 0 <= self.logit_scale_init <= math.log(self.logit_scale_max):
+        if not isinstance(self.logit_scale_init, (int, float)) or not 0 <= self.logit_scale_init <= math.log(
+            self.logit_scale_max
+        ):
             raise ValueError(
                 f"BitMarConfig.logit_scale_init must be in [0, log(logit_scale_max)] = "
                 f"[0, {math.log(self.logit_scale_max):.3f}], got {self.logit_scale_init!r}"
             )
         if not isinstance(self.quantized, bool):
             raise ValueError(f"BitMarConfig.quantized must be a bool, got {self.quantized!r}")
-        special = {"pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+        special = {
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
         for key, value in special.items():
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"BitMarConfig.{key} must be an integer in [0, vocab_size={self.vocab_size}), got {value!r}")
+                raise ValueError(
+                    f"BitMarConfig.{key} must be an integer in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
         if len(set(special.values())) != len(special):
             raise ValueError(f"BitMarConfig: pad, bos and eos token ids must differ, got {special}")

@@ -64,7 +64,9 @@ class DecoderLayer(nn.Module):
         self.cross_norm = RMSNorm(hidden)
         self.cross_attn = MultiHeadAttention(hidden, heads, dropout=config.dropout, quantized=q)
         self.mlp_norm = RMSNorm(hidden)
-        self.mlp = FeedForward(hidden, config.intermediate_size, activation=config.hidden_act, dropout=config.dropout, quantized=q)
+        self.mlp = FeedForward(
+            hidden, config.intermediate_size, activation=config.hidden_act, dropout=config.dropout, quantized=q
+        )
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -85,7 +87,9 @@ class DecoderLayer(nn.Module):
             output_attentions=output_attentions,
         )
         hidden_states = hidden_states + self.dropout(attn.hidden_states)
-        cross = self.cross_attn(self.cross_norm(hidden_states), key_value=context_key_value, output_attentions=output_attentions)
+        cross = self.cross_attn(
+            self.cross_norm(hidden_states), key_value=context_key_value, output_attentions=output_attentions
+        )
         hidden_states = hidden_states + self.dropout(cross.hidden_states)
         hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
         return hidden_states, (attn.key, attn.value), attn.weights, cross.weights
@@ -135,7 +139,9 @@ class BitMarDecoder(nn.Module):
                 raise ValueError("BitMarDecoder: `context` is required when no cache is given")
             context_kv = self.context_key_values(context)
             key_positions, key_valid = position_ids, valid
-        self_mask = causal_window_mask(position_ids, key_positions, key_valid, cfg.attention_sink_tokens, cfg.sliding_window)
+        self_mask = causal_window_mask(
+            position_ids, key_positions, key_valid, cfg.attention_sink_tokens, cfg.sliding_window
+        )
         rotary = self.rotary(position_ids)
 
         hidden_states = inputs_embeds
@@ -217,7 +223,9 @@ class BitMarDecoder(nn.Module):
             tokens, token_masks, log_probs = [], [], []
             for step in range(max_new_tokens):
                 logits = (hidden @ head).float()
-                token = sample_next_token(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                token = sample_next_token(
+                    logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+                )
                 token = torch.where(finished, torch.full_like(token, pad_token_id), token)
                 token_masks.append((~finished).long())
                 tokens.append(token)
@@ -230,7 +238,13 @@ class BitMarDecoder(nn.Module):
                     break
                 new_mask = torch.ones_like(token)[:, None]
                 if use_cache:
-                    out = self(embed_tokens(token[:, None]), new_mask, position_ids=next_position[:, None], cache=cache, use_cache=True)
+                    out = self(
+                        embed_tokens(token[:, None]),
+                        new_mask,
+                        position_ids=next_position[:, None],
+                        cache=cache,
+                        use_cache=True,
+                    )
                     cache = out.cache
                     hidden = out.last_hidden_state[:, -1]
                 else:

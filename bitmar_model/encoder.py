@@ -48,7 +48,9 @@ class EncoderLayer(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor],
         output_attentions: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn = self.attn(self.attn_norm(hidden_states), attn_mask=attn_mask, rotary=rotary, output_attentions=output_attentions)
+        attn = self.attn(
+            self.attn_norm(hidden_states), attn_mask=attn_mask, rotary=rotary, output_attentions=output_attentions
+        )
         hidden_states = hidden_states + self.dropout(attn.hidden_states)
         hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
         return hidden_states, attn.weights

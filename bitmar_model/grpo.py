@@ -87,7 +87,13 @@ def gold_multi_hot(gold: Sequence[set[str]], device: torch.device | str = "cpu")
     return labels
 
 
-def _completion_log_probs(model: BitMarModel, sample_prompt: tuple[torch.Tensor, torch.Tensor], sequences: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+def _completion_log_probs(
+    model: BitMarModel,
+    sample_prompt: tuple[torch.Tensor, torch.Tensor],
+    sequences: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
     prompt_ids, prompt_mask = sample_prompt
     # sequences = [BOS, o_1..o_N]; position t of the result is log p(o_{t+1} | BOS, o_<=t).
     return model.sequence_log_probs(prompt_ids, prompt_mask, None, sequences, mask, temperature=temperature)
@@ -133,19 +139,41 @@ def sample_groups(
     old = generated.log_probs
     ref = _completion_log_probs(reference, (ids, mask), sequences, sequence_mask, settings.reasoning_temperature)
     labels = gold_multi_hot(gold, old.device).repeat_interleave(group, dim=0)
-    return GroupSample(ids, mask, sequences, sequence_mask, completion_mask, old, ref * completion_mask, advantages.to(old.device), labels, rewards, texts)
+    return GroupSample(
+        ids,
+        mask,
+        sequences,
+        sequence_mask,
+        completion_mask,
+        old,
+        ref * completion_mask,
+        advantages.to(old.device),
+        labels,
+        rewards,
+        texts,
+    )
 
 
-def grpo_loss(policy: BitMarModel, sample: GroupSample, settings: GRPOSettings) -> tuple[torch.Tensor, dict[str, float]]:
+def grpo_loss(
+    policy: BitMarModel, sample: GroupSample, settings: GRPOSettings
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped, KL-regularised GRPO objective (to minimise) and its diagnostics."""
     scores = policy.sequence_scores(
-        sample.prompt_ids, sample.prompt_mask, None, sample.sequences, sample.sequence_mask, settings.reasoning_temperature, entropy=settings.entropy_coef > 0
+        sample.prompt_ids,
+        sample.prompt_mask,
+        None,
+        sample.sequences,
+        sample.sequence_mask,
+        settings.reasoning_temperature,
+        entropy=settings.entropy_coef > 0,
     )
     log_probs = scores.log_probs
     mask = sample.completion_mask
     ratio = torch.exp(log_probs - sample.old_log_probs)
     advantages = sample.advantages[:, None]
-    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - settings.clip_epsilon, 1 + settings.clip_epsilon) * advantages)
+    surrogate = torch.minimum(
+        ratio * advantages, ratio.clamp(1 - settings.clip_epsilon, 1 + settings.clip_epsilon) * advantages
+    )
     log_ref_ratio = sample.ref_log_probs - log_probs
     kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
     per_token = surrogate - settings.kl_beta * kl
@@ -164,11 +192,16 @@ def grpo_loss(policy: BitMarModel, sample: GroupSample, settings: GRPOSettings) 
         clipped = (((ratio - 1).abs() > settings.clip_epsilon).float() * mask).sum() / tokens
         mean_kl = (kl * mask).sum() / tokens
     return loss, {
-        "kl": float(mean_kl), "clip_fraction": float(clipped), "completion_tokens": float(lengths.mean()), "selection_anchor_loss": float(anchor.detach()),
+        "kl": float(mean_kl),
+        "clip_fraction": float(clipped),
+        "completion_tokens": float(lengths.mean()),
+        "selection_anchor_loss": float(anchor.detach()),
     }
 
 
-def grpo_update(policy: BitMarModel, optimizer: torch.optim.Optimizer, sample: GroupSample, settings: GRPOSettings) -> dict[str, float]:
+def grpo_update(
+    policy: BitMarModel, optimizer: torch.optim.Optimizer, sample: GroupSample, settings: GRPOSettings
+) -> dict[str, float]:
     """`policy_epochs` optimizer steps on one sampled batch; returns the last step's metrics."""
     policy.eval()  # no dropout: ratios compare the same deterministic policy
     metrics: dict[str, float] = {}

@@ -221,7 +221,15 @@ class MultiHeadAttention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU (LLaMA/BitNet b1.58) or GELU MLP with BitLinear projections."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, *, activation: str = "swiglu", dropout: float = 0.0, quantized: bool = True) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        activation: str = "swiglu",
+        dropout: float = 0.0,
+        quantized: bool = True,
+    ) -> None:
         super().__init__()
         self.activation = activation
         # SwiGLU needs two input projections (gate and up); fusing them into one BitLinear

@@ -33,7 +33,9 @@ class PretrainWeights:
     memory_regularization: float = 0.05
 
 
-def info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+def info_nce(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, image_ids: torch.Tensor
+) -> torch.Tensor:
     """Symmetric InfoNCE over the batch. Rows whose image is the same (two captions of one
     image) are not treated as negatives of each other: they are masked out, not pushed apart."""
     logits = logit_scale * image_embeds @ text_embeds.t()
@@ -52,7 +54,9 @@ def memory_usage_regularizer(memory_attention: torch.Tensor) -> torch.Tensor:
     return 1.0 - entropy / math.log(memory_attention.shape[-1])
 
 
-def captioning_pass(model: BitMarModel, batch: dict[str, torch.Tensor], prefix: str = "", update_memory: bool = False) -> BitMarOutput:
+def captioning_pass(
+    model: BitMarModel, batch: dict[str, torch.Tensor], prefix: str = "", update_memory: bool = False
+) -> BitMarOutput:
     """Caption language modelling with the encoder seeing only the fixed prompt and the image."""
     return model(
         batch[f"{prefix}prompt_ids"],
@@ -72,13 +76,19 @@ def label_token_count(batch: dict[str, torch.Tensor]) -> float:
     return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def pretrain_loss(model: BitMarModel, batch: dict[str, torch.Tensor], weights: PretrainWeights) -> tuple[torch.Tensor, dict[str, float]]:
+def pretrain_loss(
+    model: BitMarModel, batch: dict[str, torch.Tensor], weights: PretrainWeights
+) -> tuple[torch.Tensor, dict[str, float]]:
     vision = {"cls": batch["cls"], "patches": batch["patches"]}
     contrastive = model(batch["caption_ids"], batch["caption_mask"], vision)
     captioning = captioning_pass(model, batch, update_memory=model.training)
     nce = info_nce(contrastive.image_embeds, contrastive.text_embeds, contrastive.logit_scale, batch["image_ids"])
     memory_reg = memory_usage_regularizer(captioning.memory_attention)
-    loss = weights.text_generation * captioning.loss + weights.cross_modal * nce + weights.memory_regularization * memory_reg
+    loss = (
+        weights.text_generation * captioning.loss
+        + weights.cross_modal * nce
+        + weights.memory_regularization * memory_reg
+    )
     with torch.no_grad():
         similarity = contrastive.image_embeds @ contrastive.text_embeds.t()
         matched = similarity.diagonal().mean()

@@ -100,7 +100,9 @@ class EpisodicMemory(nn.Module):
         super().__init__()
         query_dim = slot_dim if query_dim is None else query_dim
         if min(num_slots, slot_dim, query_dim) < 1:
-            raise ValueError(f"num_slots, slot_dim and query_dim must be positive, got {num_slots}, {slot_dim}, {query_dim}")
+            raise ValueError(
+                f"num_slots, slot_dim and query_dim must be positive, got {num_slots}, {slot_dim}, {query_dim}"
+            )
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         if not -1.0 <= novelty_threshold <= 1.0:
@@ -151,7 +153,9 @@ class EpisodicMemory(nn.Module):
         if values is None:
             values = episodes
         elif values.shape != episodes.shape:
-            raise ValueError(f"values must have the shape of episodes {tuple(episodes.shape)}, got {tuple(values.shape)}")
+            raise ValueError(
+                f"values must have the shape of episodes {tuple(episodes.shape)}, got {tuple(values.shape)}"
+            )
         else:
             _check_batch("values", values, self.slot_dim)
 
@@ -234,7 +238,9 @@ class EpisodicMemory(nn.Module):
         config, tensors = _read_validated(path, expected_fingerprint)
         for field in ("num_slots", "slot_dim", "query_dim"):
             if config[field] != getattr(self, field):
-                raise ValueError(f"{path}: {field} is {config[field]} in the file but {getattr(self, field)} in this memory")
+                raise ValueError(
+                    f"{path}: {field} is {config[field]} in the file but {getattr(self, field)} in this memory"
+                )
         self._assign(path, tensors)
 
     def _assign(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -265,7 +271,9 @@ def _read_validated(
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not a {FORMAT_NAME} file (format={metadata.get('format')!r})")
     if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise ValueError(f"{path}: format_version {metadata.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        raise ValueError(
+            f"{path}: format_version {metadata.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
     if checksum != _checksum(tensors, metadata):
         raise ValueError(f"{path}: checksum mismatch; the file is corrupt or was modified")
     if expected_fingerprint is not None and metadata.get("fingerprint") != expected_fingerprint:

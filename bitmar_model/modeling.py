@@ -105,7 +105,9 @@ def _describe(x: Any) -> str:
     return str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _check_token_ids(name: str, ids: Any, config: BitMarConfig, batch_size: int | None = None, max_len: int | None = None) -> None:
+def _check_token_ids(
+    name: str, ids: Any, config: BitMarConfig, batch_size: int | None = None, max_len: int | None = None
+) -> None:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex():
         raise ValueError(f"{name}: expected an integer tensor of shape [batch, seq_len]; received {_describe(ids)}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
@@ -113,7 +115,9 @@ def _check_token_ids(name: str, ids: Any, config: BitMarConfig, batch_size: int 
     if batch_size is not None and ids.shape[0] != batch_size:
         raise ValueError(f"{name}: expected batch size {batch_size} (that of input_ids); received {_describe(ids)}")
     if max_len is not None and ids.shape[1] > max_len:
-        raise ValueError(f"{name}: sequence length {ids.shape[1]} exceeds max_seq_len={max_len}; received {_describe(ids)}")
+        raise ValueError(
+            f"{name}: sequence length {ids.shape[1]} exceeds max_seq_len={max_len}; received {_describe(ids)}"
+        )
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= config.vocab_size:
         raise ValueError(f"{name}: token ids must be in [0, {config.vocab_size}); received values in [{low}, {high}]")
@@ -121,7 +125,9 @@ def _check_token_ids(name: str, ids: Any, config: BitMarConfig, batch_size: int 
 
 def _check_mask(name: str, mask: Any, ids_name: str, ids: torch.Tensor) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
-        raise ValueError(f"{name}: expected shape {list(ids.shape)} (the shape of {ids_name}); received {_describe(mask)}")
+        raise ValueError(
+            f"{name}: expected shape {list(ids.shape)} (the shape of {ids_name}); received {_describe(mask)}"
+        )
     if ((mask != 0) & (mask != 1)).any():
         raise ValueError(f"{name}: expected values in {{0, 1}}")
     return mask.long()
@@ -203,14 +209,22 @@ class BitMarModel(
         vision = None if vision_features is None else as_vision_features(vision_features, config=cfg, batch_size=batch)
         if decoder_input_ids is None:
             if decoder_attention_mask is not None or labels is not None:
-                raise ValueError("decoder_input_ids: required when decoder_attention_mask or labels is given; received None")
+                raise ValueError(
+                    "decoder_input_ids: required when decoder_attention_mask or labels is given; received None"
+                )
             return attention_mask, vision, None
         _check_token_ids("decoder_input_ids", decoder_input_ids, cfg, batch)
         if decoder_attention_mask is None:
             decoder_attention_mask = torch.ones_like(decoder_input_ids)
-        decoder_attention_mask = _check_mask("decoder_attention_mask", decoder_attention_mask, "decoder_input_ids", decoder_input_ids)
+        decoder_attention_mask = _check_mask(
+            "decoder_attention_mask", decoder_attention_mask, "decoder_input_ids", decoder_input_ids
+        )
         if labels is not None:
-            if not isinstance(labels, torch.Tensor) or labels.shape != decoder_input_ids.shape or labels.is_floating_point():
+            if (
+                not isinstance(labels, torch.Tensor)
+                or labels.shape != decoder_input_ids.shape
+                or labels.is_floating_point()
+            ):
                 raise ValueError(
                     f"labels: expected an integer tensor of shape {list(decoder_input_ids.shape)} "
                     f"(the shape of decoder_input_ids); received {_describe(labels)}"
@@ -247,10 +261,18 @@ class BitMarModel(
         reasoning_context = torch.cat((memory_token, fused.text_states, fused.vision_tokens), dim=1)
         reasoning_mask = torch.cat((ones, attention_mask, ones.expand(-1, fused.vision_tokens.shape[1])), dim=1)
         bag_of_words = masked_mean(embedded, attention_mask)
-        reasoning = self.reasoning(reasoning_context, reasoning_mask, fused.joint_embedding, bag_of_words, output_attentions)
+        reasoning = self.reasoning(
+            reasoning_context, reasoning_mask, fused.joint_embedding, bag_of_words, output_attentions
+        )
         selection_token = self.selection_norm(self.selection_embed(reasoning.robot_probs.detach()))
         decoder_context = torch.cat(
-            (memory_token, self.reasoning_norm(reasoning.state)[:, None], selection_token[:, None], fused.vision_tokens), dim=1
+            (
+                memory_token,
+                self.reasoning_norm(reasoning.state)[:, None],
+                selection_token[:, None],
+                fused.vision_tokens,
+            ),
+            dim=1,
         )
 
         attentions = None
@@ -402,7 +424,9 @@ class BitMarModel(
         and `attention_mask`: columns [T0 - 1:] are the new tokens' log-probs and match
         `generate(return_log_probs=True)` (same temperature) up to float rounding.
         """
-        return self.sequence_scores(input_ids, attention_mask, vision_features, decoder_input_ids, decoder_attention_mask, temperature).log_probs
+        return self.sequence_scores(
+            input_ids, attention_mask, vision_features, decoder_input_ids, decoder_attention_mask, temperature
+        ).log_probs
 
     def sequence_scores(
         self,
@@ -422,7 +446,9 @@ class BitMarModel(
         columns = torch.arange(mask.shape[1], device=mask.device)
         last_real = torch.where(mask.bool(), columns, -1).cummax(dim=1).values  # last real column <= t
         previous = last_real[:, :-1]  # last real column < t, for t = 1..T-1
-        logits = out.logits.gather(1, previous.clamp(min=0)[..., None].expand(-1, -1, out.logits.shape[-1])) / temperature
+        logits = (
+            out.logits.gather(1, previous.clamp(min=0)[..., None].expand(-1, -1, out.logits.shape[-1])) / temperature
+        )
         scored = (mask[:, 1:].bool() & (previous >= 0)).float()
         log_probs = token_log_probs(logits, decoder_input_ids[:, 1:]) * scored
         entropies = None

@@ -82,7 +82,9 @@ def unpack_ternary(
     shape = tuple(int(s) for s in shape)
     num_weights = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(f"unpack_ternary: expected a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+        raise ValueError(
+            f"unpack_ternary: expected a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
     if packed.numel() != packed_numel(num_weights):
         raise ValueError(
             f"unpack_ternary: {packed.numel()} bytes cannot hold shape {shape} "
@@ -293,7 +295,9 @@ def load_packed_into(packed_model: nn.Module, directory: str | Path) -> dict[str
     except OSError as exc:
         raise ValueError(f"{weights_path}: cannot read packed weights ({exc})") from exc
     if hashlib.sha256(raw).hexdigest() != manifest["sha256"]:
-        raise ValueError(f"{weights_path}: checksum mismatch with {config_path.name}; the file is corrupt or was modified")
+        raise ValueError(
+            f"{weights_path}: checksum mismatch with {config_path.name}; the file is corrupt or was modified"
+        )
     try:
         stored = load_safetensors(raw)
     except Exception as exc:  # safetensors raises its own error types for malformed headers
@@ -324,12 +328,15 @@ def load_packed_into(packed_model: nn.Module, directory: str | Path) -> dict[str
     for key, value in expected.items():
         if stored[key].shape != value.shape:
             raise ValueError(
-                f"{weights_path}: key {key!r} has shape {tuple(stored[key].shape)}, the model expects {tuple(value.shape)}"
+                f"{weights_path}: key {key!r} has shape {tuple(stored[key].shape)}, "
+                f"the model expects {tuple(value.shape)}"
             )
         if key.endswith("packed_weight") and stored[key].dtype != torch.uint8:
             raise ValueError(f"{weights_path}: key {key!r} has dtype {stored[key].dtype}, expected torch.uint8")
         if stored[key].is_floating_point() != value.is_floating_point():
-            raise ValueError(f"{weights_path}: key {key!r} has dtype {stored[key].dtype}, the model expects {value.dtype}")
+            raise ValueError(
+                f"{weights_path}: key {key!r} has dtype {stored[key].dtype}, the model expects {value.dtype}"
+            )
         stored[key] = stored[key].to(value.dtype)  # fp16 on disk, the model's dtype in memory
     packed_model.load_state_dict(stored, strict=True)
     return manifest["config"]

@@ -86,7 +86,10 @@ class ReasoningModule(nn.Module):
         for _ in range(self.steps):
             query = state[:, None]
             ctx = self.context_attn(
-                self.context_query_norm(query), key_value=context_kv, attn_mask=key_mask, output_attentions=output_attentions
+                self.context_query_norm(query),
+                key_value=context_kv,
+                attn_mask=key_mask,
+                output_attentions=output_attentions,
             )
             # The robot attention weights are part of the output (which capabilities each
             # step looked at), and there are only num_robot_classes keys: always materialise.
@@ -99,7 +102,9 @@ class ReasoningModule(nn.Module):
                 context_attn.append(ctx.weights.mean(1)[:, 0])
 
         final = self.state_norm(state)
-        robot_logits = self.policy_head(torch.cat((final, self.joint_norm(joint), self.words_norm(bag_of_words)), dim=-1))
+        robot_logits = self.policy_head(
+            torch.cat((final, self.joint_norm(joint), self.words_norm(bag_of_words)), dim=-1)
+        )
         value = self.value_head(torch.relu(self.value_proj(final))).squeeze(-1)
         return ReasoningOutput(
             robot_logits=robot_logits,

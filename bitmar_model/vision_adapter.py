@@ -51,7 +51,10 @@ def as_vision_features(value: VisionFeaturesInput, *, config: BitMarConfig, batc
     elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) in (1, 2):
         cls, patches, has_image = value[0], value[1] if len(value) == 2 else None, None
     else:
-        raise ValueError(f"vision_features: expected a dict, a (cls, patches) tuple or VisionFeatures; received {type(value).__name__}")
+        raise ValueError(
+            "vision_features: expected a dict, a (cls, patches) tuple or "
+            f"VisionFeatures; received {type(value).__name__}"
+        )
 
     width, num_patches = config.vision_feature_dim, config.vision_num_patches
     if not isinstance(cls, torch.Tensor) or not cls.is_floating_point() or _shape(cls) != [batch_size, width]:
@@ -62,9 +65,15 @@ def as_vision_features(value: VisionFeaturesInput, *, config: BitMarConfig, batc
         )
     if patches is None:
         if num_patches:
-            raise ValueError(f"vision_features['patches']: expected shape [{batch_size}, {num_patches}, {width}]; received None")
+            raise ValueError(
+                f"vision_features['patches']: expected shape [{batch_size}, {num_patches}, {width}]; received None"
+            )
         patches = cls.new_zeros(batch_size, 0, width)
-    if not isinstance(patches, torch.Tensor) or not patches.is_floating_point() or _shape(patches) != [batch_size, num_patches, width]:
+    if (
+        not isinstance(patches, torch.Tensor)
+        or not patches.is_floating_point()
+        or _shape(patches) != [batch_size, num_patches, width]
+    ):
         got = _shape(patches) if isinstance(patches, torch.Tensor) else type(patches).__name__
         raise ValueError(
             f"vision_features['patches']: expected a float tensor of shape [{batch_size}, {num_patches}, {width}] "
@@ -75,7 +84,9 @@ def as_vision_features(value: VisionFeaturesInput, *, config: BitMarConfig, batc
             raise ValueError(f"vision_features['{name}'] (shape {_shape(tensor)}) contains NaN or infinite values")
     if has_image is not None and (not isinstance(has_image, torch.Tensor) or _shape(has_image) != [batch_size]):
         got = _shape(has_image) if isinstance(has_image, torch.Tensor) else type(has_image).__name__
-        raise ValueError(f"vision_features['has_image']: expected a bool tensor of shape [{batch_size}]; received {got}")
+        raise ValueError(
+            f"vision_features['has_image']: expected a bool tensor of shape [{batch_size}]; received {got}"
+        )
     return VisionFeatures(cls=cls, patches=patches, has_image=None if has_image is None else has_image.bool())
 
 
@@ -96,24 +107,38 @@ class VisionAdapter(nn.Module):
         self.input_norm = nn.LayerNorm(config.vision_feature_dim)
         self.compress = make_linear(config.vision_feature_dim, hidden, quantized=config.quantized)
         # Marks which input token is the CLS vector and where each patch sits in the grid.
-        self.feature_positions = nn.Parameter(torch.randn(1 + config.vision_num_patches, hidden) * config.initializer_range)
+        self.feature_positions = nn.Parameter(
+            torch.randn(1 + config.vision_num_patches, hidden) * config.initializer_range
+        )
         # Query 0 produces the pooled vector, the others the vision tokens.
         self.queries = nn.Parameter(torch.randn(1 + config.num_vision_tokens, hidden))
         self.query_norm = RMSNorm(hidden)
         self.source_norm = RMSNorm(hidden)
-        self.pool_attn = MultiHeadAttention(hidden, config.num_attention_heads, dropout=config.dropout, quantized=config.quantized)
+        self.pool_attn = MultiHeadAttention(
+            hidden, config.num_attention_heads, dropout=config.dropout, quantized=config.quantized
+        )
         self.mlp_norm = RMSNorm(hidden)
-        self.mlp = FeedForward(hidden, config.intermediate_size, activation=config.hidden_act, dropout=config.dropout, quantized=config.quantized)
+        self.mlp = FeedForward(
+            hidden,
+            config.intermediate_size,
+            activation=config.hidden_act,
+            dropout=config.dropout,
+            quantized=config.quantized,
+        )
         self.out_norm = RMSNorm(hidden)
         self.no_image_tokens = nn.Parameter(torch.randn(config.num_vision_tokens, hidden))
         self.no_image_pooled = nn.Parameter(torch.randn(hidden))
 
-    def forward(self, features: VisionFeatures | None, batch_size: int, output_attentions: bool = False) -> VisionAdapterOutput:
+    def forward(
+        self, features: VisionFeatures | None, batch_size: int, output_attentions: bool = False
+    ) -> VisionAdapterOutput:
         no_image_tokens = self.no_image_tokens.expand(batch_size, -1, -1)
         no_image_pooled = self.no_image_pooled.expand(batch_size, -1)
         if features is None:
             has_image = torch.zeros(batch_size, dtype=torch.bool, device=no_image_pooled.device)
-            return VisionAdapterOutput(tokens=no_image_tokens, pooled=no_image_pooled, has_image=has_image, attention=None)
+            return VisionAdapterOutput(
+                tokens=no_image_tokens, pooled=no_image_pooled, has_image=has_image, attention=None
+            )
 
         dtype = self.input_norm.weight.dtype
         x = torch.cat((features.cls[:, None], features.patches), dim=1).to(dtype)

@@ -85,7 +85,14 @@ def align_shard(
         if not result.ok:
             quarantine.append(_quarantine_row(source, f"image:{image.image_id}", result.reason, result.detail))
             for caption in () if image_captions is None else image_captions.itertuples(index=False):
-                quarantine.append(_quarantine_row(source, f"caption:{caption.caption_id}", f"image_{result.reason}", f"image {image.image_id} refused"))
+                quarantine.append(
+                    _quarantine_row(
+                        source,
+                        f"caption:{caption.caption_id}",
+                        f"image_{result.reason}",
+                        f"image {image.image_id} refused",
+                    )
+                )
             continue
         seen: set[str] = set()
         kept = 0
@@ -116,9 +123,13 @@ def align_shard(
                 }
             )
         if kept == 0:
-            quarantine.append(_quarantine_row(source, f"image:{image.image_id}", "no_valid_captions", "image has no usable caption"))
+            quarantine.append(
+                _quarantine_row(source, f"image:{image.image_id}", "no_valid_captions", "image has no usable caption")
+            )
 
-    pairs = pd.DataFrame(rows, columns=PAIR_COLUMNS).astype({"image_id": "int64", "caption_id": "int64", "width": "int64", "height": "int64"})
+    pairs = pd.DataFrame(rows, columns=PAIR_COLUMNS).astype(
+        {"image_id": "int64", "caption_id": "int64", "width": "int64", "height": "int64"}
+    )
     return AlignmentResult(
         pairs=pairs,
         quarantine=pd.DataFrame(quarantine, columns=["source", "key", "reason", "detail"]),

@@ -78,12 +78,31 @@ def _summarize(result: dg.ExecuteInProcessResult, partition: str | None) -> list
     lines = []
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization
-        shown = {k: v.value for k, v in materialization.metadata.items() if k in {"images", "captions", "pairs", "tasks", "encoded", "reused_from_cache", "quarantined_rows", "vocab_size", "seconds"}}
+        shown = {
+            k: v.value
+            for k, v in materialization.metadata.items()
+            if k
+            in {
+                "images",
+                "captions",
+                "pairs",
+                "tasks",
+                "encoded",
+                "reused_from_cache",
+                "quarantined_rows",
+                "vocab_size",
+                "seconds",
+            }
+        }
         where = f"[{partition}]" if partition else ""
-        lines.append(f"  {materialization.asset_key.to_user_string()}{where}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        lines.append(
+            f"  {materialization.asset_key.to_user_string()}{where}: " + ", ".join(f"{k}={v}" for k, v in shown.items())
+        )
     for check in result.get_asset_check_evaluations():
         if not check.passed:
-            lines.append(f"  check FAILED ({check.severity.value}): {check.asset_key.to_user_string()}.{check.check_name}")
+            lines.append(
+                f"  check FAILED ({check.severity.value}): {check.asset_key.to_user_string()}.{check.check_name}"
+            )
     return lines
 
 
@@ -103,15 +122,34 @@ def run(config_file: str | None, selection: str | None, overrides: dict[str, Any
             print("no coco_shards registered yet: materialize coco_raw first", file=sys.stderr)
             return 1
         for partition in partitions:
-            result = dg.materialize(ALL_ASSETS, selection=keys, instance=instance, resources=resources, partition_key=partition, raise_on_error=False)
+            result = dg.materialize(
+                ALL_ASSETS,
+                selection=keys,
+                instance=instance,
+                resources=resources,
+                partition_key=partition,
+                raise_on_error=False,
+            )
             print("\n".join(_summarize(result, partition)))
-            failed_checks += sum(1 for c in result.get_asset_check_evaluations() if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR)
+            failed_checks += sum(
+                1
+                for c in result.get_asset_check_evaluations()
+                if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR
+            )
             if not result.success:
                 failure = next((e for e in result.all_events if e.is_step_failure), None)
                 message = _failure_message(failure.step_failure_data.error) if failure else "run failed"
-                print(f"FAILED {', '.join(k.to_user_string() for k in keys)}{f'[{partition}]' if partition else ''}: {message}", file=sys.stderr)
+                print(
+                    (
+                        f"FAILED {', '.join(k.to_user_string() for k in keys)}{f'[{partition}]' if partition else ''}: "
+                        f"{message}"
+                    ),
+                    file=sys.stderr,
+                )
                 return 1
-    print(f"done in {time.perf_counter() - started:.1f}s" + (f"; {failed_checks} failed checks" if failed_checks else ""))
+    print(
+        f"done in {time.perf_counter() - started:.1f}s" + (f"; {failed_checks} failed checks" if failed_checks else "")
+    )
     return 1 if failed_checks else 0
 
 
@@ -120,14 +158,35 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="materialize assets (default: all) in-process")
     run_parser.add_argument("--config", help="YAML profile (default: $BITMAR_CONFIG or the embedded sample profile)")
-    run_parser.add_argument("--select", help="assets to materialize: a comma list (coco_raw,image_caption_pairs) or a Dagster selection (group:data)")
-    run_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    run_parser.add_argument(
+        "--select",
+        help="assets to materialize: a comma list (coco_raw,image_caption_pairs) or a Dagster selection (group:data)",
+    )
+    run_parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
     train_parser = commands.add_parser("train", help="materialize the training stages (the seed's train.py options)")
     train_parser.add_argument("--config", help="YAML profile (default: $BITMAR_CONFIG or the embedded sample profile)")
     train_parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (compute.device)")
-    train_parser.add_argument("--save-every-n-steps", type=int, help="checkpoint interval (training.save_every_n_steps)")
-    train_parser.add_argument("--select", default=",".join(TRAINING_STAGES), help=f"stages to run (default: {','.join(TRAINING_STAGES)})")
-    train_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    train_parser.add_argument(
+        "--save-every-n-steps", type=int, help="checkpoint interval (training.save_every_n_steps)"
+    )
+    train_parser.add_argument(
+        "--select", default=",".join(TRAINING_STAGES), help=f"stages to run (default: {','.join(TRAINING_STAGES)})"
+    )
+    train_parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
     add_predict_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "predict":

@@ -45,7 +45,9 @@ def fetch_coco(config: PipelineConfig, progress: StageProgress | None = None) ->
     coco = config.data.coco
     root = config.resolved_coco_root()
     if coco.source == "sample":
-        return generate_sample_coco(root, num_images=coco.sample_num_images, seed=coco.sample_seed, image_size=coco.sample_image_size)
+        return generate_sample_coco(
+            root, num_images=coco.sample_num_images, seed=coco.sample_seed, image_size=coco.sample_image_size
+        )
     if coco.source == "download":
         return download_coco(
             root,
@@ -67,14 +69,18 @@ def build_manifest(root: Path, splits: list[str] | None, max_images: int | None,
     if splits is not None:
         unknown = sorted(set(splits) - set(files))
         if unknown:
-            raise ConfigError(f"data.coco.splits: {unknown} not found under {root}/annotations (found: {sorted(files)})")
+            raise ConfigError(
+                f"data.coco.splits: {unknown} not found under {root}/annotations (found: {sorted(files)})"
+            )
         files = {split: files[split] for split in splits}
     images, captions, problems = [], [], []
     for split, path in sorted(files.items()):
         annotations = read_caption_annotations(path)
         images.append(annotations.images.assign(split=split))
         captions.append(annotations.captions.assign(split=split))
-        problems.append(pd.DataFrame(annotations.problems, columns=["key", "reason", "detail"]).assign(source=str(path)))
+        problems.append(
+            pd.DataFrame(annotations.problems, columns=["key", "reason", "detail"]).assign(source=str(path))
+        )
     images_df = pd.concat(images, ignore_index=True).sort_values(["split", "image_id"], kind="stable")
     captions_df = pd.concat(captions, ignore_index=True)
     quarantine = pd.concat(problems, ignore_index=True)
@@ -91,7 +97,9 @@ def build_manifest(root: Path, splits: list[str] | None, max_images: int | None,
 
     images_df = images_df.reset_index(drop=True)
     position = images_df.groupby("split").cumcount()
-    images_df["shard"] = [shard_key(split, pos // shard_size) for split, pos in zip(images_df["split"], position, strict=True)]
+    images_df["shard"] = [
+        shard_key(split, pos // shard_size) for split, pos in zip(images_df["split"], position, strict=True)
+    ]
     return CocoManifest(root, images_df, captions_df, quarantine[["source", "key", "reason", "detail"]], excluded)
 
 
@@ -107,7 +115,9 @@ def read_shard_manifest(storage: Storage, shard: str) -> tuple[pd.DataFrame, pd.
     if images.empty:
         raise ValueError(f"shard {shard!r} is not in the coco_images manifest; re-materialize coco_raw")
     captions = storage.read_partition(CAPTIONS_TABLE, MANIFEST_PARTITION)
-    captions = captions[captions["image_id"].isin(images["image_id"]) & captions["split"].isin(images["split"].unique())]
+    captions = captions[
+        captions["image_id"].isin(images["image_id"]) & captions["split"].isin(images["split"].unique())
+    ]
     return images, captions.reset_index(drop=True)
 
 

@@ -66,7 +66,9 @@ from bitmar_pipeline.training_data import CaptionSet, load_caption_data, load_pi
 from bitmar_pipeline.training_stages import GRPO, PRETRAIN, load_stage_model, retrieval_metrics
 
 EVALUATED_ROBOTS = [r for r in ROBOT_CLASSES if r != "No Robot"]
-_STOP_WORDS = frozenset("that this with from into over under their there have will your what when where which about while".split())
+_STOP_WORDS = frozenset(
+    "that this with from into over under their there have will your what when where which about while".split()
+)
 _WORD = re.compile(r"[a-z]{4,}")
 
 
@@ -78,7 +80,12 @@ class EvaluationResult:
 
 
 def ci_dict(metric: MetricWithCI) -> dict[str, float]:
-    return {"value": round(metric.value, 4), "ci95_low": round(metric.low, 4), "ci95_high": round(metric.high, 4), "n": metric.n}
+    return {
+        "value": round(metric.value, 4),
+        "ci95_low": round(metric.low, 4),
+        "ci95_high": round(metric.high, 4),
+        "n": metric.n,
+    }
 
 
 def reasoning_quality(parsed: ParsedReasoning, task_text: str, gold: set[str]) -> dict[str, float]:
@@ -111,7 +118,9 @@ def _selection_table(name: str, metrics: dict[str, MetricWithCI]) -> list[dict[s
     return [{"model": name, "metric": k, **ci_dict(m)} for k, m in metrics.items()]
 
 
-def robot_selection_section(model_eval: ReasoningEvaluation, tasks: pd.DataFrame, n_resamples: int) -> tuple[dict[str, Any], pd.DataFrame]:
+def robot_selection_section(
+    model_eval: ReasoningEvaluation, tasks: pd.DataFrame, n_resamples: int
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """The model's head and parsed-text selections next to both baselines on the same split."""
     train = tasks[tasks["split"] == "train"].drop_duplicates("task_key")
     split = tasks[tasks["split"] == model_eval.split].drop_duplicates("task_key")
@@ -120,7 +129,12 @@ def robot_selection_section(model_eval: ReasoningEvaluation, tasks: pd.DataFrame
     section: dict[str, Any] = {"n": model_eval.n}
     for name, baseline in (("majority", MajorityBaseline()), ("tfidf_logreg", TfidfLogisticBaseline())):
         baseline.fit(train["task_text"].tolist(), [set(r) for r in train["robots"]])
-        result = evaluate_selection(baseline.predict_proba(split["task_text"].tolist()), baseline.predict(split["task_text"].tolist()), gold_sets, n_resamples=n_resamples)
+        result = evaluate_selection(
+            baseline.predict_proba(split["task_text"].tolist()),
+            baseline.predict(split["task_text"].tolist()),
+            gold_sets,
+            n_resamples=n_resamples,
+        )
         metrics = {k: result[k] for k in ("top1", "exact_set", "sample_f1")}
         section[name] = {k: ci_dict(m) for k, m in metrics.items()}
         rows += _selection_table(name, metrics)
@@ -134,14 +148,20 @@ def robot_selection_section(model_eval: ReasoningEvaluation, tasks: pd.DataFrame
     return section, pd.DataFrame(rows)
 
 
-def reasoning_section(model_eval: ReasoningEvaluation, task_texts: list[str], n_resamples: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    qualities = [reasoning_quality(p, t, set(g)) for p, t, g in zip(model_eval.parsed, task_texts, model_eval.gold, strict=True)]
+def reasoning_section(
+    model_eval: ReasoningEvaluation, task_texts: list[str], n_resamples: int
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    qualities = [
+        reasoning_quality(p, t, set(g)) for p, t, g in zip(model_eval.parsed, task_texts, model_eval.gold, strict=True)
+    ]
     section: dict[str, Any] = {
         dim: ci_dict(bootstrap_ci(np.mean, np.array([q[dim] for q in qualities]), n_resamples=n_resamples))
         for dim in ("coherence", "relevance", "completeness", "accuracy")
     }
     section["format_compliance"] = ci_dict(model_eval.metrics["reasoning_well_formed"])
-    consistency = np.array([jaccard(set(p.robots), set(h)) for p, h in zip(model_eval.parsed, model_eval.head_selections, strict=True)])
+    consistency = np.array(
+        [jaccard(set(p.robots), set(h)) for p, h in zip(model_eval.parsed, model_eval.head_selections, strict=True)]
+    )
     section["consistency_with_head"] = ci_dict(bootstrap_ci(np.mean, consistency, n_resamples=n_resamples))
     # A missing or out-of-range confidence ("95", "1.5") states nothing: scored as 0, as the
     # rewards do, and counted so a reader sees how many there were.
@@ -149,37 +169,79 @@ def reasoning_section(model_eval: ReasoningEvaluation, task_texts: list[str], n_
     section["stated_confidence_missing"] = sum(p.confidence is None for p in model_eval.parsed)
     section["stated_confidence_out_of_range"] = sum(p.confidence_out_of_range for p in model_eval.parsed)
     # The target GRPO's calibration reward trains the stated confidence on (one definition).
-    correct = np.array([confidence_target(p.robots, g) for p, g in zip(model_eval.parsed, model_eval.gold, strict=True)])
+    correct = np.array(
+        [confidence_target(p.robots, g) for p, g in zip(model_eval.parsed, model_eval.gold, strict=True)]
+    )
     section["stated_confidence_ece"] = round(expected_calibration_error(stated, correct), 4)
     section["stated_confidence_target"] = CONFIDENCE_TARGET
     head_conf = model_eval.head_probs.max(axis=1)
-    head_correct = np.array([ROBOT_CLASSES[int(i)] in g for i, g in zip(model_eval.head_probs.argmax(axis=1), model_eval.gold, strict=True)], dtype=float)
+    head_correct = np.array(
+        [
+            ROBOT_CLASSES[int(i)] in g
+            for i, g in zip(model_eval.head_probs.argmax(axis=1), model_eval.gold, strict=True)
+        ],
+        dtype=float,
+    )
     section["head_confidence_ece"] = round(expected_calibration_error(head_conf, head_correct), 4)
     return section, head_conf, head_correct
 
 
 @torch.no_grad()
-def multi_robot_section(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, tasks: pd.DataFrame, subtasks: pd.DataFrame, split: str, n_resamples: int) -> dict[str, Any]:
+def multi_robot_section(
+    model: BitMarModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: pd.DataFrame,
+    subtasks: pd.DataFrame,
+    split: str,
+    n_resamples: int,
+) -> dict[str, Any]:
     """Subtask assignments on subtask texts no training row has (`evaluable_subtasks`): is
     the head's most probable robot one the text is assigned to?"""
     items = evaluable_subtasks(tasks, subtasks, split)
-    counts = {"excluded_seen_in_training": items.excluded_seen_in_training, "conflicting_labels": items.conflicting_labels}
+    counts = {
+        "excluded_seen_in_training": items.excluded_seen_in_training,
+        "conflicting_labels": items.conflicting_labels,
+    }
     if not items.texts:
         return {"n": 0, **counts}
     device = next(model.parameters()).device
-    encoded = tokenizer([format_prompt(t) for t in items.texts], add_special_tokens=False, padding=True, truncation=True, max_length=model.config.max_seq_len, return_tensors="pt")
-    probs = model(encoded["input_ids"].to(device), encoded["attention_mask"].to(device)).robot_probs.float().cpu().numpy()
-    hits = np.array([ROBOT_CLASSES[int(i)] in gold for i, gold in zip(probs.argmax(axis=1), items.gold, strict=True)], dtype=float)
+    encoded = tokenizer(
+        [format_prompt(t) for t in items.texts],
+        add_special_tokens=False,
+        padding=True,
+        truncation=True,
+        max_length=model.config.max_seq_len,
+        return_tensors="pt",
+    )
+    probs = (
+        model(encoded["input_ids"].to(device), encoded["attention_mask"].to(device)).robot_probs.float().cpu().numpy()
+    )
+    hits = np.array(
+        [ROBOT_CLASSES[int(i)] in gold for i, gold in zip(probs.argmax(axis=1), items.gold, strict=True)], dtype=float
+    )
     robots = sorted({r for gold in items.gold for r in gold})
-    per_robot = {robot: round(float(np.mean([h for h, gold in zip(hits, items.gold, strict=True) if robot in gold])), 4) for robot in robots}
+    per_robot = {
+        robot: round(float(np.mean([h for h, gold in zip(hits, items.gold, strict=True) if robot in gold])), 4)
+        for robot in robots
+    }
     return {
-        "n": len(items.texts), **counts, "gold": "union of the robots a text is assigned to",
-        "assignment_top1": ci_dict(bootstrap_ci(np.mean, hits, n_resamples=n_resamples)), "per_assigned_robot": per_robot,
+        "n": len(items.texts),
+        **counts,
+        "gold": "union of the robots a text is assigned to",
+        "assignment_top1": ci_dict(bootstrap_ci(np.mean, hits, n_resamples=n_resamples)),
+        "per_assigned_robot": per_robot,
     }
 
 
 @torch.no_grad()
-def vision_language_section(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, heldout: CaptionSet, retrieval: dict[str, float], max_images: int, batch_size: int = 32) -> dict[str, Any]:
+def vision_language_section(
+    model: BitMarModel,
+    tokenizer: PreTrainedTokenizerBase,
+    heldout: CaptionSet,
+    retrieval: dict[str, float],
+    max_images: int,
+    batch_size: int = 32,
+) -> dict[str, Any]:
     """Retrieval (computed by the caller on the same held-out pairs), caption perplexity, and
     BLEU-4 / CIDEr-D of greedy captions for up to `max_images` held-out images."""
     device = next(model.parameters()).device
@@ -187,7 +249,14 @@ def vision_language_section(model: BitMarModel, tokenizer: PreTrainedTokenizerBa
     for start in range(0, len(heldout), batch_size):
         batch = heldout.collate(list(range(start, min(start + batch_size, len(heldout)))))
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(batch["prompt_ids"], batch["prompt_mask"], {"cls": batch["cls"], "patches": batch["patches"]}, decoder_input_ids=batch["decoder_ids"], decoder_attention_mask=batch["decoder_mask"], labels=batch["labels"])
+        out = model(
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            {"cls": batch["cls"], "patches": batch["patches"]},
+            decoder_input_ids=batch["decoder_ids"],
+            decoder_attention_mask=batch["decoder_mask"],
+            labels=batch["labels"],
+        )
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         total_nll += float(out.loss) * tokens
         total_tokens += tokens
@@ -201,7 +270,12 @@ def vision_language_section(model: BitMarModel, tokenizer: PreTrainedTokenizerBa
     for start in range(0, len(images), batch_size):
         rows = [first_rows[i] for i in images[start : start + batch_size]]
         batch = heldout.collate(rows)
-        out = model.generate(batch["prompt_ids"].to(device), batch["prompt_mask"].to(device), {"cls": batch["cls"].to(device), "patches": batch["patches"].to(device)}, max_new_tokens=32)
+        out = model.generate(
+            batch["prompt_ids"].to(device),
+            batch["prompt_mask"].to(device),
+            {"cls": batch["cls"].to(device), "patches": batch["patches"].to(device)},
+            max_new_tokens=32,
+        )
         tokens = out.new_tokens.masked_fill(out.new_token_mask == 0, tokenizer.pad_token_id)
         hypotheses += tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
     refs = [references[i] for i in images]
@@ -211,7 +285,9 @@ def vision_language_section(model: BitMarModel, tokenizer: PreTrainedTokenizerBa
         "bleu4": round(bleu4(refs, hypotheses), 4),
         "cider_d": round(cider_d(refs, hypotheses), 4),
         "captioned_images": len(images),
-        "caption_examples": [{"generated": h, "reference": r[0]} for h, r in zip(hypotheses[:5], refs[:5], strict=False)],
+        "caption_examples": [
+            {"generated": h, "reference": r[0]} for h, r in zip(hypotheses[:5], refs[:5], strict=False)
+        ],
     }
 
 
@@ -232,25 +308,54 @@ def flops_per_component(model: BitMarModel, inputs: dict[str, torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def analysis_figures(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, heldout: CaptionSet, task_prompts: list[str], out_dir: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+def analysis_figures(
+    model: BitMarModel, tokenizer: PreTrainedTokenizerBase, heldout: CaptionSet, task_prompts: list[str], out_dir: Path
+) -> tuple[dict[str, Path], dict[str, Any]]:
     """Cross-modal and memory attention maps, the memory usage heatmap, and the memory stats."""
     device = next(model.parameters()).device
     figures: dict[str, Path] = {}
     batch = heldout.collate([0])
-    out = model(batch["caption_ids"].to(device), batch["caption_mask"].to(device), {"cls": batch["cls"].to(device), "patches": batch["patches"].to(device)}, output_attentions=True)
+    out = model(
+        batch["caption_ids"].to(device),
+        batch["caption_mask"].to(device),
+        {"cls": batch["cls"].to(device), "patches": batch["patches"].to(device)},
+        output_attentions=True,
+    )
     text_to_vision = out.attentions["fusion_text_to_vision"]
     if text_to_vision:
         matrix = text_to_vision[-1][0].float().mean(dim=0).cpu().numpy()  # last layer, mean over heads
         tokens = tokenizer.convert_ids_to_tokens(batch["caption_ids"][0].tolist())
         figures["cross_modal_attention"] = attention_map_figure(
-            matrix, [f"v{i}" for i in range(matrix.shape[1])], tokens[: matrix.shape[0]], "Fusion: caption tokens attending to vision tokens", out_dir / "cross_modal_attention.png"
+            matrix,
+            [f"v{i}" for i in range(matrix.shape[1])],
+            tokens[: matrix.shape[0]],
+            "Fusion: caption tokens attending to vision tokens",
+            out_dir / "cross_modal_attention.png",
         )
-    encoded = tokenizer([format_prompt(t) for t in task_prompts], add_special_tokens=False, padding=True, truncation=True, max_length=model.config.max_seq_len, return_tensors="pt")
-    memory_attention = model(encoded["input_ids"].to(device), encoded["attention_mask"].to(device)).memory_attention.float().cpu().numpy()
-    figures["memory_attention"] = attention_map_figure(
-        memory_attention, [str(k) for k in range(memory_attention.shape[1])], [t[:30] for t in task_prompts], "Memory read attention per task", out_dir / "memory_attention.png"
+    encoded = tokenizer(
+        [format_prompt(t) for t in task_prompts],
+        add_special_tokens=False,
+        padding=True,
+        truncation=True,
+        max_length=model.config.max_seq_len,
+        return_tensors="pt",
     )
-    figures["memory_usage"] = memory_usage_heatmap(model.memory.usage.float().cpu().numpy(), out_dir / "memory_usage.png")
+    memory_attention = (
+        model(encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
+        .memory_attention.float()
+        .cpu()
+        .numpy()
+    )
+    figures["memory_attention"] = attention_map_figure(
+        memory_attention,
+        [str(k) for k in range(memory_attention.shape[1])],
+        [t[:30] for t in task_prompts],
+        "Memory read attention per task",
+        out_dir / "memory_attention.png",
+    )
+    figures["memory_usage"] = memory_usage_heatmap(
+        model.memory.usage.float().cpu().numpy(), out_dir / "memory_usage.png"
+    )
     return figures, {k: round(v, 4) for k, v in model.memory.stats().items()}
 
 
@@ -258,19 +363,41 @@ def write_report(report: dict[str, Any], path: Path) -> Path:
     return atomic_write_json(path, report, indent=2, default=float)
 
 
-def calibration_figures(head_conf: np.ndarray, head_correct: np.ndarray, model_eval: ReasoningEvaluation, out_dir: Path) -> dict[str, Path]:
+def calibration_figures(
+    head_conf: np.ndarray, head_correct: np.ndarray, model_eval: ReasoningEvaluation, out_dir: Path
+) -> dict[str, Path]:
     return {
-        "reliability_head": reliability_diagram(head_conf, head_correct, out_dir / "reliability_head.png", title=f"Selection head calibration ({model_eval.split})"),
-        "confusion": confusion_figure(label_matrix(model_eval.head_selections), label_matrix(model_eval.gold), out_dir / "confusion.png", title=f"Robot selection ({model_eval.split})"),
+        "reliability_head": reliability_diagram(
+            head_conf,
+            head_correct,
+            out_dir / "reliability_head.png",
+            title=f"Selection head calibration ({model_eval.split})",
+        ),
+        "confusion": confusion_figure(
+            label_matrix(model_eval.head_selections),
+            label_matrix(model_eval.gold),
+            out_dir / "confusion.png",
+            title=f"Robot selection ({model_eval.split})",
+        ),
     }
 
 
-def evaluate_splits(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, tasks: pd.DataFrame, subtasks: pd.DataFrame, max_new_tokens: int, n_resamples: int, out_dir: Path) -> EvaluationResult:
+def evaluate_splits(
+    model: BitMarModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: pd.DataFrame,
+    subtasks: pd.DataFrame,
+    max_new_tokens: int,
+    n_resamples: int,
+    out_dir: Path,
+) -> EvaluationResult:
     """The robot-selection and reasoning parts of the report, for validation and test."""
     result = EvaluationResult({"robot_selection": {}, "reasoning": {}, "multi_robot": {}})
     tables = []
     for split in ("validation", "test"):
-        model_eval = evaluate_reasoning(model, tokenizer, tasks, split, max_new_tokens=max_new_tokens, n_resamples=n_resamples)
+        model_eval = evaluate_reasoning(
+            model, tokenizer, tasks, split, max_new_tokens=max_new_tokens, n_resamples=n_resamples
+        )
         selection, table = robot_selection_section(model_eval, tasks, n_resamples)
         tables.append(table.assign(split=split))
         task_texts = tasks[tasks["split"] == split].drop_duplicates("task_key")["task_text"].tolist()
@@ -281,7 +408,12 @@ def evaluate_splits(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, task
         if split == "test":
             result.figures.update(calibration_figures(head_conf, head_correct, model_eval, out_dir))
             result.tables["test_examples"] = pd.DataFrame(
-                {"task": task_texts[:8], "gold": [", ".join(g) for g in model_eval.gold[:8]], "head": [", ".join(h) for h in model_eval.head_selections[:8]], "reasoning_selection": [", ".join(p.robots) or "(unparsed)" for p in model_eval.parsed[:8]]}
+                {
+                    "task": task_texts[:8],
+                    "gold": [", ".join(g) for g in model_eval.gold[:8]],
+                    "head": [", ".join(h) for h in model_eval.head_selections[:8]],
+                    "reasoning_selection": [", ".join(p.robots) or "(unparsed)" for p in model_eval.parsed[:8]],
+                }
             )
     result.tables["robot_selection"] = pd.concat(tables, ignore_index=True)
     return result
@@ -301,9 +433,13 @@ class ThresholdCheck:
         return self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
 
 
-def _flops_section(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, heldout: CaptionSet, task_texts: list[str]) -> dict[str, dict[str, int]]:
+def _flops_section(
+    model: BitMarModel, tokenizer: PreTrainedTokenizerBase, heldout: CaptionSet, task_texts: list[str]
+) -> dict[str, dict[str, int]]:
     """FLOPs per component for one batch of task prompts and one of image-caption pairs."""
-    encoded = tokenizer([format_prompt(t) for t in task_texts[:8]], add_special_tokens=False, padding=True, return_tensors="pt")
+    encoded = tokenizer(
+        [format_prompt(t) for t in task_texts[:8]], add_special_tokens=False, padding=True, return_tensors="pt"
+    )
     batch = heldout.collate(list(range(min(8, len(heldout)))))
     text_inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     image_inputs = {
@@ -317,7 +453,9 @@ def _flops_section(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, heldo
     }
 
 
-def build_evaluation_report(config: PipelineConfig, storage: Storage, encoder_fingerprint: Callable[[], str], report_path: Path) -> EvaluationResult:
+def build_evaluation_report(
+    config: PipelineConfig, storage: Storage, encoder_fingerprint: Callable[[], str], report_path: Path
+) -> EvaluationResult:
     """Measure the latest (grpo_policy) model on validation and test and write the report JSON
     to `report_path`: robot selection and reasoning next to the baselines, captioning and
     retrieval (also of the pretrained model), memory, attention figures and FLOPs.
@@ -331,11 +469,30 @@ def build_evaluation_report(config: PipelineConfig, storage: Storage, encoder_fi
     tasks["robots"] = tasks["robots"].map(list)
     subtasks = storage.read_partition("robot_subtasks", "all")
 
-    result = evaluate_splits(model, tokenizer, tasks, subtasks, config.grpo_reasoning.max_new_tokens, config.evaluation.bootstrap_resamples, out_dir)
-    result.report["user_phrased"] = user_phrased_section(model, tokenizer, config.grpo_reasoning.max_new_tokens, config.evaluation.bootstrap_resamples)
-    captions = load_caption_data(storage, manifest_shards(storage), encoder_fingerprint(), tokenizer, model.config.max_seq_len, config.training.heldout_fraction)
+    result = evaluate_splits(
+        model,
+        tokenizer,
+        tasks,
+        subtasks,
+        config.grpo_reasoning.max_new_tokens,
+        config.evaluation.bootstrap_resamples,
+        out_dir,
+    )
+    result.report["user_phrased"] = user_phrased_section(
+        model, tokenizer, config.grpo_reasoning.max_new_tokens, config.evaluation.bootstrap_resamples
+    )
+    captions = load_caption_data(
+        storage,
+        manifest_shards(storage),
+        encoder_fingerprint(),
+        tokenizer,
+        model.config.max_seq_len,
+        config.training.heldout_fraction,
+    )
     heldout, max_images = captions.heldout, config.evaluation.max_caption_images
-    result.report["vision_language"] = vision_language_section(model, tokenizer, heldout, retrieval_metrics(model, heldout), max_images)
+    result.report["vision_language"] = vision_language_section(
+        model, tokenizer, heldout, retrieval_metrics(model, heldout), max_images
+    )
     # The same measured on the pretrained model: the reasoning stages train the decoder on
     # reasoning text only, so the gap shows what they cost in captioning and retrieval.
     pretrained = load_stage_model(storage, PRETRAIN).eval()
@@ -374,11 +531,32 @@ def threshold_checks(report: dict[str, Any], thresholds: EvaluationThresholds) -
         ThresholdCheck("test_head_sample_f1", head["sample_f1"]["value"], thresholds.test_head_sample_f1),
         # The baselines are computed on the same split and items, so these two hold whatever
         # the split's difficulty: the robot-selection bar is relative to them.
-        ThresholdCheck("test_head_top1_gain_over_majority", head["top1"]["value"] - test["majority"]["top1"]["value"], thresholds.min_top1_gain_over_majority),
-        ThresholdCheck("test_head_f1_vs_tfidf", head["sample_f1"]["value"] - test["tfidf_logreg"]["sample_f1"]["value"], thresholds.min_f1_vs_tfidf),
-        ThresholdCheck("reasoning_format_compliance", reasoning_test["format_compliance"]["value"], thresholds.reasoning_format_compliance),
-        ThresholdCheck("retrieval_i2t_recall_at_5", report["vision_language"].get("i2t_R@5", 0.0), thresholds.retrieval_i2t_recall_at_5),
-        ThresholdCheck("head_confidence_calibrated", reasoning_test["head_confidence_ece"], thresholds.max_head_confidence_ece, higher_is_better=False),
+        ThresholdCheck(
+            "test_head_top1_gain_over_majority",
+            head["top1"]["value"] - test["majority"]["top1"]["value"],
+            thresholds.min_top1_gain_over_majority,
+        ),
+        ThresholdCheck(
+            "test_head_f1_vs_tfidf",
+            head["sample_f1"]["value"] - test["tfidf_logreg"]["sample_f1"]["value"],
+            thresholds.min_f1_vs_tfidf,
+        ),
+        ThresholdCheck(
+            "reasoning_format_compliance",
+            reasoning_test["format_compliance"]["value"],
+            thresholds.reasoning_format_compliance,
+        ),
+        ThresholdCheck(
+            "retrieval_i2t_recall_at_5",
+            report["vision_language"].get("i2t_R@5", 0.0),
+            thresholds.retrieval_i2t_recall_at_5,
+        ),
+        ThresholdCheck(
+            "head_confidence_calibrated",
+            reasoning_test["head_confidence_ece"],
+            thresholds.max_head_confidence_ece,
+            higher_is_better=False,
+        ),
     ]
 
 

@@ -52,7 +52,9 @@ def feature_path(storage: Storage, fingerprint: str, shard: str) -> Path:
 def lookup_cached(storage: Storage, fingerprint: str, hashes: set[str]) -> pa.Table | None:
     """Stored features (any shard) of this encoder for the given content hashes, one row per hash."""
     directory = feature_dir(storage, fingerprint)
-    files = [str(p) for p in directory.glob("*.parquet") if not p.name.startswith(TMP_PREFIX)] if directory.is_dir() else []
+    files = (
+        [str(p) for p in directory.glob("*.parquet") if not p.name.startswith(TMP_PREFIX)] if directory.is_dir() else []
+    )
     if not files or not hashes:
         return None
     table = ds.dataset(files, format="parquet").to_table(
@@ -102,7 +104,9 @@ def iter_encoded(
             yield encoder.encode(pixels)
 
 
-def _feature_table(image_ids: list[int], hashes: list[str], cls: np.ndarray, patches: np.ndarray, fingerprint: str, shard: str) -> pa.Table:
+def _feature_table(
+    image_ids: list[int], hashes: list[str], cls: np.ndarray, patches: np.ndarray, fingerprint: str, shard: str
+) -> pa.Table:
     n, dim = cls.shape
     cls_values = pa.array(cls.astype(np.float16).reshape(-1), type=pa.float16())
     patch_values = pa.array(patches.astype(np.float16).reshape(-1), type=pa.float16())
@@ -116,7 +120,9 @@ def _feature_table(image_ids: list[int], hashes: list[str], cls: np.ndarray, pat
             "feature_dim": pa.array([dim] * n, type=pa.int32()),
             "num_patches": pa.array([patches.shape[1] if patches.ndim == 3 else 0] * n, type=pa.int32()),
             "cls": pa.FixedSizeListArray.from_arrays(cls_values, dim).cast(pa.list_(pa.float16())),
-            "patches": pa.FixedSizeListArray.from_arrays(patch_values, patch_width).cast(pa.list_(pa.float16())) if patch_width else pa.array([[]] * n, type=pa.list_(pa.float16())),
+            "patches": pa.FixedSizeListArray.from_arrays(patch_values, patch_width).cast(pa.list_(pa.float16()))
+            if patch_width
+            else pa.array([[]] * n, type=pa.list_(pa.float16())),
         }
     )
 
@@ -173,30 +179,52 @@ def extract_shard_features(
         else:
             index = cached_by_hash[content_hash]
             cls_rows.append(np.asarray(cached_cls[index].values, dtype=np.float32))
-            patch_rows.append(np.asarray(cached_patches[index].values, dtype=np.float32).reshape(encoder.num_patch_tokens, -1) if encoder.num_patch_tokens else np.zeros((0, encoder.feature_dim), np.float32))
+            patch_rows.append(
+                np.asarray(cached_patches[index].values, dtype=np.float32).reshape(encoder.num_patch_tokens, -1)
+                if encoder.num_patch_tokens
+                else np.zeros((0, encoder.feature_dim), np.float32)
+            )
     table = _feature_table(
         images["image_id"].tolist(),
         images["content_hash"].tolist(),
         np.stack(cls_rows) if cls_rows else np.zeros((0, encoder.feature_dim), np.float32),
-        np.stack(patch_rows) if patch_rows else np.zeros((0, encoder.num_patch_tokens, encoder.feature_dim), np.float32),
+        np.stack(patch_rows)
+        if patch_rows
+        else np.zeros((0, encoder.num_patch_tokens, encoder.feature_dim), np.float32),
         encoder.fingerprint,
         shard,
     )
     path = storage.write_partition(f"{FEATURES_TABLE}/{encoder.fingerprint}", shard, table)
-    return FeatureResult(table, encoded=len(paths), reused=len(images) - len(missing), seconds_encoding=seconds, path=path)
+    return FeatureResult(
+        table, encoded=len(paths), reused=len(images) - len(missing), seconds_encoding=seconds, path=path
+    )
 
 
-def load_features(storage: Storage, fingerprint: str, shards: list[str] | None = None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+def load_features(
+    storage: Storage, fingerprint: str, shards: list[str] | None = None
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """(index frame [image_id, content_hash, shard], CLS [N, F] float32, patches [N, P, F] float32)."""
     directory = feature_dir(storage, fingerprint)
-    names = shards if shards is not None else sorted(p.stem for p in directory.glob("*.parquet") if not p.name.startswith(TMP_PREFIX))
+    names = (
+        shards
+        if shards is not None
+        else sorted(p.stem for p in directory.glob("*.parquet") if not p.name.startswith(TMP_PREFIX))
+    )
     if not names:
-        raise FileNotFoundError(f"no vision features for encoder {fingerprint} under {directory}; materialize vision_features first")
+        raise FileNotFoundError(
+            f"no vision features for encoder {fingerprint} under {directory}; materialize vision_features first"
+        )
     table = ds.dataset([str(directory / f"{n}.parquet") for n in names], format="parquet").to_table()
     n = table.num_rows
     dim = int(table.column("feature_dim")[0].as_py()) if n else 0
     num_patches = int(table.column("num_patches")[0].as_py()) if n else 0
     cls = table.column("cls").combine_chunks().values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, dim)
-    patches = table.column("patches").combine_chunks().values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, num_patches, dim)
+    patches = (
+        table.column("patches")
+        .combine_chunks()
+        .values.to_numpy(zero_copy_only=False)
+        .astype(np.float32)
+        .reshape(n, num_patches, dim)
+    )
     index = table.select(["image_id", "content_hash", "shard"]).to_pandas()
     return index, cls, patches

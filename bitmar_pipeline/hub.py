@@ -43,7 +43,12 @@ class UploadOutcome:
     def metadata(self) -> dict[str, str | int]:
         if not self.uploaded:
             return {"hub_upload": f"skipped: {self.skipped_reason}", "hub_repo_id": self.repo_id}
-        return {"hub_upload": "uploaded", "hub_repo_id": self.repo_id, "hub_commit_url": str(self.commit_url), "hub_attempts": self.attempts}
+        return {
+            "hub_upload": "uploaded",
+            "hub_repo_id": self.repo_id,
+            "hub_commit_url": str(self.commit_url),
+            "hub_attempts": self.attempts,
+        }
 
 
 def scrub(text: str, secret: str | None) -> str:
@@ -56,7 +61,9 @@ def commit_message(template: str, step: int | None, when: datetime | None = None
     try:
         return template.format(step=step, timestamp=timestamp)
     except (KeyError, IndexError, ValueError) as exc:
-        raise HubUploadError(f"huggingface_hub.commit_message {template!r}: only {{step}} and {{timestamp}} can be filled in ({exc!r})") from None
+        raise HubUploadError(
+            f"huggingface_hub.commit_message {template!r}: only {{step}} and {{timestamp}} can be filled in ({exc!r})"
+        ) from None
 
 
 def _retryable(exc: Exception) -> bool:
@@ -96,10 +103,17 @@ class HuggingFaceHubResource(dg.ConfigurableResource):
             except Exception as exc:  # any failure: reported below, scrubbed, never chained
                 reason = scrub(f"{type(exc).__name__}: {exc}", token)
                 if not _retryable(exc):
-                    raise HubUploadError(f"upload of {folder} to {config.repo_id} failed (not retried: {reason})") from None
+                    raise HubUploadError(
+                        f"upload of {folder} to {config.repo_id} failed (not retried: {reason})"
+                    ) from None
                 if attempt >= attempts:
-                    raise HubUploadError(f"upload of {folder} to {config.repo_id} failed after {attempts} attempts; last error: {reason}") from None
+                    raise HubUploadError(
+                        f"upload of {folder} to {config.repo_id} failed after {attempts} attempts; last error: {reason}"
+                    ) from None
                 delay = self.backoff_seconds * 2 ** (attempt - 1)
                 if log is not None:
-                    log(f"upload attempt {attempt}/{attempts} to {config.repo_id} failed ({reason}); retrying in {delay:g}s")
+                    log(
+                        f"upload attempt {attempt}/{attempts} to {config.repo_id} "
+                        f"failed ({reason}); retrying in {delay:g}s"
+                    )
                 time.sleep(delay)

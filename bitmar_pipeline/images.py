@@ -65,7 +65,12 @@ def check_image(root: Path, relative: str, max_pixels: int) -> ImageCheck:
             with Image.open(io.BytesIO(data)) as probe:
                 fmt = probe.format or ""
             if fmt not in ALLOWED_FORMATS:
-                return ImageCheck(path, False, "unsupported_format", f"{fmt or 'unknown'} (allowed: {', '.join(sorted(ALLOWED_FORMATS))})")
+                return ImageCheck(
+                    path,
+                    False,
+                    "unsupported_format",
+                    f"{fmt or 'unknown'} (allowed: {', '.join(sorted(ALLOWED_FORMATS))})",
+                )
             image = open_rgb(data, max_pixels)
     except Image.DecompressionBombError as exc:
         return ImageCheck(path, False, "decompression_bomb", str(exc))

@@ -83,14 +83,20 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PredictionError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT_NAME
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise PredictionError(f"{path}: not a {FORMAT_NAME} manifest")
     for name, digest in manifest["files"].items():
         file = folder / name
         if not file.is_file():
             raise PredictionError(f"{folder}: {name} is missing (listed in {MANIFEST_FILE})")
         if sha256_file(file) != digest:
-            raise PredictionError(f"{file}: contents do not match {MANIFEST_FILE} (corrupted, or copied from another release)")
+            raise PredictionError(
+                f"{file}: contents do not match {MANIFEST_FILE} (corrupted, or copied from another release)"
+            )
     return manifest
 
 
@@ -106,13 +112,23 @@ def _resolve_folder(model: str | Path) -> Path:
     try:
         return Path(snapshot_download(repo_id=name))
     except Exception as exc:  # offline, unknown repo, no access: all end the same way for the user
-        raise PredictionError(f"model {name!r} is not a local folder, and downloading it from the Hugging Face Hub failed: {type(exc).__name__}: {exc}") from None
+        raise PredictionError(
+            f"model {name!r} is not a local folder, and downloading it from "
+            f"the Hugging Face Hub failed: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 class Predictor:
     """A loaded release: model, tokenizer and (loaded on first use) the vision encoder."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], model: BitMarModel, tokenizer: PreTrainedTokenizerBase, vision_model: str | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        model: BitMarModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vision_model: str | None = None,
+    ) -> None:
         self.folder = folder
         self.manifest = manifest
         self.model = model.eval()
@@ -139,7 +155,8 @@ class Predictor:
                 raise PredictionError(str(exc)) from None
             if encoder.feature_dim != self.model.config.vision_feature_dim:
                 raise PredictionError(
-                    f"vision model {name!r} gives features of width {encoder.feature_dim}; this model expects {self.model.config.vision_feature_dim}"
+                    f"vision model {name!r} gives features of width {encoder.feature_dim}; "
+                    f"this model expects {self.model.config.vision_feature_dim}"
                 )
             self._vision = encoder
         return self._vision
@@ -178,7 +195,9 @@ class Predictor:
         probabilities = analysis["robot_probabilities"][0]
         notes = []
         if truncated:
-            notes.append(f"task truncated: its prompt has {length} tokens, the model reads the first {self.max_prompt_tokens}")
+            notes.append(
+                f"task truncated: its prompt has {length} tokens, the model reads the first {self.max_prompt_tokens}"
+            )
         return Prediction(
             task=task,
             robots=analysis["selections"][0],
@@ -231,7 +250,10 @@ def read_batch(path: Path) -> list[tuple[str, str, Path | None]]:
         if "task" not in frame:
             raise PredictionError(f"{path}: no \"task\" column (columns: {list(frame.columns)})")
         images = frame["image"] if "image" in frame else [None] * len(frame)
-        rows = [(f"{path}, row {i + 2}", task, image) for i, (task, image) in enumerate(zip(frame["task"], images, strict=True))]
+        rows = [
+            (f"{path}, row {i + 2}", task, image)
+            for i, (task, image) in enumerate(zip(frame["task"], images, strict=True))
+        ]
     else:
         raise PredictionError(f"batch file {path}: expected a .jsonl or .csv file")
     if not rows:
@@ -259,7 +281,9 @@ def load_predictor(model: str | Path, vision_model: str | None = None) -> Predic
     if network.config.fingerprint() != manifest["model_fingerprint"]:
         raise PredictionError(f"{folder}: config.json does not match {MANIFEST_FILE} (model_fingerprint)")
     if len(tokenizer) != network.config.vocab_size:
-        raise PredictionError(f"{folder}: the tokenizer has {len(tokenizer)} tokens, the model {network.config.vocab_size}")
+        raise PredictionError(
+            f"{folder}: the tokenizer has {len(tokenizer)} tokens, the model {network.config.vocab_size}"
+        )
     return Predictor(folder, manifest, network, tokenizer, vision_model)
 
 
@@ -267,10 +291,18 @@ def load_predictor(model: str | Path, vision_model: str | None = None) -> Predic
 
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("predict", help="select robots for a task and explain why, from a release folder or Hub repo")
+    parser = subparsers.add_parser(
+        "predict", help="select robots for a task and explain why, from a release folder or Hub repo"
+    )
     parser.add_argument("task", nargs="?", help="the task text (or use --batch)")
     parser.add_argument("--image", help="an image of the scene (JPEG, PNG, WEBP)")
-    parser.add_argument("--model", help=f"release folder or Hub repo id (default: <storage.root>/{RELEASE_DIR} of $BITMAR_CONFIG or the sample profile)")
+    parser.add_argument(
+        "--model",
+        help=(
+            f"release folder or Hub repo id (default: <storage.root>/{RELEASE_DIR} "
+            "of $BITMAR_CONFIG or the sample profile)"
+        ),
+    )
     parser.add_argument("--vision-model", help="DINOv2 Hub id or directory replacing the release's encoder")
     parser.add_argument("--batch", help="a .jsonl or .csv file with a 'task' column (and optional 'image')")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="reasoning length limit (default 200)")

@@ -47,7 +47,14 @@ from bitmar_pipeline.training_stages import (
 
 LAUNCHABLE_STAGES = (PRETRAIN, SFT)
 RESULT_MESSAGE = "stage_result"  # key of the custom Pipes message that carries the StageResult
-LOGGED_EACH_STEP = ("train/loss", "train/learning_rate", "perf/samples_per_second", "perf/eta_seconds", "reward/total", "grpo/kl")
+LOGGED_EACH_STEP = (
+    "train/loss",
+    "train/learning_rate",
+    "perf/samples_per_second",
+    "perf/eta_seconds",
+    "reward/total",
+    "grpo/kl",
+)
 
 
 def _usable_cores() -> int:
@@ -79,7 +86,9 @@ def build_torchrun_command(
     encoder_fingerprint: str | None = None, shards: Sequence[str] | None = None, wandb_run_name: str | None = None,
 ) -> list[str]:
     if stage not in LAUNCHABLE_STAGES:
-        raise ValueError(f"{stage} is not launched under torchrun (only {', '.join(LAUNCHABLE_STAGES)}); GRPO runs in one process")
+        raise ValueError(
+            f"{stage} is not launched under torchrun (only {', '.join(LAUNCHABLE_STAGES)}); GRPO runs in one process"
+        )
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node),
         "-m", "bitmar_pipeline.launch", "--stage", stage, "--settings-json", settings_json(settings),
@@ -94,7 +103,9 @@ def build_torchrun_command(
 
 
 def step_line(stage: str, record: dict[str, Any]) -> str:
-    shown = ", ".join(f"{k.split('/')[-1]}={record[k]:.4g}" for k in LOGGED_EACH_STEP if isinstance(record.get(k), int | float))
+    shown = ", ".join(
+        f"{k.split('/')[-1]}={record[k]:.4g}" for k in LOGGED_EACH_STEP if isinstance(record.get(k), int | float)
+    )
     return f"{stage} step {record.get('step')}: {shown}"
 
 
@@ -115,23 +126,40 @@ def result_payload(result: StageResult) -> dict[str, Any]:
 
 
 def result_from_payload(payload: dict[str, Any]) -> StageResult:
-    tables = {name: pd.read_json(io.StringIO(text), orient="split", dtype=False) for name, text in payload["tables"].items()}
+    tables = {
+        name: pd.read_json(io.StringIO(text), orient="split", dtype=False) for name, text in payload["tables"].items()
+    }
     return StageResult(
-        payload["stage"], Path(payload["model_dir"]), payload["fingerprint"], payload["final_step"], payload["resumed_from_step"],
-        payload["history"], payload["metrics"], payload["seconds"], tables,
+        payload["stage"],
+        Path(payload["model_dir"]),
+        payload["fingerprint"],
+        payload["final_step"],
+        payload["resumed_from_step"],
+        payload["history"],
+        payload["metrics"],
+        payload["seconds"],
+        tables,
     )
 
 
 def materialization_metadata(result: StageResult, world_size: int) -> dict[str, Any]:
     """What rank 0 reports, in Pipes' raw form (numbers and text are typed on the Dagster side)."""
-    metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.metrics.items() if isinstance(v, int | float)}
+    metrics = {
+        k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.metrics.items() if isinstance(v, int | float)
+    }
     return {
         "model_dir": {"raw_value": str(result.model_dir), "type": "path"},
         "final_step": result.final_step, "fingerprint": result.fingerprint, "world_size": world_size, **metrics,
     }
 
 
-def _run_stage(stage: str, settings: BitmarSettings, encoder_fingerprint: str | None, shards: Sequence[str] | None, callbacks: Sequence[Log]) -> StageResult:
+def _run_stage(
+    stage: str,
+    settings: BitmarSettings,
+    encoder_fingerprint: str | None,
+    shards: Sequence[str] | None,
+    callbacks: Sequence[Log],
+) -> StageResult:
     # From a shell these are worked out here, as the asset does before launching.
     shards = shards or manifest_shards(settings.storage)
     encoder_fingerprint = encoder_fingerprint or VisionEncoderResource().get(settings).fingerprint
@@ -139,14 +167,27 @@ def _run_stage(stage: str, settings: BitmarSettings, encoder_fingerprint: str | 
     return run(settings.config, settings.storage, shards, encoder_fingerprint, callbacks)
 
 
-def _run_main_rank(args: argparse.Namespace, settings: BitmarSettings, log: logging.Logger, pipes: PipesContext | None) -> None:
+def _run_main_rank(
+    args: argparse.Namespace, settings: BitmarSettings, log: logging.Logger, pipes: PipesContext | None
+) -> None:
     config = settings.config
     run_name = args.wandb_run_name or f"{args.stage}-torchrun"
-    with WandbResource().run(config.wandb, run_name, {"stage": args.stage, **config.model_dump(mode="json")}, settings.storage.path("wandb")) as logger:
-        result = _run_stage(args.stage, settings, args.encoder_fingerprint, args.shards, [lambda record: log.info(step_line(args.stage, record)), logger.log])
+    with WandbResource().run(
+        config.wandb, run_name, {"stage": args.stage, **config.model_dump(mode="json")}, settings.storage.path("wandb")
+    ) as logger:
+        result = _run_stage(
+            args.stage,
+            settings,
+            args.encoder_fingerprint,
+            args.shards,
+            [lambda record: log.info(step_line(args.stage, record)), logger.log],
+        )
         logger.summary({f"{args.stage}/{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)})
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    log.info(f"{args.stage}: step {result.final_step} on {world_size} rank(s) in {result.seconds:.1f}s, model in {result.model_dir}")
+    log.info(
+        f"{args.stage}: step {result.final_step} on {world_size} rank(s) "
+        f"in {result.seconds:.1f}s, model in {result.model_dir}"
+    )
     if pipes is not None:
         pipes.report_custom_message({RESULT_MESSAGE: result_payload(result)})
         pipes.report_asset_materialization(metadata=materialization_metadata(result, world_size))
@@ -155,9 +196,17 @@ def _run_main_rank(args: argparse.Namespace, settings: BitmarSettings, log: logg
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bitmar_pipeline.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--stage", required=True, choices=LAUNCHABLE_STAGES)
-    parser.add_argument("--settings-json", required=True, help='{"config_file": ..., "overrides": {...}} as for the settings resource')
-    parser.add_argument("--encoder-fingerprint", help="default: load the configured vision encoder and take its fingerprint")
-    parser.add_argument("--shards", type=lambda text: [s for s in text.split(",") if s], help="comma list (default: the manifest's shards)")
+    parser.add_argument(
+        "--settings-json", required=True, help='{"config_file": ..., "overrides": {...}} as for the settings resource'
+    )
+    parser.add_argument(
+        "--encoder-fingerprint", help="default: load the configured vision encoder and take its fingerprint"
+    )
+    parser.add_argument(
+        "--shards",
+        type=lambda text: [s for s in text.split(",") if s],
+        help="comma list (default: the manifest's shards)",
+    )
     parser.add_argument("--wandb-run-name")
     return parser
 

@@ -52,8 +52,14 @@ FIGURE_FILE = "weight_distribution.png"
 
 LATENCY_MEANING = {
     "fake_quant": "the trained model (BitLinear): re-ternarizes fp32 latent weights on every call, 8-bit activations",
-    "packed": "2-bit packed weights, unpacked once to a cached fp32 matrix, same 8-bit activations (no ternary kernel on CPU)",
-    "dense_fp32": "nn.Linear with the dequantized weights, no activation quantization: an ordinary fp32 model of this shape (not the same function)",
+    "packed": (
+        "2-bit packed weights, unpacked once to a cached fp32 matrix, same "
+        "8-bit activations (no ternary kernel on CPU)"
+    ),
+    "dense_fp32": (
+        "nn.Linear with the dequantized weights, no activation quantization: "
+        "an ordinary fp32 model of this shape (not the same function)"
+    ),
 }
 
 
@@ -130,7 +136,11 @@ def evaluation_prompts(storage: Storage, split: str = "test", max_tasks: int = 6
 
 @torch.no_grad()
 def evaluation_batches(
-    model: BitMarModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int = 16, decode_tokens: int = 32
+    model: BitMarModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int = 16,
+    decode_tokens: int = 32,
 ) -> list[dict[str, torch.Tensor]]:
     """Prompts encoded as at evaluation, with the trained model's own greedy reasoning as the
     decoder input, so logits are compared on the text the model actually writes."""
@@ -153,7 +163,9 @@ def evaluation_batches(
 
 
 @torch.no_grad()
-def output_agreement(reference: BitMarModel, candidate: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, Any]:
+def output_agreement(
+    reference: BitMarModel, candidate: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
+) -> dict[str, Any]:
     """How closely `candidate` reproduces `reference` on robot probabilities and decoder logits
     (logits compared at real decoder tokens only)."""
     prob_diff = logit_diff = 0.0
@@ -163,7 +175,12 @@ def output_agreement(reference: BitMarModel, candidate: nn.Module, batches: Sequ
         a, b = reference(**batch), candidate(**batch)
         prob_diff = max(prob_diff, float((a.robot_probs - b.robot_probs).abs().max()))
         top1 += int((a.robot_probs.argmax(-1) == b.robot_probs.argmax(-1)).sum())
-        same_selection += sum(x == y for x, y in zip(BitMarModel.extract_robot_selections(a), BitMarModel.extract_robot_selections(b), strict=True))
+        same_selection += sum(
+            x == y
+            for x, y in zip(
+                BitMarModel.extract_robot_selections(a), BitMarModel.extract_robot_selections(b), strict=True
+            )
+        )
         rows += a.robot_probs.shape[0]
         real = batch["decoder_attention_mask"].bool()
         logits_a, logits_b = a.logits[real], b.logits[real]
@@ -184,7 +201,9 @@ def output_agreement(reference: BitMarModel, candidate: nn.Module, batches: Sequ
 
 
 @torch.no_grad()
-def cpu_latency(models: Mapping[str, nn.Module], batch: dict[str, torch.Tensor], runs: int = 7) -> dict[str, dict[str, float]]:
+def cpu_latency(
+    models: Mapping[str, nn.Module], batch: dict[str, torch.Tensor], runs: int = 7
+) -> dict[str, dict[str, float]]:
     """Median and minimum milliseconds of one forward pass per model. Runs are interleaved
     (a, b, c, a, b, c, ...) so background load and frequency scaling hit every model alike."""
     for model in models.values():
@@ -195,7 +214,10 @@ def cpu_latency(models: Mapping[str, nn.Module], batch: dict[str, torch.Tensor],
             start = time.perf_counter()
             model(**batch)
             seconds[name].append(time.perf_counter() - start)
-    return {name: {"median_ms": 1000 * statistics.median(s), "min_ms": 1000 * min(s), "runs": runs} for name, s in seconds.items()}
+    return {
+        name: {"median_ms": 1000 * statistics.median(s), "min_ms": 1000 * min(s), "runs": runs}
+        for name, s in seconds.items()
+    }
 
 
 def _stage_info(storage: Storage) -> dict[str, Any]:
@@ -212,7 +234,9 @@ def build_quantization_report(
     model = load_stage_model(storage, GRPO).eval()
     tokenizer = load_pipeline_tokenizer(storage)
     layers = layer_table(model)
-    batches = evaluation_batches(model, tokenizer, evaluation_prompts(storage, "test", max_tasks), batch_size, decode_tokens)
+    batches = evaluation_batches(
+        model, tokenizer, evaluation_prompts(storage, "test", max_tasks), batch_size, decode_tokens
+    )
     stored = round_to_stored(model).eval()  # the trained model as the packed file holds it
     packed, dense = pack_model(stored).eval(), dense_equivalent(model)
     forms = {"fake_quant": model, "packed": packed, "dense_fp32": dense}
@@ -232,7 +256,9 @@ def build_quantization_report(
         "model": _stage_info(storage),
         "layers": layers.to_dict(orient="records"),
         "totals": weight_totals(layers),
-        "sizes": {k: sizes[k] for k in ("total_parameters", "fp32_bytes", "fp16_bytes", "packed_bytes", "compression_vs_fp32")}
+        "sizes": {
+            k: sizes[k] for k in ("total_parameters", "fp32_bytes", "fp16_bytes", "packed_bytes", "compression_vs_fp32")
+        }
         | {"components": sizes["components"]},
         "agreement": {
             "split": "test",

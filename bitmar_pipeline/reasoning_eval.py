@@ -40,12 +40,30 @@ class ReasoningEvaluation:
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(
-            [{"metric": k, "value": round(m.value, 3), "ci95_low": round(m.low, 3), "ci95_high": round(m.high, 3), "n": m.n} for k, m in self.metrics.items()]
+            [
+                {
+                    "metric": k,
+                    "value": round(m.value, 3),
+                    "ci95_low": round(m.low, 3),
+                    "ci95_high": round(m.high, 3),
+                    "n": m.n,
+                }
+                for k, m in self.metrics.items()
+            ]
         )
 
 
-def _encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded = tokenizer([format_prompt(t) for t in texts], add_special_tokens=False, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+def _encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = tokenizer(
+        [format_prompt(t) for t in texts],
+        add_special_tokens=False,
+        truncation=True,
+        max_length=max_len,
+        padding=True,
+        return_tensors="pt",
+    )
     return encoded["input_ids"], encoded["attention_mask"]
 
 

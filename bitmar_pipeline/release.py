@@ -139,13 +139,28 @@ def metrics_markdown(evaluation: dict[str, Any]) -> str:
         if not models:
             continue
         names = list(dict.fromkeys(m for metrics in models.values() for m in metrics))
-        table = pd.DataFrame([{"metric": m, **{model: _cell(metrics[m]) if m in metrics else "-" for model, metrics in models.items()}} for m in names])
+        table = pd.DataFrame(
+            [
+                {
+                    "metric": m,
+                    **{model: _cell(metrics[m]) if m in metrics else "-" for model, metrics in models.items()},
+                }
+                for m in names
+            ]
+        )
         n = f", n={section['n']}" if "n" in section else ""
-        parts.append(f"Robot selection, {split} split{n}; `majority` and `tfidf_logreg` are the baselines:\n\n{markdown_table(table)}")
+        parts.append(
+            f"Robot selection, {split} split{n}; `majority` and `tfidf_logreg` "
+            f"are the baselines:\n\n{markdown_table(table)}"
+        )
     others = _leaves({k: v for k, v in evaluation.items() if k != "robot_selection"})
     if others:
         shown = pd.DataFrame([{"metric": path, "value": _cell(v)} for path, v in others[:_MAX_OTHER_METRICS]])
-        more = f"\n\n({len(others) - _MAX_OTHER_METRICS} more in `evaluation.json`.)" if len(others) > _MAX_OTHER_METRICS else ""
+        more = (
+            f"\n\n({len(others) - _MAX_OTHER_METRICS} more in `evaluation.json`.)"
+            if len(others) > _MAX_OTHER_METRICS
+            else ""
+        )
         parts.append(f"Other metrics:\n\n{markdown_table(shown)}{more}")
     return "\n\n".join(parts) or "The evaluation report holds no numeric metrics; see `evaluation.json`."
 
@@ -170,12 +185,16 @@ def training_data_markdown(storage: Storage, config: PipelineConfig) -> str:
     lines = [f"- Images and captions: `data.coco.source: {config.data.coco.source}`"]
     pair_files = [storage.partition_path("image_caption_pairs", p) for p in storage.partitions("image_caption_pairs")]
     if pair_files:
-        lines[-1] += f", {sum(pq.read_metadata(p).num_rows for p in pair_files)} image-caption pairs in {len(pair_files)} shards"
+        lines[-1] += (
+            f", {sum(pq.read_metadata(p).num_rows for p in pair_files)} image-caption pairs in {len(pair_files)} shards"
+        )
     lines.append(f"- Robot selection tasks: `data.robot.source: {config.data.robot.source}`")
     if storage.has_partition("robot_tasks", "all"):
         tasks = storage.read_partition("robot_tasks", "all", columns=["task_key", "split"]).drop_duplicates("task_key")
         counts = tasks["split"].value_counts()
-        lines[-1] += ", distinct tasks per split: " + ", ".join(f"{split} {int(counts.get(split, 0))}" for split in ("train", "validation", "test"))
+        lines[-1] += ", distinct tasks per split: " + ", ".join(
+            f"{split} {int(counts.get(split, 0))}" for split in ("train", "validation", "test")
+        )
     lines.append(
         "- Training: multimodal pretraining (captioning, InfoNCE alignment, memory regularisation), "
         "supervised reasoning on targets built from the robot data, then GRPO against the frozen SFT model."
@@ -189,12 +208,18 @@ def _bytes(n: int) -> str:
 
 def _fp16_cost(quantization: dict[str, Any]) -> str:
     cost = quantization.get("agreement", {}).get("fp16_storage_vs_fp32")
-    return f"; against fp32 they move robot probabilities by at most {cost['robot_probs_max_abs_diff']:.2e}" if cost else ""
+    return (
+        f"; against fp32 they move robot probabilities by at most {cost['robot_probs_max_abs_diff']:.2e}"
+        if cost
+        else ""
+    )
 
 
 def _emissions_section(emissions: pd.DataFrame | None) -> str:
     if emissions is None:
-        return "No emissions were recorded (codecarbon off: `carbon_tracking.enabled: false`, or no training run tracked)."
+        return (
+            "No emissions were recorded (codecarbon off: `carbon_tracking.enabled: false`, or no training run tracked)."
+        )
     return (
         "Measured with codecarbon (offline, by country), summed over every recorded run of each stage:\n\n"
         + markdown_table(emissions.round(6))
@@ -316,17 +341,28 @@ person to check.
 def _check_vision(vision: VisionSpec, feature_dim: int, num_patches: int) -> None:
     """Refuse to record an encoder whose features the model was not trained on."""
     if vision.patch_grid**2 != num_patches:
-        raise ReleaseError(f"vision.patch_grid={vision.patch_grid} gives {vision.patch_grid**2} patch tokens; the model was trained on {num_patches}")
+        raise ReleaseError(
+            f"vision.patch_grid={vision.patch_grid} gives {vision.patch_grid**2} "
+            f"patch tokens; the model was trained on {num_patches}"
+        )
     encoder_config = Path(vision.source) / "config.json"
     if encoder_config.is_file():
         width = json.loads(encoder_config.read_text()).get("hidden_size")
         if width != feature_dim:
-            raise ReleaseError(f"vision encoder {vision.source} has hidden_size {width}; the model expects features of width {feature_dim}")
+            raise ReleaseError(
+                f"vision encoder {vision.source} has hidden_size {width}; the "
+                f"model expects features of width {feature_dim}"
+            )
 
 
 def _vision_entry(vision: VisionSpec, staging: Path) -> dict[str, Any]:
     source = Path(vision.source)
-    entry: dict[str, Any] = {"model": vision.model, "revision": vision.revision, "patch_grid": vision.patch_grid, "path": None}
+    entry: dict[str, Any] = {
+        "model": vision.model,
+        "revision": vision.revision,
+        "patch_grid": vision.patch_grid,
+        "path": None,
+    }
     if source.is_dir():
         # A local encoder (tiny-random, a fine-tuned DINOv2) travels with the release:
         # the path it was read from does not exist on the user's machine.
@@ -336,7 +372,9 @@ def _vision_entry(vision: VisionSpec, staging: Path) -> dict[str, Any]:
     return entry
 
 
-def build_release(storage: Storage, config: PipelineConfig, vision: VisionSpec, created: datetime | None = None) -> Release:
+def build_release(
+    storage: Storage, config: PipelineConfig, vision: VisionSpec, created: datetime | None = None
+) -> Release:
     """Assemble `<storage>/release/` from the latest grpo_policy model and the reports."""
     evaluation = read_report(storage, EVALUATION_REPORT, "evaluation_report")
     quantization = read_report(storage, QUANTIZATION_REPORT, "quantization_report")
@@ -382,4 +420,6 @@ def build_release(storage: Storage, config: PipelineConfig, vision: VisionSpec, 
 def release_files(path: Path) -> pd.DataFrame:
     """Files of a release folder with their sizes, for metadata."""
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    return pd.DataFrame({"file": [p.relative_to(path).as_posix() for p in files], "bytes": [os.path.getsize(p) for p in files]})
+    return pd.DataFrame(
+        {"file": [p.relative_to(path).as_posix() for p in files], "bytes": [os.path.getsize(p) for p in files]}
+    )

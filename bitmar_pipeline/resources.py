@@ -33,7 +33,9 @@ class BitmarSettings(dg.ConfigurableResource):
 
 
 @lru_cache(maxsize=2)
-def _load_encoder(model: str, source: str, revision: str | None, patch_grid: int, device: str, dtype: str) -> VisionEncoder:
+def _load_encoder(
+    model: str, source: str, revision: str | None, patch_grid: int, device: str, dtype: str
+) -> VisionEncoder:
     return VisionEncoder(model, source, revision, patch_grid, device, dtype)
 
 

@@ -19,14 +19,18 @@ def robot_files(config: PipelineConfig, storage: Storage) -> tuple[Path | None, 
     """(single file, multi file) for the configured source, fetched or generated as needed."""
     robot = config.data.robot
     if robot.source == "sample":
-        return generate_sample_robot_datasets(storage.path("raw", "robots-sample"), num_tasks=robot.sample_num_tasks, seed=robot.sample_seed)
+        return generate_sample_robot_datasets(
+            storage.path("raw", "robots-sample"), num_tasks=robot.sample_num_tasks, seed=robot.sample_seed
+        )
     paths: list[Path | None] = []
     for key, value in (("single_path", robot.single_path), ("multi_path", robot.multi_path)):
         if value is None:
             paths.append(None)
         elif robot.source == "url":
             name = Path(urlparse(value).path).name or f"{key}.json"
-            paths.append(download_file(value, storage.path("raw", "robots-url", name), expected_size=None, expected_md5=None))
+            paths.append(
+                download_file(value, storage.path("raw", "robots-url", name), expected_size=None, expected_md5=None)
+            )
         else:
             path = Path(value).expanduser()
             if not path.is_file():

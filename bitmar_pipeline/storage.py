@@ -42,11 +42,34 @@ QUARANTINE_SCHEMA = pa.schema(
 # `select count(*) from quarantine` answers 0 instead of failing on an empty glob.
 CATALOG_VIEWS: dict[str, pa.Schema] = {
     "image_caption_pairs": pa.schema(
-        [("image_id", pa.int64()), ("caption_id", pa.int64()), ("caption", pa.string()), ("content_hash", pa.string()), ("shard", pa.string())]
+        [
+            ("image_id", pa.int64()),
+            ("caption_id", pa.int64()),
+            ("caption", pa.string()),
+            ("content_hash", pa.string()),
+            ("shard", pa.string()),
+        ]
     ),
-    "vision_features": pa.schema([("image_id", pa.int64()), ("content_hash", pa.string()), ("encoder_fingerprint", pa.string()), ("shard", pa.string())]),
-    "robot_tasks": pa.schema([("task_id", pa.string()), ("task_text", pa.string()), ("robots", pa.list_(pa.string())), ("source", pa.string()), ("split", pa.string())]),
-    "robot_subtasks": pa.schema([("task_id", pa.string()), ("subtask_text", pa.string()), ("robot", pa.string()), ("split", pa.string())]),
+    "vision_features": pa.schema(
+        [
+            ("image_id", pa.int64()),
+            ("content_hash", pa.string()),
+            ("encoder_fingerprint", pa.string()),
+            ("shard", pa.string()),
+        ]
+    ),
+    "robot_tasks": pa.schema(
+        [
+            ("task_id", pa.string()),
+            ("task_text", pa.string()),
+            ("robots", pa.list_(pa.string())),
+            ("source", pa.string()),
+            ("split", pa.string()),
+        ]
+    ),
+    "robot_subtasks": pa.schema(
+        [("task_id", pa.string()), ("subtask_text", pa.string()), ("robot", pa.string()), ("split", pa.string())]
+    ),
     "quarantine": QUARANTINE_SCHEMA,
 }
 
@@ -124,7 +147,9 @@ class Storage:
             raise FileNotFoundError(f"table '{table}' has no partition '{partition}' at {path}; materialize it first")
         return pq.read_table(path, columns=columns).to_pandas()
 
-    def read_table(self, table: str, columns: list[str] | None = None, partitions: Iterable[str] | None = None) -> pd.DataFrame:
+    def read_table(
+        self, table: str, columns: list[str] | None = None, partitions: Iterable[str] | None = None
+    ) -> pd.DataFrame:
         """All partitions of `table` (or the given ones) as one DataFrame."""
         names = list(partitions) if partitions is not None else self.partitions(table)
         if not names:
@@ -159,7 +184,10 @@ class Storage:
         pattern = self.table_dir(view) / relative
         if any(not p.name.startswith(TMP_PREFIX) for p in self.table_dir(view).glob(relative)):
             # Temp files end in a uuid, not ".parquet", so the glob never matches them.
-            return f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{_glob_sql(pattern)}', union_by_name = true)"
+            return (
+                f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{_glob_sql(pattern)}', "
+                "union_by_name = true)"
+            )
         schema = CATALOG_VIEWS[view]
         duck_types = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.list_(pa.string()): "VARCHAR[]"}
         columns = ", ".join(f"CAST(NULL AS {duck_types[f.type]}) AS {f.name}" for f in schema)

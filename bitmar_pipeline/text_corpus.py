@@ -27,11 +27,16 @@ class TokenizerCorpus:
 def tokenizer_corpus(storage: Storage, shards: Iterable[str], heldout_fraction: float) -> TokenizerCorpus:
     """Captions of the given shards' training images (not the images held out for
     perplexity, BLEU, CIDEr and retrieval: `is_heldout` with training.heldout_fraction) plus
-    the robot texts of the training split only, so no evaluation wording shapes the vocabulary. The training split's reasoning targets
+    the robot texts of the training split only, so no evaluation wording shapes the vocabulary. The training split's
+    reasoning targets
     are included: the capability words they repeat appear once in the instruction text, and
     below min_frequency they would be spelled out byte by byte in every target."""
     available = [s for s in shards if storage.has_partition("image_caption_pairs", s)]
-    pairs = storage.read_table("image_caption_pairs", columns=["caption", "content_hash"], partitions=available) if available else None
+    pairs = (
+        storage.read_table("image_caption_pairs", columns=["caption", "content_hash"], partitions=available)
+        if available
+        else None
+    )
     heldout = [] if pairs is None else [is_heldout(h, heldout_fraction) for h in pairs["content_hash"]]
     captions = [] if pairs is None else [c for c, held in zip(pairs["caption"], heldout, strict=True) if not held]
     tasks = storage.read_partition("robot_tasks", "all")
@@ -42,13 +47,24 @@ def tokenizer_corpus(storage: Storage, shards: Iterable[str], heldout_fraction: 
     instructions = sorted(set(train_tasks["instruction"]))
     subtask_texts = subtasks.loc[subtasks["split"] == "train", "subtask_text"].tolist()
     capabilities = parse_instruction_capabilities(instructions[0]) if instructions else {}
-    targets = [e.target for e in build_sft_examples(tasks, subtasks, capabilities, split="train")] if capabilities else []
+    targets = (
+        [e.target for e in build_sft_examples(tasks, subtasks, capabilities, split="train")] if capabilities else []
+    )
     texts = captions + task_texts + instructions + subtask_texts + targets
     if not texts:
-        raise ValueError("no texts to train the tokenizer on: materialize image_caption_pairs and robot_selection_tasks first")
+        raise ValueError(
+            "no texts to train the tokenizer on: materialize image_caption_pairs and robot_selection_tasks first"
+        )
     return TokenizerCorpus(
         texts,
-        {"captions": len(captions), "held_out_captions_excluded": sum(heldout), "robot_tasks": len(task_texts), "instructions": len(instructions), "subtasks": len(subtask_texts), "reasoning_targets": len(targets)},
+        {
+            "captions": len(captions),
+            "held_out_captions_excluded": sum(heldout),
+            "robot_tasks": len(task_texts),
+            "instructions": len(instructions),
+            "subtasks": len(subtask_texts),
+            "reasoning_targets": len(targets),
+        },
     )
 
 

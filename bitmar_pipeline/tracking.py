@@ -53,7 +53,9 @@ class WandbResource(dg.ConfigurableResource):
     """Weights & Biases runs for the training stages (mode and project from the profile)."""
 
     @contextlib.contextmanager
-    def run(self, config: WandbConfig, name: str, run_config: dict[str, Any], directory: Path) -> Iterator[MetricLogger]:
+    def run(
+        self, config: WandbConfig, name: str, run_config: dict[str, Any], directory: Path
+    ) -> Iterator[MetricLogger]:
         if config.mode == "disabled":
             yield MetricLogger(None)
             return

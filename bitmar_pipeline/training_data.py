@@ -38,7 +38,9 @@ def load_pipeline_tokenizer(storage: Storage) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path)
 
 
-def build_model_config(config: PipelineConfig, tokenizer: PreTrainedTokenizerBase, feature_dim: int, num_patches: int) -> BitMarConfig:
+def build_model_config(
+    config: PipelineConfig, tokenizer: PreTrainedTokenizerBase, feature_dim: int, num_patches: int
+) -> BitMarConfig:
     """BitMarConfig from the profile's `model` section, the tokenizer and the feature cache."""
     return BitMarConfig(
         **config.model.model_dump(),
@@ -51,21 +53,32 @@ def build_model_config(config: PipelineConfig, tokenizer: PreTrainedTokenizerBas
     )
 
 
-def check_compatible(model_config: BitMarConfig, tokenizer: PreTrainedTokenizerBase, feature_dim: int | None = None, num_patches: int | None = None) -> None:
+def check_compatible(
+    model_config: BitMarConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    feature_dim: int | None = None,
+    num_patches: int | None = None,
+) -> None:
     """Refuse, before any step, an upstream model that does not match the tokenizer or features."""
     if model_config.vocab_size != len(tokenizer):
         raise TrainingDataError(
             f"tokenizer/model vocabulary mismatch: the model has vocab_size={model_config.vocab_size}, "
             f"the tokenizer has {len(tokenizer)} tokens; re-materialize the stages after text_tokenizer"
         )
-    if feature_dim is not None and (model_config.vision_feature_dim, model_config.vision_num_patches) != (feature_dim, num_patches):
+    if feature_dim is not None and (model_config.vision_feature_dim, model_config.vision_num_patches) != (
+        feature_dim,
+        num_patches,
+    ):
         raise TrainingDataError(
             f"vision features have width {feature_dim} x {num_patches} patches but the model expects "
-            f"{model_config.vision_feature_dim} x {model_config.vision_num_patches}; re-run multimodal_pretrain for this encoder"
+            f"{model_config.vision_feature_dim} x {model_config.vision_num_patches}; "
+            "re-run multimodal_pretrain for this encoder"
         )
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int, add_bos_eos: bool) -> list[list[int]]:
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int, add_bos_eos: bool
+) -> list[list[int]]:
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     if add_bos_eos:
         return [[tokenizer.bos_token_id, *row[: max_len - 2], tokenizer.eos_token_id] for row in ids]
@@ -129,17 +142,31 @@ class CaptionData:
     images: int
 
 
-def load_caption_data(storage: Storage, shards: Sequence[str], fingerprint: str, tokenizer: PreTrainedTokenizerBase, max_len: int, heldout_fraction: float) -> CaptionData:
+def load_caption_data(
+    storage: Storage,
+    shards: Sequence[str],
+    fingerprint: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    heldout_fraction: float,
+) -> CaptionData:
     """Pairs of the given shards joined by image content hash with this encoder's features."""
     missing = [s for s in shards if not storage.has_partition("image_caption_pairs", s)]
     if not shards or missing:
-        raise TrainingDataError(f"image_caption_pairs missing for shards {missing or '(none registered)'}: materialize the data stages first")
-    pairs = storage.read_table("image_caption_pairs", columns=["image_id", "caption", "content_hash"], partitions=shards)
+        raise TrainingDataError(
+            f"image_caption_pairs missing for shards {missing or '(none registered)'}: "
+            "materialize the data stages first"
+        )
+    pairs = storage.read_table(
+        "image_caption_pairs", columns=["image_id", "caption", "content_hash"], partitions=shards
+    )
     index, cls, patches = load_features(storage, fingerprint, list(shards))
     row_of_hash = pd.Series(np.arange(len(index)), index=index["content_hash"]).groupby(level=0).first()
     pairs = pairs[pairs["content_hash"].isin(row_of_hash.index)].reset_index(drop=True)
     if pairs.empty:
-        raise TrainingDataError("no caption pair has vision features for the current encoder: materialize vision_features")
+        raise TrainingDataError(
+            "no caption pair has vision features for the current encoder: materialize vision_features"
+        )
     feature_rows = row_of_hash.loc[pairs["content_hash"]].to_numpy()
     heldout = np.array([is_heldout(h, heldout_fraction) for h in pairs["content_hash"]])
     captions = _encode(tokenizer, pairs["caption"], max_len, add_bos_eos=False)
@@ -157,7 +184,10 @@ def load_caption_data(storage: Storage, shards: Sequence[str], fingerprint: str,
         )
 
     if heldout.all() or not heldout.any():
-        raise TrainingDataError(f"{len(pairs)} pairs cannot be split into train and held-out with training.heldout_fraction={heldout_fraction}")
+        raise TrainingDataError(
+            f"{len(pairs)} pairs cannot be split into train and held-out with "
+            f"training.heldout_fraction={heldout_fraction}"
+        )
     return CaptionData(subset(~heldout), subset(heldout), cls.shape[1], patches.shape[1], len(row_of_hash))
 
 
@@ -205,7 +235,10 @@ class RehearsalSftSet(torch.utils.data.Dataset):
         rng = np.random.default_rng([int(i) for i in indices])
         rows = rng.choice(len(self.captions), size=min(self.captions_per_batch, len(self.captions)), replace=False)
         captions = self.captions.collate(rows.tolist())
-        rehearsal = {k: captions[k] for k in ("cls", "patches", "prompt_ids", "prompt_mask", "decoder_ids", "decoder_mask", "labels")}
+        rehearsal = {
+            k: captions[k]
+            for k in ("cls", "patches", "prompt_ids", "prompt_mask", "decoder_ids", "decoder_mask", "labels")
+        }
         return {**self.sft.collate(indices), **{f"rehearsal_{k}": v for k, v in rehearsal.items()}}
 
 
@@ -217,12 +250,16 @@ def robot_multi_hot(robot_sets: Sequence[Sequence[str]]) -> torch.Tensor:
     return out
 
 
-def build_sft_set(examples: Sequence[SftExample], tokenizer: PreTrainedTokenizerBase, max_prompt_len: int, max_target_len: int) -> SftSet:
+def build_sft_set(
+    examples: Sequence[SftExample], tokenizer: PreTrainedTokenizerBase, max_prompt_len: int, max_target_len: int
+) -> SftSet:
     if not examples:
         raise TrainingDataError("the robot training split is empty: check data.robot and robot_selection_tasks")
     labels = {tuple(sorted(e.robots)) for e in examples if e.kind == "task"}
     if len(labels) < 2:
-        raise TrainingDataError(f"the robot training split has a single label set {sorted(labels)}: a selection head cannot learn from it")
+        raise TrainingDataError(
+            f"the robot training split has a single label set {sorted(labels)}: a selection head cannot learn from it"
+        )
     return SftSet(
         _encode(tokenizer, [e.prompt for e in examples], max_prompt_len, add_bos_eos=False),
         _encode(tokenizer, [e.target for e in examples], max_target_len, add_bos_eos=True),

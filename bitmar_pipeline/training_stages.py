@@ -173,47 +173,103 @@ def retrieval_metrics(model: BitMarModel, heldout: CaptionSet, batch_size: int =
     image_emb, text_emb = [], []
     for start in range(0, len(heldout), batch_size):
         batch = heldout.collate(list(range(start, min(start + batch_size, len(heldout)))))
-        out = model(batch["caption_ids"].to(device), batch["caption_mask"].to(device), {"cls": batch["cls"].to(device), "patches": batch["patches"].to(device)})
+        out = model(
+            batch["caption_ids"].to(device),
+            batch["caption_mask"].to(device),
+            {"cls": batch["cls"].to(device), "patches": batch["patches"].to(device)},
+        )
         image_emb.append(out.image_embeds.float().cpu())
         text_emb.append(out.text_embeds.float().cpu())
     images, texts = torch.cat(image_emb).numpy(), torch.cat(text_emb).numpy()
     _, first_row, text_to_image = np.unique(heldout.image_ids, return_index=True, return_inverse=True)
     recall = retrieval_recall_at_k(images[first_row], texts, ks=(1, 5, 10), text_to_image_index=text_to_image)
     cosine = matched_vs_random_cosine(images[first_row], texts, text_to_image)
-    return {**recall, **{f"cosine_{k}": v for k, v in cosine.items()}, "heldout_images": int(len(first_row)), "heldout_captions": int(len(texts))}
+    return {
+        **recall,
+        **{f"cosine_{k}": v for k, v in cosine.items()},
+        "heldout_images": int(len(first_row)),
+        "heldout_captions": int(len(texts)),
+    }
 
 
-def run_multimodal_pretrain(config: PipelineConfig, storage: Storage, shards: Sequence[str], encoder_fingerprint: str, callbacks: Sequence[Log] = ()) -> StageResult:
+def run_multimodal_pretrain(
+    config: PipelineConfig,
+    storage: Storage,
+    shards: Sequence[str],
+    encoder_fingerprint: str,
+    callbacks: Sequence[Log] = (),
+) -> StageResult:
     started = time.perf_counter()
     tokenizer = load_pipeline_tokenizer(storage)
-    data = load_caption_data(storage, shards, encoder_fingerprint, tokenizer, config.model.max_seq_len, config.training.heldout_fraction)
+    data = load_caption_data(
+        storage, shards, encoder_fingerprint, tokenizer, config.model.max_seq_len, config.training.heldout_fraction
+    )
     model_config = build_model_config(config, tokenizer, data.feature_dim, data.num_patches)
     torch.manual_seed(config.training.seed)
     model = BitMarModel(model_config)
-    data_files = [storage.partition_path("image_caption_pairs", s) for s in shards] + [storage.path(TOKENIZER_DIR, "tokenizer.json")]
+    data_files = [storage.partition_path("image_caption_pairs", s) for s in shards] + [
+        storage.path(TOKENIZER_DIR, "tokenizer.json")
+    ]
     fingerprint = _fingerprint(
         {
-            "stage": PRETRAIN, "model": model_config.to_dict(), "training": config.training.model_dump(exclude={"sft", "selection_loss_weight", "caption_rehearsal_weight", "caption_rehearsal_batch_size"}),
-            "data": data_files_fingerprint(data_files), "encoder": encoder_fingerprint, "architecture": architecture_digest(model),
+            "stage": PRETRAIN,
+            "model": model_config.to_dict(),
+            "training": config.training.model_dump(
+                exclude={"sft", "selection_loss_weight", "caption_rehearsal_weight", "caption_rehearsal_batch_size"}
+            ),
+            "data": data_files_fingerprint(data_files),
+            "encoder": encoder_fingerprint,
+            "architecture": architecture_digest(model),
         }
     )
     checkpoint_dir = storage.path("checkpoints", PRETRAIN, fingerprint)
     history = History(checkpoint_dir / HISTORY_FILE, is_main=is_main_process())
-    weights = PretrainWeights(config.training.text_generation_loss_weight, config.training.cross_modal_loss_weight, config.training.memory_regularization_weight)
+    weights = PretrainWeights(
+        config.training.text_generation_loss_weight,
+        config.training.cross_modal_loss_weight,
+        config.training.memory_regularization_weight,
+    )
     trainer = Trainer(
-        model, data.train, partial(pretrain_loss, weights=weights), trainer_config(config, config.training.pretrain, checkpoint_dir),
-        collate_fn=data.train.collate, callbacks=[history, *callbacks], token_count_fn=label_token_count,
+        model,
+        data.train,
+        partial(pretrain_loss, weights=weights),
+        trainer_config(config, config.training.pretrain, checkpoint_dir),
+        collate_fn=data.train.collate,
+        callbacks=[history, *callbacks],
+        token_count_fn=label_token_count,
     )
     result, resumed = _run_trainer(trainer)
     if not is_main_process():
-        return StageResult(PRETRAIN, model_dir(storage, PRETRAIN), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started)
+        return StageResult(
+            PRETRAIN,
+            model_dir(storage, PRETRAIN),
+            fingerprint,
+            result.final_step,
+            resumed,
+            [],
+            {},
+            time.perf_counter() - started,
+        )
     metrics = {
         **retrieval_metrics(model, data.heldout),
         "train_pairs": len(data.train), "images": data.images, "feature_dim": data.feature_dim,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    publish_model(model, model_dir(storage, PRETRAIN), {"stage": PRETRAIN, "fingerprint": fingerprint, "step": result.final_step, "metrics": metrics})
-    return StageResult(PRETRAIN, model_dir(storage, PRETRAIN), fingerprint, result.final_step, resumed, history.read(), metrics, time.perf_counter() - started)
+    publish_model(
+        model,
+        model_dir(storage, PRETRAIN),
+        {"stage": PRETRAIN, "fingerprint": fingerprint, "step": result.final_step, "metrics": metrics},
+    )
+    return StageResult(
+        PRETRAIN,
+        model_dir(storage, PRETRAIN),
+        fingerprint,
+        result.final_step,
+        resumed,
+        history.read(),
+        metrics,
+        time.perf_counter() - started,
+    )
 
 
 def _robot_tables(storage: Storage) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, list[str]]]]:
@@ -228,10 +284,19 @@ def _robot_tables(storage: Storage) -> tuple[pd.DataFrame, pd.DataFrame, dict[st
 
 
 def _upstream_digest(storage: Storage, stage: str) -> str:
-    return data_files_fingerprint(sorted(model_dir(storage, stage).glob("*.safetensors")) + [storage.path(TOKENIZER_DIR, "tokenizer.json"), storage.partition_path("robot_tasks", "all")])
+    return data_files_fingerprint(
+        sorted(model_dir(storage, stage).glob("*.safetensors"))
+        + [storage.path(TOKENIZER_DIR, "tokenizer.json"), storage.partition_path("robot_tasks", "all")]
+    )
 
 
-def run_reasoning_sft(config: PipelineConfig, storage: Storage, shards: Sequence[str], encoder_fingerprint: str, callbacks: Sequence[Log] = ()) -> StageResult:
+def run_reasoning_sft(
+    config: PipelineConfig,
+    storage: Storage,
+    shards: Sequence[str],
+    encoder_fingerprint: str,
+    callbacks: Sequence[Log] = (),
+) -> StageResult:
     """SFT from the pretrained model; with training.caption_rehearsal_weight > 0, every batch
     also carries caption pairs of the pretraining train images (never the held-out ones)."""
     started = time.perf_counter()
@@ -245,29 +310,54 @@ def run_reasoning_sft(config: PipelineConfig, storage: Storage, shards: Sequence
     check_compatible(model.config, tokenizer)
     inputs = {"model": _upstream_digest(storage, PRETRAIN)}
     if training.caption_rehearsal_weight > 0:
-        captions = load_caption_data(storage, shards, encoder_fingerprint, tokenizer, config.model.max_seq_len, training.heldout_fraction)
+        captions = load_caption_data(
+            storage, shards, encoder_fingerprint, tokenizer, config.model.max_seq_len, training.heldout_fraction
+        )
         check_compatible(model.config, tokenizer, captions.feature_dim, captions.num_patches)
         dataset = RehearsalSftSet(sft_set, captions.train, training.caption_rehearsal_batch_size)
         inputs["captions"] = data_files_fingerprint([storage.partition_path("image_caption_pairs", s) for s in shards])
         inputs["encoder"] = encoder_fingerprint
-    fingerprint = _fingerprint({"stage": SFT, "revision": MODEL_REVISION, "training": training.model_dump(exclude={"pretrain"}), "inputs": inputs})
+    fingerprint = _fingerprint(
+        {
+            "stage": SFT,
+            "revision": MODEL_REVISION,
+            "training": training.model_dump(exclude={"pretrain"}),
+            "inputs": inputs,
+        }
+    )
     checkpoint_dir = storage.path("checkpoints", SFT, fingerprint)
     history = History(checkpoint_dir / HISTORY_FILE, is_main=is_main_process())
     trainer = Trainer(
-        model, dataset, partial(sft_loss, selection_weight=training.selection_loss_weight, rehearsal_weight=training.caption_rehearsal_weight),
-        trainer_config(config, config.training.sft, checkpoint_dir), collate_fn=dataset.collate, callbacks=[history, *callbacks],
+        model,
+        dataset,
+        partial(
+            sft_loss,
+            selection_weight=training.selection_loss_weight,
+            rehearsal_weight=training.caption_rehearsal_weight,
+        ),
+        trainer_config(config, config.training.sft, checkpoint_dir),
+        collate_fn=dataset.collate,
+        callbacks=[history, *callbacks],
         token_count_fn=label_token_count,
     )
     result, resumed = _run_trainer(trainer)
     if not is_main_process():
-        return StageResult(SFT, model_dir(storage, SFT), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started)
-    evaluation = evaluate_reasoning(model, tokenizer, tasks, "validation", max_new_tokens=config.grpo_reasoning.max_new_tokens)
+        return StageResult(
+            SFT, model_dir(storage, SFT), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started
+        )
+    evaluation = evaluate_reasoning(
+        model, tokenizer, tasks, "validation", max_new_tokens=config.grpo_reasoning.max_new_tokens
+    )
     metrics = {
         **{f"validation_{k}": v for k, v in evaluation.summary().items()},
         "train_examples": len(examples), "task_examples": sum(e.kind == "task" for e in examples),
         "max_target_tokens": max(len(t) for t in sft_set.target_ids),
     }
-    publish_model(model, model_dir(storage, SFT), {"stage": SFT, "fingerprint": fingerprint, "step": result.final_step, "metrics": metrics})
+    publish_model(
+        model,
+        model_dir(storage, SFT),
+        {"stage": SFT, "fingerprint": fingerprint, "step": result.final_step, "metrics": metrics},
+    )
     return StageResult(
         SFT, model_dir(storage, SFT), fingerprint, result.final_step, resumed, history.read(), metrics,
         time.perf_counter() - started, {"validation": evaluation.table()}, {"validation": evaluation},
@@ -277,10 +367,19 @@ def run_reasoning_sft(config: PipelineConfig, storage: Storage, shards: Sequence
 def grpo_settings(config: PipelineConfig) -> GRPOSettings:
     grpo = config.grpo_reasoning
     return GRPOSettings(
-        group_size=grpo.group_size, clip_epsilon=grpo.clip_epsilon, kl_beta=grpo.kl_beta, reasoning_temperature=grpo.reasoning_temperature,
-        top_p=grpo.top_p, max_new_tokens=grpo.max_new_tokens, policy_epochs=grpo.policy_epochs, advantage_std_floor=grpo.advantage_std_floor, entropy_coef=grpo.training.entropy_coef,
+        group_size=grpo.group_size,
+        clip_epsilon=grpo.clip_epsilon,
+        kl_beta=grpo.kl_beta,
+        reasoning_temperature=grpo.reasoning_temperature,
+        top_p=grpo.top_p,
+        max_new_tokens=grpo.max_new_tokens,
+        policy_epochs=grpo.policy_epochs,
+        advantage_std_floor=grpo.advantage_std_floor,
+        entropy_coef=grpo.training.entropy_coef,
         selection_anchor_weight=grpo.training.selection_anchor_weight,
-        loss_weight=grpo.loss_weight, reward_scaling=grpo.training.reward_scaling, max_grad_norm=grpo.training.max_grad_norm,
+        loss_weight=grpo.loss_weight,
+        reward_scaling=grpo.training.reward_scaling,
+        max_grad_norm=grpo.training.max_grad_norm,
     )
 
 
@@ -289,7 +388,10 @@ def head_drift(before: ReasoningEvaluation, after: ReasoningEvaluation) -> dict[
     evaluations list the same rows in the same order); the head metrics themselves are in
     the sft_*/grpo_* summaries."""
     change = np.abs(after.head_probs - before.head_probs)
-    return {f"{after.split}_head_prob_drift_mean": round(float(change.mean()), 4), f"{after.split}_head_prob_drift_max": round(float(change.max()), 4)}
+    return {
+        f"{after.split}_head_prob_drift_mean": round(float(change.mean()), 4),
+        f"{after.split}_head_prob_drift_max": round(float(change.max()), 4),
+    }
 
 
 def _task_order(num_tasks: int, seed: int, epoch: int) -> np.ndarray:
@@ -311,7 +413,13 @@ def run_grpo(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] 
     check_compatible(policy.config, tokenizer)
 
     fingerprint = _fingerprint(
-        {"stage": GRPO, "revision": MODEL_REVISION, "grpo": grpo.model_dump(), "seed": config.training.seed, "inputs": _upstream_digest(storage, SFT)}
+        {
+            "stage": GRPO,
+            "revision": MODEL_REVISION,
+            "grpo": grpo.model_dump(),
+            "seed": config.training.seed,
+            "inputs": _upstream_digest(storage, SFT),
+        }
     )
     checkpoint_dir = storage.path("checkpoints", GRPO, fingerprint)
     history = History(checkpoint_dir / HISTORY_FILE)
@@ -344,12 +452,20 @@ def run_grpo(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] 
 
     evaluations = {}
     for split in ("validation", "test"):
-        evaluations[f"sft_{split}"] = evaluate_reasoning(reference, tokenizer, tasks, split, max_new_tokens=grpo.max_new_tokens)
-        evaluations[f"grpo_{split}"] = evaluate_reasoning(policy, tokenizer, tasks, split, max_new_tokens=grpo.max_new_tokens)
+        evaluations[f"sft_{split}"] = evaluate_reasoning(
+            reference, tokenizer, tasks, split, max_new_tokens=grpo.max_new_tokens
+        )
+        evaluations[f"grpo_{split}"] = evaluate_reasoning(
+            policy, tokenizer, tasks, split, max_new_tokens=grpo.max_new_tokens
+        )
     metrics = {f"{name}_{k}": v for name, e in evaluations.items() for k, v in e.summary().items()}
     for split in ("validation", "test"):
         metrics.update(head_drift(evaluations[f"sft_{split}"], evaluations[f"grpo_{split}"]))
-    publish_model(policy, model_dir(storage, GRPO), {"stage": GRPO, "fingerprint": fingerprint, "step": grpo.steps, "metrics": metrics})
+    publish_model(
+        policy,
+        model_dir(storage, GRPO),
+        {"stage": GRPO, "fingerprint": fingerprint, "step": grpo.steps, "metrics": metrics},
+    )
     comparison = pd.DataFrame(
         [{"model": name, "split": e.split, **e.summary()} for name, e in evaluations.items()]
     )

@@ -20,8 +20,12 @@ def test_real_coco_mini_aligns_completely(coco_mini):
     import json
 
     data = json.loads((coco_mini / "annotations" / "captions_train2017.json").read_text())
-    images = pd.DataFrame([{"image_id": i["id"], "split": "train2017", "file_name": i["file_name"]} for i in data["images"]])
-    captions = pd.DataFrame([{"caption_id": a["id"], "image_id": a["image_id"], "caption": a["caption"]} for a in data["annotations"]])
+    images = pd.DataFrame(
+        [{"image_id": i["id"], "split": "train2017", "file_name": i["file_name"]} for i in data["images"]]
+    )
+    captions = pd.DataFrame(
+        [{"caption_id": a["id"], "image_id": a["image_id"], "caption": a["caption"]} for a in data["annotations"]]
+    )
     result = align_shard(images, captions, coco_mini, "train2017-00000")
     assert result.images_ok == 80
     assert len(result.pairs) + len(result.quarantine) == 400
@@ -56,7 +60,18 @@ def bad_dataset(tmp_path, coco_mini):
 
 
 def test_every_bad_image_class_is_quarantined_with_its_reason(bad_dataset):
-    names = ["good.jpg", "truncated.jpg", "empty.jpg", "text.jpg", "anim.gif", "bomb.png", "missing.jpg", "../../outside.jpg", "alpha.webp", "good2.jpg"]
+    names = [
+        "good.jpg",
+        "truncated.jpg",
+        "empty.jpg",
+        "text.jpg",
+        "anim.gif",
+        "bomb.png",
+        "missing.jpg",
+        "../../outside.jpg",
+        "alpha.webp",
+        "good2.jpg",
+    ]
     images = _images(names)
     captions = pd.DataFrame(
         {
@@ -66,7 +81,13 @@ def test_every_bad_image_class_is_quarantined_with_its_reason(bad_dataset):
         }
     )
     result = align_shard(images, captions, bad_dataset, "s", max_image_pixels=5_000_000)
-    reasons = dict(zip(result.quarantine.loc[result.quarantine["key"].str.startswith("image:"), "key"], result.quarantine.loc[result.quarantine["key"].str.startswith("image:"), "reason"], strict=False))
+    reasons = dict(
+        zip(
+            result.quarantine.loc[result.quarantine["key"].str.startswith("image:"), "key"],
+            result.quarantine.loc[result.quarantine["key"].str.startswith("image:"), "reason"],
+            strict=False,
+        )
+    )
     assert reasons == {
         "image:2": "corrupt_image",
         "image:3": "empty_file",
@@ -90,7 +111,16 @@ def test_caption_problems_and_duplicates(bad_dataset):
         {
             "caption_id": [1, 2, 3, 4, 5, 6, 7, 8],
             "image_id": [1, 1, 1, 1, 1, 1, 2, 2],
-            "caption": ["  A dog\u00a0on a\tcouch.  ", "a dog on a couch.", "", 42, "x" * 600, "ok", "\u0000\u200b", None],
+            "caption": [
+                "  A dog\u00a0on a\tcouch.  ",
+                "a dog on a couch.",
+                "",
+                42,
+                "x" * 600,
+                "ok",
+                "\u0000\u200b",
+                None,
+            ],
         }
     )
     result = align_shard(images, captions, bad_dataset, "s")

@@ -75,7 +75,11 @@ def test_train_command_maps_seed_options(monkeypatch):
     from bitmar_pipeline import cli
 
     seen = {}
-    monkeypatch.setattr(cli, "run", lambda config, selection, overrides: seen.update(config=config, selection=selection, overrides=overrides) or 0)
+    monkeypatch.setattr(
+        cli,
+        "run",
+        lambda config, selection, overrides: seen.update(config=config, selection=selection, overrides=overrides) or 0,
+    )
     assert cli.main(["train", "--config", "configs/coco.yaml", "--device", "cuda:0", "--save-every-n-steps", "50"]) == 0
     assert seen == {
         "config": "configs/coco.yaml",
@@ -87,7 +91,9 @@ def test_train_command_maps_seed_options(monkeypatch):
 def test_renamed_key_still_loads_with_a_deprecation_warning(tmp_path):
     old = tmp_path / "old.yaml"
     old.write_text("grpo_reasoning:\n  max_reasoning_steps: 7\n  steps: 3\n")
-    with pytest.warns(DeprecatedConfigKeyWarning, match="grpo_reasoning.max_reasoning_steps is deprecated; use model.reasoning_steps"):
+    with pytest.warns(
+        DeprecatedConfigKeyWarning, match="grpo_reasoning.max_reasoning_steps is deprecated; use model.reasoning_steps"
+    ):
         config = load_config(old)
     assert config.model.reasoning_steps == 7 and config.grpo_reasoning.steps == 3
     with pytest.warns(DeprecatedConfigKeyWarning, match="use model.reasoning_steps"):

@@ -83,7 +83,9 @@ def test_reasoning_section_counts_out_of_range_confidences_as_missing() -> None:
         "test", 4, head_probs, [["Drone"]] * 4, texts, parsed, gold,
         {"reasoning_well_formed": bootstrap_ci(np.mean, well_formed, n_resamples=50)},
     )
-    section, _, _ = reasoning_section(model_eval, ["Survey a field", "Greet guests", "Map a roof", "Greet guests"], n_resamples=50)
+    section, _, _ = reasoning_section(
+        model_eval, ["Survey a field", "Greet guests", "Map a roof", "Greet guests"], n_resamples=50
+    )
     assert section["stated_confidence_out_of_range"] == 2
     assert section["stated_confidence_missing"] == 1
     assert 0.0 <= section["stated_confidence_ece"] <= 1.0
@@ -95,5 +97,7 @@ def test_head_selections_never_combine_no_robot_with_robots(tiny) -> None:
     with torch.no_grad():  # a constant head: Drone 0.9, No Robot 0.7, the others 0.1
         model.reasoning.policy_head.weight.zero_()
         model.reasoning.policy_head.bias.copy_(torch.logit(torch.tensor([0.9, 0.1, 0.1, 0.1, 0.1, 0.7])))
-    model_eval = evaluate_reasoning(model, tokenizer, TASKS.assign(task_key=TASKS["task_text"]), "test", generate=False, n_resamples=50)
+    model_eval = evaluate_reasoning(
+        model, tokenizer, TASKS.assign(task_key=TASKS["task_text"]), "test", generate=False, n_resamples=50
+    )
     assert model_eval.head_selections == [["Drone"], ["Drone"]]

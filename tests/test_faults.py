@@ -42,7 +42,9 @@ ARGS = [
 DATA = "coco_raw,image_caption_pairs,vision_features"
 KILLS = 3
 SEED = 1958
-WRITES_PER_RUN = 3 + 3 * IMAGES // SHARD  # manifest tables + coco_raw quarantine, then per shard: pairs, their quarantine, features
+WRITES_PER_RUN = (
+    3 + 3 * IMAGES // SHARD
+)  # manifest tables + coco_raw quarantine, then per shard: pairs, their quarantine, features
 
 
 def assert_no_partial_data(store: Path) -> None:
@@ -106,13 +108,26 @@ def test_kill_at_random_points_then_rerun(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["run", *ARGS, "--select", DATA]) == 0, landed
     assert_no_partial_data(store)
-    assert not [p for p in (store / "tables").rglob("*") if p.name.startswith(TMP_PREFIX)], "temporary files left behind"
+    assert not [p for p in (store / "tables").rglob("*") if p.name.startswith(TMP_PREFIX)], (
+        "temporary files left behind"
+    )
     with duckdb.connect(str(store / "catalog.duckdb"), read_only=True) as con:
-        assert con.execute("select count(*), count(distinct image_id) from vision_features").fetchone() == (IMAGES, IMAGES)
-        assert con.execute("select count(*), count(distinct caption_id) from image_caption_pairs").fetchone() == (5 * IMAGES, 5 * IMAGES)
+        assert con.execute("select count(*), count(distinct image_id) from vision_features").fetchone() == (
+            IMAGES,
+            IMAGES,
+        )
+        assert con.execute("select count(*), count(distinct caption_id) from image_caption_pairs").fetchone() == (
+            5 * IMAGES,
+            5 * IMAGES,
+        )
 
 
-SMALL = {"data.coco.sample_num_images": 12, "data.coco.shard_size": 6, "data.robot.sample_num_tasks": 20, "vision.batch_size": 4}
+SMALL = {
+    "data.coco.sample_num_images": 12,
+    "data.coco.shard_size": 6,
+    "data.robot.sample_num_tasks": 20,
+    "vision.batch_size": 4,
+}
 
 
 def _failure_text(result: dg.ExecuteInProcessResult) -> str:
@@ -132,8 +147,16 @@ def test_full_disk_while_writing_features(tmp_path, monkeypatch):
     with dg.instance_for_test() as instance:
         assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=resources).success
         first, second = instance.get_dynamic_partitions("coco_shards")
-        assert dg.materialize(ALL_ASSETS, selection=["image_caption_pairs", "vision_features"], partition_key=first, instance=instance, resources=resources).success
-        assert dg.materialize(ALL_ASSETS, selection=["image_caption_pairs"], partition_key=second, instance=instance, resources=resources).success
+        assert dg.materialize(
+            ALL_ASSETS,
+            selection=["image_caption_pairs", "vision_features"],
+            partition_key=first,
+            instance=instance,
+            resources=resources,
+        ).success
+        assert dg.materialize(
+            ALL_ASSETS, selection=["image_caption_pairs"], partition_key=second, instance=instance, resources=resources
+        ).success
         (good,) = (tmp_path / "store" / "tables" / "vision_features").glob(f"*/{first}.parquet")
         good_bytes = good.read_bytes()
 
@@ -149,7 +172,14 @@ def test_full_disk_while_writing_features(tmp_path, monkeypatch):
 
         monkeypatch.setattr(pyarrow.parquet, "write_table", disk_fills_up)
         for shard in (first, second):  # replacing a shard, and writing a new one
-            result = dg.materialize(ALL_ASSETS, selection=["vision_features"], partition_key=shard, instance=instance, resources=resources, raise_on_error=False)
+            result = dg.materialize(
+                ALL_ASSETS,
+                selection=["vision_features"],
+                partition_key=shard,
+                instance=instance,
+                resources=resources,
+                raise_on_error=False,
+            )
             assert not result.success
             message = _failure_text(result)
             assert "No space left on device" in message and str(good.parent / f"{shard}.parquet") in message, message
@@ -158,7 +188,9 @@ def test_full_disk_while_writing_features(tmp_path, monkeypatch):
         assert_tables_read(tmp_path / "store")
 
         monkeypatch.setattr(pyarrow.parquet, "write_table", real_write)
-        assert dg.materialize(ALL_ASSETS, selection=["vision_features"], partition_key=second, instance=instance, resources=resources).success
+        assert dg.materialize(
+            ALL_ASSETS, selection=["vision_features"], partition_key=second, instance=instance, resources=resources
+        ).success
     with duckdb.connect(str(tmp_path / "store" / "catalog.duckdb"), read_only=True) as con:
         assert con.execute("select count(*), count(distinct image_id) from vision_features").fetchone() == (12, 12)
 
@@ -180,8 +212,16 @@ def test_unwritable_storage_root_names_the_path(tmp_path, monkeypatch, asset):
     root = blocker / "store"
     settings = BitmarSettings(overrides={"storage.root": str(root), **SMALL})
     with dg.instance_for_test() as instance:
-        result = dg.materialize(ALL_ASSETS, selection=[asset], instance=instance, resources=default_resources(settings), raise_on_error=False)
+        result = dg.materialize(
+            ALL_ASSETS,
+            selection=[asset],
+            instance=instance,
+            resources=default_resources(settings),
+            raise_on_error=False,
+        )
     assert not result.success
     message = _failure_text(result)
     assert f"storage root {root} is not writable" in message and "Not a directory" in message, message
-    assert blocker.read_text().startswith("a regular file") and sorted(p.name for p in tmp_path.iterdir()) == [blocker.name]
+    assert blocker.read_text().startswith("a regular file") and sorted(p.name for p in tmp_path.iterdir()) == [
+        blocker.name
+    ]

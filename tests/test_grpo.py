@@ -61,7 +61,10 @@ def sampled(policy: BitMarModel, settings: GRPOSettings) -> GroupSample:
 def completion_entropy(policy: BitMarModel, sample: GroupSample, temperature: float) -> torch.Tensor:
     """The policy's mean per-token entropy over each completion, averaged over completions,
     computed directly from the full next-token distributions."""
-    logits = policy(sample.prompt_ids, sample.prompt_mask, None, sample.sequences, sample.sequence_mask).logits[:, :-1] / temperature
+    logits = (
+        policy(sample.prompt_ids, sample.prompt_mask, None, sample.sequences, sample.sequence_mask).logits[:, :-1]
+        / temperature
+    )
     log_p = torch.log_softmax(logits.float(), dim=-1)
     entropy = -(log_p.exp() * log_p).sum(dim=-1)
     mask = sample.completion_mask
@@ -76,19 +79,35 @@ def gradients(policy: BitMarModel, loss: torch.Tensor) -> dict[str, torch.Tensor
 
 def test_entropy_bonus_is_the_gradient_of_the_policy_entropy() -> None:
     policy = tiny_policy()
-    settings = GRPOSettings(group_size=3, max_new_tokens=6, reasoning_temperature=0.8, kl_beta=0.0, entropy_coef=0.3, selection_anchor_weight=0.0)
+    settings = GRPOSettings(
+        group_size=3,
+        max_new_tokens=6,
+        reasoning_temperature=0.8,
+        kl_beta=0.0,
+        entropy_coef=0.3,
+        selection_anchor_weight=0.0,
+    )
     sample = sampled(policy, settings)
     assert sample.completion_mask.sum() > 6 and bool((sample.advantages == 0).all())
 
     loss, _ = grpo_loss(policy, sample, settings)
     bonus = gradients(policy, loss)
-    expected = gradients(policy, -settings.entropy_coef * completion_entropy(policy, sample, settings.reasoning_temperature))
+    expected = gradients(
+        policy, -settings.entropy_coef * completion_entropy(policy, sample, settings.reasoning_temperature)
+    )
     assert expected.keys() <= bonus.keys()
     for name, grad in expected.items():
         assert torch.allclose(bonus[name], grad, atol=1e-6, rtol=1e-4), name
 
     # The test tells the old term apart: -log pi of the drawn tokens has another gradient.
-    drawn = policy.sequence_log_probs(sample.prompt_ids, sample.prompt_mask, None, sample.sequences, sample.sequence_mask, settings.reasoning_temperature)
+    drawn = policy.sequence_log_probs(
+        sample.prompt_ids,
+        sample.prompt_mask,
+        None,
+        sample.sequences,
+        sample.sequence_mask,
+        settings.reasoning_temperature,
+    )
     mask = sample.completion_mask
     old = gradients(policy, settings.entropy_coef * ((drawn * mask).sum(dim=1) / mask.sum(dim=1)).mean())
     assert not torch.allclose(old["embed_tokens.weight"], expected["embed_tokens.weight"], atol=1e-4)
@@ -116,7 +135,9 @@ def sft_fitted_policy(ids: torch.Tensor, gold: list[set[str]]) -> BitMarModel:
     policy = tiny_policy()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     for _ in range(60):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(policy(ids, torch.ones_like(ids)).robot_logits, gold_multi_hot(gold))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            policy(ids, torch.ones_like(ids)).robot_logits, gold_multi_hot(gold)
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -134,7 +155,17 @@ def drift_under_grpo(anchor_weight: float, steps: int = 6) -> tuple[float, float
     settings = GRPOSettings(group_size=4, max_new_tokens=4, selection_anchor_weight=anchor_weight)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
     for step in range(steps):
-        sample = sample_groups(policy, reference, ids, mask, gold, selection_text, settings, RewardWeights(), torch.Generator().manual_seed(step))
+        sample = sample_groups(
+            policy,
+            reference,
+            ids,
+            mask,
+            gold,
+            selection_text,
+            settings,
+            RewardWeights(),
+            torch.Generator().manual_seed(step),
+        )
         assert sample.advantages.abs().sum() > 0
         grpo_update(policy, optimizer, sample, settings)
     grad = policy.reasoning.policy_head.weight.grad
@@ -161,14 +192,21 @@ class _CharTokenizer:
 
 
 def test_grpo_metadata_reports_head_metrics_and_drift_per_split() -> None:
-    tasks = pd.DataFrame({
-        "split": ["validation"] * 3, "task_key": ["a", "b", "c"],
-        "task_text": ["inspect a roof", "swim to the reef", "walk up stairs"], "robots": [["Drone"], ["Underwater Robot"], ["Humanoid"]],
-    })
+    tasks = pd.DataFrame(
+        {
+            "split": ["validation"] * 3,
+            "task_key": ["a", "b", "c"],
+            "task_text": ["inspect a roof", "swim to the reef", "walk up stairs"],
+            "robots": [["Drone"], ["Underwater Robot"], ["Humanoid"]],
+        }
+    )
     before = evaluate_reasoning(tiny_policy(0), _CharTokenizer(), tasks, "validation", generate=False, n_resamples=100)
     after = evaluate_reasoning(tiny_policy(1), _CharTokenizer(), tasks, "validation", generate=False, n_resamples=100)
     assert {"head_top1", "head_exact_set", "head_sample_f1"} <= set(after.summary())
     drift = head_drift(before, after)
     change = np.abs(after.head_probs - before.head_probs)
-    assert drift == {"validation_head_prob_drift_mean": round(float(change.mean()), 4), "validation_head_prob_drift_max": round(float(change.max()), 4)}
+    assert drift == {
+        "validation_head_prob_drift_mean": round(float(change.mean()), 4),
+        "validation_head_prob_drift_max": round(float(change.max()), 4),
+    }
     assert drift["validation_head_prob_drift_max"] > 0

@@ -99,7 +99,12 @@ def test_unreadable_image_is_an_error_naming_it(predictor: Predictor, tmp_path: 
 def test_batch_files(predictor: Predictor, image: Path, tmp_path: Path) -> None:
     shutil.copy(image, tmp_path / "scene.png")
     jsonl = tmp_path / "tasks.jsonl"
-    jsonl.write_text(json.dumps({"task": "Inspect underwater pipelines"}) + "\n\n" + json.dumps({"task": "Survey a field", "image": "scene.png"}) + "\n")
+    jsonl.write_text(
+        json.dumps({"task": "Inspect underwater pipelines"})
+        + "\n\n"
+        + json.dumps({"task": "Survey a field", "image": "scene.png"})
+        + "\n"
+    )
     csv = tmp_path / "tasks.csv"
     csv.write_text("task,image\nInspect underwater pipelines,\nSurvey a field,scene.png\n")
     for path in (jsonl, csv):
@@ -122,7 +127,9 @@ def test_missing_folder_and_offline_hub_id(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(PredictionError, match="is not a BitMar release folder"):
         load_predictor(tmp_path)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(PredictionError, match=r"'someone/no-such-bitmar' is not a local folder, and downloading it .* failed"):
+    with pytest.raises(
+        PredictionError, match=r"'someone/no-such-bitmar' is not a local folder, and downloading it .* failed"
+    ):
         load_predictor("someone/no-such-bitmar")
 
 
@@ -145,7 +152,12 @@ def test_cli_text_json_and_errors(released: Storage, image: Path, capsys: pytest
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].startswith("Selected Robot: ") and "(confidence " in out
 
-    assert run_cli(["Inspect underwater pipelines", "--model", model, "--image", str(image), "--json", "--max-new-tokens", "4"]) == 0
+    assert (
+        run_cli(
+            ["Inspect underwater pipelines", "--model", model, "--image", str(image), "--json", "--max-new-tokens", "4"]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert set(result) == set(Prediction.__dataclass_fields__) and result["image"] == str(image)
 

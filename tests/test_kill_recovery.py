@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import duckdb
-import pytest
 import pyarrow.parquet as pq
+import pytest
 
 from bitmar_pipeline.cli import main
 
@@ -30,8 +30,19 @@ def test_kill_mid_shard_then_rerun(tmp_path, monkeypatch):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("DAGSTER_HOME", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "bitmar_pipeline.cli", "run", *ARGS, "--select", "coco_raw,image_caption_pairs,vision_features"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "bitmar_pipeline.cli",
+            "run",
+            *ARGS,
+            "--select",
+            "coco_raw,image_caption_pairs,vision_features",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     features = tmp_path / ".bitmar" / "tables" / "vision_features"
     deadline = time.monotonic() + 240

@@ -27,14 +27,25 @@ from bitmar_pipeline.resources import BitmarSettings
 from bitmar_pipeline.training_stages import GRPO, HISTORY_FILE, PRETRAIN, StageResult
 
 TINY = {
-    "data.coco.sample_num_images": 60, "data.coco.shard_size": 60, "data.robot.sample_num_tasks": 40,
+    "data.coco.sample_num_images": 60,
+    "data.coco.shard_size": 60,
+    "data.robot.sample_num_tasks": 40,
     "tokenizer.vocab_size": 600,
-    "model.hidden_size": 32, "model.num_attention_heads": 2, "model.num_encoder_layers": 1, "model.num_decoder_layers": 1,
-    "model.intermediate_size": 64, "model.memory_dim": 32, "model.memory_slots": 8, "model.num_vision_tokens": 2,
+    "model.hidden_size": 32,
+    "model.num_attention_heads": 2,
+    "model.num_encoder_layers": 1,
+    "model.num_decoder_layers": 1,
+    "model.intermediate_size": 64,
+    "model.memory_dim": 32,
+    "model.memory_slots": 8,
+    "model.num_vision_tokens": 2,
     "model.projection_dim": 32,
-    "training.pretrain.max_steps": 4, "training.pretrain.warmup_steps": 1, "training.pretrain.batch_size": 4,
+    "training.pretrain.max_steps": 4,
+    "training.pretrain.warmup_steps": 1,
+    "training.pretrain.batch_size": 4,
     "training.log_every_n_steps": 1,
-    "wandb.mode": "disabled", "carbon_tracking.enabled": False,
+    "wandb.mode": "disabled",
+    "carbon_tracking.enabled": False,
 }
 DATA_ASSETS = "coco_raw,image_caption_pairs,vision_features,robot_selection_tasks,text_tokenizer"
 
@@ -43,14 +54,20 @@ def test_torchrun_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.chdir(tmp_path)
     Path("profile.yaml").write_text("wandb: {mode: disabled}\n")
     settings = BitmarSettings(config_file="profile.yaml", overrides={"storage.root": "store", "model.hidden_size": 32})
-    command = build_torchrun_command(PRETRAIN, settings, 2, encoder_fingerprint="enc123", shards=["s0", "s1"], wandb_run_name="pretrain-ab")
+    command = build_torchrun_command(
+        PRETRAIN, settings, 2, encoder_fingerprint="enc123", shards=["s0", "s1"], wandb_run_name="pretrain-ab"
+    )
     assert command[:9] == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "bitmar_pipeline.launch", "--stage",
     ]
     options = dict(zip(command[8::2], command[9::2], strict=True))
     assert options["--stage"] == PRETRAIN
-    assert options["--encoder-fingerprint"] == "enc123" and options["--shards"] == "s0,s1" and options["--wandb-run-name"] == "pretrain-ab"
+    assert (
+        options["--encoder-fingerprint"] == "enc123"
+        and options["--shards"] == "s0,s1"
+        and options["--wandb-run-name"] == "pretrain-ab"
+    )
     # Relative paths are pinned, so the ranks' working directory does not matter.
     assert json.loads(options["--settings-json"]) == {
         "config_file": str(Path("profile.yaml").resolve()),
@@ -70,14 +87,21 @@ def test_torchrun_env_splits_cores(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_stage_result_survives_the_trip_through_json(tmp_path: Path) -> None:
-    table = pd.DataFrame({"task": ["fly over", "dive"], "correct": [True, False], "score": [np.float32(0.5), np.float32(0.25)]})
+    table = pd.DataFrame(
+        {"task": ["fly over", "dive"], "correct": [True, False], "score": [np.float32(0.5), np.float32(0.25)]}
+    )
     result = StageResult(
         PRETRAIN, tmp_path / "model", "fp", 4, None, [{"step": 1, "train/loss": np.float32(2.5)}],
         {"recall@1": np.float64(0.123456), "images": np.int64(60), "note": "x"}, 1.5, {"validation": table},
     )
     payload = json.loads(json.dumps(result_payload(result)))  # what Pipes writes and reads
     back = result_from_payload(payload)
-    assert (back.model_dir, back.final_step, back.resumed_from_step, back.metrics["images"]) == (tmp_path / "model", 4, None, 60)
+    assert (back.model_dir, back.final_step, back.resumed_from_step, back.metrics["images"]) == (
+        tmp_path / "model",
+        4,
+        None,
+        60,
+    )
     assert back.history == [{"step": 1, "train/loss": 2.5}]
     pd.testing.assert_frame_equal(back.tables["validation"], table, check_dtype=False)
     reported = materialization_metadata(result, world_size=2)
@@ -93,16 +117,28 @@ def _metadata(result: dg.ExecuteInProcessResult, key: str) -> dict[str, object]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with the gloo backend is not available")
+@pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available",
+)
 def test_pretrain_under_torchrun_reports_through_pipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # both ranks share the machine with whatever else runs
-    assert main(["run", "--select", DATA_ASSETS, *[a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]]) == 0
+    assert (
+        main(["run", "--select", DATA_ASSETS, *[a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]])
+        == 0
+    )
 
     settings = BitmarSettings(overrides={**TINY, "compute.nproc_per_node": 2})
     with dg.instance_for_test() as instance:
-        result = dg.materialize(ALL_ASSETS, selection=["multimodal_pretrain"], instance=instance, resources=default_resources(settings), raise_on_error=False)
+        result = dg.materialize(
+            ALL_ASSETS,
+            selection=["multimodal_pretrain"],
+            instance=instance,
+            resources=default_resources(settings),
+            raise_on_error=False,
+        )
         messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert result.success, "\n".join(messages[-20:])
 
@@ -123,5 +159,7 @@ def test_pretrain_under_torchrun_reports_through_pipes(tmp_path: Path, monkeypat
     assert latest.step == 4 and latest.config["trainer"]["world_size"] == 2
     steps = [json.loads(line)["step"] for line in (checkpoints / HISTORY_FILE).read_text().splitlines()]
     assert sorted(steps) == [1, 2, 3, 4]
-    leftovers = [p.name for p in [*checkpoints.iterdir(), *model_dir.parent.iterdir()] if ".tmp-" in p.name or ".old-" in p.name]
+    leftovers = [
+        p.name for p in [*checkpoints.iterdir(), *model_dir.parent.iterdir()] if ".tmp-" in p.name or ".old-" in p.name
+    ]
     assert leftovers == []

@@ -221,7 +221,9 @@ def test_token_log_probs() -> None:
     tokens = torch.randint(0, 7, (2, 3))
     expected = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
     torch.testing.assert_close(token_log_probs(logits, tokens), expected)
-    assert math.isclose(float(token_log_probs(torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.long))), math.log(0.25), rel_tol=1e-6)
+    assert math.isclose(
+        float(token_log_probs(torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.long))), math.log(0.25), rel_tol=1e-6
+    )
 
 
 def test_frozen_bitlinear_weights_are_exact_and_scoped() -> None:

@@ -112,12 +112,20 @@ def test_gradients_reach_every_parameter() -> None:
     loss = (
         out.loss
         + torch.nn.functional.binary_cross_entropy_with_logits(out.robot_logits, targets)
-        + (torch.nn.functional.cross_entropy(contrastive, labels) + torch.nn.functional.cross_entropy(contrastive.t(), labels)) / 2
+        + (
+            torch.nn.functional.cross_entropy(contrastive, labels)
+            + torch.nn.functional.cross_entropy(contrastive.t(), labels)
+        )
+        / 2
         + out.value.pow(2).mean()
         + torch.nn.functional.binary_cross_entropy(out.thought_scores, torch.ones_like(out.thought_scores))
     )
     loss.backward()
-    missing = [name for name, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not missing, f"parameters without gradient: {missing}"
 
 
@@ -212,13 +220,21 @@ def test_sliding_window_matches_full_attention_and_bounds_the_cache() -> None:
     cfg = windowed.config
     decoder, embed = windowed.decoder, windowed.embed_tokens
     with torch.no_grad():
-        context = windowed._condition(batch["input_ids"], torch.ones_like(batch["input_ids"]), None, False, False).decoder_context
+        context = windowed._condition(
+            batch["input_ids"], torch.ones_like(batch["input_ids"]), None, False, False
+        ).decoder_context
         tokens = torch.full((2, 1), cfg.bos_token_id)
         out = decoder(embed(tokens), torch.ones_like(tokens), context, use_cache=True)
         lengths = []
         for step in range(1, 60):
             token = torch.randint(3, cfg.vocab_size, (2, 1))
-            out = decoder(embed(token), torch.ones_like(token), position_ids=torch.full((2, 1), step), cache=out.cache, use_cache=True)
+            out = decoder(
+                embed(token),
+                torch.ones_like(token),
+                position_ids=torch.full((2, 1), step),
+                cache=out.cache,
+                use_cache=True,
+            )
             lengths.append(out.cache.self_attention.length)
             assert all(k.shape[2] == out.cache.self_attention.length for k in out.cache.self_attention.keys)
     assert max(lengths) <= cfg.attention_sink_tokens + cfg.sliding_window
@@ -232,8 +248,17 @@ def test_batched_generation_with_padding_equals_per_sample(side: str) -> None:
     cfg = model.config
     g = torch.Generator().manual_seed(5)
     texts = [torch.randint(3, cfg.vocab_size, (n,), generator=g) for n in (3, 7, 5)]
-    prompts = [torch.cat((torch.tensor([cfg.bos_token_id]), torch.randint(3, cfg.vocab_size, (n,), generator=g))) for n in (4, 1, 2)]
-    features = [(torch.randn(1, cfg.vision_feature_dim, generator=g), torch.randn(1, cfg.vision_num_patches, cfg.vision_feature_dim, generator=g)) for _ in texts]
+    prompts = [
+        torch.cat((torch.tensor([cfg.bos_token_id]), torch.randint(3, cfg.vocab_size, (n,), generator=g)))
+        for n in (4, 1, 2)
+    ]
+    features = [
+        (
+            torch.randn(1, cfg.vision_feature_dim, generator=g),
+            torch.randn(1, cfg.vision_num_patches, cfg.vision_feature_dim, generator=g),
+        )
+        for _ in texts
+    ]
 
     def pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
@@ -258,7 +283,9 @@ def test_batched_generation_with_padding_equals_per_sample(side: str) -> None:
     teacher = model.sequence_log_probs(input_ids, attention_mask, vision, batched.sequences, batched.attention_mask)
     torch.testing.assert_close(teacher[:, dec_ids.shape[1] - 1 :], batched.log_probs, rtol=1e-3, atol=1e-3)
     for i in range(3):
-        alone = model.generate(texts[i][None], None, features[i], decoder_input_ids=prompts[i][None], max_new_tokens=12, stop_at_eos=False)
+        alone = model.generate(
+            texts[i][None], None, features[i], decoder_input_ids=prompts[i][None], max_new_tokens=12, stop_at_eos=False
+        )
         assert torch.equal(batched.new_tokens[i], alone.new_tokens[0]), f"row {i} ({side} padding)"
 
 
@@ -418,4 +445,6 @@ def test_packed_model_reproduces_outputs_and_generation() -> None:
     a, b = model(**batch), packed(**batch)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.robot_logits, b.robot_logits)
     args = (batch["input_ids"], None, batch["vision_features"])
-    assert torch.equal(model.generate(*args, max_new_tokens=8).sequences, packed.generate(*args, max_new_tokens=8).sequences)
+    assert torch.equal(
+        model.generate(*args, max_new_tokens=8).sequences, packed.generate(*args, max_new_tokens=8).sequences
+    )

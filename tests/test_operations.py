@@ -35,9 +35,21 @@ from tests.factories import (
 pytestmark = pytest.mark.slow
 
 FEATURES = ["image_caption_pairs", "vision_features"]
-RETRAIN = {"multimodal_pretrain", "reasoning_sft", "grpo_policy", "evaluation_report", "quantization_report", "hub_release"}
+RETRAIN = {
+    "multimodal_pretrain",
+    "reasoning_sft",
+    "grpo_policy",
+    "evaluation_report",
+    "quantization_report",
+    "hub_release",
+}
 # 4 shards of 3 generated images (5 captions each): cheap, but enough to exercise shard fan-out.
-SMALL = {"data.coco.sample_num_images": 12, "data.coco.shard_size": 3, "data.robot.sample_num_tasks": 20, "vision.batch_size": 4}
+SMALL = {
+    "data.coco.sample_num_images": 12,
+    "data.coco.shard_size": 3,
+    "data.robot.sample_num_tasks": 20,
+    "vision.batch_size": 4,
+}
 
 
 def _settings(tmp_path: Path, **overrides) -> BitmarSettings:
@@ -49,7 +61,14 @@ def _keys(job: dg.JobDefinition) -> set[str]:
 
 
 def test_jobs_schedule_and_sensors_are_defined(tmp_path):
-    settings = _settings(tmp_path, **{"schedules.retrain_cron": "30 2 * * 1", "schedules.timezone": "Europe/Berlin", "schedules.robot_sensor_interval_seconds": 120})
+    settings = _settings(
+        tmp_path,
+        **{
+            "schedules.retrain_cron": "30 2 * * 1",
+            "schedules.timezone": "Europe/Berlin",
+            "schedules.robot_sensor_interval_seconds": 120,
+        },
+    )
     defs = build_definitions(settings)
     dg.Definitions.validate_loadable(defs)
 
@@ -62,7 +81,11 @@ def test_jobs_schedule_and_sensors_are_defined(tmp_path):
     assert _keys(backfill) == set(FEATURES) and backfill.partitions_def.name == "coco_shards"
 
     schedule = defs.resolve_schedule_def("retrain_schedule")
-    assert (schedule.job_name, schedule.cron_schedule, schedule.execution_timezone) == ("retrain", "30 2 * * 1", "Europe/Berlin")
+    assert (schedule.job_name, schedule.cron_schedule, schedule.execution_timezone) == (
+        "retrain",
+        "30 2 * * 1",
+        "Europe/Berlin",
+    )
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
 
     robot = defs.resolve_sensor_def("robot_dataset_sensor")
@@ -104,26 +127,45 @@ def test_readme_run_queue_config_loads(tmp_path):
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
         queue = instance.get_concurrency_config().run_queue_config
-        assert queue.max_concurrent_runs == 4 and queue.tag_concurrency_limits == [{"key": "bitmar/training", "limit": 1}]
+        assert queue.max_concurrent_runs == 4 and queue.tag_concurrency_limits == [
+            {"key": "bitmar/training", "limit": 1}
+        ]
 
 
 def test_dagster_cli_validates_the_workspace():
     env = {k: v for k, v in os.environ.items() if k not in ("BITMAR_CONFIG", "DAGSTER_HOME")}
     done = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=REPO, env={**env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        cwd=REPO,
+        env={**env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout
     assert "All code locations passed validation" in done.stdout
     # The only warning allowed is dagster 1.13 announcing `dg check defs` as the command's successor.
-    warnings = [line for line in done.stdout.splitlines() if ("Warning" in line or "WARNING" in line) and "definitions_validate_command" not in line]
+    warnings = [
+        line
+        for line in done.stdout.splitlines()
+        if ("Warning" in line or "WARNING" in line) and "definitions_validate_command" not in line
+    ]
     assert warnings == []
 
 
-def _tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, settings: BitmarSettings, cursor: str | None, defs: dg.Definitions | None = None):
+def _tick(
+    sensor: dg.SensorDefinition,
+    instance: dg.DagsterInstance,
+    settings: BitmarSettings,
+    cursor: str | None,
+    defs: dg.Definitions | None = None,
+):
     from dagster._core.definitions.partitions.context import partition_loading_context
 
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"settings": settings}, definitions=defs)
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"settings": settings}, definitions=defs
+    )
     # The daemon sets this up itself; evaluate_tick in a test needs it to validate dynamic partition keys.
     with partition_loading_context(dynamic_partitions_store=instance):
         return sensor.evaluate_tick(context)
@@ -131,7 +173,10 @@ def _tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, settings: B
 
 def test_robot_sensor_fires_on_content_changes_only(tmp_path):
     single, multi = generate_sample_robot_datasets(tmp_path / "robots", num_tasks=20)
-    settings = _settings(tmp_path, **{"data.robot.source": "local", "data.robot.single_path": str(single), "data.robot.multi_path": str(multi)})
+    settings = _settings(
+        tmp_path,
+        **{"data.robot.source": "local", "data.robot.single_path": str(single), "data.robot.multi_path": str(multi)},
+    )
     sensor = build_definitions(settings).resolve_sensor_def("robot_dataset_sensor")
     with dg.instance_for_test() as instance:
         first = _tick(sensor, instance, settings, None)
@@ -178,7 +223,9 @@ def test_coco_shard_sensor_requests_one_run_per_new_shard(tmp_path):
 
         requests = _tick(sensor, instance, settings, None, defs).run_requests
         assert [(r.partition_key, r.run_key) for r in requests] == [(s, s) for s in shards]
-        assert dg.materialize(ALL_ASSETS, selection=FEATURES, instance=instance, resources=resources, partition_key=shards[0]).success
+        assert dg.materialize(
+            ALL_ASSETS, selection=FEATURES, instance=instance, resources=resources, partition_key=shards[0]
+        ).success
         assert [r.partition_key for r in _tick(sensor, instance, settings, None, defs).run_requests] == shards[1:]
 
 
@@ -206,15 +253,22 @@ def test_coco_raw_retries_a_transient_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(assets.data, "fetch_coco", flaky_fetch)
     monkeypatch.setattr(policy, "calculate_delay", recorded_delay)
     with dg.instance_for_test() as instance:
-        result = dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(_settings(tmp_path)))
+        result = dg.materialize(
+            ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(_settings(tmp_path))
+        )
     assert result.success and len(calls) == 2
-    assert [e.event_type_value for e in result.all_events if e.event_type_value in ("STEP_UP_FOR_RETRY", "STEP_RESTARTED")] == ["STEP_UP_FOR_RETRY", "STEP_RESTARTED"]
+    assert [
+        e.event_type_value for e in result.all_events if e.event_type_value in ("STEP_UP_FOR_RETRY", "STEP_RESTARTED")
+    ] == ["STEP_UP_FOR_RETRY", "STEP_RESTARTED"]
     assert delays == [(1, 10.0)]  # then 30 s, 70 s: exponential
 
 
 @pytest.mark.parametrize(
     "error",
-    [VerificationError("train2017.zip: md5 mismatch"), AnnotationFileError("captions_train2017.json: line 1: not JSON")],
+    [
+        VerificationError("train2017.zip: md5 mismatch"),
+        AnnotationFileError("captions_train2017.json: line 1: not JSON"),
+    ],
     ids=["checksum", "annotation-file"],
 )
 def test_coco_raw_fails_at_once_on_a_permanent_error(tmp_path, monkeypatch, error):
@@ -229,7 +283,11 @@ def test_coco_raw_fails_at_once_on_a_permanent_error(tmp_path, monkeypatch, erro
     monkeypatch.setattr(assets.data, "fetch_coco", broken_fetch)
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(_settings(tmp_path)), raise_on_error=False
+            ALL_ASSETS,
+            selection=["coco_raw"],
+            instance=instance,
+            resources=default_resources(_settings(tmp_path)),
+            raise_on_error=False,
         )
     assert not result.success and len(calls) == 1
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
@@ -249,7 +307,12 @@ def test_backfill_of_all_shards_through_the_backfill_daemon(tmp_path):
     overrides = {"storage.root": str(tmp_path / "store"), **SMALL}
     location = write_location(tmp_path / "location.py", overrides)
     with synchronous_instance() as instance:
-        assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(BitmarSettings(overrides=overrides))).success
+        assert dg.materialize(
+            ALL_ASSETS,
+            selection=["coco_raw"],
+            instance=instance,
+            resources=default_resources(BitmarSettings(overrides=overrides)),
+        ).success
         shards = instance.get_dynamic_partitions("coco_shards")
         backfill_id = run_asset_backfill(instance, location, FEATURES, shards)
 
@@ -286,12 +349,24 @@ def test_parallel_shard_runs_do_not_corrupt_the_catalog(tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
     with dg.instance_for_test(temp_dir=str(home)) as instance:
-        assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(BitmarSettings(overrides=overrides))).success
+        assert dg.materialize(
+            ALL_ASSETS,
+            selection=["coco_raw"],
+            instance=instance,
+            resources=default_resources(BitmarSettings(overrides=overrides)),
+        ).success
         shards = instance.get_dynamic_partitions("coco_shards")
         go = tmp_path / "go"
         env = {**os.environ, "DAGSTER_HOME": str(home), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         workers = [
-            subprocess.Popen([sys.executable, "-c", SHARD_RUN, shard, str(go), json.dumps(overrides)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            subprocess.Popen(
+                [sys.executable, "-c", SHARD_RUN, shard, str(go), json.dumps(overrides)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             for shard in shards
         ]
         go.touch()
@@ -308,5 +383,10 @@ def test_parallel_shard_runs_do_not_corrupt_the_catalog(tmp_path):
         pq.read_table(path)  # every file reads
     with duckdb.connect(str(store / "catalog.duckdb"), read_only=True) as con:
         assert con.execute("select count(*), count(distinct image_id) from vision_features").fetchone() == (12, 12)
-        assert con.execute("select count(*), count(distinct caption_id) from image_caption_pairs").fetchone() == (60, 60)
-        assert con.execute("select shard, count(*) from vision_features group by shard order by shard").fetchall() == [(s, 3) for s in shards]
+        assert con.execute("select count(*), count(distinct caption_id) from image_caption_pairs").fetchone() == (
+            60,
+            60,
+        )
+        assert con.execute("select shard, count(*) from vision_features group by shard order by shard").fetchall() == [
+            (s, 3) for s in shards
+        ]

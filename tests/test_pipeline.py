@@ -41,21 +41,29 @@ def test_one_partition_then_backfill_then_rerun_one_stage(tmp_path, coco_mini, r
     settings = _local_settings(tmp_path, coco_mini, robot_data)
     resources = default_resources(settings)
     with dg.instance_for_test() as instance:
-        first = dg.materialize(ALL_ASSETS, selection=["coco_raw", "robot_selection_tasks"], instance=instance, resources=resources)
+        first = dg.materialize(
+            ALL_ASSETS, selection=["coco_raw", "robot_selection_tasks"], instance=instance, resources=resources
+        )
         assert first.success
         shards = instance.get_dynamic_partitions("coco_shards")
         assert shards == ["train2017-00000", "train2017-00001", "train2017-00002"]
 
         partitioned = ["image_caption_pairs", "vision_features"]
-        one = dg.materialize(ALL_ASSETS, selection=partitioned, instance=instance, resources=resources, partition_key=shards[0])
+        one = dg.materialize(
+            ALL_ASSETS, selection=partitioned, instance=instance, resources=resources, partition_key=shards[0]
+        )
         assert one.success
         assert _meta(_materialized(one, "vision_features")[0], "encoded") == 30
         for shard in shards[1:]:  # the backfill of the remaining shards
-            assert dg.materialize(ALL_ASSETS, selection=partitioned, instance=instance, resources=resources, partition_key=shard).success
+            assert dg.materialize(
+                ALL_ASSETS, selection=partitioned, instance=instance, resources=resources, partition_key=shard
+            ).success
         status = instance.get_status_by_partition(dg.AssetKey("vision_features"), shards, ALL_ASSETS[2].partitions_def)
         assert all(s == dg.AssetPartitionStatus.MATERIALIZED for s in status.values())
 
-        rerun = dg.materialize(ALL_ASSETS, selection=["vision_features"], instance=instance, resources=resources, partition_key=shards[1])
+        rerun = dg.materialize(
+            ALL_ASSETS, selection=["vision_features"], instance=instance, resources=resources, partition_key=shards[1]
+        )
         assert rerun.success
         assert _materialized(rerun, "image_caption_pairs") == []  # upstream read from storage, not recomputed
         event = _materialized(rerun, "vision_features")[0]
@@ -70,7 +78,9 @@ def test_one_partition_then_backfill_then_rerun_one_stage(tmp_path, coco_mini, r
         assert con.execute("select count(*) from vision_features").fetchone()[0] == 80  # every image exactly once
         assert con.execute("select count(*) from image_caption_pairs").fetchone()[0] == 400
         assert con.execute("select count(*) from robot_tasks").fetchone()[0] == 488
-        leaks = con.execute("select count(*) from (select task_key from robot_tasks group by task_key having count(distinct split) > 1)").fetchone()[0]
+        leaks = con.execute(
+            "select count(*) from (select task_key from robot_tasks group by task_key having count(distinct split) > 1)"
+        ).fetchone()[0]
         assert leaks == 0
         assert con.execute("select reason, count(*) from quarantine group by reason").fetchall() == [("duplicate", 12)]
 
@@ -86,8 +96,19 @@ def test_cli_local_source_with_bad_rows(tmp_path, coco_mini, capsys):
     data["annotations"].append({"image_id": 1, "id": 999999992, "caption": "caption of an image that does not exist"})
     annotations.write_text(json.dumps(data))
     config = tmp_path / "local.yaml"
-    config.write_text(f"storage:\n  root: {tmp_path / 'store'}\ndata:\n  coco:\n    source: local\n    root: {root}\n    shard_size: 40\n")
-    code = main(["run", "--config", str(config), "--select", "coco_raw,image_caption_pairs,vision_features,robot_selection_tasks,text_tokenizer"])
+    config.write_text(
+        f"storage:\n  root: {tmp_path / 'store'}\ndata:\n  coco:\n    source: "
+        f"local\n    root: {root}\n    shard_size: 40\n"
+    )
+    code = main(
+        [
+            "run",
+            "--config",
+            str(config),
+            "--select",
+            "coco_raw,image_caption_pairs,vision_features,robot_selection_tasks,text_tokenizer",
+        ]
+    )
     assert code == 0, capsys.readouterr()
     with duckdb.connect(str(tmp_path / "store" / "catalog.duckdb"), read_only=True) as con:
         reasons = dict(con.execute("select reason, count(*) from quarantine group by reason").fetchall())
@@ -99,7 +120,19 @@ def test_cli_local_source_with_bad_rows(tmp_path, coco_mini, capsys):
 def test_cli_sample_profile_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main(["run", "--select", "group:data", "--set", "data.coco.sample_num_images=120", "--set", "data.coco.shard_size=50", "--set", "data.robot.sample_num_tasks=60"])
+    code = main(
+        [
+            "run",
+            "--select",
+            "group:data",
+            "--set",
+            "data.coco.sample_num_images=120",
+            "--set",
+            "data.coco.shard_size=50",
+            "--set",
+            "data.robot.sample_num_tasks=60",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "vision_features[train2017-00002]" in out
@@ -141,13 +174,21 @@ def test_coco_raw_download_source_from_a_local_server(tmp_path, monkeypatch, ser
         shards = instance.get_dynamic_partitions("coco_shards")
         assert shards == ["train2017-00000", "train2017-00001"]
         for shard in shards:
-            result = dg.materialize(ALL_ASSETS, selection=["image_caption_pairs", "vision_features"], instance=instance, resources=resources, partition_key=shard)
+            result = dg.materialize(
+                ALL_ASSETS,
+                selection=["image_caption_pairs", "vision_features"],
+                instance=instance,
+                resources=resources,
+                partition_key=shard,
+            )
             assert result.success
     store = tmp_path / "store"
     with duckdb.connect(str(store / "catalog.duckdb"), read_only=True) as con:
         assert con.execute("select count(*) from vision_features").fetchone()[0] == 4
         assert con.execute("select count(*) from image_caption_pairs").fetchone()[0] == 8
-    assert sorted(p.name for p in (store / "raw" / "coco-download" / "train2017").iterdir()) == [f"{i:012d}.jpg" for i in (3, 7, 19, 25)]
+    assert sorted(p.name for p in (store / "raw" / "coco-download" / "train2017").iterdir()) == [
+        f"{i:012d}.jpg" for i in (3, 7, 19, 25)
+    ]
 
 
 def test_code_location_loads_without_warnings():
@@ -159,7 +200,9 @@ def test_code_location_loads_without_warnings():
         warnings.simplefilter("always")
         dg.Definitions.validate_loadable(defs)
         graph = defs.resolve_asset_graph()
-    ours = [w for w in caught if "dagster_shared" not in w.filename and "pydantic" not in str(w.category.__name__).lower()]
+    ours = [
+        w for w in caught if "dagster_shared" not in w.filename and "pydantic" not in str(w.category.__name__).lower()
+    ]
     assert ours == [], [str(w.message) for w in ours]
     keys = {k.to_user_string() for k in graph.materializable_asset_keys}
     assert keys >= {"coco_raw", "image_caption_pairs", "vision_features", "robot_selection_tasks", "text_tokenizer"}

@@ -52,7 +52,9 @@ def test_round_trip_multi_robot() -> None:
 
 
 def test_round_trip_no_robot_and_text_evaluation() -> None:
-    trace = make_trace(robot_evaluation="All robots: unsuitable", robots=["none"], confidence=0.0, justification="Nothing fits.")
+    trace = make_trace(
+        robot_evaluation="All robots: unsuitable", robots=["none"], confidence=0.0, justification="Nothing fits."
+    )
     parsed = parse_reasoning(format_reasoning(trace))
     assert parsed.well_formed, parsed.errors
     assert parsed.robots == ["No Robot"]
@@ -61,7 +63,10 @@ def test_round_trip_no_robot_and_text_evaluation() -> None:
 
 
 def test_robots_mentioned_positively_rule() -> None:
-    text = "- Drone: suitable, it flies\n* legged robot: Suitable\nHumanoid: unsuitable\nWheeled: not suitable\nSubmarine: suitable"
+    text = (
+        "- Drone: suitable, it flies\n* legged robot: Suitable\nHumanoid: "
+        "unsuitable\nWheeled: not suitable\nSubmarine: suitable"
+    )
     assert robots_mentioned_positively(text) == {"Drone", "Robot with Legs"}
     assert robots_mentioned_positively("") == set()
 
@@ -105,9 +110,22 @@ def swap_blocks(text: str, a: str, b: str) -> str:
         (lambda t: t.replace("Underwater Robot\n", "Submarine\n"), "unknown robot name 'Submarine'"),
         (lambda t: t.replace("Drone, Underwater Robot", "No Robot, Drone"), "'No Robot' is combined"),
         (lambda t: t.replace("Drone, Underwater Robot", ""), "no robot selected"),
-        (lambda t: t.replace("Justification: A drone covers the deck;\nan underwater robot covers the pillars.", "Justification:"), "empty justification"),
-        (lambda t: t.replace("<confidence_check>\nBoth parts of the task are covered.", "<confidence_check>"), "<confidence_check> is empty"),
-        (lambda t: t.replace("</thinking>", "").replace("</environment_analysis>", "</environment_analysis></thinking>"), "overlap"),
+        (
+            lambda t: t.replace(
+                "Justification: A drone covers the deck;\nan underwater robot covers the pillars.", "Justification:"
+            ),
+            "empty justification",
+        ),
+        (
+            lambda t: t.replace("<confidence_check>\nBoth parts of the task are covered.", "<confidence_check>"),
+            "<confidence_check> is empty",
+        ),
+        (
+            lambda t: t.replace("</thinking>", "").replace(
+                "</environment_analysis>", "</environment_analysis></thinking>"
+            ),
+            "overlap",
+        ),
         (lambda t: t[: len(t) // 2], "missing <robot_selection>"),
         (lambda t: "", "missing <thinking>"),
     ],
@@ -166,4 +184,6 @@ def test_fuzz_random_substrings_and_edits_never_raise() -> None:
             position = rng.randrange(len(sample) + 1)
             sample = sample[:position] + rng.choice(pieces) + sample[position + rng.randrange(3) :]
         parsed = parse_reasoning(sample)
-        assert parsed.well_formed == (not parsed.errors and parsed.tags_in_order and len(parsed.sections) == len(REASONING_TAGS))
+        assert parsed.well_formed == (
+            not parsed.errors and parsed.tags_in_order and len(parsed.sections) == len(REASONING_TAGS)
+        )

@@ -54,19 +54,43 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> type[RecordingApi]:
 def test_release_folder_contents_and_card(released: Storage) -> None:
     release = released.path("release")
     manifest = json.loads((release / MANIFEST_FILE).read_text())
-    for name in ("config.json", "model.safetensors", "model.packed.safetensors", "packed_config.json", "memory.safetensors",
-                 "evaluation.json", "quantization.json", "README.md", "tokenizer/tokenizer.json", "vision_encoder/config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "model.packed.safetensors",
+        "packed_config.json",
+        "memory.safetensors",
+        "evaluation.json",
+        "quantization.json",
+        "README.md",
+        "tokenizer/tokenizer.json",
+        "vision_encoder/config.json",
+    ):
         assert (release / name).is_file(), name
         assert manifest["files"][name] == sha256_file(release / name)
-    assert manifest["vision"] == {"model": "tiny-random", "revision": None, "patch_grid": PATCH_GRID, "path": "vision_encoder"}
+    assert manifest["vision"] == {
+        "model": "tiny-random",
+        "revision": None,
+        "patch_grid": PATCH_GRID,
+        "path": "vision_encoder",
+    }
     assert manifest["source"] == {"stage": GRPO, "step": STEP, "fingerprint": "0123456789abcdef"}
     assert json.loads((release / "evaluation.json").read_text()) == EVALUATION
-    assert not [p for p in released.root.iterdir() if p.name.startswith((".release", TMP_PREFIX))]  # no staging left behind
+    assert not [
+        p for p in released.root.iterdir() if p.name.startswith((".release", TMP_PREFIX))
+    ]  # no staging left behind
 
     card = (release / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["license"] == "mit" and front["library_name"] == "bitmar" and "bitnet" in front["tags"]
-    for section in ("## Metrics and baselines", "## Training data", "## Emissions", "## Intended use", "## Limitations", "## How to load"):
+    for section in (
+        "## Metrics and baselines",
+        "## Training data",
+        "## Emissions",
+        "## Intended use",
+        "## Limitations",
+        "## How to load",
+    ):
         assert section in card
     assert "| metric | majority | tfidf_logreg | bitmar_head |" in card
     assert "| top1 | 0.330 [0.000, 1.000] | 0.500 [0.000, 1.000] | 0.670 [0.000, 1.000] |" in card
@@ -99,21 +123,32 @@ def test_fresh_process_from_pretrained_reproduces_robot_probabilities(released: 
         "model = BitMarModel.from_pretrained(sys.argv[1]).eval()\n"
         "with torch.no_grad():\n"
         "    probs = model(expected['ids']).robot_probs\n"
-        "print('EQUAL' if torch.equal(probs, expected['probs']) else f'DIFF {(probs - expected[\"probs\"]).abs().max()}')\n"
+        "print('EQUAL' if torch.equal(probs, expected['probs']) else f'DIFF "
+        "{(probs - expected[\"probs\"]).abs().max()}')\n"
     )
     # Same thread count as this process: a different split of the matmul reductions changes
     # the last bit, and "exactly" means bit for bit.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    done = subprocess.run([sys.executable, "-c", script, str(released.path("release")), str(tmp_path / "expected.safetensors")], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(released.path("release")), str(tmp_path / "expected.safetensors")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "EQUAL"
 
 
-def test_upload_skipped_without_token_or_when_disabled(released: Storage, fake_hub, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upload_skipped_without_token_or_when_disabled(
+    released: Storage, fake_hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)
     hub = HuggingFaceHubResource()
     outcome = hub.publish(released.path("release"), HubConfig(enabled=True), STEP)
-    assert not outcome.uploaded and outcome.metadata()["hub_upload"] == "skipped: HF_TOKEN is not set in the environment"
+    assert (
+        not outcome.uploaded and outcome.metadata()["hub_upload"] == "skipped: HF_TOKEN is not set in the environment"
+    )
     monkeypatch.setenv("HF_TOKEN", "hf_token_value")
     outcome = hub.publish(released.path("release"), HubConfig(enabled=False), STEP)
     assert outcome.metadata()["hub_upload"] == "skipped: huggingface_hub.enabled is false"
@@ -129,23 +164,37 @@ def test_upload_makes_the_expected_calls(released: Storage, fake_hub, monkeypatc
     assert (api.endpoint, api.token) == ("http://127.0.0.1:9", "hf_token_value")
     assert api.calls == [
         ("create_repo", "someone/bitmar-test", {"private": False, "exist_ok": True}),
-        ("upload_folder", {"repo_id": "someone/bitmar-test", "folder_path": str(released.path("release")), "commit_message": "BitMar step 7"}),
+        (
+            "upload_folder",
+            {
+                "repo_id": "someone/bitmar-test",
+                "folder_path": str(released.path("release")),
+                "commit_message": "BitMar step 7",
+            },
+        ),
     ]
     assert outcome.commit_url == "https://hub.example/someone/bitmar-test/commit/abc123" and outcome.attempts == 1
 
 
 def test_commit_message_template() -> None:
     when = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-    assert commit_message(HubConfig().commit_message, 12, when) == "Upload BitMar model (step 12, 2025-01-02T03:04:05+00:00)"
+    assert (
+        commit_message(HubConfig().commit_message, 12, when)
+        == "Upload BitMar model (step 12, 2025-01-02T03:04:05+00:00)"
+    )
     with pytest.raises(HubUploadError, match="only {step} and {timestamp}"):
         commit_message("step {epoch}", 1, when)
 
 
-def test_upload_retries_with_backoff_then_succeeds(released: Storage, fake_hub, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upload_retries_with_backoff_then_succeeds(
+    released: Storage, fake_hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_token_value")
     fake_hub.failures = [ConnectionError("reset by peer"), TimeoutError("read timed out")]
     logged: list[str] = []
-    outcome = HuggingFaceHubResource(backoff_seconds=0.5).publish(released.path("release"), HubConfig(enabled=True), STEP, log=logged.append)
+    outcome = HuggingFaceHubResource(backoff_seconds=0.5).publish(
+        released.path("release"), HubConfig(enabled=True), STEP, log=logged.append
+    )
     assert outcome.uploaded and outcome.attempts == 3
     assert fake_hub.sleeps == [0.5, 1.0]
     assert len(logged) == 2 and "reset by peer" in logged[0]
@@ -155,7 +204,9 @@ def test_upload_gives_up_after_max_attempts(released: Storage, fake_hub, monkeyp
     monkeypatch.setenv("HF_TOKEN", "hf_token_value")
     fake_hub.failures = [ConnectionError("hub unreachable")] * 5
     with pytest.raises(HubUploadError, match=r"failed after 3 attempts; last error: ConnectionError: hub unreachable"):
-        HuggingFaceHubResource(max_attempts=3, backoff_seconds=1).publish(released.path("release"), HubConfig(enabled=True), STEP)
+        HuggingFaceHubResource(max_attempts=3, backoff_seconds=1).publish(
+            released.path("release"), HubConfig(enabled=True), STEP
+        )
     assert fake_hub.sleeps == [1, 2]
     assert len([c for c in fake_hub.instances[0].calls if c[0] == "upload_folder"]) == 3
 
@@ -170,7 +221,13 @@ def test_upload_does_not_retry_an_auth_error(released: Storage, fake_hub, monkey
     assert fake_hub.sleeps == []
 
 
-def test_token_never_leaks(released: Storage, fake_hub, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture) -> None:
+def test_token_never_leaks(
+    released: Storage,
+    fake_hub,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture,
+) -> None:
     secret = "hf_PLANTEDsecret0123456789"
     monkeypatch.setenv("HF_TOKEN", secret)
     caplog.set_level(logging.DEBUG)
@@ -179,7 +236,9 @@ def test_token_never_leaks(released: Storage, fake_hub, monkeypatch: pytest.Monk
 
     # A failing upload: the error text and its formatted traceback are clean.
     with pytest.raises(HubUploadError) as raised:
-        HuggingFaceHubResource(max_attempts=3).publish(released.path("release"), HubConfig(enabled=True), STEP, log=logging.getLogger("bitmar.test").warning)
+        HuggingFaceHubResource(max_attempts=3).publish(
+            released.path("release"), HubConfig(enabled=True), STEP, log=logging.getLogger("bitmar.test").warning
+        )
     assert secret not in str(raised.value)
     assert secret not in "".join(traceback.format_exception(raised.value))
     assert "Bearer ***" in str(raised.value)
@@ -188,7 +247,10 @@ def test_token_never_leaks(released: Storage, fake_hub, monkeypatch: pytest.Monk
     fake_hub.failures = [leaky]
     result = dg.materialize(
         [hub_release],
-        resources={"settings": settings_for(released, **{"huggingface_hub.enabled": True}), "hub": HuggingFaceHubResource()},
+        resources={
+            "settings": settings_for(released, **{"huggingface_hub.enabled": True}),
+            "hub": HuggingFaceHubResource(),
+        },
         instance=dg.DagsterInstance.ephemeral(),
     )
     assert result.success

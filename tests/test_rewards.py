@@ -199,7 +199,11 @@ def test_calibration_reward_and_reported_ece_score_the_same_target():
     """One definition of what a stated confidence predicts (exact-set correctness): for a
     single trace the report's ECE is |c - target| and the reward 1 - (c - target)^2, so
     ECE^2 == 1 - reward, whether the selection is exact, partly right or wrong."""
-    cases = [(trace(["Drone"], 0.9), DRONE), (trace(["Drone", "Robot with Legs"], 0.5), DRONE), (trace(["Humanoid"], 0.3), DRONE)]
+    cases = [
+        (trace(["Drone"], 0.9), DRONE),
+        (trace(["Drone", "Robot with Legs"], 0.5), DRONE),
+        (trace(["Humanoid"], 0.3), DRONE),
+    ]
     for text, gold in cases:
         parsed = parse_reasoning(text)
         evaluation = ReasoningEvaluation(
@@ -207,5 +211,7 @@ def test_calibration_reward_and_reported_ece_score_the_same_target():
             {"reasoning_well_formed": MetricWithCI(1.0, 1.0, 1.0, 1)},
         )
         section, _, _ = reasoning_section(evaluation, ["inspect the roof"], n_resamples=100)
-        assert section["stated_confidence_ece"] ** 2 == pytest.approx(1 - calibration_reward(parsed, gold), abs=1e-4), text
+        assert section["stated_confidence_ece"] ** 2 == pytest.approx(1 - calibration_reward(parsed, gold), abs=1e-4), (
+            text
+        )
         assert section["stated_confidence_target"] == CONFIDENCE_TARGET == "exact-set correctness"

@@ -157,16 +157,31 @@ def test_dataset_file_names_cannot_leave_the_dataset_root(tmp_path, watch_opens)
     hostile = {101: "../../secret.jpg", 102: str(secrets[1]), 103: "../../../secret.jpg"}
     for image_id, name in hostile.items():
         data["images"].append({"id": image_id, "file_name": name, "width": 8, "height": 6})
-        data["annotations"].append({"id": 9000 + image_id, "image_id": image_id, "caption": "a caption that must never be paired"})
+        data["annotations"].append(
+            {"id": 9000 + image_id, "image_id": image_id, "caption": "a caption that must never be paired"}
+        )
     annotations.write_text(json.dumps(data))
     opened = watch_opens(*secrets)
 
-    settings = BitmarSettings(overrides={"storage.root": str(tmp_path / "store"), "data.coco.source": "local", "data.coco.root": str(root), "data.coco.shard_size": 10})
+    settings = BitmarSettings(
+        overrides={
+            "storage.root": str(tmp_path / "store"),
+            "data.coco.source": "local",
+            "data.coco.root": str(root),
+            "data.coco.shard_size": 10,
+        }
+    )
     with dg.instance_for_test() as instance:
         resources = default_resources(settings)
         assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=resources).success
         for shard in instance.get_dynamic_partitions("coco_shards"):
-            assert dg.materialize(ALL_ASSETS, selection=["image_caption_pairs", "vision_features"], partition_key=shard, instance=instance, resources=resources).success
+            assert dg.materialize(
+                ALL_ASSETS,
+                selection=["image_caption_pairs", "vision_features"],
+                partition_key=shard,
+                instance=instance,
+                resources=resources,
+            ).success
     storage = settings.storage
     refused = storage.read_quarantine("coco_raw").query("reason == 'unsafe_file_name'")
     assert sorted(int(d.split(":")[0].removeprefix("image ")) for d in refused["detail"]) == sorted(hostile)
@@ -207,24 +222,37 @@ def test_coco_download_refuses_escaping_archives_and_file_names(tmp_path, monkey
         {"id": 1, "file_name": "000000000001.jpg", "coco_url": f"{server.base}/train2017/1.jpg"},
         {"id": 2, "file_name": "../../../pwned.jpg", "coco_url": f"{server.base}/train2017/2.jpg"},
     ]
-    captions = {"images": images, "annotations": [{"id": 10 + i, "image_id": i, "caption": f"caption {i}"} for i in (1, 2)]}
+    captions = {
+        "images": images,
+        "annotations": [{"id": 10 + i, "image_id": i, "caption": f"caption {i}"} for i in (1, 2)],
+    }
     server.files["/train2017/1.jpg"] = server.files["/train2017/2.jpg"] = jpeg_bytes(3)
     settings = BitmarSettings(
         overrides={
-            "storage.root": str(tmp_path / "a" / "b" / "store"), "data.coco.source": "download", "data.coco.max_images": 2,
+            "storage.root": str(tmp_path / "a" / "b" / "store"),
+            "data.coco.source": "download",
+            "data.coco.max_images": 2,
             "data.coco.annotations_url": f"{server.base}/annotations.zip",
         }
     )
     with dg.instance_for_test() as instance:
         server.files["/annotations.zip"] = _hostile_zip(captions, symlink=True)
-        refused = dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(settings), raise_on_error=False)
+        refused = dg.materialize(
+            ALL_ASSETS,
+            selection=["coco_raw"],
+            instance=instance,
+            resources=default_resources(settings),
+            raise_on_error=False,
+        )
         assert not refused.success
         failure = next(e for e in refused.all_events if e.is_step_failure)
         assert "is a symbolic link; refusing to extract" in error_chain(failure.step_failure_data.error)
 
         server.files["/annotations.zip"] = _hostile_zip(captions, symlink=False)
         (tmp_path / "a" / "b" / "store" / "raw" / "coco-download" / "downloads" / "annotations.zip").unlink()
-        assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(settings)).success
+        assert dg.materialize(
+            ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(settings)
+        ).success
     assert not list(tmp_path.rglob("escaped.txt")) and not list(tmp_path.rglob("pwned.jpg"))
     # With max_images the download keeps only valid entries, so image 2 never reaches the layout.
     assert settings.storage.read_table("coco_images")["image_id"].tolist() == [1]
@@ -250,9 +278,16 @@ def test_secrets_never_written_during_the_full_pipeline(tmp_path, monkeypatch, c
     }
     location = write_location(tmp_path / "location.py", overrides)
     with synchronous_instance() as instance:
-        assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=default_resources(BitmarSettings(overrides=overrides))).success
+        assert dg.materialize(
+            ALL_ASSETS,
+            selection=["coco_raw"],
+            instance=instance,
+            resources=default_resources(BitmarSettings(overrides=overrides)),
+        ).success
         shards = instance.get_dynamic_partitions("coco_shards")
-        backfill_id = run_asset_backfill(instance, location, [a.key.to_user_string() for a in ALL_ASSETS], shards, timeout=900)
+        backfill_id = run_asset_backfill(
+            instance, location, [a.key.to_user_string() for a in ALL_ASSETS], shards, timeout=900
+        )
         runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
         assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
         assert sorted(r.tags.get("dagster/partition", "-") for r in runs).count("-") >= 2  # unpartitioned stages once
@@ -260,7 +295,10 @@ def test_secrets_never_written_during_the_full_pipeline(tmp_path, monkeypatch, c
         assert instance.get_latest_materialization_event(dg.AssetKey("hub_release")) is not None
         events = [str(e) for r in instance.get_runs() for e in instance.all_logs(r.run_id)]
     (api,) = RecordingApi.instances
-    assert api.token == HF_SECRET and [c[0] for c in api.calls] == ["create_repo", "upload_folder"]  # the token did reach the Hub client
+    assert api.token == HF_SECRET and [c[0] for c in api.calls] == [
+        "create_repo",
+        "upload_folder",
+    ]  # the token did reach the Hub client
 
     out, err = capfd.readouterr()
     wandb_files = list((store / "wandb").rglob("*"))

@@ -16,15 +16,32 @@ def test_partition_round_trip_and_catalog(tmp_path):
     # Views exist before any data, and answer zero rather than failing on an empty glob.
     assert storage.query("select count(*) as n from quarantine")["n"][0] == 0
     assert storage.query("select count(*) as n from vision_features")["n"][0] == 0
-    frame = pd.DataFrame({"image_id": [1, 2], "caption_id": [10, 20], "caption": ["a", "b"], "content_hash": ["h1", "h2"], "shard": ["s", "s"]})
+    frame = pd.DataFrame(
+        {
+            "image_id": [1, 2],
+            "caption_id": [10, 20],
+            "caption": ["a", "b"],
+            "content_hash": ["h1", "h2"],
+            "shard": ["s", "s"],
+        }
+    )
     storage.write_partition("image_caption_pairs", "s", frame)
-    storage.write_quarantine("image_caption_pairs", "s", pd.DataFrame({"source": ["f"], "key": ["caption:3"], "reason": ["empty_caption"], "detail": [""]}), "run1")
+    storage.write_quarantine(
+        "image_caption_pairs",
+        "s",
+        pd.DataFrame({"source": ["f"], "key": ["caption:3"], "reason": ["empty_caption"], "detail": [""]}),
+        "run1",
+    )
     storage.refresh_catalog()
     with duckdb.connect(str(storage.catalog_path), read_only=True) as con:
         assert con.execute("select count(*) from image_caption_pairs").fetchone()[0] == 2
-        assert con.execute("select reason, asset, run_id from quarantine").fetchall() == [("empty_caption", "image_caption_pairs", "run1")]
+        assert con.execute("select reason, asset, run_id from quarantine").fetchall() == [
+            ("empty_caption", "image_caption_pairs", "run1")
+        ]
     # Re-running a partition replaces its quarantine rows instead of appending.
-    storage.write_quarantine("image_caption_pairs", "s", pd.DataFrame({"source": [], "key": [], "reason": [], "detail": []}), "run2")
+    storage.write_quarantine(
+        "image_caption_pairs", "s", pd.DataFrame({"source": [], "key": [], "reason": [], "detail": []}), "run2"
+    )
     assert storage.query("select count(*) as n from quarantine")["n"][0] == 0
     pd.testing.assert_frame_equal(storage.read_partition("image_caption_pairs", "s"), frame)
 

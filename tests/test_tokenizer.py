@@ -109,8 +109,17 @@ def test_corpus_leaves_out_held_out_captions(tmp_path: Path):
     )
     storage.write_partition("image_caption_pairs", "s0", captions)
     storage.write_partition(
-        "robot_tasks", "all",
-        pd.DataFrame({"task_id": ["t0"], "task_text": ["Fly over a roof"], "robots": [["Drone"]], "instruction": [""], "split": ["train"]}),
+        "robot_tasks",
+        "all",
+        pd.DataFrame(
+            {
+                "task_id": ["t0"],
+                "task_text": ["Fly over a roof"],
+                "robots": [["Drone"]],
+                "instruction": [""],
+                "split": ["train"],
+            }
+        ),
     )
     storage.write_partition(
         "robot_subtasks", "all",

@@ -448,7 +448,9 @@ def test_accumulated_gradient_is_the_token_mean_of_the_whole_step(monkeypatch) -
         return clip(parameters, max_norm, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
-    config = tiny_config(None, max_steps=1, warmup_steps=0, batch_size=1, gradient_accumulation_steps=2, max_grad_norm=0.0)
+    config = tiny_config(
+        None, max_steps=1, warmup_steps=0, batch_size=1, gradient_accumulation_steps=2, max_grad_norm=0.0
+    )
     Trainer(model, _VariableLengths(), _padded_lm_loss, config, collate_fn=_pad, token_count_fn=_target_count).train()
 
     reference = TinyLM(TinyLMConfig(dropout=0.0))
@@ -484,4 +486,14 @@ def test_checkpoint_written_on_cuda_restores_the_cuda_rng(tmp_path: Path, monkey
     assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
     # States gathered elsewhere must match the device too: a CPU-only state is refused at save.
     with pytest.raises(ValueError, match="no CUDA RNG state"):
-        save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {}, {"run": 1}, device=gpu, rng_states=[{"torch": torch.get_rng_state()}])
+        save_checkpoint(
+            tmp_path,
+            2,
+            model,
+            optimizer,
+            scheduler,
+            {},
+            {"run": 1},
+            device=gpu,
+            rng_states=[{"torch": torch.get_rng_state()}],
+        )

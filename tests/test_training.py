@@ -26,7 +26,11 @@ DATA = "coco_raw,image_caption_pairs,vision_features,robot_selection_tasks,text_
 
 
 def _cli_args(overrides: dict) -> list[str]:
-    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value) if isinstance(value, bool) else value}")]
+    return [
+        arg
+        for key, value in overrides.items()
+        for arg in ("--set", f"{key}={json.dumps(value) if isinstance(value, bool) else value}")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,9 @@ def workdir(tmp_path_factory) -> Path:
 
 def _materialize(selection, overrides=None, instance=None):
     settings = BitmarSettings(overrides={**TINY, **(overrides or {})})
-    return dg.materialize(ALL_ASSETS, selection=selection, resources=default_resources(settings), instance=instance, raise_on_error=False)
+    return dg.materialize(
+        ALL_ASSETS, selection=selection, resources=default_resources(settings), instance=instance, raise_on_error=False
+    )
 
 
 def _metadata(result, key):
@@ -55,20 +61,41 @@ def _metadata(result, key):
 def test_training_graph_then_rerun_one_stage(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     with dg.instance_for_test() as instance:
-        full = _materialize(["multimodal_pretrain", "reasoning_sft", "grpo_policy", "evaluation_report"], instance=instance)
+        full = _materialize(
+            ["multimodal_pretrain", "reasoning_sft", "grpo_policy", "evaluation_report"], instance=instance
+        )
         assert full.success
         pretrain = _metadata(full, "multimodal_pretrain")
         assert pretrain["final_step"] == 6 and pretrain["resumed_from_step"] == "fresh start"
         assert {"i2t_R@1", "cosine_gap", "multimodal_pretrain_curves_figure"} <= set(pretrain)
         grpo = _metadata(full, "grpo_policy")
-        assert {"table_sft_vs_grpo", "grpo_policy_curves_figure", "grpo_test_reasoning_well_formed", "sft_test_head_top1"} <= set(grpo)
+        assert {
+            "table_sft_vs_grpo",
+            "grpo_policy_curves_figure",
+            "grpo_test_reasoning_well_formed",
+            "sft_test_head_top1",
+        } <= set(grpo)
         report = json.loads((workdir / ".bitmar" / "reports" / "evaluation_report.json").read_text())
         for model in ("majority", "tfidf_logreg", "bitmar_head", "bitmar_reasoning_text"):
-            assert {"value", "ci95_low", "ci95_high", "n"} <= set(next(iter(report["robot_selection"]["test"][model].values())))
-        assert set(report["reasoning"]["test"]) >= {"coherence", "relevance", "completeness", "accuracy", "format_compliance", "stated_confidence_ece"}
+            assert {"value", "ci95_low", "ci95_high", "n"} <= set(
+                next(iter(report["robot_selection"]["test"][model].values()))
+            )
+        assert set(report["reasoning"]["test"]) >= {
+            "coherence",
+            "relevance",
+            "completeness",
+            "accuracy",
+            "format_compliance",
+            "stated_confidence_ece",
+        }
         assert {"bleu4", "cider_d", "caption_perplexity", "i2t_R@5"} <= set(report["vision_language"])
         assert report["flops_per_forward"]["text_only_task_batch"]["total"] > 0
-        assert {e.check_name for e in full.get_asset_check_evaluations()} >= {"test_head_top1", "test_head_top1_gain_over_majority", "test_head_f1_vs_tfidf", "reasoning_format_compliance"}
+        assert {e.check_name for e in full.get_asset_check_evaluations()} >= {
+            "test_head_top1",
+            "test_head_top1_gain_over_majority",
+            "test_head_f1_vs_tfidf",
+            "reasoning_format_compliance",
+        }
 
         # GRPO again with another reward weight: it retrains from the stored SFT model alone.
         rerun = _materialize(["grpo_policy"], {"grpo_reasoning.reward_weights.format": 1.0}, instance=instance)
@@ -83,8 +110,19 @@ def test_killed_training_resumes_from_last_checkpoint(workdir, monkeypatch):
     slow = {"training.pretrain.max_steps": 400, "training.save_every_n_steps": 5, "training.pretrain.batch_size": 16}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "bitmar_pipeline.cli", "run", "--select", "multimodal_pretrain", *_cli_args({**TINY, **slow})],
-        cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "bitmar_pipeline.cli",
+            "run",
+            "--select",
+            "multimodal_pretrain",
+            *_cli_args({**TINY, **slow}),
+        ],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     checkpoints = workdir / ".bitmar" / "checkpoints" / "multimodal_pretrain"
     earlier_runs = set(checkpoints.glob("*"))
@@ -174,12 +212,16 @@ def test_sft_batches_rehearse_captions_of_training_images_only(workdir, monkeypa
     tasks, subtasks, capabilities = _robot_tables(storage)
     sft = build_sft_set(build_sft_examples(tasks, subtasks, capabilities), tokenizer, 64, 256)
     fingerprint = VisionEncoderResource().get(settings).fingerprint
-    captions = load_caption_data(storage, manifest_shards(storage), fingerprint, tokenizer, 64, training.heldout_fraction)
+    captions = load_caption_data(
+        storage, manifest_shards(storage), fingerprint, tokenizer, 64, training.heldout_fraction
+    )
     dataset = RehearsalSftSet(sft, captions.train, captions_per_batch=3)
 
     batch = dataset.collate([0, 1])
     assert batch["rehearsal_decoder_ids"].shape[0] == 3 and batch["prompt_ids"].shape[0] == 2
-    assert torch.equal(dataset.collate([0, 1])["rehearsal_decoder_ids"], batch["rehearsal_decoder_ids"])  # replayable on resume
+    assert torch.equal(
+        dataset.collate([0, 1])["rehearsal_decoder_ids"], batch["rehearsal_decoder_ids"]
+    )  # replayable on resume
     drawn = {tuple(dataset.collate([i, i + 1])["rehearsal_cls"][0].tolist()) for i in range(10)}
     assert len(drawn) > 1
     heldout = {tuple(row.tolist()) for row in captions.heldout.cls[captions.heldout.feature_rows]}

@@ -67,15 +67,29 @@ def dagster_dev(tmp_path: Path) -> Iterator[str]:
     port = _free_port()
     log = (tmp_path / "dagster_dev.log").open("w")
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml", "-p", str(port), "-h", "127.0.0.1"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_SECONDS
         while True:
             if process.poll() is not None:
-                pytest.fail(f"dagster dev exited with {process.returncode}:\n{(tmp_path / 'dagster_dev.log').read_text()[-3000:]}")
+                log = (tmp_path / "dagster_dev.log").read_text()[-3000:]
+                pytest.fail(f"dagster dev exited with {process.returncode}:\n{log}")
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(f"{base}/server_info", timeout=2) as response:
                     if response.status == 200:
@@ -97,7 +111,9 @@ def _asset_link(page, name: str):
 def test_asset_catalog_shows_every_asset(tmp_path):
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} not found (Debian: apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[test]')")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[test]')"
+    )
 
     with dagster_dev(tmp_path) as base, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
@@ -126,7 +142,11 @@ def test_asset_catalog_shows_every_asset(tmp_path):
             # The asset graph: hub_release's upstream lineage is the whole graph (every asset
             # feeds the release), drawn with every group expanded.
             page.set_viewport_size({"width": 2400, "height": 1400})  # narrower zooms out and truncates long labels
-            page.goto(f"{base}/assets/hub_release?view=lineage&lineageScope=upstream&lineageDepth=12", wait_until="domcontentloaded", timeout=60_000)
+            page.goto(
+                f"{base}/assets/hub_release?view=lineage&lineageScope=upstream&lineageDepth=12",
+                wait_until="domcontentloaded",
+                timeout=60_000,
+            )
             # Node labels are split across elements, so read the page's text rather than locating each label.
             deadline = time.monotonic() + 120
             missing = list(ASSET_NAMES)
@@ -147,6 +167,8 @@ def test_asset_catalog_shows_every_asset(tmp_path):
             for path, names in (("/jobs", JOB_NAMES), ("/automation", AUTOMATION_NAMES)):
                 page.goto(f"{base}{path}", wait_until="domcontentloaded", timeout=60_000)
                 for name in names:
-                    page.get_by_text(name, exact=True).filter(visible=True).first.wait_for(state="visible", timeout=60_000)
+                    page.get_by_text(name, exact=True).filter(visible=True).first.wait_for(
+                        state="visible", timeout=60_000
+                    )
         finally:
             browser.close()

@@ -183,7 +183,12 @@ def _accepted_captions(
 
 
 def _caption_problem(
-    row: dict[str, Any], key: str, caption_id: int, image_id: int, images: dict[int, Any], rejected_images: dict[int, str]
+    row: dict[str, Any],
+    key: str,
+    caption_id: int,
+    image_id: int,
+    images: dict[int, Any],
+    rejected_images: dict[int, str],
 ) -> Problem | None:
     """Why an annotation row with valid ids cannot be used, or None when it can."""
     if "caption" not in row:
@@ -192,7 +197,11 @@ def _caption_problem(
         kind = type(row["caption"]).__name__
         return (key, CAPTION_NOT_STRING, f"caption {caption_id}: caption is {kind}: {row['caption']!r:.80}")
     if image_id in rejected_images:
-        return (key, IMAGE_REJECTED, f"caption {caption_id}: image {image_id} was rejected ({rejected_images[image_id]})")
+        return (
+            key,
+            IMAGE_REJECTED,
+            f"caption {caption_id}: image {image_id} was rejected ({rejected_images[image_id]})",
+        )
     if image_id not in images:
         return (key, UNKNOWN_IMAGE_ID, f"caption {caption_id}: no image with id {image_id} in the file")
     return None
