@@ -76,7 +76,7 @@ def make_dataset(source: Path, target: Path, count: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -87,8 +87,11 @@ def main() -> None:
         "--model", default=None, help="model dir or hub id (default: DINOv2-base architecture, random weights)"
     )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = _parse_args()
     work = Path(tempfile.mkdtemp(prefix="bitmar-bench-"))
     try:
         model_dir = args.model or str(build_base_architecture(work / "model"))

@@ -217,7 +217,7 @@ class BitMarDecoder(nn.Module):
             out = self(embed_tokens(prompt_ids), prompt_mask, context, position_ids=positions, use_cache=use_cache)
             hidden = out.last_hidden_state[rows, last_index]
             cache = out.cache
-            seq_ids, seq_mask, seq_positions = prompt_ids, prompt_mask, positions
+            seq = (prompt_ids, prompt_mask, positions)  # the whole sequence, for use_cache=False
 
             finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
             tokens, token_masks, log_probs = [], [], []
@@ -248,14 +248,27 @@ class BitMarDecoder(nn.Module):
                     cache = out.cache
                     hidden = out.last_hidden_state[:, -1]
                 else:
-                    seq_ids = torch.cat((seq_ids, token[:, None]), dim=1)
-                    seq_mask = torch.cat((seq_mask, new_mask), dim=1)
-                    seq_positions = torch.cat((seq_positions, next_position[:, None]), dim=1)
-                    out = self(embed_tokens(seq_ids), seq_mask, context, position_ids=seq_positions)
-                    hidden = out.last_hidden_state[:, -1]
+                    hidden, seq = self._recompute_last(embed_tokens, context, seq, token, next_position)
                 next_position = next_position + 1
 
         return _generation_output(prompt_ids, prompt_mask, tokens, token_masks, log_probs if return_log_probs else None)
+
+    def _recompute_last(
+        self,
+        embed_tokens: nn.Embedding,
+        context: torch.Tensor,
+        seq: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        token: torch.Tensor,
+        position: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Append `token` ([B]) at `position` to `seq` (ids, mask, positions) and run the whole
+        sequence again: the uncached reference path. Returns the last hidden state and `seq`."""
+        ids, mask, positions = seq
+        ids = torch.cat((ids, token[:, None]), dim=1)
+        mask = torch.cat((mask, torch.ones_like(token)[:, None]), dim=1)
+        positions = torch.cat((positions, position[:, None]), dim=1)
+        out = self(embed_tokens(ids), mask, context, position_ids=positions)
+        return out.last_hidden_state[:, -1], (ids, mask, positions)
 
 
 def _generation_output(

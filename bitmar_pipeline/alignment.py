@@ -12,6 +12,7 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -49,6 +50,47 @@ def normalize_caption(value: object, min_chars: int, max_chars: int) -> tuple[st
 
 def _quarantine_row(source: str, key: str, reason: str, detail: str) -> dict[str, str]:
     return {"source": source, "key": key, "reason": reason, "detail": detail}
+
+
+def _caption_rows(
+    image: Any,
+    result: ImageCheck,
+    image_captions: pd.DataFrame | None,
+    shard: str,
+    caption_chars: tuple[int, int],
+    quarantine: list[dict[str, str]],
+) -> list[dict]:
+    """The pair rows of one accepted image: normalized captions, case-insensitive duplicates
+    dropped; refused captions are appended to `quarantine`."""
+    source = f"{image.split}/{image.file_name}"
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for caption in () if image_captions is None else image_captions.itertuples(index=False):
+        text, reason = normalize_caption(caption.caption, *caption_chars)
+        key = f"caption:{caption.caption_id}"
+        if text is None:
+            quarantine.append(_quarantine_row(source, key, reason, repr(caption.caption)[:200]))
+            continue
+        dedup_key = text.casefold()
+        if dedup_key in seen:
+            quarantine.append(_quarantine_row(source, key, "duplicate_caption", text[:200]))
+            continue
+        seen.add(dedup_key)
+        rows.append(
+            {
+                "image_id": int(image.image_id),
+                "caption_id": int(caption.caption_id),
+                "caption": text,
+                "split": image.split,
+                "file_name": image.file_name,
+                "width": result.width,
+                "height": result.height,
+                "format": result.format,
+                "content_hash": result.content_hash,
+                "shard": shard,
+            }
+        )
+    return rows
 
 
 def align_shard(
@@ -94,35 +136,9 @@ def align_shard(
                     )
                 )
             continue
-        seen: set[str] = set()
-        kept = 0
-        for caption in () if image_captions is None else image_captions.itertuples(index=False):
-            text, reason = normalize_caption(caption.caption, min_caption_chars, max_caption_chars)
-            key = f"caption:{caption.caption_id}"
-            if text is None:
-                quarantine.append(_quarantine_row(source, key, reason, repr(caption.caption)[:200]))
-                continue
-            dedup_key = text.casefold()
-            if dedup_key in seen:
-                quarantine.append(_quarantine_row(source, key, "duplicate_caption", text[:200]))
-                continue
-            seen.add(dedup_key)
-            kept += 1
-            rows.append(
-                {
-                    "image_id": int(image.image_id),
-                    "caption_id": int(caption.caption_id),
-                    "caption": text,
-                    "split": image.split,
-                    "file_name": image.file_name,
-                    "width": result.width,
-                    "height": result.height,
-                    "format": result.format,
-                    "content_hash": result.content_hash,
-                    "shard": shard,
-                }
-            )
-        if kept == 0:
+        kept = _caption_rows(image, result, image_captions, shard, (min_caption_chars, max_caption_chars), quarantine)
+        rows.extend(kept)
+        if not kept:
             quarantine.append(
                 _quarantine_row(source, f"image:{image.image_id}", "no_valid_captions", "image has no usable caption")
             )
