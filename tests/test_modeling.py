@@ -375,8 +375,8 @@ def test_from_pretrained_refuses_incomplete_checkpoints(tmp_path: Path) -> None:
         BitMarModel.from_pretrained(tmp_path)
 
 
-def test_default_config_size_and_report() -> None:
-    model = create_bitmar_model()
+def test_paper_config_size_and_report() -> None:
+    model = create_bitmar_model(BitMarConfig.paper())
     n = sum(p.numel() for p in model.parameters())
     assert 12_000_000 <= n <= 16_000_000, n
     report = parameter_report(model)
