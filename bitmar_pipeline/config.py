@@ -106,7 +106,7 @@ class VisionConfig(_Section):
     # (e.g. facebook/dinov2-base) or a local model directory.
     model: str = "tiny-random"
     revision: str | None = None
-    patch_grid: int = Field(default=4, ge=0, description="Patch tokens are average-pooled to a grid x grid map; 0 keeps CLS only.")
+    patch_grid: int = Field(default=3, ge=0, description="Patch tokens are average-pooled to a grid x grid map; 0 keeps CLS only.")
     batch_size: int = Field(default=32, gt=0)
     num_workers: int = Field(default=1, ge=0, description="Image decoding threads overlapped with inference.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -26,7 +26,7 @@ from bitmar_pipeline.resources import BitmarSettings
 from bitmar_pipeline.storage import Storage
 from bitmar_pipeline.tokenizer import train_bpe_tokenizer
 from bitmar_pipeline.training_stages import GRPO, model_dir, publish_model
-from bitmar_pipeline.vision_encoder import build_tiny_random_encoder
+from bitmar_pipeline.vision_encoder import TINY_RANDOM_FEATURE_DIM, build_tiny_random_encoder
 from tests.http_server import ServerState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def make_storage(root: Path, seed: int = 0) -> Storage:
     tokenizer = train_bpe_tokenizer(texts * 3, 320, storage.path("tokenizer"), min_frequency=1)
     build_tiny_random_encoder(storage.path("models", "vision", "tiny-random"))
     config = BitMarConfig.tiny(
-        vocab_size=len(tokenizer), vision_feature_dim=64, vision_num_patches=PATCH_GRID**2,
+        vocab_size=len(tokenizer), vision_feature_dim=TINY_RANDOM_FEATURE_DIM, vision_num_patches=PATCH_GRID**2,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
