@@ -51,7 +51,9 @@ class CocoConfig(_Section):
     # local: an existing COCO-layout directory; download: where the download goes
     # (default <storage.root>/raw/coco); sample: where the generated set goes.
     root: Path | None = None
-    splits: list[str] | None = Field(default=None, description="Splits to use; None takes every captions_<split>.json found.")
+    splits: list[str] | None = Field(
+        default=None, description="Splits to use; None takes every captions_<split>.json found."
+    )
     max_images: int | None = Field(default=None, gt=0)
     shard_size: int = Field(default=250, gt=0, description="Images per coco_shards partition.")
     download_split: str = "train2017"
@@ -70,7 +72,9 @@ class RobotDataConfig(_Section):
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: str = "bitmar"
     cv_fold: int | None = Field(
-        default=None, ge=0, le=4,
+        default=None,
+        ge=0,
+        le=4,
         description="None: the split_fractions hash split. k in 0..4: 5-fold cross-validation by task hash "
         "(test = fold k, validation = fold (k+1) % 5, train = the other three).",
     )
@@ -96,7 +100,9 @@ class DataConfig(_Section):
     robot: RobotDataConfig = RobotDataConfig()
     min_caption_chars: int = Field(default=3, ge=1)
     max_caption_chars: int = Field(default=512, gt=0)
-    max_image_pixels: int = Field(default=40_000_000, gt=0, description="Larger images are quarantined as decompression bombs.")
+    max_image_pixels: int = Field(
+        default=40_000_000, gt=0, description="Larger images are quarantined as decompression bombs."
+    )
     max_quarantine_share: float = Field(default=0.05, ge=0.0, le=1.0, description="Asset check threshold.")
 
 
@@ -106,7 +112,9 @@ class VisionConfig(_Section):
     # (e.g. facebook/dinov2-base) or a local model directory.
     model: str = "tiny-random"
     revision: str | None = None
-    patch_grid: int = Field(default=3, ge=0, description="Patch tokens are average-pooled to a grid x grid map; 0 keeps CLS only.")
+    patch_grid: int = Field(
+        default=3, ge=0, description="Patch tokens are average-pooled to a grid x grid map; 0 keeps CLS only."
+    )
     batch_size: int = Field(default=32, gt=0)
     num_workers: int = Field(default=1, ge=0, description="Image decoding threads overlapped with inference.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -188,20 +196,40 @@ class TrainingConfig(_Section):
     memory_regularization_weight: float = Field(default=0.05, ge=0.0)
     selection_loss_weight: float = Field(default=1.0, ge=0.0)
     caption_rehearsal_weight: float = Field(
-        default=0.5, ge=0.0, description="reasoning_sft also trains captioning on pretraining pairs with this weight, so the decoder keeps captioning (0: off)."
+        default=0.5,
+        ge=0.0,
+        description=(
+            "reasoning_sft also trains captioning on pretraining pairs with this weight, "
+            "so the decoder keeps captioning (0: off)."
+        ),
     )
-    caption_rehearsal_batch_size: int = Field(default=8, gt=0, description="Caption pairs joined to each reasoning_sft batch.")
-    heldout_fraction: float = Field(default=0.05, gt=0.0, lt=0.5, description="Images held out of pretraining for retrieval recall.")
+    caption_rehearsal_batch_size: int = Field(
+        default=8, gt=0, description="Caption pairs joined to each reasoning_sft batch."
+    )
+    heldout_fraction: float = Field(
+        default=0.05, gt=0.0, lt=0.5, description="Images held out of pretraining for retrieval recall."
+    )
     pretrain: StageSchedule = StageSchedule(max_steps=200, batch_size=32, learning_rate=2e-3)
     sft: StageSchedule = StageSchedule(max_steps=400, batch_size=16, learning_rate=2e-3)
 
 
 class GrpoTrainingConfig(_Section):
     learning_rate: float = Field(default=1e-5, gt=0.0)
-    value_loss_coef: float = Field(default=0.0, ge=0.0, description="Kept for the seed's configs; GRPO needs no value function.")
-    entropy_coef: float = Field(default=0.0, ge=0.0, description="Bonus on the policy's full next-token entropy over completion tokens (0: off).")
+    value_loss_coef: float = Field(
+        default=0.0, ge=0.0, description="Kept for the seed's configs; GRPO needs no value function."
+    )
+    entropy_coef: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Bonus on the policy's full next-token entropy over completion tokens (0: off).",
+    )
     selection_anchor_weight: float = Field(
-        default=1.0, ge=0.0, description="SFT's selection loss (BCE on the gold robots) kept on GRPO batches, so the head the trunk feeds stays supervised (0: off)."
+        default=1.0,
+        ge=0.0,
+        description=(
+            "SFT's selection loss (BCE on the gold robots) kept on GRPO batches, "
+            "so the head the trunk feeds stays supervised (0: off)."
+        ),
     )
     max_grad_norm: float = Field(default=0.5, gt=0.0)
     reward_scaling: float = Field(default=1.0, gt=0.0)
@@ -218,18 +246,26 @@ class GrpoConfig(_Section):
     """The seed's `grpo_reasoning` section, with Group Relative Policy Optimization's own keys."""
 
     enabled: bool = True
-    reasoning_temperature: float = Field(default=1.0, gt=0.0, description="Sampling temperature of the group completions.")
+    reasoning_temperature: float = Field(
+        default=1.0, gt=0.0, description="Sampling temperature of the group completions."
+    )
     loss_weight: float = Field(default=1.0, gt=0.0, description="Scales the GRPO objective.")
     group_size: int = Field(default=8, ge=2)
     clip_epsilon: float = Field(default=0.2, gt=0.0)
     kl_beta: float = Field(default=0.04, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(default=224, gt=0, description="Must fit a whole reasoning text (targets reach ~200 tokens).")
+    max_new_tokens: int = Field(
+        default=224, gt=0, description="Must fit a whole reasoning text (targets reach ~200 tokens)."
+    )
     steps: int = Field(default=30, gt=0)
     tasks_per_step: int = Field(default=4, gt=0)
-    policy_epochs: int = Field(default=2, gt=0, description="Optimizer passes over each sampled group (mu in the paper).")
+    policy_epochs: int = Field(
+        default=2, gt=0, description="Optimizer passes over each sampled group (mu in the paper)."
+    )
     advantage_std_floor: float = Field(
-        default=0.1, ge=0.0, description="Lower bound of the group reward std that advantages are divided by (0: plain z-score)."
+        default=0.1,
+        ge=0.0,
+        description="Lower bound of the group reward std that advantages are divided by (0: plain z-score).",
     )
     reward_weights: RewardWeightsConfig = RewardWeightsConfig()
     training: GrpoTrainingConfig = GrpoTrainingConfig()
@@ -240,8 +276,12 @@ class EvaluationThresholds(_Section):
 
     test_head_top1: float = Field(default=0.70, ge=0.0, le=1.0)
     test_head_sample_f1: float = Field(default=0.60, ge=0.0, le=1.0)
-    min_top1_gain_over_majority: float = Field(default=0.20, ge=-1.0, le=1.0, description="Head top-1 minus the majority baseline's, test split.")
-    min_f1_vs_tfidf: float = Field(default=-0.05, ge=-1.0, le=1.0, description="Head sample-F1 minus the TF-IDF baseline's, test split.")
+    min_top1_gain_over_majority: float = Field(
+        default=0.20, ge=-1.0, le=1.0, description="Head top-1 minus the majority baseline's, test split."
+    )
+    min_f1_vs_tfidf: float = Field(
+        default=-0.05, ge=-1.0, le=1.0, description="Head sample-F1 minus the TF-IDF baseline's, test split."
+    )
     reasoning_format_compliance: float = Field(default=0.90, ge=0.0, le=1.0)
     retrieval_i2t_recall_at_5: float = Field(default=0.20, ge=0.0, le=1.0)
     max_head_confidence_ece: float = Field(default=0.15, ge=0.0, le=1.0)
@@ -362,7 +402,9 @@ def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -398,7 +440,9 @@ def _renamed_override(dotted_key: str) -> str:
     return new
 
 
-def build_config(raw: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, origin: str = "config") -> PipelineConfig:
+def build_config(
+    raw: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, origin: str = "config"
+) -> PipelineConfig:
     """Validate a config tree plus dotted-key overrides (``{"vision.model": "..."}``), both
     laid over the defaults, so a file or override may set one key of a nested section."""
     tree = _deep_merge(PipelineConfig().model_dump(), _rename_deprecated(raw or {}, origin))

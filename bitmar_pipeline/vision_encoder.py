@@ -38,8 +38,12 @@ TINY_RANDOM = "tiny-random"
 # Sample images are 96 px: no resize or crop, 8 px patches (a 12 x 12 token map).
 _TINY_IMAGE, _TINY_PATCH, _TINY_SUB = 96, 8, 4
 _TINY_CONFIG = dict(
-    hidden_size=384, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
-    image_size=_TINY_IMAGE, patch_size=_TINY_PATCH,
+    hidden_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    mlp_ratio=2,
+    image_size=_TINY_IMAGE,
+    patch_size=_TINY_PATCH,
 )
 TINY_RANDOM_FEATURE_DIM = _TINY_CONFIG["hidden_size"]
 _IMAGE_MEAN, _IMAGE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -121,8 +125,11 @@ def _lay_out_tiny_weights(model: Dinov2Model, generator: torch.Generator) -> Non
     module docstring); every token's LayerNorm scale is fixed by the anchor channel."""
     hidden, sub_regions = model.config.hidden_size, _TINY_SUB**2
     sizes = {
-        "rgb": 3 * sub_regions, "mask": sub_regions, "color": _COLOR_UNITS,
-        "shape": _SHAPE_UNITS, "global": _COLOR_UNITS + sub_regions,
+        "rgb": 3 * sub_regions,
+        "mask": sub_regions,
+        "color": _COLOR_UNITS,
+        "shape": _SHAPE_UNITS,
+        "global": _COLOR_UNITS + sub_regions,
     }
     directions = _orthonormal_directions(hidden, sum(sizes.values()), generator)
     q = dict(zip(sizes, torch.split(directions, list(sizes.values()), dim=1), strict=True))
@@ -253,7 +260,9 @@ class Preprocessing:
         width, height = image.size
         scale = self.shortest_edge / min(width, height)
         # transformers rounds the long edge down (int()), as in get_resize_output_image_size.
-        new_size = (self.shortest_edge, int(height * scale)) if width <= height else (int(width * scale), self.shortest_edge)
+        new_size = (
+            (self.shortest_edge, int(height * scale)) if width <= height else (int(width * scale), self.shortest_edge)
+        )
         image = image.resize(new_size, resample=self.resample)
         left = int(round((new_size[0] - self.crop_width) / 2.0))
         top = int(round((new_size[1] - self.crop_height) / 2.0))
@@ -286,14 +295,24 @@ def resolve_autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | No
 class VisionEncoder:
     """A loaded DINOv2 model plus the preprocessing and pooling the feature cache records."""
 
-    def __init__(self, model_name: str, source: str, revision: str | None, patch_grid: int, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        model_name: str,
+        source: str,
+        revision: str | None,
+        patch_grid: int,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> None:
         try:
             self.model = AutoModel.from_pretrained(source, revision=revision).eval()
             processor = AutoImageProcessor.from_pretrained(source, revision=revision)
         except (OSError, ValueError) as exc:
             raise VisionModelError(f"cannot load vision.model {model_name!r} (from {source!r}): {exc}") from exc
         if getattr(self.model.config, "model_type", "") not in {"dinov2", "dinov2_with_registers"}:
-            raise VisionModelError(f"vision.model {model_name!r} is a {self.model.config.model_type!r} model; expected DINOv2")
+            raise VisionModelError(
+                f"vision.model {model_name!r} is a {self.model.config.model_type!r} model; expected DINOv2"
+            )
         self.device = resolve_device(device)
         self.model.to(self.device)
         self.autocast_dtype = resolve_autocast_dtype(dtype, self.device)
@@ -327,7 +346,9 @@ class VisionEncoder:
         """[B, 3, H, W] -> CLS [B, F] and pooled patches [B, grid*grid, F], float32 on CPU."""
         pixel_values = pixel_values.to(self.device, non_blocking=True)
         autocast = (
-            torch.autocast(device_type="cuda", dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+            torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else contextlib.nullcontext()
         )
         with autocast:
             hidden = self.model(pixel_values=pixel_values).last_hidden_state

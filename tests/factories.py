@@ -92,7 +92,12 @@ EVALUATION = {
             "per_robot": {"Drone": {"precision": 1.0, "recall": 0.5}},
         }
     },
-    "reasoning": {"test": {"format_compliance": {"value": 0.25, "ci95_low": 0.0, "ci95_high": 0.7, "n": 3}, "stated_confidence_ece": 0.31}},
+    "reasoning": {
+        "test": {
+            "format_compliance": {"value": 0.25, "ci95_low": 0.0, "ci95_high": 0.7, "n": 3},
+            "stated_confidence_ece": 0.31,
+        }
+    },
 }
 
 
@@ -115,17 +120,28 @@ def make_storage(root: Path, seed: int = 0) -> Storage:
         model.memory.write(torch.randn(3, config.memory_dim))
     publish_model(model, model_dir(storage, GRPO), {"stage": GRPO, "step": STEP, "fingerprint": "0123456789abcdef"})
     storage.write_partition(
-        "robot_tasks", "all",
-        pd.DataFrame({
-            "task_id": [f"t{i}" for i in range(len(TASKS))], "task_key": [t.lower() for t, _, _ in TASKS],
-            "task_text": [t for t, _, _ in TASKS], "robots": [r for _, r, _ in TASKS], "split": [s for _, _, s in TASKS],
-        }),
+        "robot_tasks",
+        "all",
+        pd.DataFrame(
+            {
+                "task_id": [f"t{i}" for i in range(len(TASKS))],
+                "task_key": [t.lower() for t, _, _ in TASKS],
+                "task_text": [t for t, _, _ in TASKS],
+                "robots": [r for _, r, _ in TASKS],
+                "split": [s for _, _, s in TASKS],
+            }
+        ),
     )
     storage.path("reports").mkdir()
     storage.path("reports", "evaluation_report.json").write_text(json.dumps(EVALUATION))
     storage.path("emissions").mkdir()
     pd.DataFrame(
-        {"project_name": ["multimodal_pretrain", "grpo_policy"], "duration": [12.0, 3.0], "emissions": [1e-5, 2e-6], "energy_consumed": [3e-5, 6e-6]}
+        {
+            "project_name": ["multimodal_pretrain", "grpo_policy"],
+            "duration": [12.0, 3.0],
+            "emissions": [1e-5, 2e-6],
+            "energy_consumed": [3e-5, 6e-6],
+        }
     ).to_csv(storage.path("emissions", "emissions.csv"), index=False)
     return storage
 
@@ -136,7 +152,14 @@ def vision_spec(storage: Storage) -> VisionSpec:
 
 
 def settings_for(storage: Storage, **overrides) -> BitmarSettings:
-    return BitmarSettings(overrides={"storage.root": str(storage.root), "vision.model": vision_spec(storage).source, "vision.patch_grid": PATCH_GRID, **overrides})
+    return BitmarSettings(
+        overrides={
+            "storage.root": str(storage.root),
+            "vision.model": vision_spec(storage).source,
+            "vision.patch_grid": PATCH_GRID,
+            **overrides,
+        }
+    )
 
 
 def make_release(root: Path) -> Storage:
@@ -214,7 +237,11 @@ def workspace(instance: dg.DagsterInstance, location: Path):
     from dagster._core.workspace.context import WorkspaceProcessContext
     from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
 
-    origin = InProcessCodeLocationOrigin(LoadableTargetOrigin(executable_path=sys.executable, python_file=str(location), attribute="defs", working_directory=str(REPO)))
+    origin = InProcessCodeLocationOrigin(
+        LoadableTargetOrigin(
+            executable_path=sys.executable, python_file=str(location), attribute="defs", working_directory=str(REPO)
+        )
+    )
     with WorkspaceProcessContext(instance, InProcessWorkspaceLoadTarget(origin)) as context:
         entry = next(iter(context.create_request_context().get_code_location_entries().values()))
         assert entry.load_error is None, entry.load_error
@@ -230,7 +257,9 @@ def write_location(path: Path, overrides: dict) -> Path:
     return path
 
 
-def run_asset_backfill(instance: dg.DagsterInstance, location: Path, selection: list[str], partitions: list[str], timeout: float = 600) -> str:
+def run_asset_backfill(
+    instance: dg.DagsterInstance, location: Path, selection: list[str], partitions: list[str], timeout: float = 600
+) -> str:
     """Launch an asset backfill as the UI does, then run the backfill daemon's iterations here
     until it is done. With the synchronous coordinator and launcher of the test instance, the
     runs it submits execute inside each iteration."""
@@ -241,9 +270,17 @@ def run_asset_backfill(instance: dg.DagsterInstance, location: Path, selection: 
 
     with workspace(instance, location) as context:
         backfill = PartitionBackfill.from_asset_partitions(
-            backfill_id=make_new_backfill_id(), asset_graph=context.create_request_context().asset_graph, partition_names=partitions,
-            asset_selection=[dg.AssetKey(k) for k in selection], backfill_timestamp=get_current_timestamp(), tags={},
-            dynamic_partitions_store=instance, all_partitions=False, title=None, description=None, run_config=IN_PROCESS,
+            backfill_id=make_new_backfill_id(),
+            asset_graph=context.create_request_context().asset_graph,
+            partition_names=partitions,
+            asset_selection=[dg.AssetKey(k) for k in selection],
+            backfill_timestamp=get_current_timestamp(),
+            tags={},
+            dynamic_partitions_store=instance,
+            all_partitions=False,
+            title=None,
+            description=None,
+            run_config=IN_PROCESS,
         )
         instance.add_backfill(backfill)
         deadline = time.monotonic() + timeout
