@@ -11,19 +11,19 @@ import pandas as pd
 from assets.metadata import markdown_table, quarantine_metadata
 from assets.operations import NETWORK_RETRY, fail_without_retry
 from assets.partitions import coco_shards
-from bitmar_pipeline.alignment import align_shard
-from bitmar_pipeline.coco import (
+from bitmar_pipeline.data.alignment import align_shard
+from bitmar_pipeline.data.coco import (
     CocoManifest,
     build_manifest,
     fetch_coco,
     read_shard_manifest,
     write_manifest,
 )
-from bitmar_pipeline.features import extract_shard_features
-from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
-from bitmar_pipeline.robot_ingest import ROBOT_SUBTASKS_TABLE, ROBOT_TASKS_TABLE, load_robot_tables
-from bitmar_pipeline.sources.coco_download import TqdmProgress, VerificationError
-from bitmar_pipeline.text_corpus import TOKENIZER_DIR, build_tokenizer, tokenizer_corpus
+from bitmar_pipeline.data.coco_download import TqdmProgress, VerificationError
+from bitmar_pipeline.data.robot_sources import ROBOT_SUBTASKS_TABLE, ROBOT_TASKS_TABLE, load_robot_tables
+from bitmar_pipeline.features.extraction import extract_shard_features
+from bitmar_pipeline.resources.settings import BitmarSettings, VisionEncoderResource
+from bitmar_pipeline.text.corpus import TOKENIZER_DIR, build_tokenizer, tokenizer_corpus
 
 PAIRS_TABLE = "image_caption_pairs"
 DATA_GROUP = "data"

@@ -5,9 +5,9 @@ from typing import Any
 import dagster as dg
 
 from assets import data, evaluation, operations, release, training
-from bitmar_pipeline.hub import HuggingFaceHubResource
-from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
-from bitmar_pipeline.tracking import CarbonTrackerResource, WandbResource
+from bitmar_pipeline.resources.hub import HuggingFaceHubResource
+from bitmar_pipeline.resources.settings import BitmarSettings, VisionEncoderResource
+from bitmar_pipeline.resources.tracking import CarbonTrackerResource, WandbResource
 
 ALL_ASSETS = [
     data.coco_raw, data.image_caption_pairs, data.vision_features, data.robot_selection_tasks, data.text_tokenizer,

@@ -9,7 +9,7 @@ import dagster as dg
 
 from assets.metadata import image_metadata, markdown_table
 from assets.training import grpo_policy
-from bitmar_pipeline.evaluation import (
+from bitmar_pipeline.evaluation.report import (
     EvaluationResult,
     ThresholdCheck,
     build_evaluation_report,
@@ -17,9 +17,9 @@ from bitmar_pipeline.evaluation import (
     summary_metrics,
     threshold_checks,
 )
-from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
-from bitmar_pipeline.robustness import headline_metadata
-from bitmar_pipeline.tracking import WandbResource
+from bitmar_pipeline.evaluation.robustness import headline_metadata
+from bitmar_pipeline.resources.settings import BitmarSettings, VisionEncoderResource
+from bitmar_pipeline.resources.tracking import WandbResource
 
 REPORT_FILE = "evaluation_report.json"
 # Report sections shown whole, as JSON, in the metadata panel.

@@ -23,12 +23,12 @@ import dagster as dg
 
 from assets.partitions import coco_shards
 from bitmar_model.io import sha256_file
-from bitmar_pipeline.coco import manifest_shards
 from bitmar_pipeline.config import ScheduleConfig
-from bitmar_pipeline.resources import BitmarSettings
+from bitmar_pipeline.data.coco import manifest_shards
+from bitmar_pipeline.resources.settings import BitmarSettings
 
-# Downloads and uploads already retry requests inside (bitmar_pipeline.sources.coco_download,
-# bitmar_pipeline.hub); this re-runs the whole step after 10s, 30s, 70s (+-10s jitter), which
+# Downloads and uploads already retry requests inside (bitmar_pipeline.data.coco_download,
+# bitmar_pipeline.resources.hub); this re-runs the whole step after 10s, 30s, 70s (+-10s jitter), which
 # rides out an outage of minutes rather than seconds.
 NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 

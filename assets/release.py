@@ -8,11 +8,11 @@ import pandas as pd
 from assets.metadata import image_metadata, markdown_table
 from assets.operations import NETWORK_RETRY, fail_without_retry
 from assets.training import grpo_policy
-from bitmar_pipeline.hub import HuggingFaceHubResource
-from bitmar_pipeline.quantization import build_quantization_report
-from bitmar_pipeline.release import ReleaseError, VisionSpec, build_release, release_files
-from bitmar_pipeline.resources import BitmarSettings
-from bitmar_pipeline.vision_encoder import resolve_model_source
+from bitmar_pipeline.features.vision_encoder import resolve_model_source
+from bitmar_pipeline.release.folder import ReleaseError, VisionSpec, build_release, release_files
+from bitmar_pipeline.release.quantization import build_quantization_report
+from bitmar_pipeline.resources.hub import HuggingFaceHubResource
+from bitmar_pipeline.resources.settings import BitmarSettings
 
 RELEASE_GROUP = "release"
 

@@ -8,18 +8,18 @@ import dagster as dg
 
 from assets.data import text_tokenizer, vision_features
 from assets.metadata import image_metadata, markdown_table
-from bitmar_pipeline.coco import manifest_shards
-from bitmar_pipeline.figures import curve_figure
-from bitmar_pipeline.launch import (
+from bitmar_pipeline.data.coco import manifest_shards
+from bitmar_pipeline.evaluation.figures import curve_figure
+from bitmar_pipeline.resources.settings import BitmarSettings, VisionEncoderResource
+from bitmar_pipeline.resources.tracking import CarbonTrackerResource, WandbResource
+from bitmar_pipeline.training.launch import (
     RESULT_MESSAGE,
     build_torchrun_command,
     result_from_payload,
     step_line,
     torchrun_env,
 )
-from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
-from bitmar_pipeline.tracking import CarbonTrackerResource, WandbResource
-from bitmar_pipeline.training_stages import (
+from bitmar_pipeline.training.stages import (
     GRPO,
     PRETRAIN,
     SFT,
@@ -57,7 +57,7 @@ def _torchrun(
     stage: str,
     **launch_args: Any,
 ) -> Launched:
-    """The stage under torchrun through Dagster Pipes (bitmar_pipeline/launch.py): rank 0 streams
+    """The stage under torchrun through Dagster Pipes (bitmar_pipeline/training/launch.py): rank 0 streams
     its log lines into this run, logs to W&B, and reports the materialization and its StageResult."""
     nproc = settings.config.compute.nproc_per_node
     command = build_torchrun_command(
@@ -86,7 +86,7 @@ def _train(
     if nproc > 1 and launch is None:
         context.log.info(
             f"{stage} runs in one process although compute.nproc_per_node={nproc}: "
-            "it is sampling-bound on a small model (see bitmar_pipeline/launch.py)"
+            "it is sampling-bound on a small model (see bitmar_pipeline/training/launch.py)"
         )
     reported: Mapping[str, dg.MetadataValue] = {}
     with carbon.track(config.carbon_tracking, stage, storage.path("emissions")) as emissions:

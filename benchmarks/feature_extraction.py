@@ -27,10 +27,10 @@ import pandas as pd
 import torch
 from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
 
-from bitmar_pipeline.features import extract_shard_features
-from bitmar_pipeline.images import open_rgb
+from bitmar_pipeline.data.images import open_rgb
+from bitmar_pipeline.features.extraction import extract_shard_features
+from bitmar_pipeline.features.vision_encoder import VisionEncoder
 from bitmar_pipeline.storage import Storage
-from bitmar_pipeline.vision_encoder import VisionEncoder
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini"
 

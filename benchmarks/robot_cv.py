@@ -1,6 +1,6 @@
 """5-fold cross-validation of the whole pipeline on the public robot data (issue 12, item 5).
 
-Folds are by task hash (`bitmar_pipeline.robots.cv_fold_of`: int(sha256(task_key)) % 5 over
+Folds are by task hash (`bitmar_pipeline.data.robot_tasks.cv_fold_of`: int(sha256(task_key)) % 5 over
 the unique normalised task keys). For fold k the pipeline runs end to end on the sample-profile
 budget with `data.robot.cv_fold=k` (test = fold k, validation = fold k+1, train = the other
 three), and the test-split numbers are read from its evaluation report: head top-1, exact-set,
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bitmar_pipeline.robots import CV_FOLDS, cv_fold_of  # noqa: E402
+from bitmar_pipeline.data.robot_tasks import CV_FOLDS, cv_fold_of  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "robot_selection"
 SINGLE = "single_robot_selection.json"
@@ -145,7 +145,7 @@ def baselines(data_dir: Path, folds: Sequence[int], teacher: Path | None, teache
 
     data = load_tasks(data_dir.parent)
     if [cv_fold_of(k) for k in data.keys] != data.folds.tolist():
-        raise RuntimeError("the ablation's folds differ from bitmar_pipeline.robots.cv_fold_of")
+        raise RuntimeError("the ablation's folds differ from bitmar_pipeline.data.robot_tasks.cv_fold_of")
     out: dict[str, Any] = {"tfidf_lr": summarize(baseline_folds("tfidf_lr", method_tfidf(data), data, folds))}
     if teacher is None:
         out["teacher_lr"] = teacher_source

@@ -47,8 +47,8 @@ from bitmar_model.metrics import (
     top1_accuracy,
 )
 from bitmar_model.robots import NUM_ROBOT_CLASSES, ROBOT_CLASSES
-from bitmar_pipeline.robots import ingest_robot_datasets, parse_instruction_capabilities
-from bitmar_pipeline.tokenizer import REASONING_TAG_TOKENS, train_bpe_tokenizer
+from bitmar_pipeline.data.robot_tasks import ingest_robot_datasets, parse_instruction_capabilities
+from bitmar_pipeline.text.tokenizer import REASONING_TAG_TOKENS, train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bitmar_model.metrics import bootstrap_ci, sample_f1
-from bitmar_pipeline.sources.coco_sample import generate_sample_coco
+from bitmar_pipeline.data.coco_sample import generate_sample_coco
 
 EXPECTED_SECONDS = 5.0
 

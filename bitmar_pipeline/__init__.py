@@ -1,4 +1,6 @@
-"""BitMar's data and operations layer: config, storage, sources, features, training stages."""
+"""BitMar's data and operations layer, one subpackage per asset group: data/, features/, text/,
+training/, evaluation/, release/, and resources/ for Dagster resources; config, storage and the
+CLI at the top."""
 
 import os
 

@@ -17,8 +17,8 @@ import dagster as dg
 import yaml
 
 from bitmar_pipeline.config import ConfigError, load_config
-from bitmar_pipeline.inference import add_predict_parser, predict_main
-from bitmar_pipeline.resources import BitmarSettings
+from bitmar_pipeline.release.inference import add_predict_parser, predict_main
+from bitmar_pipeline.resources.settings import BitmarSettings
 
 TRAINING_STAGES = ("multimodal_pretrain", "reasoning_sft", "grpo_policy")
 

@@ -20,13 +20,13 @@ from PIL import Image
 
 from bitmar_model.config import BitMarConfig
 from bitmar_model.modeling import BitMarModel
-from bitmar_pipeline.quantization import build_quantization_report
-from bitmar_pipeline.release import VisionSpec, build_release
-from bitmar_pipeline.resources import BitmarSettings
+from bitmar_pipeline.features.vision_encoder import TINY_RANDOM_FEATURE_DIM, build_tiny_random_encoder
+from bitmar_pipeline.release.folder import VisionSpec, build_release
+from bitmar_pipeline.release.quantization import build_quantization_report
+from bitmar_pipeline.resources.settings import BitmarSettings
 from bitmar_pipeline.storage import Storage
-from bitmar_pipeline.tokenizer import train_bpe_tokenizer
-from bitmar_pipeline.training_stages import GRPO, model_dir, publish_model
-from bitmar_pipeline.vision_encoder import TINY_RANDOM_FEATURE_DIM, build_tiny_random_encoder
+from bitmar_pipeline.text.tokenizer import train_bpe_tokenizer
+from bitmar_pipeline.training.stages import GRPO, model_dir, publish_model
 from tests.http_server import ServerState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,7 +251,7 @@ def workspace(instance: dg.DagsterInstance, location: Path):
 def write_location(path: Path, overrides: dict) -> Path:
     path.write_text(
         "from assets.definitions import build_definitions\n"
-        "from bitmar_pipeline.resources import BitmarSettings\n"
+        "from bitmar_pipeline.resources.settings import BitmarSettings\n"
         f"defs = build_definitions(BitmarSettings(overrides={overrides!r}))\n"
     )
     return path

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bitmar_pipeline.alignment import align_shard, normalize_caption
-from bitmar_pipeline.images import check_image
+from bitmar_pipeline.data.alignment import align_shard, normalize_caption
+from bitmar_pipeline.data.images import check_image
 
 
 def _images(names, split="train2017"):

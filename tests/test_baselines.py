@@ -10,8 +10,9 @@ from PIL import Image
 
 from bitmar_model.metrics import MetricWithCI
 from bitmar_model.robots import ROBOT_INDEX
-from bitmar_pipeline.baselines import MajorityBaseline, TfidfLogisticBaseline, evaluate_selection
-from bitmar_pipeline.figures import (
+from bitmar_pipeline.data.robot_tasks import ingest_robot_datasets
+from bitmar_pipeline.evaluation.baselines import MajorityBaseline, TfidfLogisticBaseline, evaluate_selection
+from bitmar_pipeline.evaluation.figures import (
     attention_map_figure,
     confusion_figure,
     curve_figure,
@@ -19,7 +20,6 @@ from bitmar_pipeline.figures import (
     reliability_diagram,
     weight_distribution_figure,
 )
-from bitmar_pipeline.robots import ingest_robot_datasets
 
 TEXTS = [
     "fly over the field and film it",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from bitmar_pipeline.sources.coco_download import (
+from bitmar_pipeline.data.coco_download import (
     DownloadError,
     TqdmProgress,
     UnsafeArchiveError,
@@ -23,7 +23,7 @@ from bitmar_pipeline.sources.coco_download import (
     download_file,
     safe_extract_zip,
 )
-from bitmar_pipeline.sources.coco_layout import discover_caption_files, read_caption_annotations
+from bitmar_pipeline.data.coco_layout import discover_caption_files, read_caption_annotations
 from tests.factories import jpeg_bytes, publish_coco
 from tests.http_server import ServerState
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bitmar_pipeline.sources.coco_layout import (
+from bitmar_pipeline.data.coco_layout import (
     AnnotationFileError,
     caption_file,
     discover_caption_files,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bitmar_pipeline.sources.coco_layout import discover_caption_files, read_caption_annotations
-from bitmar_pipeline.sources.coco_sample import (
+from bitmar_pipeline.data.coco_layout import discover_caption_files, read_caption_annotations
+from bitmar_pipeline.data.coco_sample import (
     BACKGROUNDS,
     COLORS,
     SHAPE_WORDS,

@@ -15,9 +15,9 @@ from bitmar_model.metrics import bootstrap_ci
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import ReasoningTrace, format_reasoning, parse_reasoning
 from bitmar_model.robots import ROBOT_CLASSES
-from bitmar_pipeline.evaluation import multi_robot_section, reasoning_section
-from bitmar_pipeline.reasoning_eval import ReasoningEvaluation, evaluate_reasoning
-from bitmar_pipeline.tokenizer import train_bpe_tokenizer
+from bitmar_pipeline.evaluation.report import multi_robot_section, reasoning_section
+from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, evaluate_reasoning
+from bitmar_pipeline.text.tokenizer import train_bpe_tokenizer
 
 TASKS = pd.DataFrame(
     {

@@ -25,7 +25,7 @@ import pytest
 
 from assets.definitions import ALL_ASSETS, default_resources
 from bitmar_pipeline.cli import main
-from bitmar_pipeline.resources import BitmarSettings
+from bitmar_pipeline.resources.settings import BitmarSettings
 from bitmar_pipeline.storage import TMP_PREFIX
 
 # Runs subprocesses or whole Dagster runs: deselect with -m 'not slow'; .ci/run runs it.

@@ -21,8 +21,8 @@ from bitmar_model.grpo import (
 )
 from bitmar_model.rewards import RewardWeights
 from bitmar_model.robots import ROBOT_CLASSES
-from bitmar_pipeline.reasoning_eval import evaluate_reasoning
-from bitmar_pipeline.training_stages import head_drift
+from bitmar_pipeline.evaluation.selection_quality import evaluate_reasoning
+from bitmar_pipeline.training.stages import head_drift
 
 GOLD = [{"Drone"}, {"Humanoid", "Robot with Legs"}]
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from bitmar_model.robots import ROBOT_CLASSES
-from bitmar_pipeline.inference import (
+from bitmar_pipeline.release.inference import (
     Prediction,
     PredictionError,
     Predictor,
@@ -24,7 +24,7 @@ from bitmar_pipeline.inference import (
 from bitmar_pipeline.storage import Storage
 
 README_LINES = """\
-from bitmar_pipeline.inference import load_predictor
+from bitmar_pipeline.release.inference import load_predictor
 predictor = load_predictor(".bitmar/release")
 print(predictor.predict("Inspect underwater pipelines").robots)
 """

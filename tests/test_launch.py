@@ -16,15 +16,15 @@ import torch.distributed as dist
 from assets.definitions import ALL_ASSETS, default_resources
 from bitmar_model.checkpoint import load_latest_checkpoint
 from bitmar_pipeline.cli import main
-from bitmar_pipeline.launch import (
+from bitmar_pipeline.resources.settings import BitmarSettings
+from bitmar_pipeline.training.launch import (
     build_torchrun_command,
     materialization_metadata,
     result_from_payload,
     result_payload,
     torchrun_env,
 )
-from bitmar_pipeline.resources import BitmarSettings
-from bitmar_pipeline.training_stages import GRPO, HISTORY_FILE, PRETRAIN, StageResult
+from bitmar_pipeline.training.stages import GRPO, HISTORY_FILE, PRETRAIN, StageResult
 
 TINY = {
     "data.coco.sample_num_images": 60,
@@ -59,7 +59,7 @@ def test_torchrun_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     )
     assert command[:9] == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "bitmar_pipeline.launch", "--stage",
+        "-m", "bitmar_pipeline.training.launch", "--stage",
     ]
     options = dict(zip(command[8::2], command[9::2], strict=True))
     assert options["--stage"] == PRETRAIN

@@ -20,10 +20,10 @@ import pytest
 from assets.definitions import ALL_ASSETS, build_definitions, default_resources
 from assets.operations import NETWORK_RETRY, shards_to_extract
 from bitmar_pipeline.config import ConfigError, load_config
-from bitmar_pipeline.resources import BitmarSettings
-from bitmar_pipeline.robot_sample import generate_sample_robot_datasets
-from bitmar_pipeline.sources.coco_download import VerificationError
-from bitmar_pipeline.sources.coco_layout import AnnotationFileError
+from bitmar_pipeline.data.coco_download import VerificationError
+from bitmar_pipeline.data.coco_layout import AnnotationFileError
+from bitmar_pipeline.data.robot_sample import generate_sample_robot_datasets
+from bitmar_pipeline.resources.settings import BitmarSettings
 from tests.factories import (
     REPO,
     run_asset_backfill,
@@ -333,7 +333,7 @@ import json, sys, time
 from pathlib import Path
 import dagster as dg
 from assets.definitions import ALL_ASSETS, default_resources
-from bitmar_pipeline.resources import BitmarSettings
+from bitmar_pipeline.resources.settings import BitmarSettings
 shard, go, overrides = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
 resources = default_resources(BitmarSettings(overrides=overrides))
 while not go.exists():

@@ -10,7 +10,7 @@ import pytest
 
 from assets.definitions import ALL_ASSETS, default_resources
 from bitmar_pipeline.cli import main
-from bitmar_pipeline.resources import BitmarSettings
+from bitmar_pipeline.resources.settings import BitmarSettings
 from tests.factories import publish_coco
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from bitmar_model.bitlinear import BitLinear, ternarize
 from bitmar_model.config import BitMarConfig
 from bitmar_model.modeling import BitMarModel
-from bitmar_pipeline.quantization import (
+from bitmar_pipeline.release.quantization import (
     REPORT_FILE,
     QuantizationReport,
     build_quantization_report,

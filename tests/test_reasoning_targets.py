@@ -10,20 +10,20 @@ import pytest
 
 from bitmar_model.reasoning_format import parse_reasoning, robots_mentioned_positively
 from bitmar_model.rewards import compute_rewards
-from bitmar_pipeline.reasoning_targets import (
-    EVALUATED_ROBOTS,
-    build_reasoning_target,
-    build_sft_examples,
-    evaluable_subtasks,
-    format_prompt,
-)
-from bitmar_pipeline.robot_sample import ROBOT_SELECTION_INSTRUCTION
-from bitmar_pipeline.robots import (
+from bitmar_pipeline.data.robot_sample import ROBOT_SELECTION_INSTRUCTION
+from bitmar_pipeline.data.robot_tasks import (
     SPLITS,
     TASK_COLUMNS,
     ingest_robot_datasets,
     normalize_task_text,
     parse_instruction_capabilities,
+)
+from bitmar_pipeline.training.reasoning_targets import (
+    EVALUATED_ROBOTS,
+    build_reasoning_target,
+    build_sft_examples,
+    evaluable_subtasks,
+    format_prompt,
 )
 
 PROFILES = parse_instruction_capabilities(ROBOT_SELECTION_INSTRUCTION)

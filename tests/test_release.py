@@ -23,15 +23,15 @@ from assets.release import hub_release, quantization_report
 from bitmar_model.bitlinear import bitlinear_stats
 from bitmar_model.io import TMP_PREFIX, sha256_file
 from bitmar_pipeline.config import HubConfig
-from bitmar_pipeline.hub import HubUploadError, HuggingFaceHubResource, commit_message
-from bitmar_pipeline.release import (
+from bitmar_pipeline.release.folder import (
     MANIFEST_FILE,
     ReleaseError,
     build_release,
     read_report,
 )
+from bitmar_pipeline.resources.hub import HubUploadError, HuggingFaceHubResource, commit_message
 from bitmar_pipeline.storage import Storage
-from bitmar_pipeline.training_stages import GRPO, load_stage_model
+from bitmar_pipeline.training.stages import GRPO, load_stage_model
 from tests.factories import (
     EVALUATION,
     PATCH_GRID,
@@ -46,8 +46,8 @@ from tests.factories import (
 @pytest.fixture
 def fake_hub(monkeypatch: pytest.MonkeyPatch) -> type[RecordingApi]:
     RecordingApi.instances, RecordingApi.failures, RecordingApi.sleeps = [], [], []
-    monkeypatch.setattr("bitmar_pipeline.hub.HfApi", RecordingApi)
-    monkeypatch.setattr("bitmar_pipeline.hub.time.sleep", RecordingApi.sleeps.append)
+    monkeypatch.setattr("bitmar_pipeline.resources.hub.HfApi", RecordingApi)
+    monkeypatch.setattr("bitmar_pipeline.resources.hub.time.sleep", RecordingApi.sleeps.append)
     return RecordingApi
 
 

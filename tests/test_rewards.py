@@ -18,8 +18,8 @@ from bitmar_model.rewards import (
     selection_reward,
 )
 from bitmar_model.robots import NUM_ROBOT_CLASSES
-from bitmar_pipeline.evaluation import reasoning_section
-from bitmar_pipeline.reasoning_eval import ReasoningEvaluation
+from bitmar_pipeline.evaluation.report import reasoning_section
+from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation
 
 ROBOTS = ("Drone", "Underwater Robot", "Humanoid", "Robot with Wheels", "Robot with Legs")
 DRONE = {"Drone"}

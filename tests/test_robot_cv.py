@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from bitmar_pipeline.config import ConfigError, build_config
-from bitmar_pipeline.robot_ingest import load_robot_tables
-from bitmar_pipeline.robots import CV_FOLDS, assign_cv_split, cv_fold_of, ingest_robot_datasets
+from bitmar_pipeline.data.robot_sources import load_robot_tables
+from bitmar_pipeline.data.robot_tasks import CV_FOLDS, assign_cv_split, cv_fold_of, ingest_robot_datasets
 from bitmar_pipeline.storage import Storage
 
 SINGLE = "single_robot_selection.json"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from bitmar_model.robots import ROBOT_CLASSES
-from bitmar_pipeline.robot_sample import ROBOT_SELECTION_INSTRUCTION, generate_sample_robot_datasets
-from bitmar_pipeline.robots import (
+from bitmar_pipeline.data.robot_sample import ROBOT_SELECTION_INSTRUCTION, generate_sample_robot_datasets
+from bitmar_pipeline.data.robot_tasks import (
     SPLITS,
     RobotDataFileError,
     assign_split,

@@ -12,7 +12,7 @@ from bitmar_model.config import BitMarConfig
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import ReasoningTrace, format_reasoning, parse_reasoning
 from bitmar_model.robots import ROBOT_CLASSES, normalize_robot_name
-from bitmar_pipeline.robustness import (
+from bitmar_pipeline.evaluation.robustness import (
     README_EXAMPLES_FILE,
     USER_PHRASED_FILE,
     evaluation_contradictions,
@@ -20,7 +20,7 @@ from bitmar_pipeline.robustness import (
     load_eval_set,
     user_phrased_section,
 )
-from bitmar_pipeline.tokenizer import train_bpe_tokenizer
+from bitmar_pipeline.text.tokenizer import train_bpe_tokenizer
 
 README = {
     "Inspect underwater pipelines": "Underwater Robot",

@@ -23,9 +23,9 @@ from torch import nn
 from assets.definitions import ALL_ASSETS, default_resources
 from bitmar_model.checkpoint import STATE_FILE, load_latest_checkpoint, save_checkpoint
 from bitmar_model.modeling import BitMarModel
-from bitmar_pipeline.inference import PredictionError, load_predictor
-from bitmar_pipeline.resources import BitmarSettings
-from bitmar_pipeline.sources.coco_sample import generate_sample_coco
+from bitmar_pipeline.data.coco_sample import generate_sample_coco
+from bitmar_pipeline.release.inference import PredictionError, load_predictor
+from bitmar_pipeline.resources.settings import BitmarSettings
 from bitmar_pipeline.storage import Storage
 from tests.factories import (
     TINY,
@@ -270,7 +270,7 @@ def test_secrets_never_written_during_the_full_pipeline(tmp_path, monkeypatch, c
     monkeypatch.setenv("WANDB_API_KEY", WANDB_SECRET)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     RecordingApi.instances, RecordingApi.failures = [], []
-    monkeypatch.setattr("bitmar_pipeline.hub.HfApi", RecordingApi)
+    monkeypatch.setattr("bitmar_pipeline.resources.hub.HfApi", RecordingApi)
     store = tmp_path / "store"
     overrides = {
         **TINY, "storage.root": str(store), "wandb.mode": "offline", "carbon_tracking.enabled": True,

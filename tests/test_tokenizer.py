@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from bitmar_pipeline.images import is_heldout
+from bitmar_pipeline.data.images import is_heldout
 from bitmar_pipeline.storage import Storage
-from bitmar_pipeline.text_corpus import tokenizer_corpus
-from bitmar_pipeline.tokenizer import (
+from bitmar_pipeline.text.corpus import tokenizer_corpus
+from bitmar_pipeline.text.tokenizer import (
     REASONING_TAG_TOKENS,
     SPECIAL_TOKENS,
     load_tokenizer,

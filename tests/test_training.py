@@ -15,8 +15,8 @@ import pytest
 
 from assets.definitions import ALL_ASSETS, default_resources
 from bitmar_pipeline.cli import main
-from bitmar_pipeline.resources import BitmarSettings
-from bitmar_pipeline.training_data import TrainingDataError
+from bitmar_pipeline.resources.settings import BitmarSettings
+from bitmar_pipeline.training.datasets import TrainingDataError
 from tests.factories import TINY
 
 # Runs subprocesses or whole Dagster runs: deselect with -m 'not slow'; .ci/run runs it.
@@ -152,12 +152,12 @@ def test_killed_training_resumes_from_last_checkpoint(workdir, monkeypatch):
 def test_bad_inputs_are_refused_before_training(workdir, monkeypatch):
     from bitmar_pipeline.config import load_config
     from bitmar_pipeline.storage import Storage
-    from bitmar_pipeline.training_data import (
+    from bitmar_pipeline.training.datasets import (
         build_sft_set,
         check_compatible,
         load_pipeline_tokenizer,
     )
-    from bitmar_pipeline.training_stages import load_stage_model, run_reasoning_sft
+    from bitmar_pipeline.training.stages import load_stage_model, run_reasoning_sft
 
     monkeypatch.chdir(workdir)
     storage = Storage(load_config(None, TINY).storage.root)
@@ -173,7 +173,7 @@ def test_bad_inputs_are_refused_before_training(workdir, monkeypatch):
         check_compatible(model.config, tokenizer, feature_dim=768, num_patches=16)
     with pytest.raises(TrainingDataError, match="empty"):
         build_sft_set([], tokenizer, 16, 16)
-    from bitmar_pipeline.reasoning_targets import SftExample
+    from bitmar_pipeline.training.reasoning_targets import SftExample
 
     one_class = [SftExample(str(i), "Task: x", "t", ["Drone"], "task") for i in range(4)]
     with pytest.raises(TrainingDataError, match="single label set"):
@@ -192,16 +192,16 @@ def test_sft_batches_rehearse_captions_of_training_images_only(workdir, monkeypa
     import torch
 
     from bitmar_model.losses import sft_loss
-    from bitmar_pipeline.coco import manifest_shards
-    from bitmar_pipeline.reasoning_targets import build_sft_examples
-    from bitmar_pipeline.resources import VisionEncoderResource
-    from bitmar_pipeline.training_data import (
+    from bitmar_pipeline.data.coco import manifest_shards
+    from bitmar_pipeline.resources.settings import VisionEncoderResource
+    from bitmar_pipeline.training.datasets import (
         RehearsalSftSet,
         build_sft_set,
         load_caption_data,
         load_pipeline_tokenizer,
     )
-    from bitmar_pipeline.training_stages import _robot_tables, load_stage_model
+    from bitmar_pipeline.training.reasoning_targets import build_sft_examples
+    from bitmar_pipeline.training.stages import _robot_tables, load_stage_model
 
     monkeypatch.chdir(workdir)
     settings = BitmarSettings(overrides=TINY)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from bitmar_pipeline.config import PipelineConfig
-from bitmar_pipeline.probe import cell_weights, probe_sample_encoder
-from bitmar_pipeline.vision_encoder import TINY_RANDOM, Preprocessing, VisionEncoder, resolve_model_source
+from bitmar_pipeline.features.probe import cell_weights, probe_sample_encoder
+from bitmar_pipeline.features.vision_encoder import TINY_RANDOM, Preprocessing, VisionEncoder, resolve_model_source
 
 PROBE_IMAGES = 400
 

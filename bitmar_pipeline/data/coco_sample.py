@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from bitmar_pipeline.sources.coco_layout import caption_file, image_dir, write_json_atomic
+from bitmar_pipeline.data.coco_layout import caption_file, image_dir, write_json_atomic
 
 # Bump when drawing or captioning changes, so existing sets with the same arguments are rebuilt.
 GENERATOR_VERSION = 1

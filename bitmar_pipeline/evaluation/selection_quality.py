@@ -21,7 +21,7 @@ from bitmar_model.metrics import (
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import ParsedReasoning, parse_reasoning
 from bitmar_model.robots import ROBOT_CLASSES, select_robots
-from bitmar_pipeline.reasoning_targets import format_prompt
+from bitmar_pipeline.training.reasoning_targets import format_prompt
 
 
 @dataclass

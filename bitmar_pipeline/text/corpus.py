@@ -9,11 +9,11 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
 from bitmar_pipeline.config import TokenizerConfig
-from bitmar_pipeline.images import is_heldout
-from bitmar_pipeline.reasoning_targets import build_sft_examples
-from bitmar_pipeline.robots import parse_instruction_capabilities
+from bitmar_pipeline.data.images import is_heldout
+from bitmar_pipeline.data.robot_tasks import parse_instruction_capabilities
 from bitmar_pipeline.storage import Storage
-from bitmar_pipeline.tokenizer import load_tokenizer, train_bpe_tokenizer
+from bitmar_pipeline.text.tokenizer import load_tokenizer, train_bpe_tokenizer
+from bitmar_pipeline.training.reasoning_targets import build_sft_examples
 
 TOKENIZER_DIR = "tokenizer"
 

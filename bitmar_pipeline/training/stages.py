@@ -36,12 +36,12 @@ from bitmar_model.modeling import MODEL_REVISION, BitMarModel
 from bitmar_model.rewards import RewardWeights
 from bitmar_model.trainer import Trainer, TrainerConfig
 from bitmar_pipeline.config import PipelineConfig, StageSchedule
-from bitmar_pipeline.reasoning_eval import ReasoningEvaluation, evaluate_reasoning
-from bitmar_pipeline.reasoning_targets import build_sft_examples, format_prompt
-from bitmar_pipeline.robots import parse_instruction_capabilities
+from bitmar_pipeline.data.robot_tasks import parse_instruction_capabilities
+from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, evaluate_reasoning
+from bitmar_pipeline.features.vision_encoder import resolve_device
 from bitmar_pipeline.storage import Storage
-from bitmar_pipeline.text_corpus import TOKENIZER_DIR
-from bitmar_pipeline.training_data import (
+from bitmar_pipeline.text.corpus import TOKENIZER_DIR
+from bitmar_pipeline.training.datasets import (
     CaptionSet,
     RehearsalSftSet,
     SftSet,
@@ -53,7 +53,7 @@ from bitmar_pipeline.training_data import (
     load_caption_data,
     load_pipeline_tokenizer,
 )
-from bitmar_pipeline.vision_encoder import resolve_device
+from bitmar_pipeline.training.reasoning_targets import build_sft_examples, format_prompt
 
 PRETRAIN, SFT, GRPO = "multimodal_pretrain", "reasoning_sft", "grpo_policy"
 STAGE_INFO_FILE = "bitmar_stage.json"

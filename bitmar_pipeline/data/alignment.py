@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from bitmar_pipeline.images import ImageCheck, check_image
+from bitmar_pipeline.data.images import ImageCheck, check_image
 
 PAIR_COLUMNS = [
     "image_id", "caption_id", "caption", "split", "file_name", "width", "height", "format", "content_hash", "shard",

@@ -37,7 +37,7 @@ from bitmar_model.reasoning_format import (
     format_reasoning,
 )
 from bitmar_model.robots import ROBOT_CLASSES, ROBOT_INDEX
-from bitmar_pipeline.robots import normalize_task_text
+from bitmar_pipeline.data.robot_tasks import normalize_task_text
 
 # robot -> {"capabilities": [...], "limitations": [...], "environments": [...]}
 Profiles = Mapping[str, Mapping[str, Sequence[str]]]

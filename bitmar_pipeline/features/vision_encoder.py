@@ -8,7 +8,7 @@ features carry almost nothing (a linear probe could not tell the sample scenes' 
 so its seeded weights are laid out to compute fixed local features instead: colour per 2x2
 pixel sub-region, a colour-independent "saturated pixel" mask, seeded random colour and
 mask-pattern detectors (a random two-layer network on that mask), and image-wide means of
-them written by uniform attention. `bitmar_pipeline.probe` checks the result.
+them written by uniform attention. `bitmar_pipeline.features.probe` checks the result.
 """
 
 from __future__ import annotations

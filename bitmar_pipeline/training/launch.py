@@ -3,7 +3,7 @@
 With `compute.nproc_per_node > 1` the training assets run, through `dg.PipesSubprocessClient`,
 
     python -m torch.distributed.run --standalone --nproc_per_node N \\
-        -m bitmar_pipeline.launch --stage multimodal_pretrain --settings-json '{...}'
+        -m bitmar_pipeline.training.launch --stage multimodal_pretrain --settings-json '{...}'
 
 Every rank runs the same stage function (the Trainer sets up DDP itself: gloo on CPU, NCCL
 on CUDA). Rank 0 alone opens Dagster Pipes: each training log record becomes a line in the
@@ -32,10 +32,10 @@ from typing import Any
 import pandas as pd
 from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pipes
 
-from bitmar_pipeline.coco import manifest_shards
-from bitmar_pipeline.resources import BitmarSettings, VisionEncoderResource
-from bitmar_pipeline.tracking import WandbResource
-from bitmar_pipeline.training_stages import (
+from bitmar_pipeline.data.coco import manifest_shards
+from bitmar_pipeline.resources.settings import BitmarSettings, VisionEncoderResource
+from bitmar_pipeline.resources.tracking import WandbResource
+from bitmar_pipeline.training.stages import (
     PRETRAIN,
     SFT,
     Log,
@@ -91,7 +91,7 @@ def build_torchrun_command(
         )
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node),
-        "-m", "bitmar_pipeline.launch", "--stage", stage, "--settings-json", settings_json(settings),
+        "-m", "bitmar_pipeline.training.launch", "--stage", stage, "--settings-json", settings_json(settings),
     ]
     if encoder_fingerprint:
         command += ["--encoder-fingerprint", encoder_fingerprint]
@@ -194,7 +194,9 @@ def _run_main_rank(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bitmar_pipeline.launch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bitmar_pipeline.training.launch", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--stage", required=True, choices=LAUNCHABLE_STAGES)
     parser.add_argument(
         "--settings-json", required=True, help='{"config_file": ..., "overrides": {...}} as for the settings resource'

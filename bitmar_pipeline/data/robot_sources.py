@@ -6,9 +6,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bitmar_pipeline.config import ConfigError, PipelineConfig
-from bitmar_pipeline.robot_sample import generate_sample_robot_datasets
-from bitmar_pipeline.robots import RobotIngestResult, ingest_robot_datasets
-from bitmar_pipeline.sources.coco_download import download_file
+from bitmar_pipeline.data.coco_download import download_file
+from bitmar_pipeline.data.robot_sample import generate_sample_robot_datasets
+from bitmar_pipeline.data.robot_tasks import RobotIngestResult, ingest_robot_datasets
 from bitmar_pipeline.storage import Storage
 
 ROBOT_TASKS_TABLE = "robot_tasks"

@@ -1,7 +1,7 @@
 """Robot selection with reasoning from a release folder or a Hub repo: `bitmar predict` and its
 Python API.
 
-    from bitmar_pipeline.inference import load_predictor
+    from bitmar_pipeline.release.inference import load_predictor
     predictor = load_predictor(".bitmar/release")
     print(predictor.predict("Inspect underwater pipelines").robots)
 
@@ -38,14 +38,14 @@ from bitmar_model.modeling import BitMarModel
 from bitmar_model.packing import sha256_file
 from bitmar_model.reasoning_format import parse_reasoning
 from bitmar_pipeline.config import ConfigError, DataConfig, load_config
-from bitmar_pipeline.images import open_rgb
-from bitmar_pipeline.reasoning_targets import format_prompt
-from bitmar_pipeline.release import (
+from bitmar_pipeline.data.images import open_rgb
+from bitmar_pipeline.features.vision_encoder import VisionEncoder, VisionModelError
+from bitmar_pipeline.release.folder import (
     FORMAT_NAME,
     MANIFEST_FILE,
     RELEASE_DIR,
 )
-from bitmar_pipeline.vision_encoder import VisionEncoder, VisionModelError
+from bitmar_pipeline.training.reasoning_targets import format_prompt
 
 MAX_IMAGE_PIXELS = DataConfig().max_image_pixels
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -17,11 +17,11 @@ from bitmar_model.config import BitMarConfig
 from bitmar_model.modeling import IGNORE_INDEX
 from bitmar_model.robots import NUM_ROBOT_CLASSES, ROBOT_INDEX
 from bitmar_pipeline.config import PipelineConfig
-from bitmar_pipeline.features import load_features
-from bitmar_pipeline.images import is_heldout
-from bitmar_pipeline.reasoning_targets import SftExample
+from bitmar_pipeline.data.images import is_heldout
+from bitmar_pipeline.features.extraction import load_features
 from bitmar_pipeline.storage import Storage
-from bitmar_pipeline.text_corpus import TOKENIZER_DIR
+from bitmar_pipeline.text.corpus import TOKENIZER_DIR
+from bitmar_pipeline.training.reasoning_targets import SftExample
 
 # The captioning pass encodes this instead of the caption (see bitmar_model.losses).
 CAPTION_PROMPT = "Describe the image."

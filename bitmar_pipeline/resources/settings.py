@@ -8,8 +8,8 @@ from typing import Any
 import dagster as dg
 
 from bitmar_pipeline.config import PipelineConfig, load_config
+from bitmar_pipeline.features.vision_encoder import VisionEncoder, resolve_model_source
 from bitmar_pipeline.storage import Storage
-from bitmar_pipeline.vision_encoder import VisionEncoder, resolve_model_source
 
 
 class BitmarSettings(dg.ConfigurableResource):

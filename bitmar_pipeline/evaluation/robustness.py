@@ -32,8 +32,8 @@ from bitmar_model.metrics import MetricWithCI, bootstrap_ci
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import NO_ROBOT, ParsedReasoning, robots_mentioned_positively
 from bitmar_model.robots import ROBOT_CLASSES, normalize_robot_name
-from bitmar_pipeline.reasoning_eval import ReasoningEvaluation, evaluate_reasoning
-from bitmar_pipeline.robots import normalize_task_text
+from bitmar_pipeline.data.robot_tasks import normalize_task_text
+from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, evaluate_reasoning
 
 EVAL_SETS_DIR = Path(__file__).resolve().parent / "eval_sets"
 USER_PHRASED_FILE = EVAL_SETS_DIR / "user_phrased_robot_tasks.json"
@@ -105,8 +105,8 @@ def _per_robot(evaluation: ReasoningEvaluation, head: np.ndarray, text: np.ndarr
 
 
 def relevance(parsed: ParsedReasoning, task_text: str) -> float:
-    """The report's relevance rule (reasoning_quality in bitmar_pipeline.evaluation)."""
-    from bitmar_pipeline.evaluation import reasoning_quality  # the report imports this module
+    """The report's relevance rule (reasoning_quality in bitmar_pipeline.evaluation.report)."""
+    from bitmar_pipeline.evaluation.report import reasoning_quality  # the report imports this module
 
     return reasoning_quality(parsed, task_text, set())["relevance"]
 

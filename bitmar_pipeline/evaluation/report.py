@@ -49,21 +49,21 @@ from bitmar_model.reasoning_format import (
     robots_mentioned_positively,
 )
 from bitmar_model.robots import ROBOT_CLASSES
-from bitmar_pipeline.baselines import MajorityBaseline, TfidfLogisticBaseline, evaluate_selection
-from bitmar_pipeline.coco import manifest_shards
 from bitmar_pipeline.config import EvaluationThresholds, PipelineConfig
-from bitmar_pipeline.figures import (
+from bitmar_pipeline.data.coco import manifest_shards
+from bitmar_pipeline.evaluation.baselines import MajorityBaseline, TfidfLogisticBaseline, evaluate_selection
+from bitmar_pipeline.evaluation.figures import (
     attention_map_figure,
     confusion_figure,
     memory_usage_heatmap,
     reliability_diagram,
 )
-from bitmar_pipeline.reasoning_eval import ReasoningEvaluation, evaluate_reasoning
-from bitmar_pipeline.reasoning_targets import evaluable_subtasks, format_prompt
-from bitmar_pipeline.robustness import user_phrased_section
+from bitmar_pipeline.evaluation.robustness import user_phrased_section
+from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, evaluate_reasoning
 from bitmar_pipeline.storage import Storage
-from bitmar_pipeline.training_data import CaptionSet, load_caption_data, load_pipeline_tokenizer
-from bitmar_pipeline.training_stages import GRPO, PRETRAIN, load_stage_model, retrieval_metrics
+from bitmar_pipeline.training.datasets import CaptionSet, load_caption_data, load_pipeline_tokenizer
+from bitmar_pipeline.training.reasoning_targets import evaluable_subtasks, format_prompt
+from bitmar_pipeline.training.stages import GRPO, PRETRAIN, load_stage_model, retrieval_metrics
 
 EVALUATED_ROBOTS = [r for r in ROBOT_CLASSES if r != "No Robot"]
 _STOP_WORDS = frozenset(

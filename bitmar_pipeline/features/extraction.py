@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import torch
 
-from bitmar_pipeline.images import open_rgb, resolve_inside
+from bitmar_pipeline.data.images import open_rgb, resolve_inside
+from bitmar_pipeline.features.vision_encoder import VisionEncoder
 from bitmar_pipeline.storage import TMP_PREFIX, Storage
-from bitmar_pipeline.vision_encoder import VisionEncoder
 
 FEATURES_TABLE = "vision_features"
 

@@ -40,11 +40,11 @@ from bitmar_model.bitlinear import BitLinear, bitlinear_stats, ternarize
 from bitmar_model.io import atomic_write_json
 from bitmar_model.modeling import BitMarModel, parameter_report
 from bitmar_model.packing import pack_model, round_to_stored
-from bitmar_pipeline.figures import weight_distribution_figure
-from bitmar_pipeline.reasoning_targets import format_prompt
+from bitmar_pipeline.evaluation.figures import weight_distribution_figure
 from bitmar_pipeline.storage import Storage
-from bitmar_pipeline.training_data import TrainingDataError, load_pipeline_tokenizer
-from bitmar_pipeline.training_stages import GRPO, STAGE_INFO_FILE, load_stage_model, model_dir
+from bitmar_pipeline.training.datasets import TrainingDataError, load_pipeline_tokenizer
+from bitmar_pipeline.training.reasoning_targets import format_prompt
+from bitmar_pipeline.training.stages import GRPO, STAGE_INFO_FILE, load_stage_model, model_dir
 
 REPORTS_DIR = "reports"
 REPORT_FILE = "quantization_report.json"

@@ -37,12 +37,12 @@ from bitmar_model.io import atomic_directory, atomic_write_json, sha256_file
 from bitmar_model.packing import save_packed
 from bitmar_pipeline.config import PipelineConfig
 from bitmar_pipeline.markdown import markdown_table
-from bitmar_pipeline.quantization import REPORT_FILE as QUANTIZATION_REPORT
-from bitmar_pipeline.quantization import REPORTS_DIR
+from bitmar_pipeline.release.quantization import REPORT_FILE as QUANTIZATION_REPORT
+from bitmar_pipeline.release.quantization import REPORTS_DIR
 from bitmar_pipeline.storage import Storage
-from bitmar_pipeline.text_corpus import TOKENIZER_DIR
-from bitmar_pipeline.training_data import check_compatible, load_pipeline_tokenizer
-from bitmar_pipeline.training_stages import GRPO, STAGE_INFO_FILE, load_stage_model, model_dir
+from bitmar_pipeline.text.corpus import TOKENIZER_DIR
+from bitmar_pipeline.training.datasets import check_compatible, load_pipeline_tokenizer
+from bitmar_pipeline.training.stages import GRPO, STAGE_INFO_FILE, load_stage_model, model_dir
 
 RELEASE_DIR = "release"
 MANIFEST_FILE = "bitmar_release.json"
@@ -286,7 +286,7 @@ This release is the `{source['stage']}` model at step {source.get('step')} (fing
 ## How to load
 
 ```python
-from bitmar_pipeline.inference import load_predictor
+from bitmar_pipeline.release.inference import load_predictor
 predictor = load_predictor("{repo_id}")
 print(predictor.predict("Inspect underwater pipelines").robots)
 ```

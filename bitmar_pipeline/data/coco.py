@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from bitmar_pipeline.config import ConfigError, PipelineConfig
-from bitmar_pipeline.sources.coco_download import StageProgress, download_coco
-from bitmar_pipeline.sources.coco_layout import discover_caption_files, read_caption_annotations
-from bitmar_pipeline.sources.coco_sample import generate_sample_coco
+from bitmar_pipeline.data.coco_download import StageProgress, download_coco
+from bitmar_pipeline.data.coco_layout import discover_caption_files, read_caption_annotations
+from bitmar_pipeline.data.coco_sample import generate_sample_coco
 from bitmar_pipeline.storage import Storage
 
 IMAGES_TABLE = "coco_images"

@@ -31,7 +31,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
 from bitmar_model.io import atomic_path, publish_file
-from bitmar_pipeline.sources.coco_layout import (
+from bitmar_pipeline.data.coco_layout import (
     caption_file,
     image_dir,
     load_annotation_json,

@@ -1,7 +1,7 @@
 """Linear probe of vision features on the synthetic sample scenes: can a logistic regression
 read each object's colour and shape from the stored patch grid?
 
-Each object owns one cell of the scene's 3 x 3 layout (bitmar_pipeline.sources.coco_sample),
+Each object owns one cell of the scene's 3 x 3 layout (bitmar_pipeline.data.coco_sample),
 so its feature is the overlap-weighted mean of the patch-grid cells covering that layout cell,
 mapped through the encoder's resize and crop. Probing "the first object of a caption" instead
 would ask for one object of several at random and cap the accuracy far below 1.
@@ -20,9 +20,9 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from bitmar_pipeline.sources.coco_layout import caption_file, image_dir
-from bitmar_pipeline.sources.coco_sample import POSITIONS, SHAPE_WORDS, generate_sample_coco
-from bitmar_pipeline.vision_encoder import Preprocessing, VisionEncoder
+from bitmar_pipeline.data.coco_layout import caption_file, image_dir
+from bitmar_pipeline.data.coco_sample import POSITIONS, SHAPE_WORDS, generate_sample_coco
+from bitmar_pipeline.features.vision_encoder import Preprocessing, VisionEncoder
 
 _CELL_OF_POSITION = {name: cell for cell, name in POSITIONS.items()}
 SCENE_CELLS = 3

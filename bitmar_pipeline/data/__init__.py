@@ -1,0 +1,1 @@
+"""Data stages: COCO sources (sample, local, download), image-caption alignment, robot task files."""

@@ -1,0 +1,1 @@
+"""Evaluation: the report, selection quality, baselines, robustness sets and figures."""

@@ -1,0 +1,1 @@
+"""Release: the release folder and model card, quantization report and inference."""

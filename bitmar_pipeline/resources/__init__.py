@@ -1,0 +1,1 @@
+"""Dagster resources: settings, experiment tracking (W&B, codecarbon) and the Hub."""

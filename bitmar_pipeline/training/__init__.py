@@ -1,0 +1,1 @@
+"""Training: the three stages, their datasets, reasoning targets and the torchrun launch."""
