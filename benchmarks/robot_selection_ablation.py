@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ from bitmar_pipeline.text.tokenizer import REASONING_TAG_TOKENS, train_bpe_token
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-USER_SET = ROOT / "bitmar_pipeline" / "eval_sets" / "user_phrased_robot_tasks.json"
+USER_SET = ROOT / "bitmar_pipeline" / "evaluation" / "eval_sets" / "user_phrased_robot_tasks.json"
 N_FOLDS = 5
 ROBOTS = ROBOT_CLASSES[:5]  # the fleet; "No Robot" is not a robot with a description
 CACHE = Path(tempfile.gettempdir()) / "bitmar_ablation_cache"
@@ -574,169 +575,221 @@ def held_out_robot(data: Tasks, user, encode_for_fold, desc_texts: list[str], c:
 
 # --- main -------------------------------------------------------------------------------
 
+DESC_FIELDS = {
+    "cap+env": ("capabilities", "environments"),
+    "all": ("capabilities", "limitations", "environments"),
+}
+MARGIN_GRID = [{"margin": m} for m in (0.0, 0.01, 0.02, 0.04)]
+STATIC_VARIANTS = [
+    ("bpe", 4096, 64),
+    ("bpe", 4096, 128),
+    ("bpe+words", 4096, 128),
+    ("bpe+words", 8192, 64),
+    ("bpe+words", 8192, 128),
+    ("wordpiece", 30522, 128),
+]
 
-def main() -> None:
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", type=Path, required=True)
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--only", default="", help="comma list of method prefixes to run")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    t0 = time.time()
-    data = load_tasks(args.data)
-    user = load_user_set()
-    captions = load_captions(args.data)
-    teacher = Teacher(args.teacher)
-    desc_fields = {
-        "cap+env": ("capabilities", "environments"),
-        "all": ("capabilities", "limitations", "environments"),
-    }
-    descs = {k: [robot_description(r, data.profiles[r], v) for r in ROBOTS] for k, v in desc_fields.items()}
-    vocab_words = [
-        w for w in (Path(args.teacher) / "vocab.txt").read_text().split("\n") if w.isalpha() and w.isascii()
-    ]
-    teacher_enc = teacher.encode
-    # Warm the sentence cache in one go.
-    teacher.encode(data.texts + user[0] + descs["all"] + descs["cap+env"])
+    return ap.parse_args()
 
-    def corpus(outer: np.ndarray) -> list[str]:
+
+@dataclass
+class Ablation:
+    """What every method of one run shares: tasks, teacher, robot descriptions, the static-table
+    cache (one table per vocabulary, size, dimension and outer fold) and the results so far."""
+
+    data: Tasks
+    user: tuple[list[str], np.ndarray]
+    captions: list[str]
+    teacher: Teacher
+    descs: dict[str, list[str]]
+    vocab_words: list[str]
+    aug_texts: list[str]
+    only: list[str]
+    static_cache: dict[tuple, StaticEmbedder] = dataclass_field(default_factory=dict)
+    results: list[dict] = dataclass_field(default_factory=list)
+
+    def run(self, name: str, make_fit, grid, **kw) -> None:
+        if self.only and not any(name.startswith(p) for p in self.only):
+            return
+        self.results.append(evaluate(name, make_fit, self.data, self.user, grid, **kw))
+
+    def corpus(self, outer: np.ndarray) -> list[str]:
+        data = self.data
         sub = [s for i in outer for s in data.subtasks.get(data.keys[i], [])]
         return (
-            captions
+            self.captions
             + [data.texts[i] for i in outer]
             + sub
-            + [robot_description(r, data.profiles[r], desc_fields["all"]) for r in ROBOTS]
+            + [robot_description(r, data.profiles[r], DESC_FIELDS["all"]) for r in ROBOTS]
         )
 
-    static_cache: dict[tuple, StaticEmbedder] = {}
-    aug_texts, _ = capability_sentences(data.profiles)
-
-    def finetuned_builder(size: int, dim: int, lam: float):
-        """F: bpe+words static table in teacher space (d=384), regressed onto teacher sentence
-        vectors of the fold's training tasks, their subtasks, captions and capability sentences."""
-        base = static_builder("bpe+words", size, 384)
-
-        def build(outer: np.ndarray) -> Callable[[Sequence[str]], np.ndarray]:
-            key = ("ft", size, dim, lam, hashlib.sha256(outer.tobytes()).hexdigest())
-            if key not in static_cache:
-                base(outer)
-                emb = next(v for k, v in static_cache.items() if k[:3] == ("bpe+words", size, 384) and k[3] == key[4])
-                texts = corpus(outer)[:-5] + aug_texts
-                static_cache[key] = regress_to_teacher(
-                    emb, emb.table.astype(np.float64), texts, teacher.encode(texts), lam, dim
-                )
-            return static_cache[key].encode
-
-        return build
-
-    def static_builder(vocab: str, size: int, dim: int):
+    def static_builder(self, vocab: str, size: int, dim: int):
         def build(outer: np.ndarray) -> Callable[[Sequence[str]], np.ndarray]:
             key = (vocab, size, dim, hashlib.sha256(outer.tobytes()).hexdigest())
-            if key not in static_cache:
-                texts = corpus(outer)
+            if key not in self.static_cache:
+                texts = self.corpus(outer)
                 if vocab == "wordpiece":
-                    strings, tokenize = wordpiece_vocab(teacher)
+                    strings, tokenize = wordpiece_vocab(self.teacher)
                 else:
-                    words = vocab_words if vocab == "bpe+words" else []
+                    words = self.vocab_words if vocab == "bpe+words" else []
                     with tempfile.TemporaryDirectory() as tmp:
                         strings, tokenize = bpe_vocab(texts, size, words, Path(tmp))
-                static_cache[key] = distil_static(teacher, strings, tokenize, texts, dim)
-            emb = static_cache[key]
+                self.static_cache[key] = distil_static(self.teacher, strings, tokenize, texts, dim)
+            emb = self.static_cache[key]
             return emb.encode
 
         return build
 
+    def finetuned_builder(self, size: int, dim: int, lam: float):
+        """F: bpe+words static table in teacher space (d=384), regressed onto teacher sentence
+        vectors of the fold's training tasks, their subtasks, captions and capability sentences."""
+        base = self.static_builder("bpe+words", size, 384)
+        cache = self.static_cache
+
+        def build(outer: np.ndarray) -> Callable[[Sequence[str]], np.ndarray]:
+            key = ("ft", size, dim, lam, hashlib.sha256(outer.tobytes()).hexdigest())
+            if key not in cache:
+                base(outer)
+                emb = next(v for k, v in cache.items() if k[:3] == ("bpe+words", size, 384) and k[3] == key[4])
+                texts = self.corpus(outer)[:-5] + self.aug_texts
+                cache[key] = regress_to_teacher(
+                    emb, emb.table.astype(np.float64), texts, self.teacher.encode(texts), lam, dim
+                )
+            return cache[key].encode
+
+        return build
+
+
+def load_ablation(args: argparse.Namespace) -> Ablation:
+    data = load_tasks(args.data)
+    user = load_user_set()
+    captions = load_captions(args.data)
+    teacher = Teacher(args.teacher)
+    descs = {k: [robot_description(r, data.profiles[r], v) for r in ROBOTS] for k, v in DESC_FIELDS.items()}
+    vocab_words = [w for w in (Path(args.teacher) / "vocab.txt").read_text().split("\n") if w.isalpha() and w.isascii()]
+    # Warm the sentence cache in one go.
+    teacher.encode(data.texts + user[0] + descs["all"] + descs["cap+env"])
+    aug_texts, _ = capability_sentences(data.profiles)
     only = [p for p in args.only.split(",") if p]
-    results, sizes = [], {}
+    return Ablation(data, user, captions, teacher, descs, vocab_words, aug_texts, only)
 
-    def run(name: str, make_fit, grid, **kw) -> None:
-        if only and not any(name.startswith(p) for p in only):
-            return
-        results.append(evaluate(name, make_fit, data, user, grid, **kw))
 
-    margin_grid = [{"margin": m} for m in (0.0, 0.01, 0.02, 0.04)]
-    run("A tfidf+LR", method_tfidf(data), C_GRID)
-    run("A tfidf+LR C=1", method_tfidf(data), [{"c": 1.0}])
-    run("B minilm+LR C=1", method_embed_lr(data, teacher_enc), [{"c": 1.0}])
-    run("B minilm+LR", method_embed_lr(data, teacher_enc), C_GRID)
-    run("B minilm+LR thr-tuned", method_embed_lr(data, teacher_enc), C_GRID, tune_threshold=True)
-    run("B minilm+LR +capaug x1", method_embed_lr(data, teacher_enc, augment=1), C_GRID)
-    run(
+def run_teacher_methods(ab: Ablation) -> None:
+    """A (TF-IDF), B (teacher embedding + LR), C (teacher zero-shot), E on teacher embeddings."""
+    data, teacher_enc, descs = ab.data, ab.teacher.encode, ab.descs
+    ab.run("A tfidf+LR", method_tfidf(data), C_GRID)
+    ab.run("A tfidf+LR C=1", method_tfidf(data), [{"c": 1.0}])
+    ab.run("B minilm+LR C=1", method_embed_lr(data, teacher_enc), [{"c": 1.0}])
+    ab.run("B minilm+LR", method_embed_lr(data, teacher_enc), C_GRID)
+    ab.run("B minilm+LR thr-tuned", method_embed_lr(data, teacher_enc), C_GRID, tune_threshold=True)
+    ab.run("B minilm+LR +capaug x1", method_embed_lr(data, teacher_enc, augment=1), C_GRID)
+    ab.run(
         "B minilm+LR +capaug inner-chosen",
         method_embed_lr(data, teacher_enc),
         [{"c": c, "aug": a} for c in (1.0, 3.0, 10.0) for a in (0, 1, 2)],
     )
     for dk in ("all", "cap+env"):
-        run(f"C minilm zero-shot desc={dk}", method_zero_shot(data, teacher_enc, descs[dk]), margin_grid)
-    run(
+        ab.run(f"C minilm zero-shot desc={dk}", method_zero_shot(data, teacher_enc, descs[dk]), MARGIN_GRID)
+    ab.run(
         "E minilm LR+pair",
         method_grounded(data, teacher_enc, descs["all"]),
         [{"c": c, "alpha": a} for c in (1.0, 3.0) for a in (0.5, 1.0)],
     )
-    run("E minilm pair-only", method_grounded(data, teacher_enc, descs["all"], mode="pair"), C_GRID)
+    ab.run("E minilm pair-only", method_grounded(data, teacher_enc, descs["all"], mode="pair"), C_GRID)
 
-    static_variants = [
-        ("bpe", 4096, 64), ("bpe", 4096, 128),
-        ("bpe+words", 4096, 128), ("bpe+words", 8192, 64), ("bpe+words", 8192, 128),
-        ("wordpiece", 30522, 128),
-    ]
-    for vocab, size, dim in static_variants:
+
+def run_grounded_static(ab: Ablation, tag: str, build) -> None:
+    """E on one static table: zero-shot, LR + cosine, LR + pair model, pair model alone."""
+    data, desc = ab.data, ab.descs["all"]
+    ab.run(f"E static {tag} zero-shot", method_zero_shot(data, None, desc, build), MARGIN_GRID)
+    ab.run(
+        f"E static {tag} LR+cos",
+        method_grounded(data, None, desc, build, mode="lr+cos"),
+        [{"c": c, "alpha": a} for c in (1.0, 3.0, 10.0) for a in (0.5, 1.0, 2.0)],
+    )
+    ab.run(
+        f"E static {tag} LR+pair",
+        method_grounded(data, None, desc, build),
+        [{"c": c, "alpha": a} for c in (1.0, 3.0, 10.0) for a in (0.5, 1.0)],
+    )
+    ab.run(f"E static {tag} pair-only", method_grounded(data, None, desc, build, mode="pair"), C_GRID)
+
+
+def run_static_methods(ab: Ablation) -> dict[str, dict[str, int]]:
+    """D and F (+capaug) per static table, E on the two largest vocabularies; the tables' sizes."""
+    sizes = {}
+    for vocab, size, dim in STATIC_VARIANTS:
         tag = f"{vocab}{size}/d{dim}"
-        build = static_builder(vocab, size, dim)
-        run(f"D static {tag} +LR", method_embed_lr(data, None, build), C_GRID)
-        run(f"F static {tag} +LR +capaug x1", method_embed_lr(data, None, build, augment=1), C_GRID)
+        build = ab.static_builder(vocab, size, dim)
+        ab.run(f"D static {tag} +LR", method_embed_lr(ab.data, None, build), C_GRID)
+        ab.run(f"F static {tag} +LR +capaug x1", method_embed_lr(ab.data, None, build, augment=1), C_GRID)
         if (vocab, size) in (("bpe+words", 8192), ("wordpiece", 30522)):
-            run(f"E static {tag} zero-shot", method_zero_shot(data, None, descs["all"], build), margin_grid)
-            run(
-                f"E static {tag} LR+cos",
-                method_grounded(data, None, descs["all"], build, mode="lr+cos"),
-                [{"c": c, "alpha": a} for c in (1.0, 3.0, 10.0) for a in (0.5, 1.0, 2.0)],
-            )
-            run(
-                f"E static {tag} LR+pair",
-                method_grounded(data, None, descs["all"], build),
-                [{"c": c, "alpha": a} for c in (1.0, 3.0, 10.0) for a in (0.5, 1.0)],
-            )
-            run(f"E static {tag} pair-only", method_grounded(data, None, descs["all"], build, mode="pair"), C_GRID)
-        emb = next((v for k, v in static_cache.items() if k[:3] == (vocab, size, dim)), None)
+            run_grounded_static(ab, tag, build)
+        emb = next((v for k, v in ab.static_cache.items() if k[:3] == (vocab, size, dim)), None)
         if emb is not None:
             sizes[tag] = {"table_fp16_bytes": int(emb.table.nbytes), "weights_fp16_bytes": int(emb.weights.nbytes)}
+    return sizes
 
+
+def run_finetuned_methods(ab: Ablation) -> None:
+    """F with the table regressed onto teacher sentence vectors, at two ridge strengths."""
+    data, desc = ab.data, ab.descs["all"]
     for lam in (0.03, 0.3):
-        build = finetuned_builder(8192, 128, lam)
-        run(f"F static-ft bpe+words8192/d128 lam={lam} +LR", method_embed_lr(data, None, build), C_GRID)
-        run(
-            f"F static-ft bpe+words8192/d128 lam={lam} +LR +capaug x1",
-            method_embed_lr(data, None, build, augment=1),
-            C_GRID,
-        )
-        run(
-            f"F static-ft bpe+words8192/d128 lam={lam} zero-shot",
-            method_zero_shot(data, None, descs["all"], build),
-            margin_grid,
-        )
-        run(
-            f"F static-ft bpe+words8192/d128 lam={lam} LR+pair",
-            method_grounded(data, None, descs["all"], build),
+        build = ab.finetuned_builder(8192, 128, lam)
+        name = f"F static-ft bpe+words8192/d128 lam={lam}"
+        ab.run(f"{name} +LR", method_embed_lr(data, None, build), C_GRID)
+        ab.run(f"{name} +LR +capaug x1", method_embed_lr(data, None, build, augment=1), C_GRID)
+        ab.run(f"{name} zero-shot", method_zero_shot(data, None, desc, build), MARGIN_GRID)
+        ab.run(
+            f"{name} LR+pair",
+            method_grounded(data, None, desc, build),
             [{"c": c, "alpha": a} for c in (1.0, 3.0, 10.0) for a in (0.5, 1.0)],
         )
+
+
+def held_out_robot_study(ab: Ablation) -> dict:
+    """The zero-shot held-out-robot study on teacher and static embeddings (skipped by --only
+    unless it names "held")."""
     held = {}
-    if not only or "held" in only:
-        held["minilm pair"] = held_out_robot(data, user, lambda tr: teacher_enc, descs["all"])
+    if not ab.only or "held" in ab.only:
+        teacher_enc = ab.teacher.encode
+        held["minilm pair"] = held_out_robot(ab.data, ab.user, lambda tr: teacher_enc, ab.descs["all"])
         held["static bpe+words8192/d128 pair"] = held_out_robot(
-            data, user, static_builder("bpe+words", 8192, 128), descs["all"]
+            ab.data, ab.user, ab.static_builder("bpe+words", 8192, 128), ab.descs["all"]
         )
-    print(json.dumps({
-        "n_tasks": len(data.texts),
-        "fold_sizes": np.bincount(data.folds).tolist(),
-        "n_user": len(user[0]),
-        "user_no_robot": int(user[1][:, 5].sum()),
+    return held
+
+
+def summary(ab: Ablation, held: dict, sizes: dict, seconds: float) -> dict:
+    return {
+        "n_tasks": len(ab.data.texts),
+        "fold_sizes": np.bincount(ab.data.folds).tolist(),
+        "n_user": len(ab.user[0]),
+        "user_no_robot": int(ab.user[1][:, 5].sum()),
         "decision_rule": "robots with sigmoid(logit) >= 0.5 plus always the argmax (threshold tuned only where named)",
-        "results": results,
+        "results": ab.results,
         "held_out_robot_zero_shot": held,
         "static_sizes": sizes,
-        "seconds": round(time.time() - t0, 1),
-    }, indent=1))
+        "seconds": round(seconds, 1),
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    t0 = time.time()
+    ab = load_ablation(args)
+    run_teacher_methods(ab)
+    sizes = run_static_methods(ab)
+    run_finetuned_methods(ab)
+    held = held_out_robot_study(ab)
+    print(json.dumps(summary(ab, held, sizes, time.time() - t0), indent=1))
 
 
 if __name__ == "__main__":
