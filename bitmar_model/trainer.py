@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bitmar_model.checkpoint import capture_rng_state, unwrap_model
+from bitmar_model.deprecation import accepts_renamed_keywords
 from bitmar_model.loop import LoopSettings, StepLoop, TrainingDivergedError
 from bitmar_model.schedules import warmup_cosine_scheduler
 
@@ -60,7 +61,15 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # A metric under this key counts tokens; it is summed (for tokens/s), not averaged.
 TOKENS_METRIC = "tokens"
 
+# TrainerConfig's keywords before the issue 11 rename, accepted with a warning for one release.
+RENAMED_KEYWORDS = {
+    "grad_clip": "max_grad_norm",
+    "grad_accumulation_steps": "gradient_accumulation_steps",
+    "keep_last": "keep_last_checkpoints",
+}
 
+
+@accepts_renamed_keywords(RENAMED_KEYWORDS)
 @dataclass
 class TrainerConfig:
     """Optimisation and run settings. Fields in `RUNTIME_FIELDS` may change between a run and

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bitmar_model.config import BitMarConfig
+from bitmar_model.deprecation import DeprecatedNameWarning
 
 CONFIG_ENV_VAR = "BITMAR_CONFIG"
 # The model section's defaults are BitMarConfig's, so the pipeline and the library agree.
@@ -34,8 +35,8 @@ class ConfigError(ValueError):
     """A configuration file or value that cannot be used; the message names key and value."""
 
 
-class DeprecatedConfigKeyWarning(FutureWarning):
-    """A renamed config key was used; FutureWarning so users see it (DeprecationWarning is hidden)."""
+# A renamed config key was used: the library's warning for renamed settings (a FutureWarning).
+DeprecatedConfigKeyWarning = DeprecatedNameWarning
 
 
 class _Section(BaseModel):

@@ -24,6 +24,7 @@ from bitmar_model.checkpoint import (
     restore,
     save_checkpoint,
 )
+from bitmar_model.deprecation import DeprecatedNameWarning
 from bitmar_model.schedules import WarmupCosineSchedule, warmup_cosine_scheduler
 from bitmar_model.trainer import (
     ResumableBatchSampler,
@@ -32,6 +33,7 @@ from bitmar_model.trainer import (
     TrainingDivergedError,
     parameter_groups,
 )
+from bitmar_pipeline.config import DeprecatedConfigKeyWarning
 from tests.ddp_worker import (
     CountingDataset,
     TinyLM,
@@ -152,6 +154,26 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="warmup_steps"):
         TrainerConfig(warmup_steps=10, max_steps=10)
     assert TrainerConfig(betas=[0.8, 0.9]).betas == (0.8, 0.9)
+
+
+def test_config_accepts_the_names_before_the_rename_with_a_warning() -> None:
+    with pytest.warns(DeprecatedNameWarning, match=r"TrainerConfig\(\w+=...\) is deprecated; use") as caught:
+        config = TrainerConfig(grad_clip=0.5, grad_accumulation_steps=4, keep_last=2)
+    assert [str(w.message) for w in caught] == [
+        f"TrainerConfig({old}=...) is deprecated; use {new}"
+        for old, new in [
+            ("grad_clip", "max_grad_norm"),
+            ("grad_accumulation_steps", "gradient_accumulation_steps"),
+            ("keep_last", "keep_last_checkpoints"),
+        ]
+    ]
+    assert caught[0].filename == __file__  # points at the caller
+    assert config == TrainerConfig(max_grad_norm=0.5, gradient_accumulation_steps=4, keep_last_checkpoints=2)
+    with pytest.warns(FutureWarning, match="use keep_last_checkpoints"):
+        TrainerConfig(keep_last=None)
+    with pytest.raises(TypeError, match="grad_clip was renamed to max_grad_norm; pass only max_grad_norm"):
+        TrainerConfig(grad_clip=0.5, max_grad_norm=1.0)
+    assert DeprecatedConfigKeyWarning is DeprecatedNameWarning  # one class for renamed YAML keys and keywords
 
 
 # --- training -------------------------------------------------------------------------
