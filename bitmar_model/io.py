@@ -12,6 +12,7 @@ temporary file.
     publish_file(source, path)  fsync + rename + fsync dir, for a file written elsewhere
     atomic_directory(path)      context manager: a staging directory, swapped in on success
     replace_directory(staging, path)
+    publish_directory_once(staging, path)  rename in unless `path` is already there
     sha256_file(path)
 """
 
@@ -130,18 +131,37 @@ def replace_directory(staging: Path, path: Path) -> Path:
     return path
 
 
+def publish_directory_once(staging: Path, path: Path) -> bool:
+    """Rename the complete directory `staging` to `path` unless a non-empty `path` is already
+    there (another writer finished first): then `staging` is deleted and `path` kept. For builds
+    whose every result is identical, where racing writers must not pull a tree from under a reader."""
+    try:
+        Path(staging).rename(path)
+    except OSError:  # a directory cannot be renamed over a non-empty one
+        shutil.rmtree(staging, ignore_errors=True)
+        return False
+    fsync_directory(Path(path).parent)
+    return True
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, sync: bool = True, replace: bool = True) -> Iterator[Path]:
     """Yield an empty staging directory beside `path`; on a normal exit its files are fsynced
-    and it replaces `path`, on an exception it is deleted and `path` is untouched."""
+    and it replaces `path`, on an exception it is deleted and `path` is untouched.
+    `sync=False` skips the fsyncs of the files (bulk trees that can be redone); `replace=False`
+    keeps an existing `path` and drops the new tree (`publish_directory_once`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = temp_name(path)
     staging.mkdir()
     try:
         yield staging
-        fsync_tree(staging)
-        replace_directory(staging, path)
+        if sync:
+            fsync_tree(staging)
+        if replace:
+            replace_directory(staging, path)
+        else:
+            publish_directory_once(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -94,7 +94,7 @@ def test_reuse_and_regenerate(tmp_path: Path) -> None:
     assert len(list((tmp_path / "train2017").iterdir())) == 4
     assert json.loads(marker.read_text())["num_images"] == 4
     assert _hashes(tmp_path) != first
-    assert not list(tmp_path.glob(".sample-*"))
+    assert not list(tmp_path.glob(".sample-*")) and not list(tmp_path.glob(".tmp-*"))
 
 
 def test_incomplete_previous_run_is_rebuilt(tmp_path: Path) -> None:

@@ -135,6 +135,18 @@ def test_failed_directory_build_leaves_the_old_tree(tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == []
 
 
+def test_directory_published_once_keeps_the_first_writers_tree(tmp_path: Path) -> None:
+    target = tmp_path / "encoder"
+    with atomic_directory(target, replace=False) as first, atomic_directory(target, replace=False) as second:
+        (first / "w.bin").write_bytes(b"second to finish")
+        (second / "w.bin").write_bytes(b"first to finish")
+    assert (target / "w.bin").read_bytes() == b"first to finish"  # the later rename is dropped
+    assert _leftovers(tmp_path) == []
+    with atomic_directory(target, replace=False, sync=False) as third:
+        (third / "w.bin").write_bytes(b"new")
+    assert (target / "w.bin").read_bytes() == b"first to finish"
+
+
 def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     data = bytes(range(256)) * 5000  # more than one 1 MiB block
     path = tmp_path / "blob"

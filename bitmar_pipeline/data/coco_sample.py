@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from bitmar_model.io import atomic_directory
 from bitmar_pipeline.data.coco_layout import caption_file, image_dir, write_json_atomic
 
 # Bump when drawing or captioning changes, so existing sets with the same arguments are rebuilt.
@@ -129,14 +128,11 @@ def generate_sample_coco(
 
     _remove_previous(root, split, marker, annotations, images)
     write_json_atomic(marker, {**params, "complete": False})
-    # Images are rendered into a hidden staging folder and moved in with one rename.
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".sample-{split}-"))
-    try:
-        data = _render_split(staging / split, num_images, seed, image_size, split)
-        os.replace(staging / split, images)
-        write_json_atomic(annotations, data)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # Images are rendered into a hidden staging folder and moved in with one rename (no fsync
+    # per image: the marker says complete only after both, and an incomplete set is redone).
+    with atomic_directory(images, sync=False) as staging:
+        data = _render_split(staging, num_images, seed, image_size, split)
+    write_json_atomic(annotations, data)
     write_json_atomic(marker, {**params, "complete": True})
     return root
 
@@ -210,7 +206,7 @@ def _remove_previous(root: Path, split: str, marker: Path, annotations: Path, im
 def _render_split(
     folder: Path, num_images: int, seed: int, image_size: int, split: str
 ) -> dict[str, Any]:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
         rng = random.Random(f"bitmar-sample:{seed}:{split}:{index}")

@@ -17,8 +17,6 @@ import contextlib
 import hashlib
 import json
 import math
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,8 @@ from transformers import (
     Dinov2Config,
     Dinov2Model,
 )
+
+from bitmar_model.io import atomic_directory
 
 TINY_RANDOM = "tiny-random"
 # Sample images are 96 px: no resize or crop, 8 px patches (a 12 x 12 token map).
@@ -77,15 +77,11 @@ def build_tiny_random_encoder(directory: Path, seed: int = 0) -> Path:
     finally:
         torch.random.set_rng_state(generator_state)
     _lay_out_tiny_weights(model, torch.Generator().manual_seed(seed))
-    # A private temp name: parallel shard runs may build it at the same moment.
-    tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex}")
-    model.save_pretrained(tmp)
-    BitImageProcessorPil(**_TINY_PROCESSOR).save_pretrained(tmp)
-    try:
-        tmp.rename(directory)
-    except OSError:
-        # Another process finished first; its copy is identical (same seed and config).
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Parallel shard runs may build it at the same moment: the first to finish wins, the others'
+    # identical copies (same seed and config) are dropped, so no reader sees the folder swapped.
+    with atomic_directory(directory, replace=False) as staging:
+        model.save_pretrained(staging)
+        BitImageProcessorPil(**_TINY_PROCESSOR).save_pretrained(staging)
     return directory
 
 
