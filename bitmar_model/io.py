@@ -13,6 +13,8 @@ temporary file.
     atomic_directory(path)      context manager: a staging directory, swapped in on success
     replace_directory(staging, path)
     publish_directory_once(staging, path)  rename in unless `path` is already there
+    read_json(path, on_error)   parsed JSON, or the caller's error naming why not
+    check_stored_tensors(source, expected, stored)  a loaded state dict has the model's names and shapes
     sha256_file(path)
 """
 
@@ -24,7 +26,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,29 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> P
 def atomic_write_json(path: str | Path, data: Any, **dumps_options: Any) -> Path:
     """`json.dumps(data, **dumps_options)` written atomically as UTF-8."""
     return atomic_write_text(path, json.dumps(data, **dumps_options))
+
+
+def read_json(path: str | Path, on_error: Callable[[Exception], Exception]) -> Any:
+    """The parsed JSON of `path`; a file that cannot be read, decoded as UTF-8 or parsed raises
+    `on_error(cause)` (the caller's error type and message) from the cause."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise on_error(exc) from exc
+
+
+def check_stored_tensors(source: Path, expected: Mapping[str, Any], stored: Mapping[str, Any], noun: str) -> None:
+    """Raise ValueError naming `source` unless `stored` (tensors read from it) holds exactly the
+    names of `expected` (a module's state dict), each with the same shape; `noun` names an entry
+    in the message ("key", "tensor")."""
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: missing {noun}s {missing}, unexpected {noun}s {unexpected}")
+    for name, current in expected.items():
+        if stored[name].shape != current.shape:
+            raise ValueError(
+                f"{source}: {noun} {name!r} has shape {tuple(stored[name].shape)}, expected {tuple(current.shape)}"
+            )
 
 
 def fsync_tree(directory: Path) -> None:

@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bitmar_model.io import atomic_path
+from bitmar_model.io import atomic_path, check_stored_tensors
 
 FORMAT_NAME = "bitmar-episodic-memory"
 FORMAT_VERSION = 1
@@ -245,15 +245,7 @@ class EpisodicMemory(nn.Module):
 
     def _assign(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         # Check every key and shape first, so a bad file leaves the memory untouched.
-        expected = self.state_dict()
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
-        for name, current in expected.items():
-            if tensors[name].shape != current.shape:
-                raise ValueError(
-                    f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(current.shape)}"
-                )
+        check_stored_tensors(path, self.state_dict(), tensors, "tensor")
         self.load_state_dict(tensors)
 
 

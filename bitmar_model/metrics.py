@@ -145,6 +145,16 @@ class MetricWithCI(NamedTuple):
     n: int
 
 
+def ci_dict(metric: MetricWithCI) -> dict[str, float]:
+    """The metric as a report entry: value and interval rounded to 4 digits, and n."""
+    return {
+        "value": round(metric.value, 4),
+        "ci95_low": round(metric.low, 4),
+        "ci95_high": round(metric.high, 4),
+        "n": metric.n,
+    }
+
+
 def bootstrap_ci(
     metric_fn: Callable[..., float],
     *arrays: Any,

@@ -46,7 +46,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from bitmar_model.bitlinear import EPS, BitLinear, quantize_activations, ternarize
-from bitmar_model.io import atomic_write_bytes, atomic_write_json, sha256_file
+from bitmar_model.io import atomic_write_bytes, atomic_write_json, check_stored_tensors, read_json, sha256_file
 
 WEIGHTS_FILE = "model.packed.safetensors"
 CONFIG_FILE = "packed_config.json"
@@ -259,10 +259,7 @@ def save_packed(model: nn.Module, directory: str | Path, config: dict[str, Any])
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read packed config ({exc})") from exc
+    manifest = read_json(path, lambda exc: ValueError(f"{path}: cannot read packed config ({exc})"))
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not a {FORMAT_NAME} config")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -321,16 +318,8 @@ def load_packed_into(packed_model: nn.Module, directory: str | Path) -> dict[str
         if key not in expected or target not in stored:
             raise ValueError(f"{config_path}: alias {key!r} -> {target!r} does not match the model or {WEIGHTS_FILE}")
         stored[key] = stored[target]
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{weights_path}: missing keys {missing}, unexpected keys {unexpected}")
+    check_stored_tensors(weights_path, expected, stored, "key")
     for key, value in expected.items():
-        if stored[key].shape != value.shape:
-            raise ValueError(
-                f"{weights_path}: key {key!r} has shape {tuple(stored[key].shape)}, "
-                f"the model expects {tuple(value.shape)}"
-            )
         if key.endswith("packed_weight") and stored[key].dtype != torch.uint8:
             raise ValueError(f"{weights_path}: key {key!r} has dtype {stored[key].dtype}, expected torch.uint8")
         if stored[key].is_floating_point() != value.is_floating_point():

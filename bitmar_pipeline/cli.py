@@ -153,16 +153,11 @@ def run(config_file: str | None, selection: str | None, overrides: dict[str, Any
     return 1 if failed_checks else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bitmar", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="materialize assets (default: all) in-process")
-    run_parser.add_argument("--config", help="YAML profile (default: $BITMAR_CONFIG or the embedded sample profile)")
-    run_parser.add_argument(
-        "--select",
-        help="assets to materialize: a comma list (coco_raw,image_caption_pairs) or a Dagster selection (group:data)",
-    )
-    run_parser.add_argument(
+_CONFIG_HELP = "YAML profile (default: $BITMAR_CONFIG or the embedded sample profile)"
+
+
+def _add_overrides_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -170,8 +165,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a config value (repeatable)",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bitmar", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="materialize assets (default: all) in-process")
+    run_parser.add_argument("--config", help=_CONFIG_HELP)
+    run_parser.add_argument(
+        "--select",
+        help="assets to materialize: a comma list (coco_raw,image_caption_pairs) or a Dagster selection (group:data)",
+    )
+    _add_overrides_argument(run_parser)
     train_parser = commands.add_parser("train", help="materialize the training stages (the seed's train.py options)")
-    train_parser.add_argument("--config", help="YAML profile (default: $BITMAR_CONFIG or the embedded sample profile)")
+    train_parser.add_argument("--config", help=_CONFIG_HELP)
     train_parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (compute.device)")
     train_parser.add_argument(
         "--save-every-n-steps", type=int, help="checkpoint interval (training.save_every_n_steps)"
@@ -179,14 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument(
         "--select", default=",".join(TRAINING_STAGES), help=f"stages to run (default: {','.join(TRAINING_STAGES)})"
     )
-    train_parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
+    _add_overrides_argument(train_parser)
     add_predict_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "predict":

@@ -120,6 +120,22 @@ def parse_caption_annotations(data: dict[str, Any], source: Path) -> CaptionAnno
     )
 
 
+def _unique_id(
+    row: Any, collection: str, index: int, owner: dict[int, int], duplicate: str, problems: list[Problem]
+) -> int | None:
+    """The row's `id`; None (a problem appended) when it is not a valid id or an earlier row of
+    `collection` already holds it (`owner`: id -> that row's index)."""
+    key = f"{collection}[{index}]"
+    row_id = _row_id(row, "id", key, problems)
+    if row_id is None:
+        return None
+    if row_id in owner:
+        problems.append((key, duplicate, f"id {row_id} already used by {collection}[{owner[row_id]}]"))
+        return None
+    owner[row_id] = index
+    return row_id
+
+
 def _accepted_images(
     rows: list[Any], problems: list[Problem]
 ) -> tuple[dict[int, tuple[str, int | None, int | None]], dict[int, str]]:
@@ -128,21 +144,10 @@ def _accepted_images(
     image_owner: dict[int, int] = {}
     rejected_images: dict[int, str] = {}
     for index, row in enumerate(rows):
-        key = f"images[{index}]"
-        image_id = _row_id(row, "id", key, problems)
+        image_id = _unique_id(row, "images", index, image_owner, DUPLICATE_IMAGE_ID, problems)
         if image_id is None:
             continue
-        if image_id in image_owner:
-            problems.append(
-                (
-                    key,
-                    DUPLICATE_IMAGE_ID,
-                    f"id {image_id} already used by images[{image_owner[image_id]}]",
-                )
-            )
-            continue
-        image_owner[image_id] = index
-        reason = _check_image_row(row, key, problems)
+        reason = _check_image_row(row, f"images[{index}]", problems)
         if reason is not None:
             rejected_images[image_id] = reason
             continue
@@ -158,19 +163,9 @@ def _accepted_captions(
     caption_owner: dict[int, int] = {}
     for index, row in enumerate(rows):
         key = f"annotations[{index}]"
-        caption_id = _row_id(row, "id", key, problems)
+        caption_id = _unique_id(row, "annotations", index, caption_owner, DUPLICATE_CAPTION_ID, problems)
         if caption_id is None:
             continue
-        if caption_id in caption_owner:
-            problems.append(
-                (
-                    key,
-                    DUPLICATE_CAPTION_ID,
-                    f"id {caption_id} already used by annotations[{caption_owner[caption_id]}]",
-                )
-            )
-            continue
-        caption_owner[caption_id] = index
         image_id = _row_id(row, "image_id", key, problems)
         if image_id is None:
             continue

@@ -34,6 +34,7 @@ from bitmar_model.metrics import (
     MetricWithCI,
     bleu4,
     bootstrap_ci,
+    ci_dict,
     cider_d,
     confidence_target,
     expected_calibration_error,
@@ -59,7 +60,7 @@ from bitmar_pipeline.evaluation.figures import (
     reliability_diagram,
 )
 from bitmar_pipeline.evaluation.robustness import user_phrased_section
-from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, evaluate_reasoning
+from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, encode_prompts, evaluate_reasoning
 from bitmar_pipeline.storage import Storage
 from bitmar_pipeline.training.datasets import CaptionSet, load_caption_data, load_pipeline_tokenizer
 from bitmar_pipeline.training.reasoning_targets import evaluable_subtasks, format_prompt
@@ -77,15 +78,6 @@ class EvaluationResult:
     report: dict[str, Any]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
-
-
-def ci_dict(metric: MetricWithCI) -> dict[str, float]:
-    return {
-        "value": round(metric.value, 4),
-        "ci95_low": round(metric.low, 4),
-        "ci95_high": round(metric.high, 4),
-        "n": metric.n,
-    }
 
 
 def reasoning_quality(parsed: ParsedReasoning, task_text: str, gold: set[str]) -> dict[str, float]:
@@ -205,17 +197,8 @@ def multi_robot_section(
     if not items.texts:
         return {"n": 0, **counts}
     device = next(model.parameters()).device
-    encoded = tokenizer(
-        [format_prompt(t) for t in items.texts],
-        add_special_tokens=False,
-        padding=True,
-        truncation=True,
-        max_length=model.config.max_seq_len,
-        return_tensors="pt",
-    )
-    probs = (
-        model(encoded["input_ids"].to(device), encoded["attention_mask"].to(device)).robot_probs.float().cpu().numpy()
-    )
+    ids, mask = encode_prompts(tokenizer, items.texts, model.config.max_seq_len)
+    probs = model(ids.to(device), mask.to(device)).robot_probs.float().cpu().numpy()
     hits = np.array(
         [ROBOT_CLASSES[int(i)] in gold for i, gold in zip(probs.argmax(axis=1), items.gold, strict=True)], dtype=float
     )
@@ -332,20 +315,8 @@ def analysis_figures(
             "Fusion: caption tokens attending to vision tokens",
             out_dir / "cross_modal_attention.png",
         )
-    encoded = tokenizer(
-        [format_prompt(t) for t in task_prompts],
-        add_special_tokens=False,
-        padding=True,
-        truncation=True,
-        max_length=model.config.max_seq_len,
-        return_tensors="pt",
-    )
-    memory_attention = (
-        model(encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
-        .memory_attention.float()
-        .cpu()
-        .numpy()
-    )
+    ids, mask = encode_prompts(tokenizer, task_prompts, model.config.max_seq_len)
+    memory_attention = model(ids.to(device), mask.to(device)).memory_attention.float().cpu().numpy()
     figures["memory_attention"] = attention_map_figure(
         memory_attention,
         [str(k) for k in range(memory_attention.shape[1])],

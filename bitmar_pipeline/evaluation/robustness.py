@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
-from bitmar_model.metrics import MetricWithCI, bootstrap_ci
+from bitmar_model.metrics import bootstrap_ci, ci_dict
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import NO_ROBOT, ParsedReasoning, robots_mentioned_positively
 from bitmar_model.robots import ROBOT_CLASSES, normalize_robot_name
@@ -72,15 +72,6 @@ def _as_split(tasks: list[EvalTask], split: str) -> pd.DataFrame:
             "split": split,
         }
     )
-
-
-def _ci(metric: MetricWithCI) -> dict[str, float]:
-    return {
-        "value": round(metric.value, 4),
-        "ci95_low": round(metric.low, 4),
-        "ci95_high": round(metric.high, 4),
-        "n": metric.n,
-    }
 
 
 def _head_hits(evaluation: ReasoningEvaluation) -> np.ndarray:
@@ -130,11 +121,11 @@ def score_set(evaluation: ReasoningEvaluation, task_texts: list[str], n_resample
     return {
         "n": evaluation.n,
         "no_robot_tasks": sum(NO_ROBOT in g for g in evaluation.gold),
-        "head_top1": _ci(bootstrap_ci(np.mean, head, n_resamples=n_resamples)),
-        "head_exact_set": _ci(evaluation.metrics["head_exact_set"]),
-        "head_sample_f1": _ci(evaluation.metrics["head_sample_f1"]),
-        "text_hit": _ci(bootstrap_ci(np.mean, text, n_resamples=n_resamples)),
-        "relevance": _ci(bootstrap_ci(np.mean, relevances, n_resamples=n_resamples)),
+        "head_top1": ci_dict(bootstrap_ci(np.mean, head, n_resamples=n_resamples)),
+        "head_exact_set": ci_dict(evaluation.metrics["head_exact_set"]),
+        "head_sample_f1": ci_dict(evaluation.metrics["head_sample_f1"]),
+        "text_hit": ci_dict(bootstrap_ci(np.mean, text, n_resamples=n_resamples)),
+        "relevance": ci_dict(bootstrap_ci(np.mean, relevances, n_resamples=n_resamples)),
         "per_robot": _per_robot(evaluation, head, text),
         **evaluation_contradictions(evaluation.parsed),
         "contradiction_rule": CONTRADICTION_RULE,

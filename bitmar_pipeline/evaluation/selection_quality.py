@@ -53,9 +53,10 @@ class ReasoningEvaluation:
         )
 
 
-def _encode_prompts(
+def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of the tasks as prompts, right-padded and cut at `max_len`."""
     encoded = tokenizer(
         [format_prompt(t) for t in texts],
         add_special_tokens=False,
@@ -87,7 +88,7 @@ def evaluate_reasoning(
     probs, texts = [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows.iloc[start : start + batch_size]
-        ids, mask = _encode_prompts(tokenizer, chunk["task_text"].tolist(), model.config.max_seq_len)
+        ids, mask = encode_prompts(tokenizer, chunk["task_text"].tolist(), model.config.max_seq_len)
         ids, mask = ids.to(device), mask.to(device)
         probs.append(model(ids, mask).robot_probs.float().cpu().numpy())
         if generate:

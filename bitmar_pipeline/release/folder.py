@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import yaml
 
-from bitmar_model.io import atomic_directory, atomic_write_json, sha256_file
+from bitmar_model.io import atomic_directory, atomic_write_json, read_json, sha256_file
 from bitmar_model.packing import save_packed
 from bitmar_pipeline.config import PipelineConfig
 from bitmar_pipeline.markdown import markdown_table
@@ -85,10 +85,7 @@ def read_report(storage: Storage, filename: str, asset: str) -> dict[str, Any]:
     path = storage.path(REPORTS_DIR, filename)
     if not path.is_file():
         raise ReleaseError(f"{path} is missing: materialize {asset} before hub_release")
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReleaseError(f"{path}: cannot read the {asset} report ({exc})") from exc
+    report = read_json(path, lambda exc: ReleaseError(f"{path}: cannot read the {asset} report ({exc})"))
     if not isinstance(report, dict):
         raise ReleaseError(f"{path}: expected a JSON object of metrics, got {type(report).__name__}")
     return report

@@ -34,8 +34,8 @@ from huggingface_hub import snapshot_download
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from bitmar_model.io import read_json, sha256_file
 from bitmar_model.modeling import BitMarModel
-from bitmar_model.packing import sha256_file
 from bitmar_model.reasoning_format import parse_reasoning
 from bitmar_pipeline.config import ConfigError, DataConfig, load_config
 from bitmar_pipeline.data.images import open_rgb
@@ -79,10 +79,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise PredictionError(f"{folder} is not a BitMar release folder: {MANIFEST_FILE} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PredictionError(f"{path}: unreadable manifest ({exc})") from None
+    manifest = read_json(path, lambda exc: PredictionError(f"{path}: unreadable manifest ({exc})"))
     if (
         not isinstance(manifest, dict)
         or manifest.get("format") != FORMAT_NAME
