@@ -110,8 +110,11 @@ class VisionAdapter(nn.Module):
         self.feature_positions = nn.Parameter(
             torch.randn(1 + config.vision_num_patches, hidden) * config.initializer_range
         )
-        # Query 0 produces the pooled vector, the others the vision tokens.
-        self.queries = nn.Parameter(torch.randn(1 + config.num_vision_tokens, hidden))
+        # Query 0 produces the pooled vector, the others the vision tokens. Initialised at
+        # initializer_range like every other weight: at unit scale the query (added back by the
+        # residual) swamped the image-dependent attention output, so every image's pooled vector
+        # and vision tokens started near-identical (mean pairwise cosine 0.99 -> 0.44 at 0.02).
+        self.queries = nn.Parameter(torch.randn(1 + config.num_vision_tokens, hidden) * config.initializer_range)
         self.query_norm = RMSNorm(hidden)
         self.source_norm = RMSNorm(hidden)
         self.pool_attn = MultiHeadAttention(
