@@ -51,6 +51,8 @@ class BitMarConfig:
     # Reasoning and robot selection.
     reasoning_steps: int = 5
     num_robot_classes: int = NUM_ROBOT_CLASSES
+    # The decoder also cross-attends to the task's own tokens, so the reasoning can quote its cues.
+    decoder_reads_task: bool = True
     # Decoder attention: StreamingLLM-style sinks + sliding window bound the KV cache.
     attention_sink_tokens: int = 4
     sliding_window: int = 256

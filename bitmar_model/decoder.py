@@ -1,7 +1,8 @@
 """BitNet causal decoder conditioned on memory and vision, with bounded-memory generation.
 
 Each layer: causal self-attention (rotary, attention sinks + sliding window), cross-attention
-over a small context token set ([memory read-out, reasoning state, selection, fused vision tokens]),
+over a small context token set ([memory read-out, reasoning state, selection, fused vision tokens,
+and the task's own tokens when config.decoder_reads_task; padded task tokens are masked]),
 then an MLP. The token embedding and the (tied) LM head belong to BitMarModel and are
 passed in, since the encoder shares them.
 
@@ -28,6 +29,7 @@ from bitmar_model.layers import (
     RotaryEmbedding,
     causal_window_mask,
     frozen_bitlinear_weights,
+    key_padding_mask,
     positions_from_mask,
 )
 
@@ -36,6 +38,7 @@ from bitmar_model.layers import (
 class DecoderCache:
     self_attention: KVCache
     context_key_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, computed once
+    context_mask: torch.Tensor | None = None  # [B, 1, 1, C] bool key mask of the context, when it has padding
 
 
 @dataclass
@@ -77,6 +80,7 @@ class DecoderLayer(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor],
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None,
         context_key_value: tuple[torch.Tensor, torch.Tensor],
+        context_mask: torch.Tensor | None,
         output_attentions: bool,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         attn = self.self_attn(
@@ -88,7 +92,10 @@ class DecoderLayer(nn.Module):
         )
         hidden_states = hidden_states + self.dropout(attn.hidden_states)
         cross = self.cross_attn(
-            self.cross_norm(hidden_states), key_value=context_key_value, output_attentions=output_attentions
+            self.cross_norm(hidden_states),
+            key_value=context_key_value,
+            attn_mask=context_mask,
+            output_attentions=output_attentions,
         )
         hidden_states = hidden_states + self.dropout(cross.hidden_states)
         hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
@@ -115,14 +122,16 @@ class BitMarDecoder(nn.Module):
         attention_mask: torch.Tensor,
         context: torch.Tensor | None = None,
         *,
+        context_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: DecoderCache | None = None,
         use_cache: bool = False,
         output_attentions: bool = False,
     ) -> DecoderOutput:
         """inputs_embeds [B, T, hidden]; attention_mask [B, T] for these tokens; context
-        [B, C, hidden] (unused when `cache` holds its keys/values); position_ids [B, T]
-        (default: counted from the mask, continuing after the cache's newest position)."""
+        [B, C, hidden] and its mask [B, C] (1 = real token; None = all real), both unused when
+        `cache` holds their keys/values; position_ids [B, T] (default: counted from the mask,
+        continuing after the cache's newest position)."""
         cfg = self.config
         valid = attention_mask.bool()
         if position_ids is None:
@@ -131,13 +140,14 @@ class BitMarDecoder(nn.Module):
                 last = torch.where(cache.self_attention.valid, cache.self_attention.positions, -1).amax(1, keepdim=True)
                 position_ids = position_ids + last + 1
         if cache is not None:
-            context_kv = cache.context_key_values
+            context_kv, cross_mask = cache.context_key_values, cache.context_mask
             key_positions = torch.cat((cache.self_attention.positions, position_ids), dim=1)
             key_valid = torch.cat((cache.self_attention.valid, valid), dim=1)
         else:
             if context is None:
                 raise ValueError("BitMarDecoder: `context` is required when no cache is given")
             context_kv = self.context_key_values(context)
+            cross_mask = None if context_mask is None else key_padding_mask(context_mask)
             key_positions, key_valid = position_ids, valid
         self_mask = causal_window_mask(
             position_ids, key_positions, key_valid, cfg.attention_sink_tokens, cfg.sliding_window
@@ -154,6 +164,7 @@ class BitMarDecoder(nn.Module):
                 rotary=rotary,
                 past_key_value=past,
                 context_key_value=context_kv[i],
+                context_mask=cross_mask,
                 output_attentions=output_attentions,
             )
             keys.append(k)
@@ -164,7 +175,7 @@ class BitMarDecoder(nn.Module):
         new_cache = None
         if use_cache:
             kv = KVCache(keys=keys, values=values, positions=key_positions, valid=key_valid)
-            new_cache = DecoderCache(kv.trimmed(cfg.attention_sink_tokens, cfg.sliding_window), context_kv)
+            new_cache = DecoderCache(kv.trimmed(cfg.attention_sink_tokens, cfg.sliding_window), context_kv, cross_mask)
         return DecoderOutput(
             last_hidden_state=self.norm(hidden_states),
             cache=new_cache,
@@ -180,6 +191,7 @@ class BitMarDecoder(nn.Module):
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
         *,
+        context_mask: torch.Tensor | None = None,
         max_new_tokens: int = 64,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -214,7 +226,14 @@ class BitMarDecoder(nn.Module):
         # small-batch GEMV several times faster on CPU than F.linear over the [vocab, hidden] table.
         head = embed_tokens.weight.t().contiguous()
         with frozen_bitlinear_weights(self):
-            out = self(embed_tokens(prompt_ids), prompt_mask, context, position_ids=positions, use_cache=use_cache)
+            out = self(
+                embed_tokens(prompt_ids),
+                prompt_mask,
+                context,
+                context_mask=context_mask,
+                position_ids=positions,
+                use_cache=use_cache,
+            )
             hidden = out.last_hidden_state[rows, last_index]
             cache = out.cache
             seq = (prompt_ids, prompt_mask, positions)  # the whole sequence, for use_cache=False
@@ -236,27 +255,28 @@ class BitMarDecoder(nn.Module):
                     finished = finished | (token == eos_token_id)
                 if step == max_new_tokens - 1 or bool(finished.all()):
                     break
-                new_mask = torch.ones_like(token)[:, None]
                 if use_cache:
-                    out = self(
-                        embed_tokens(token[:, None]),
-                        new_mask,
-                        position_ids=next_position[:, None],
-                        cache=cache,
-                        use_cache=True,
-                    )
-                    cache = out.cache
-                    hidden = out.last_hidden_state[:, -1]
+                    hidden, cache = self._step_cached(embed_tokens, token, next_position, cache)
                 else:
-                    hidden, seq = self._recompute_last(embed_tokens, context, seq, token, next_position)
+                    hidden, seq = self._recompute_last(embed_tokens, context, context_mask, seq, token, next_position)
                 next_position = next_position + 1
 
         return _generation_output(prompt_ids, prompt_mask, tokens, token_masks, log_probs if return_log_probs else None)
+
+    def _step_cached(
+        self, embed_tokens: nn.Embedding, token: torch.Tensor, position: torch.Tensor, cache: DecoderCache
+    ) -> tuple[torch.Tensor, DecoderCache]:
+        """Feed one new token per row ([B]) at `position` through the cache: its last hidden state
+        and the grown cache."""
+        new_mask = torch.ones_like(token)[:, None]
+        out = self(embed_tokens(token[:, None]), new_mask, position_ids=position[:, None], cache=cache, use_cache=True)
+        return out.last_hidden_state[:, -1], out.cache
 
     def _recompute_last(
         self,
         embed_tokens: nn.Embedding,
         context: torch.Tensor,
+        context_mask: torch.Tensor | None,
         seq: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         token: torch.Tensor,
         position: torch.Tensor,
@@ -267,7 +287,7 @@ class BitMarDecoder(nn.Module):
         ids = torch.cat((ids, token[:, None]), dim=1)
         mask = torch.cat((mask, torch.ones_like(token)[:, None]), dim=1)
         positions = torch.cat((positions, position[:, None]), dim=1)
-        out = self(embed_tokens(ids), mask, context, position_ids=positions)
+        out = self(embed_tokens(ids), mask, context, context_mask=context_mask, position_ids=positions)
         return out.last_hidden_state[:, -1], (ids, mask, positions)
 
 

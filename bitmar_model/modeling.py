@@ -11,7 +11,7 @@ Data flow of `forward`:
     [memory token, fused text, fused vision] -> reasoning -> robot logits, value, thought scores
                       (the selection head also reads the input's mean token embedding)
     decoder_input_ids -> decoder (cross-attends to [memory token, reasoning state, selection
-                      token, fused vision]) -> tied LM head -> logits
+                      token, fused vision, task tokens]) -> tied LM head -> logits
 
 The LM head is tied to the token embedding and kept in full precision: BitNet quantizes
 the transformer's linear layers but not the embedding and output head, and at this size
@@ -43,7 +43,7 @@ from bitmar_model.config import BitMarConfig
 from bitmar_model.decoder import BitMarDecoder, GenerationOutput, token_log_probs
 from bitmar_model.encoder import BitMarEncoder
 from bitmar_model.fusion import CrossModalFusion, FusionOutput, masked_mean
-from bitmar_model.layers import RMSNorm, make_linear
+from bitmar_model.layers import RMSNorm, make_linear, positions_from_mask
 from bitmar_model.memory import EpisodicMemory, MemoryReadout
 from bitmar_model.packing import model_bytes_report
 from bitmar_model.reasoning import ReasoningModule, ReasoningOutput
@@ -58,7 +58,7 @@ from bitmar_model.vision_adapter import (
 IGNORE_INDEX = -100
 # Bump when forward semantics change without changing parameter shapes (e.g. what the
 # decoder attends to): trained checkpoints of an older revision must not be resumed.
-MODEL_REVISION = 5
+MODEL_REVISION = 6
 
 
 @dataclass
@@ -97,7 +97,8 @@ class _Conditioning:
     fusion: FusionOutput
     memory: MemoryReadout
     reasoning: ReasoningOutput
-    decoder_context: torch.Tensor  # [B, 2 + num_vision_tokens, hidden]
+    decoder_context: torch.Tensor  # [B, 3 + num_vision_tokens (+ T task tokens), hidden]
+    decoder_context_mask: torch.Tensor | None  # [B, C], 1 = real token; None when nothing is padded
     attentions: dict[str, Any] | None
 
 
@@ -168,6 +169,10 @@ class BitMarModel(
         self.reasoning_norm = RMSNorm(hidden)
         self.selection_embed = nn.Linear(config.num_robot_classes, hidden)
         self.selection_norm = RMSNorm(hidden)
+        if config.decoder_reads_task:
+            # Cross-attention has no positions of its own: the task tokens carry learned ones.
+            self.task_positions = nn.Embedding(config.max_seq_len, hidden)
+            self.task_norm = RMSNorm(hidden)
         self.decoder = BitMarDecoder(config)
         for module in self.modules():
             self._init_module(module)
@@ -274,6 +279,11 @@ class BitMarModel(
             ),
             dim=1,
         )
+        decoder_context_mask = None
+        if self.config.decoder_reads_task:
+            decoder_context, decoder_context_mask = self._append_task_tokens(
+                decoder_context, embedded, attention_mask
+            )
 
         attentions = None
         if output_attentions:
@@ -286,7 +296,19 @@ class BitMarModel(
                 "reasoning_context": reasoning.context_attention,
                 "reasoning_robots": reasoning.robot_attention,
             }
-        return _Conditioning(vision, fused, memory, reasoning, decoder_context, attentions)
+        return _Conditioning(vision, fused, memory, reasoning, decoder_context, decoder_context_mask, attentions)
+
+    def _append_task_tokens(
+        self, context: torch.Tensor, embedded: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder context followed by the task's token embeddings (with learned positions),
+        and the context's mask. Token embeddings rather than encoder states, so this path adds
+        no new route from the LM loss into the encoder the selection head reads: only into the
+        embedding table, which the tied LM head trains anyway."""
+        # Counted over real tokens, so a left-padded row gets the positions it has alone.
+        task = self.task_norm(embedded + self.task_positions(positions_from_mask(attention_mask)))
+        mask = torch.cat((attention_mask.new_ones(context.shape[:2]), attention_mask), dim=1)
+        return torch.cat((context, task), dim=1), mask
 
     # ------------------------------------------------------------------ forward
 
@@ -321,6 +343,7 @@ class BitMarModel(
                 self.embed_dropout(self.embed_tokens(decoder_input_ids)),
                 decoder_attention_mask,
                 cond.decoder_context,
+                context_mask=cond.decoder_context_mask,
                 output_attentions=output_attentions,
             )
             logits = F.linear(dec.last_hidden_state, self.embed_tokens.weight)
@@ -394,6 +417,7 @@ class BitMarModel(
             cond.decoder_context,
             decoder_input_ids,
             decoder_attention_mask,
+            context_mask=cond.decoder_context_mask,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,

@@ -163,6 +163,9 @@ class ModelSection(_Section):
     sliding_window: int = Field(default=_MODEL.sliding_window, gt=0)
     dropout: float = Field(default=_MODEL.dropout, ge=0.0, lt=1.0)
     quantized: bool = _MODEL.quantized
+    decoder_reads_task: bool = Field(
+        default=_MODEL.decoder_reads_task, description="The decoder cross-attends to the task's tokens too."
+    )
 
 
 class StageSchedule(_Section):
@@ -203,6 +206,10 @@ class TrainingConfig(_Section):
             "reasoning_sft also trains captioning on pretraining pairs with this weight, "
             "so the decoder keeps captioning (0: off)."
         ),
+    )
+    capability_examples: bool = Field(
+        default=False,
+        description="reasoning_sft also trains on short tasks built from the robots' capability text.",
     )
     caption_rehearsal_batch_size: int = Field(
         default=8, gt=0, description="Caption pairs joined to each reasoning_sft batch."

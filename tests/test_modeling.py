@@ -75,7 +75,8 @@ def test_output_shapes() -> None:
     assert att["reasoning_context"].shape == (b, cfg.reasoning_steps, 1 + t + n)
     assert att["reasoning_robots"].shape == (b, cfg.reasoning_steps, r)
     assert att["decoder_self"][0].shape == (b, heads, 6, 6)
-    assert att["decoder_cross"][0].shape == (b, heads, 6, 3 + n)  # memory, reasoning state, selection, vision
+    # memory, reasoning state, selection, vision, then the task's tokens
+    assert att["decoder_cross"][0].shape == (b, heads, 6, 3 + n + t)
 
 
 def test_text_only_forward_and_tuple_features() -> None:

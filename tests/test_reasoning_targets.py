@@ -22,6 +22,7 @@ from bitmar_pipeline.training.reasoning_targets import (
     EVALUATED_ROBOTS,
     build_reasoning_target,
     build_sft_examples,
+    capability_examples,
     evaluable_subtasks,
     format_prompt,
 )
@@ -316,3 +317,18 @@ def test_real_evaluable_subtasks_never_were_sft_prompts(real_examples, robot_dat
     # The public plans reuse a small set of subtask texts across splits: most held-out
     # subtask prompts are verbatim training prompts and are not evaluated.
     assert counts == {"validation": (0, 28), "test": (4, 28)}
+
+
+def test_capability_examples_label_each_phrase_with_every_robot_that_lists_it():
+    examples = capability_examples(PROFILES)
+    by_text = {e.prompt: e for e in examples}
+    for robot, profile in PROFILES.items():
+        for phrase in profile["capabilities"]:
+            example = by_text[format_prompt(f"a task that needs {phrase.lower()}")]
+            assert robot in example.robots
+        for phrase in profile["environments"]:
+            owners = {r for r, p in PROFILES.items() if phrase.lower() in (e.lower() for e in p["environments"])}
+            assert set(by_text[format_prompt(f"a task in {phrase.lower()}")].robots) == owners
+    assert {r for e in examples for r in e.robots} == set(PROFILES)
+    for example in examples:  # the target says what the label says
+        assert set(parse_reasoning(example.target).robots) == set(example.robots)

@@ -63,7 +63,7 @@ class SftExample:
     prompt: str
     target: str
     robots: list[str]
-    kind: Literal["task", "subtask"]
+    kind: Literal["task", "subtask", "capability"]
 
 
 def format_prompt(task_text: str) -> str:
@@ -306,6 +306,34 @@ def build_sft_examples(
                 ),
                 robots=[row["robot"]],
                 kind="subtask",
+            )
+        )
+    return examples
+
+
+_CAPABILITY_TEMPLATES = (("capabilities", "a task that needs {}"), ("environments", "a task in {}"))
+
+
+def capability_examples(capabilities: Profiles) -> list[SftExample]:
+    """Short tasks built from the fleet's own descriptions ("a task that needs aerial
+    inspection", "a task in uneven terrain"), each labelled with every robot whose profile
+    lists the phrase: label-balanced examples of the capability words, which the training
+    tasks use only in part and with skewed labels."""
+    owners: dict[str, set[str]] = {}
+    for robot, profile in capabilities.items():
+        for field, template in _CAPABILITY_TEMPLATES:
+            for phrase in profile.get(field, ()):
+                owners.setdefault(template.format(phrase.strip().lower()), set()).add(robot)
+    examples = []
+    for text, robots in sorted(owners.items()):
+        ordered = _ordered(sorted(robots))
+        examples.append(
+            SftExample(
+                task_id=f"capability:{text}",
+                prompt=format_prompt(text),
+                target=build_reasoning_target(text, ordered, capabilities, None),
+                robots=ordered,
+                kind="capability",
             )
         )
     return examples

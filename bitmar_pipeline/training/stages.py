@@ -53,7 +53,7 @@ from bitmar_pipeline.training.datasets import (
     load_caption_data,
     load_pipeline_tokenizer,
 )
-from bitmar_pipeline.training.reasoning_targets import build_sft_examples, format_prompt
+from bitmar_pipeline.training.reasoning_targets import build_sft_examples, capability_examples, format_prompt
 
 PRETRAIN, SFT, GRPO = "multimodal_pretrain", "reasoning_sft", "grpo_policy"
 STAGE_INFO_FILE = "bitmar_stage.json"
@@ -215,7 +215,13 @@ def run_multimodal_pretrain(
             "stage": PRETRAIN,
             "model": model_config.to_dict(),
             "training": config.training.model_dump(
-                exclude={"sft", "selection_loss_weight", "caption_rehearsal_weight", "caption_rehearsal_batch_size"}
+                exclude={
+                    "sft",
+                    "selection_loss_weight",
+                    "caption_rehearsal_weight",
+                    "caption_rehearsal_batch_size",
+                    "capability_examples",
+                }
             ),
             "data": data_files_fingerprint(data_files),
             "encoder": encoder_fingerprint,
@@ -304,6 +310,8 @@ def run_reasoning_sft(
     tokenizer = load_pipeline_tokenizer(storage)
     tasks, subtasks, capabilities = _robot_tables(storage)
     examples = build_sft_examples(tasks, subtasks, capabilities, split="train")
+    if training.capability_examples:
+        examples += capability_examples(capabilities)
     sft_set = build_sft_set(examples, tokenizer, MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS)
     dataset: SftSet | RehearsalSftSet = sft_set
     model = load_stage_model(storage, PRETRAIN)
