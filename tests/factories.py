@@ -83,6 +83,7 @@ TASKS = [
 
 
 EVALUATION = {
+    "calibration": {"method": "platt", "a": 0.5, "b": 0.2, "fitted_on": "validation", "n": 3},
     "robot_selection": {
         "test": {
             "n": 3,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bitmar_model.calibration import PlattCalibration
 from bitmar_model.robots import ROBOT_CLASSES
 from bitmar_pipeline.release.inference import (
     Prediction,
@@ -58,7 +59,8 @@ def test_readme_lines(released: Storage, monkeypatch: pytest.MonkeyPatch, capsys
 def test_prediction_fields(predictor: Predictor) -> None:
     prediction = predictor.predict("Survey a wide field from above", max_new_tokens=12)
     assert list(prediction.probabilities) == list(ROBOT_CLASSES)
-    assert prediction.robots and prediction.confidence == max(prediction.probabilities.values())
+    assert prediction.robots
+    assert prediction.confidence == predictor.shown_confidence(max(prediction.probabilities.values()))
     assert all(prediction.probabilities[r] >= 0.5 for r in prediction.robots) or len(prediction.robots) == 1
     assert isinstance(prediction.reasoning, str) and isinstance(prediction.reasoning_well_formed, bool)
     assert isinstance(prediction.reasoning_quality, float) and not prediction.truncated
@@ -171,3 +173,13 @@ def test_cli_text_json_and_errors(released: Storage, image: Path, capsys: pytest
         captured = capsys.readouterr()
         assert captured.err.startswith("bitmar: ") and message in captured.err and "Traceback" not in captured.err
         assert captured.out == ""
+
+
+def test_shown_confidence_is_the_release_calibration_of_the_head_probability(predictor: Predictor):
+    assert predictor.manifest["calibration"]["method"] == "platt"
+    assert predictor.calibration == PlattCalibration(a=0.5, b=0.2)
+    prediction = predictor.predict("Inspect underwater pipelines", max_new_tokens=4)
+    top = max(prediction.probabilities.values())
+    assert prediction.confidence_calibrated
+    assert prediction.confidence == pytest.approx(float(PlattCalibration(a=0.5, b=0.2)(top)))
+    assert prediction.confidence != pytest.approx(top)

@@ -34,6 +34,7 @@ from huggingface_hub import snapshot_download
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from bitmar_model.calibration import PlattCalibration
 from bitmar_model.io import read_json, sha256_file
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import parse_reasoning
@@ -60,7 +61,8 @@ class Prediction:
     task: str
     robots: list[str]  # selection head (select_robots): >= 0.5 and the best, or "No Robot" alone
     probabilities: dict[str, float]  # per robot class (independent sigmoids)
-    confidence: float  # probability of the most probable robot
+    confidence: float  # probability of the most probable robot, calibrated when the release is
+    confidence_calibrated: bool  # the release holds a calibration fitted on validation (manifest)
     reasoning: str  # generated tagged reasoning
     reasoning_well_formed: bool
     reasoning_robots: list[str]  # the selection written in the text
@@ -132,6 +134,15 @@ class Predictor:
         self.tokenizer = tokenizer
         self.vision_model = vision_model
         self._vision: VisionEncoder | None = None
+        fitted = manifest.get("calibration")
+        self.calibration = None if fitted is None else PlattCalibration.from_dict(fitted)
+
+    def shown_confidence(self, top_probability: float) -> float:
+        """The head's top-choice probability as users see it: calibrated on validation when the
+        release says how (manifest "calibration"), else as the head gives it."""
+        if self.calibration is None:
+            return float(top_probability)
+        return float(self.calibration(top_probability))
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -199,7 +210,8 @@ class Predictor:
             task=task,
             robots=analysis["selections"][0],
             probabilities=probabilities,
-            confidence=max(probabilities.values()),
+            confidence=self.shown_confidence(max(probabilities.values())),
+            confidence_calibrated=self.calibration is not None,
             reasoning=text,
             reasoning_well_formed=parsed.well_formed,
             reasoning_robots=parsed.robots,

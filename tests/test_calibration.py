@@ -1,0 +1,48 @@
+"""Platt scaling of the head's top-choice probability."""
+
+import numpy as np
+import pytest
+
+from bitmar_model.calibration import PlattCalibration
+from bitmar_model.metrics import expected_calibration_error
+
+
+def overconfident(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stated p, right with probability p**3: confidently wrong, like an overfitted head."""
+    rng = np.random.default_rng(seed)
+    stated = rng.uniform(0.3, 0.999, n)
+    return stated, (rng.uniform(size=n) < stated**3).astype(float)
+
+
+def test_fitted_calibration_lowers_held_out_ece():
+    fit_conf, fit_right = overconfident(seed=0)
+    test_conf, test_right = overconfident(seed=1)
+    calibration = PlattCalibration.fit(fit_conf, fit_right)
+    before = expected_calibration_error(test_conf, test_right)
+    after = expected_calibration_error(calibration(test_conf), test_right)
+    assert before > 0.1 and after < before / 2, (before, after)
+
+
+def test_calibrated_input_is_left_about_alone():
+    rng = np.random.default_rng(2)
+    stated = rng.uniform(0.05, 0.95, 4000)
+    calibration = PlattCalibration.fit(stated, (rng.uniform(size=4000) < stated).astype(float))
+    assert calibration.a == pytest.approx(1.0, abs=0.15) and calibration.b == pytest.approx(0.0, abs=0.15)
+
+
+def test_all_right_validation_gives_finite_parameters_and_round_trips():
+    calibration = PlattCalibration.fit(np.array([0.6, 0.7, 0.9]), np.ones(3))
+    assert np.isfinite([calibration.a, calibration.b]).all()
+    assert PlattCalibration.from_dict(calibration.to_dict()) == calibration
+    assert PlattCalibration()(np.array([0.25]))[0] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="unknown method"):
+        PlattCalibration.from_dict({"method": "isotonic"})
+
+
+def test_report_section_fits_on_validation_and_scores_both_splits():
+    from bitmar_pipeline.evaluation.report import calibration_section
+
+    section = calibration_section(overconfident(400, seed=3), overconfident(400, seed=4))
+    assert section["fitted_on"] == "validation" and section["n"] == 400
+    assert PlattCalibration.from_dict(section) == PlattCalibration.fit(*overconfident(400, seed=3))
+    assert section["test_ece_after"] < section["test_ece_before"]
