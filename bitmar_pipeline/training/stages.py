@@ -192,6 +192,12 @@ def retrieval_metrics(model: BitMarModel, heldout: CaptionSet, batch_size: int =
     }
 
 
+# Settings only reasoning SFT reads: changing them must not retrain (or refuse) pretraining.
+SFT_ONLY_TRAINING_KEYS = frozenset(
+    {"sft", "selection_loss_weight", "caption_rehearsal_weight", "caption_rehearsal_batch_size", "capability_examples"}
+)
+
+
 def run_multimodal_pretrain(
     config: PipelineConfig,
     storage: Storage,
@@ -214,15 +220,7 @@ def run_multimodal_pretrain(
         {
             "stage": PRETRAIN,
             "model": model_config.to_dict(),
-            "training": config.training.model_dump(
-                exclude={
-                    "sft",
-                    "selection_loss_weight",
-                    "caption_rehearsal_weight",
-                    "caption_rehearsal_batch_size",
-                    "capability_examples",
-                }
-            ),
+            "training": config.training.model_dump(exclude=SFT_ONLY_TRAINING_KEYS),
             "data": data_files_fingerprint(data_files),
             "encoder": encoder_fingerprint,
             "architecture": architecture_digest(model),
