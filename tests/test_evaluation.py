@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from bitmar_model.config import BitMarConfig
+from bitmar_model.decoder import GenerationOutput
 from bitmar_model.metrics import bootstrap_ci
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import ReasoningTrace, format_reasoning, parse_reasoning
 from bitmar_model.robots import ROBOT_CLASSES
-from bitmar_pipeline.evaluation.report import multi_robot_section, reasoning_section
+from bitmar_pipeline.evaluation.report import multi_robot_section, reasoning_section, vision_language_section
 from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, evaluate_reasoning
 from bitmar_pipeline.text.tokenizer import train_bpe_tokenizer
+from bitmar_pipeline.training.datasets import CaptionSet
 
 TASKS = pd.DataFrame(
     {
@@ -101,3 +103,27 @@ def test_head_selections_never_combine_no_robot_with_robots(tiny) -> None:
         model, tokenizer, TASKS.assign(task_key=TASKS["task_text"]), "test", generate=False, n_resamples=50
     )
     assert model_eval.head_selections == [["Drone"], ["Drone"]]
+
+
+def test_vision_language_section_reports_captions_naming_a_drawn_object(tiny, monkeypatch) -> None:
+    """caption_names_object: share of held-out images whose caption names a drawn colour + shape."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    config = model.config
+    captions = [tokenizer.encode(t, add_special_tokens=False) for t in ("a red ball", "a blue box", "a red box")]
+    heldout = CaptionSet(
+        np.arange(3), np.arange(3), torch.zeros(3, config.vision_feature_dim),
+        torch.zeros(3, config.vision_num_patches, config.vision_feature_dim),
+        captions, captions, captions[0], tokenizer.pad_token_id,
+    )
+
+    def generate(prompt_ids, *args, **kwargs) -> GenerationOutput:  # the reference captions, in order
+        ids = torch.tensor([c + [tokenizer.pad_token_id] * (16 - len(c)) for c in captions])
+        return GenerationOutput(ids, ids != tokenizer.pad_token_id, ids, (ids != tokenizer.pad_token_id).long(), None)
+
+    monkeypatch.setattr(model, "generate", generate)
+    scene = {"objects": [{"color": "red", "shape": "circle"}]}  # "ball" is a circle word
+    scenes = {0: scene, 1: scene, 2: {"objects": [{"color": "red", "shape": "square"}]}}
+    section = vision_language_section(model, tokenizer, heldout, {}, max_images=3, scenes=scenes)
+    assert section["caption_names_object"] == pytest.approx(2 / 3, abs=1e-4)
+    assert "caption_names_object" not in vision_language_section(model, tokenizer, heldout, {}, max_images=3)

@@ -16,8 +16,9 @@ Format compliance is the share of well-formed texts (bitmar_model.reasoning_form
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from bitmar_model.reasoning_format import (
 from bitmar_model.robots import ROBOT_CLASSES
 from bitmar_pipeline.config import EvaluationThresholds, PipelineConfig
 from bitmar_pipeline.data.coco import manifest_shards
+from bitmar_pipeline.data.coco_layout import caption_file
 from bitmar_pipeline.evaluation.baselines import MajorityBaseline, TfidfLogisticBaseline, evaluate_selection
 from bitmar_pipeline.evaluation.figures import (
     attention_map_figure,
@@ -62,6 +64,7 @@ from bitmar_pipeline.evaluation.figures import (
 )
 from bitmar_pipeline.evaluation.robustness import user_phrased_section
 from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, encode_prompts, evaluate_reasoning
+from bitmar_pipeline.features.probe import caption_names_object
 from bitmar_pipeline.storage import Storage
 from bitmar_pipeline.training.datasets import CaptionSet, load_caption_data, load_pipeline_tokenizer
 from bitmar_pipeline.training.reasoning_targets import evaluable_subtasks, format_prompt
@@ -217,6 +220,24 @@ def multi_robot_section(
     }
 
 
+def sample_scenes(
+    config: PipelineConfig, storage: Storage, image_hashes: Sequence[str]
+) -> dict[int, dict[str, Any]] | None:
+    """The drawn scene of each caption image key (index into `image_hashes`) for the generated
+    sample set; None for real COCO, whose images have no scene description, or when the
+    generated annotations are no longer on disk."""
+    path = caption_file(config.resolved_coco_root(), "train2017")  # the sample set's one split
+    if config.data.coco.source != "sample" or not path.is_file():
+        return None
+    images = json.loads(path.read_text(encoding="utf-8"))["images"]
+    scene_of_id = {image["id"]: image["scene"] for image in images if "scene" in image}
+    pairs = storage.read_table(
+        "image_caption_pairs", columns=["image_id", "content_hash"], partitions=manifest_shards(storage)
+    )
+    id_of_hash = dict(zip(pairs["content_hash"], pairs["image_id"], strict=True))
+    return {key: scene_of_id[id_of_hash[h]] for key, h in enumerate(image_hashes) if id_of_hash.get(h) in scene_of_id}
+
+
 @torch.no_grad()
 def vision_language_section(
     model: BitMarModel,
@@ -225,9 +246,12 @@ def vision_language_section(
     retrieval: dict[str, float],
     max_images: int,
     batch_size: int = 32,
+    scenes: Mapping[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Retrieval (computed by the caller on the same held-out pairs), caption perplexity, and
-    BLEU-4 / CIDEr-D of greedy captions for up to `max_images` held-out images."""
+    BLEU-4 / CIDEr-D of greedy captions for up to `max_images` held-out images. With `scenes`
+    (the sample profile's drawn scene per held-out image key), also the share of captions that
+    name a drawn object's colour and shape (`caption_names_object`)."""
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(heldout), batch_size):
@@ -263,8 +287,13 @@ def vision_language_section(
         tokens = out.new_tokens.masked_fill(out.new_token_mask == 0, tokenizer.pad_token_id)
         hypotheses += tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
     refs = [references[i] for i in images]
+    grounding: dict[str, float] = {}
+    if scenes is not None:
+        named = [caption_names_object(h, scenes[i]) for h, i in zip(hypotheses, images, strict=True) if i in scenes]
+        grounding = {"caption_names_object": round(float(np.mean(named)), 4) if named else 0.0}
     return {
         **{k: round(float(v), 4) for k, v in retrieval.items()},
+        **grounding,
         "caption_perplexity": round(perplexity(total_nll, total_tokens), 3),
         "bleu4": round(bleu4(refs, hypotheses), 4),
         "cider_d": round(cider_d(refs, hypotheses), 4),
@@ -478,14 +507,15 @@ def build_evaluation_report(
         config.training.heldout_fraction,
     )
     heldout, max_images = captions.heldout, config.evaluation.max_caption_images
+    scenes = sample_scenes(config, storage, captions.image_hashes)
     result.report["vision_language"] = vision_language_section(
-        model, tokenizer, heldout, retrieval_metrics(model, heldout), max_images
+        model, tokenizer, heldout, retrieval_metrics(model, heldout), max_images, scenes=scenes
     )
     # The same measured on the pretrained model: the reasoning stages train the decoder on
     # reasoning text only, so the gap shows what they cost in captioning and retrieval.
     pretrained = load_stage_model(storage, PRETRAIN).eval()
     result.report["vision_language_after_pretraining"] = vision_language_section(
-        pretrained, tokenizer, heldout, retrieval_metrics(pretrained, heldout), max_images
+        pretrained, tokenizer, heldout, retrieval_metrics(pretrained, heldout), max_images, scenes=scenes
     )
     test_tasks = tasks[tasks["split"] == "test"].drop_duplicates("task_key")["task_text"].tolist()[:16]
     figures, memory = analysis_figures(model, tokenizer, heldout, test_tasks, out_dir)

@@ -140,6 +140,7 @@ class CaptionData:
     feature_dim: int
     num_patches: int
     images: int
+    image_hashes: tuple[str, ...] = ()  # content hash of each image key (CaptionSet.image_ids)
 
 
 def load_caption_data(
@@ -174,7 +175,7 @@ def load_caption_data(
     prompt = _encode(tokenizer, [CAPTION_PROMPT], max_len, add_bos_eos=False)[0]
     cls_t, patches_t = torch.from_numpy(cls), torch.from_numpy(patches)
     # Image ids can repeat across COCO splits; the content hash cannot, so it identifies images.
-    image_keys = pd.factorize(pairs["content_hash"])[0]
+    image_keys, image_hashes = pd.factorize(pairs["content_hash"])
 
     def subset(mask: np.ndarray) -> CaptionSet:
         chosen = np.flatnonzero(mask)
@@ -188,7 +189,9 @@ def load_caption_data(
             f"{len(pairs)} pairs cannot be split into train and held-out with "
             f"training.heldout_fraction={heldout_fraction}"
         )
-    return CaptionData(subset(~heldout), subset(heldout), cls.shape[1], patches.shape[1], len(row_of_hash))
+    return CaptionData(
+        subset(~heldout), subset(heldout), cls.shape[1], patches.shape[1], len(row_of_hash), tuple(image_hashes)
+    )
 
 
 @dataclass
