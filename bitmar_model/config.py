@@ -53,6 +53,8 @@ class BitMarConfig:
     num_robot_classes: int = NUM_ROBOT_CLASSES
     # The decoder also cross-attends to the task's own tokens, so the reasoning can quote its cues.
     decoder_reads_task: bool = True
+    # ... and its output head can copy the task's tokens (pointer-generator, bitmar_model.copying).
+    decoder_copies_task: bool = True
     # Decoder attention: StreamingLLM-style sinks + sliding window bound the KV cache.
     attention_sink_tokens: int = 4
     sliding_window: int = 256
@@ -137,10 +139,20 @@ class BitMarConfig:
 
     def validate(self) -> None:
         positive = (
-            "vocab_size", "hidden_size", "num_attention_heads", "num_encoder_layers",
-            "num_decoder_layers", "intermediate_size", "max_seq_len", "vision_feature_dim",
-            "num_vision_tokens", "projection_dim", "memory_slots", "memory_dim",
-            "reasoning_steps", "sliding_window",
+            "vocab_size",
+            "hidden_size",
+            "num_attention_heads",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "intermediate_size",
+            "max_seq_len",
+            "vision_feature_dim",
+            "num_vision_tokens",
+            "projection_dim",
+            "memory_slots",
+            "memory_dim",
+            "reasoning_steps",
+            "sliding_window",
         )
         for key in positive:
             value = getattr(self, key)
@@ -184,6 +196,11 @@ class BitMarConfig:
             )
         if not isinstance(self.quantized, bool):
             raise ValueError(f"BitMarConfig.quantized must be a bool, got {self.quantized!r}")
+        if self.decoder_copies_task and not self.decoder_reads_task:
+            raise ValueError(
+                "BitMarConfig.decoder_copies_task needs decoder_reads_task=True: it copies from the task tokens "
+                "the decoder reads"
+            )
         special = {
             "pad_token_id": self.pad_token_id,
             "bos_token_id": self.bos_token_id,

@@ -15,6 +15,7 @@ than `attention_sink_tokens + sliding_window` slots per layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -202,10 +203,12 @@ class BitMarDecoder(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         return_log_probs: bool = False,
+        output_head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> GenerationOutput:
         """Continue each prompt row (left or right padded) with up to `max_new_tokens` tokens.
 
-        Logits come from the tied head (`embed_tokens.weight`). Each row continues from its
+        Logits come from the tied head (`embed_tokens.weight`), or from `output_head(hidden [B, d],
+        token just read [B]) -> [B, V]` when given (the model's copy head). Each row continues from its
         last real token, at the next position; rows stop at `eos_token_id` independently
         and the loop ends early once all have stopped. `use_cache=False` recomputes the
         whole sequence every step (the reference the cache is tested and benchmarked
@@ -225,6 +228,11 @@ class BitMarDecoder(nn.Module):
         # tied head is read once per token too; a contiguous [hidden, vocab] copy makes that
         # small-batch GEMV several times faster on CPU than F.linear over the [vocab, hidden] table.
         head = embed_tokens.weight.t().contiguous()
+        if output_head is None:
+
+            def output_head(hidden: torch.Tensor, last_token: torch.Tensor) -> torch.Tensor:
+                return hidden @ head
+
         with frozen_bitlinear_weights(self):
             out = self(
                 embed_tokens(prompt_ids),
@@ -235,13 +243,14 @@ class BitMarDecoder(nn.Module):
                 use_cache=use_cache,
             )
             hidden = out.last_hidden_state[rows, last_index]
+            last_token = prompt_ids[rows, last_index]
             cache = out.cache
             seq = (prompt_ids, prompt_mask, positions)  # the whole sequence, for use_cache=False
 
             finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
             tokens, token_masks, log_probs = [], [], []
             for step in range(max_new_tokens):
-                logits = (hidden @ head).float()
+                logits = output_head(hidden, last_token).float()
                 token = sample_next_token(
                     logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
                 )
@@ -251,6 +260,7 @@ class BitMarDecoder(nn.Module):
                 if return_log_probs:
                     scaled = logits / temperature if do_sample else logits
                     log_probs.append(token_log_probs(scaled[:, None], token[:, None])[:, 0] * (~finished))
+                last_token = token
                 if eos_token_id is not None:
                     finished = finished | (token == eos_token_id)
                 if step == max_new_tokens - 1 or bool(finished.all()):

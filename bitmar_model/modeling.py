@@ -40,6 +40,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from bitmar_model.config import BitMarConfig
+from bitmar_model.copying import CopyHead, CopySource
 from bitmar_model.decoder import BitMarDecoder, GenerationOutput, token_log_probs
 from bitmar_model.encoder import BitMarEncoder
 from bitmar_model.fusion import CrossModalFusion, FusionOutput, masked_mean
@@ -58,7 +59,7 @@ from bitmar_model.vision_adapter import (
 IGNORE_INDEX = -100
 # Bump when forward semantics change without changing parameter shapes (e.g. what the
 # decoder attends to): trained checkpoints of an older revision must not be resumed.
-MODEL_REVISION = 6
+MODEL_REVISION = 7
 
 
 @dataclass
@@ -100,6 +101,7 @@ class _Conditioning:
     decoder_context: torch.Tensor  # [B, 3 + num_vision_tokens (+ T task tokens), hidden]
     decoder_context_mask: torch.Tensor | None  # [B, C], 1 = real token; None when nothing is padded
     attentions: dict[str, Any] | None
+    copy_source: CopySource | None = None  # the task tokens the output head can copy
 
 
 def _describe(x: Any) -> str:
@@ -173,9 +175,14 @@ class BitMarModel(
             # Cross-attention has no positions of its own: the task tokens carry learned ones.
             self.task_positions = nn.Embedding(config.max_seq_len, hidden)
             self.task_norm = RMSNorm(hidden)
+        if config.decoder_copies_task:
+            self.copy_head = CopyHead(hidden)
         self.decoder = BitMarDecoder(config)
         for module in self.modules():
             self._init_module(module)
+        if config.decoder_copies_task:
+            # Start mostly generating (g = sigmoid(-2) = 0.12): captions copy nothing from their prompt.
+            nn.init.constant_(self.copy_head.gate.bias, -2.0)
 
     def _init_module(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -279,11 +286,15 @@ class BitMarModel(
             ),
             dim=1,
         )
-        decoder_context_mask = None
+        decoder_context_mask = copy_source = None
         if self.config.decoder_reads_task:
-            decoder_context, decoder_context_mask = self._append_task_tokens(
-                decoder_context, embedded, attention_mask
+            task = self._task_tokens(embedded, attention_mask)
+            decoder_context = torch.cat((decoder_context, task), dim=1)
+            decoder_context_mask = torch.cat(
+                (attention_mask.new_ones(batch, decoder_context.shape[1] - task.shape[1]), attention_mask), dim=1
             )
+            if self.config.decoder_copies_task:
+                copy_source = CopySource(input_ids, task, attention_mask)
 
         attentions = None
         if output_attentions:
@@ -296,19 +307,28 @@ class BitMarModel(
                 "reasoning_context": reasoning.context_attention,
                 "reasoning_robots": reasoning.robot_attention,
             }
-        return _Conditioning(vision, fused, memory, reasoning, decoder_context, decoder_context_mask, attentions)
+        return _Conditioning(
+            vision, fused, memory, reasoning, decoder_context, decoder_context_mask, attentions, copy_source
+        )
 
-    def _append_task_tokens(
-        self, context: torch.Tensor, embedded: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder context followed by the task's token embeddings (with learned positions),
-        and the context's mask. Token embeddings rather than encoder states, so this path adds
-        no new route from the LM loss into the encoder the selection head reads: only into the
+    def _task_tokens(self, embedded: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The task's token embeddings with learned positions, as the decoder's context reads them
+        (padding is masked by the caller). Token embeddings rather than encoder states, so this path
+        adds no new route from the LM loss into the encoder the selection head reads: only into the
         embedding table, which the tied LM head trains anyway."""
         # Counted over real tokens, so a left-padded row gets the positions it has alone.
-        task = self.task_norm(embedded + self.task_positions(positions_from_mask(attention_mask)))
-        mask = torch.cat((attention_mask.new_ones(context.shape[:2]), attention_mask), dim=1)
-        return torch.cat((context, task), dim=1), mask
+        return self.task_norm(embedded + self.task_positions(positions_from_mask(attention_mask)))
+
+    def output_logits(
+        self, hidden: torch.Tensor, last_token: torch.Tensor, copy_source: CopySource | None
+    ) -> torch.Tensor:
+        """Next-token logits [B, T, V] from decoder states [B, T, d] and the tokens just read [B, T]:
+        the tied LM head, mixed with copying from the task when config.decoder_copies_task (then
+        normalised log-probs)."""
+        logits = F.linear(hidden, self.embed_tokens.weight)
+        if copy_source is None:
+            return logits
+        return self.copy_head(hidden, logits, last_token, copy_source)
 
     # ------------------------------------------------------------------ forward
 
@@ -346,7 +366,7 @@ class BitMarModel(
                 context_mask=cond.decoder_context_mask,
                 output_attentions=output_attentions,
             )
-            logits = F.linear(dec.last_hidden_state, self.embed_tokens.weight)
+            logits = self.output_logits(dec.last_hidden_state, decoder_input_ids, cond.copy_source)
             if labels is not None:
                 loss = F.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -412,6 +432,13 @@ class BitMarModel(
             input_ids, attention_mask, vision_features, decoder_input_ids, decoder_attention_mask, None
         )
         cond = self._condition(input_ids, attention_mask, vision, output_attentions=False, update_memory=False)
+        output_head = None
+        if cond.copy_source is not None:
+            source = cond.copy_source
+
+            def output_head(hidden: torch.Tensor, last_token: torch.Tensor) -> torch.Tensor:
+                return self.output_logits(hidden[:, None], last_token[:, None], source)[:, 0]
+
         return self.decoder.generate(
             self.embed_tokens,
             cond.decoder_context,
@@ -428,6 +455,7 @@ class BitMarModel(
             generator=generator,
             use_cache=use_cache,
             return_log_probs=return_log_probs,
+            output_head=output_head,
         )
 
     def sequence_log_probs(
@@ -532,4 +560,3 @@ def parameter_report(model: BitMarModel) -> dict[str, Any]:
         "packed_bytes": sizes["total"]["packed_bytes"],
         "compression_vs_fp32": sizes["compression_vs_fp32"],
     }
-

@@ -166,6 +166,10 @@ class ModelSection(_Section):
     decoder_reads_task: bool = Field(
         default=_MODEL.decoder_reads_task, description="The decoder cross-attends to the task's tokens too."
     )
+    decoder_copies_task: bool = Field(
+        default=_MODEL.decoder_copies_task,
+        description="The output head can copy task tokens (pointer-generator); needs decoder_reads_task.",
+    )
 
 
 class StageSchedule(_Section):

@@ -105,6 +105,8 @@ def test_gradients_reach_every_parameter() -> None:
     batch = make_batch(model.config, batch=4)
     # Half the rows without an image, so the learned "no image" tokens are used too.
     batch["vision_features"]["has_image"] = torch.tensor([True, False, True, False])
+    # The decoder quotes two task tokens in a row, so the copy head's "follows the copied token" cue fires.
+    batch["decoder_input_ids"][:, 1:3] = batch["input_ids"][:, :2]
     out = model(**batch, labels=batch["decoder_input_ids"])
     targets = torch.zeros_like(out.robot_logits)
     targets[:, 0] = 1

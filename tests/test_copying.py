@@ -1,0 +1,63 @@
+"""The decoder's copy head (pointer-generator over the task tokens)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitmar_model import BitMarConfig, BitMarModel
+
+
+def _copy_task(generator: torch.Generator, config: BitMarConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random 5-token tasks and the target "<bos> 5 <task> <eos>": the decoder must quote the task."""
+    task = torch.randint(10, config.vocab_size, (n, 5), generator=generator)
+    fixed = torch.full((n, 1), 5)
+    bos, eos = torch.full((n, 1), config.bos_token_id), torch.full((n, 1), config.eos_token_id)
+    return task, torch.cat((bos, fixed, task, eos), dim=1)
+
+
+def _quoted_share_after_training(copies: bool, steps: int = 50) -> float:
+    torch.manual_seed(0)
+    config = BitMarConfig.tiny(vocab_size=64, decoder_copies_task=copies)
+    model = BitMarModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        task, target = _copy_task(generator, config, 32)
+        loss = model(task, torch.ones_like(task), None, decoder_input_ids=target, labels=target).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    task, target = _copy_task(generator, config, 64)  # unseen tasks
+    out = model.generate(task, torch.ones_like(task), decoder_input_ids=target[:, :2], max_new_tokens=6)
+    return float((out.new_tokens[:, :5] == task).all(dim=1).float().mean())
+
+
+def test_copy_head_quotes_unseen_tasks_where_the_vocabulary_head_cannot_yet():
+    # Measured: 50 steps quote 0.9+ of unseen tasks exactly with the copy head, 0.0 without it.
+    with_copy, without = _quoted_share_after_training(True), _quoted_share_after_training(False)
+    assert with_copy >= 0.8, with_copy
+    assert without <= 0.2, without
+
+
+def test_copy_mixture_is_a_normalised_distribution_that_can_put_mass_on_task_tokens():
+    torch.manual_seed(0)
+    model = BitMarModel(BitMarConfig.tiny()).eval()
+    task = torch.tensor([[11, 12, 13, 0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    decoder_ids = torch.tensor([[1, 12]])
+    with torch.no_grad():
+        model.copy_head.gate.bias.fill_(20.0)  # copy only
+        logits = model(task, mask, None, decoder_input_ids=decoder_ids).logits
+    assert torch.allclose(logits.logsumexp(-1), torch.zeros(1, 2), atol=1e-5)
+    probs = logits.exp()[0, -1]
+    # After reading 12 the "follows" cue points at 13; padding (id 0) gets nothing.
+    assert probs[[11, 12, 13]].sum() > 0.99
+    assert probs[13] == probs.max()
+    assert probs[0] < 1e-6
+
+
+def test_copying_requires_reading_the_task():
+    with pytest.raises(ValueError, match="decoder_copies_task needs decoder_reads_task"):
+        BitMarConfig.tiny(decoder_reads_task=False, decoder_copies_task=True)
