@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bitmar_model.loop import LoopSettings, StepLoop
+from bitmar_model.losses import selection_loss
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.rewards import RewardBreakdown, RewardWeights, compute_rewards, group_advantages
 from bitmar_model.robots import NUM_ROBOT_CLASSES, ROBOT_INDEX
@@ -57,6 +57,7 @@ class GRPOSettings:
     advantage_std_floor: float = 0.1
     entropy_coef: float = 0.0
     selection_anchor_weight: float = 1.0
+    selection_pos_weight: tuple[float, ...] | None = None  # the anchor's class balance, as in SFT
     loss_weight: float = 1.0
     reward_scaling: float = 1.0
     max_grad_norm: float = 0.5
@@ -184,7 +185,8 @@ def grpo_loss(
     lengths = mask.sum(dim=1).clamp_min(1.0)
     objective = ((per_token * mask).sum(dim=1) / lengths).mean()
     loss = -settings.loss_weight * objective
-    anchor = F.binary_cross_entropy_with_logits(scores.robot_logits.float(), sample.gold_labels)
+    pos_weight = None if settings.selection_pos_weight is None else torch.tensor(settings.selection_pos_weight)
+    anchor = selection_loss(scores.robot_logits, sample.gold_labels, pos_weight)
     if settings.selection_anchor_weight > 0:
         loss = loss + settings.selection_anchor_weight * anchor
     with torch.no_grad():

@@ -105,8 +105,35 @@ def pretrain_loss(
     }
 
 
+def class_balance_weights(targets: torch.Tensor, power: float) -> torch.Tensor | None:
+    """BCE `pos_weight` per class, (negatives / positives) ** power, from multi-hot targets [N, C].
+
+    power 0 is the plain loss; 1 weighs a class's positives as much as its negatives, so a robot
+    with 22 of 526 training rows is not out-voted by the label prior on tasks unlike the training
+    ones; 0.5 is in between. A class without positives keeps weight 1.
+    """
+    if power == 0:
+        return None
+    positives = targets.float().sum(dim=0)
+    ratio = (targets.shape[0] - positives) / positives.clamp_min(1.0)
+    return torch.where(positives > 0, ratio.clamp_min(1e-3) ** power, torch.ones_like(ratio))
+
+
+def selection_loss(
+    robot_logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The selection head's multi-label BCE (SFT, and GRPO's anchor), optionally class-balanced."""
+    if pos_weight is not None:
+        pos_weight = pos_weight.to(robot_logits.device)
+    return F.binary_cross_entropy_with_logits(robot_logits.float(), targets.float(), pos_weight=pos_weight)
+
+
 def sft_loss(
-    model: BitMarModel, batch: dict[str, torch.Tensor], selection_weight: float, rehearsal_weight: float = 0.0
+    model: BitMarModel,
+    batch: dict[str, torch.Tensor],
+    selection_weight: float,
+    rehearsal_weight: float = 0.0,
+    selection_pos_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     out = model(
         batch["prompt_ids"],
@@ -117,7 +144,7 @@ def sft_loss(
         labels=batch["labels"],
         update_memory=model.training,
     )
-    selection = F.binary_cross_entropy_with_logits(out.robot_logits.float(), batch["robots"].float())
+    selection = selection_loss(out.robot_logits, batch["robots"], selection_pos_weight)
     loss = out.loss + selection_weight * selection
     tokens = batch["decoder_mask"].sum() + batch["prompt_mask"].sum()
     extra: dict[str, float] = {}

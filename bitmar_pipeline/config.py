@@ -203,6 +203,15 @@ class TrainingConfig(_Section):
     text_generation_loss_weight: float = Field(default=1.0, ge=0.0)
     memory_regularization_weight: float = Field(default=0.05, ge=0.0)
     selection_loss_weight: float = Field(default=1.0, ge=0.0)
+    selection_class_balance: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Class balance of the selection loss: positives of each robot weighted (negatives / positives) ** this "
+            "(0: plain BCE, 1: fully balanced)."
+        ),
+    )
     caption_rehearsal_weight: float = Field(
         default=0.5,
         ge=0.0,

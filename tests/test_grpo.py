@@ -19,6 +19,7 @@ from bitmar_model.grpo import (
     grpo_update,
     sample_groups,
 )
+from bitmar_model.losses import class_balance_weights, selection_loss
 from bitmar_model.metrics import label_matrix
 from bitmar_model.rewards import RewardWeights
 from bitmar_model.robots import ROBOT_CLASSES
@@ -198,6 +199,25 @@ def test_selection_anchor_supervises_the_head() -> None:
     anchored, _ = grpo_loss(policy, sample, GRPOSettings(group_size=4, max_new_tokens=4, selection_anchor_weight=2.0))
     expected = torch.tensor(2.0 * stats["selection_anchor_loss"])
     torch.testing.assert_close(anchored - plain, expected, rtol=1e-5, atol=1e-6)
+    # A class-balanced anchor uses SFT's weighted BCE (selection_loss with the same pos_weight).
+    pos_weight = (1.0, 3.0, 1.0, 1.0, 1.0, 1.0)
+    balanced = GRPOSettings(group_size=4, max_new_tokens=4, selection_pos_weight=pos_weight)
+    _, balanced_stats = grpo_loss(policy, sample, balanced)
+    logits = policy(sample.prompt_ids, sample.prompt_mask).robot_logits
+    expected = selection_loss(logits, sample.gold_labels, torch.tensor(pos_weight))
+    assert balanced_stats["selection_anchor_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert balanced_stats["selection_anchor_loss"] != pytest.approx(stats["selection_anchor_loss"], rel=1e-3)
+
+
+def test_class_balance_weights_weigh_rare_robots_up() -> None:
+    targets = torch.zeros(10, 6)
+    targets[:8, 0] = 1  # common
+    targets[8:, 1] = 1  # rare
+    assert class_balance_weights(targets, 0.0) is None
+    full = class_balance_weights(targets, 1.0)
+    assert full[0] == pytest.approx(2 / 8) and full[1] == pytest.approx(8 / 2)
+    assert full[2] == 1.0  # no positives: unweighted
+    assert class_balance_weights(targets, 0.5)[1] == pytest.approx(2.0)
 
 
 class _CharTokenizer:

@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,13 @@ import torch
 from bitmar_model.grpo import GroupBatch, GRPOSettings, train_grpo
 from bitmar_model.io import atomic_directory
 from bitmar_model.loop import LoopSettings
-from bitmar_model.losses import PretrainWeights, label_token_count, pretrain_loss, sft_loss
+from bitmar_model.losses import (
+    PretrainWeights,
+    class_balance_weights,
+    label_token_count,
+    pretrain_loss,
+    sft_loss,
+)
 from bitmar_model.metrics import matched_vs_random_cosine, retrieval_recall_at_k
 from bitmar_model.modeling import MODEL_REVISION, BitMarModel
 from bitmar_model.rewards import RewardWeights
@@ -52,6 +58,7 @@ from bitmar_pipeline.training.datasets import (
     data_files_fingerprint,
     load_caption_data,
     load_pipeline_tokenizer,
+    robot_multi_hot,
 )
 from bitmar_pipeline.training.reasoning_targets import build_sft_examples, capability_examples, format_prompt
 
@@ -194,7 +201,10 @@ def retrieval_metrics(model: BitMarModel, heldout: CaptionSet, batch_size: int =
 
 # Settings only reasoning SFT reads: changing them must not retrain (or refuse) pretraining.
 SFT_ONLY_TRAINING_KEYS = frozenset(
-    {"sft", "selection_loss_weight", "caption_rehearsal_weight", "caption_rehearsal_batch_size", "capability_examples"}
+    {
+        "sft", "selection_loss_weight", "selection_class_balance", "caption_rehearsal_weight",
+        "caption_rehearsal_batch_size", "capability_examples",
+    }
 )
 
 
@@ -340,6 +350,7 @@ def run_reasoning_sft(
             sft_loss,
             selection_weight=training.selection_loss_weight,
             rehearsal_weight=training.caption_rehearsal_weight,
+            selection_pos_weight=class_balance_weights(sft_set.robots, training.selection_class_balance),
         ),
         trainer_config(config, config.training.sft, checkpoint_dir),
         collate_fn=dataset.collate,
@@ -413,6 +424,9 @@ def run_grpo(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] 
     tokenizer = load_pipeline_tokenizer(storage)
     tasks, _, _ = _robot_tables(storage)
     train = tasks[tasks["split"] == "train"].drop_duplicates("task_key").reset_index(drop=True)
+    balance = class_balance_weights(robot_multi_hot(train["robots"]), config.training.selection_class_balance)
+    if balance is not None:
+        settings = replace(settings, selection_pos_weight=tuple(balance.tolist()))
     device = resolve_device(config.compute.device, "compute.device")
     policy = load_stage_model(storage, SFT, device)
     reference = load_stage_model(storage, SFT, device).requires_grad_(False).eval()
@@ -423,6 +437,7 @@ def run_grpo(config: PipelineConfig, storage: Storage, callbacks: Sequence[Log] 
             "stage": GRPO,
             "revision": MODEL_REVISION,
             "grpo": grpo.model_dump(),
+            "selection_pos_weight": settings.selection_pos_weight,
             "seed": config.training.seed,
             "inputs": _upstream_digest(storage, SFT),
         }
