@@ -1,18 +1,21 @@
 """Data stages: COCO manifest, aligned pairs and vision features per shard, robot tasks,
 tokenizer. Thin: configuration and resources in, a plain function call, metadata out."""
 
-
 import time
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
-from assets.metadata import markdown_table, quarantine_metadata
+from assets.metadata import quarantine_metadata, table_metadata, table_preview
 from assets.operations import NETWORK_RETRY, fail_without_retry
 from assets.partitions import coco_shards
+from assets.versions import CODE_VERSIONS, content_version, files_version
 from bitmar_pipeline.data.alignment import align_shard
 from bitmar_pipeline.data.coco import (
+    CAPTIONS_TABLE,
+    IMAGES_TABLE,
+    MANIFEST_PARTITION,
     CocoManifest,
     build_manifest,
     fetch_coco,
@@ -55,7 +58,7 @@ class DownloadProgress:
 
 @dg.asset(
     group_name=DATA_GROUP,
-    code_version="1",
+    code_version=CODE_VERSIONS["coco_raw"],
     kinds={"python", "parquet"},
     description=(
         "COCO-layout captions and images (sample, local or download), described "
@@ -90,8 +93,11 @@ def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.
             f"{len(stale)} registered shards are no longer in the manifest and will not be trained on: {stale[:10]}"
         )
     per_split = manifest.images.groupby("split").size().rename_axis("split").reset_index(name="images")
+    manifest_files = [storage.partition_path(t, MANIFEST_PARTITION) for t in (IMAGES_TABLE, CAPTIONS_TABLE)]
     return dg.MaterializeResult(
+        data_version=files_version(manifest_files),
         metadata={
+            **table_metadata(storage, IMAGES_TABLE, [manifest_files[0]]),
             "source": config.data.coco.source,
             "root": dg.MetadataValue.path(str(root)),
             "images": len(manifest.images),
@@ -100,11 +106,11 @@ def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.
             "new_shards": dg.MetadataValue.json(new_shards[:50]),
             "stale_shards": dg.MetadataValue.json(stale[:50]),
             "excluded_by_max_images": manifest.excluded_by_max_images,
-            "images_per_split": markdown_table(per_split),
-            "preview": markdown_table(manifest.captions[["image_id", "split", "caption"]]),
+            "images_per_split": table_preview(per_split),
+            "preview": table_preview(manifest.captions[["image_id", "split", "caption"]]),
             "seconds": round(time.perf_counter() - started, 2),
             **quarantine_metadata(manifest.quarantine),
-        }
+        },
     )
 
 
@@ -112,7 +118,7 @@ def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.
     deps=[coco_raw],
     partitions_def=coco_shards,
     group_name=DATA_GROUP,
-    code_version="1",
+    code_version=CODE_VERSIONS["image_caption_pairs"],
     kinds={"python", "parquet", "duckdb"},
     check_specs=[
         dg.AssetCheckSpec("pairs_not_empty", asset=PAIRS_TABLE),
@@ -145,15 +151,18 @@ def image_caption_pairs(context: dg.AssetExecutionContext, settings: BitmarSetti
     rows_in = len(captions) + len(images)
     share = len(result.quarantine) / rows_in if rows_in else 0.0
     limit = config.data.max_quarantine_share
+    shard_files = [storage.partition_path(PAIRS_TABLE, s) for s in storage.partitions(PAIRS_TABLE)]
     return dg.MaterializeResult(
+        data_version=files_version([path]),
         metadata={
+            **table_metadata(storage, PAIRS_TABLE, shard_files, written=path),
             "pairs": len(result.pairs),
             "captions_in": len(captions),
             "images_checked": result.images_checked,
             "images_ok": result.images_ok,
             "quarantine_share": round(share, 4),
             "path": dg.MetadataValue.path(str(path)),
-            "preview": markdown_table(result.pairs[["image_id", "caption", "width", "height", "format"]]),
+            "preview": table_preview(result.pairs[["image_id", "caption", "width", "height", "format"]]),
             "seconds": round(seconds, 2),
             "images_per_second": round(result.images_checked / seconds, 1) if seconds else 0.0,
             **quarantine_metadata(result.quarantine),
@@ -176,7 +185,7 @@ def image_caption_pairs(context: dg.AssetExecutionContext, settings: BitmarSetti
     deps=[image_caption_pairs],
     partitions_def=coco_shards,
     group_name=DATA_GROUP,
-    code_version="1",
+    code_version=CODE_VERSIONS["vision_features"],
     kinds={"pytorch", "parquet"},
     check_specs=[
         dg.AssetCheckSpec("features_finite", asset="vision_features"),
@@ -219,8 +228,13 @@ def vision_features(
     dims_ok = dims <= {encoder.feature_dim} and set(table.column("num_patches").to_pylist()) <= {
         encoder.num_patch_tokens
     }
+    # Features are content-addressed: the same encoder on the same images gives the same data version.
+    hashes = sorted(table.column("content_hash").to_pylist()) if "content_hash" in table.column_names else []
+    feature_files = sorted(result.path.parent.glob("*.parquet")) if result.path is not None else []
     return dg.MaterializeResult(
+        data_version=content_version(encoder.fingerprint, *hashes),
         metadata={
+            **table_metadata(storage, "vision_features", feature_files, written=result.path),
             "images": table.num_rows,
             "encoded": result.encoded,
             "reused_from_cache": result.reused,
@@ -246,7 +260,7 @@ def vision_features(
 
 @dg.asset(
     group_name=DATA_GROUP,
-    code_version="1",
+    code_version=CODE_VERSIONS["robot_selection_tasks"],
     kinds={"python", "parquet", "duckdb"},
     check_specs=[
         dg.AssetCheckSpec("robot_tasks_not_empty", asset="robot_selection_tasks"),
@@ -262,7 +276,7 @@ def robot_selection_tasks(context: dg.AssetExecutionContext, settings: BitmarSet
     config, storage = settings.config, settings.storage
     result, files = load_robot_tables(config, storage)
     tasks_path = storage.write_partition(ROBOT_TASKS_TABLE, "all", result.tasks)
-    storage.write_partition(ROBOT_SUBTASKS_TABLE, "all", result.subtasks)
+    subtasks_path = storage.write_partition(ROBOT_SUBTASKS_TABLE, "all", result.subtasks)
     storage.write_quarantine("robot_selection_tasks", "all", result.quarantine, context.run.run_id)
     storage.refresh_catalog([ROBOT_TASKS_TABLE, ROBOT_SUBTASKS_TABLE, "quarantine"])
 
@@ -275,14 +289,16 @@ def robot_selection_tasks(context: dg.AssetExecutionContext, settings: BitmarSet
         result.tasks.explode("robots").groupby("robots").size().rename_axis("robot").reset_index(name="tasks")
     )
     return dg.MaterializeResult(
+        data_version=files_version([tasks_path, subtasks_path]),
         metadata={
+            **table_metadata(storage, ROBOT_TASKS_TABLE, [tasks_path]),
             "tasks": len(result.tasks),
             "subtasks": len(result.subtasks),
             "files": dg.MetadataValue.json(files),
             "input_rows": dg.MetadataValue.json(result.input_rows),
-            "tasks_per_split": markdown_table(split_counts),
-            "tasks_per_robot": markdown_table(label_counts),
-            "preview": markdown_table(result.tasks[["task_text", "robots", "split"]]),
+            "tasks_per_split": table_preview(split_counts),
+            "tasks_per_robot": table_preview(label_counts),
+            "preview": table_preview(result.tasks[["task_text", "robots", "split"]]),
             "path": dg.MetadataValue.path(str(tasks_path)),
             **quarantine_metadata(result.quarantine),
         },
@@ -306,7 +322,7 @@ def robot_selection_tasks(context: dg.AssetExecutionContext, settings: BitmarSet
 @dg.asset(
     deps=[image_caption_pairs, robot_selection_tasks],
     group_name=DATA_GROUP,
-    code_version="2",
+    code_version=CODE_VERSIONS["text_tokenizer"],
     kinds={"python"},
     description=(
         "Byte-level BPE trained on the captions of training images (never "
@@ -323,6 +339,7 @@ def text_tokenizer(context: dg.AssetExecutionContext, settings: BitmarSettings) 
     lengths = pd.Series([len(ids) for ids in tokenizer(corpus.texts[:2000])["input_ids"]])
     example = corpus.texts[0] if corpus.texts else ""
     return dg.MaterializeResult(
+        data_version=files_version(p for p in storage.path(TOKENIZER_DIR).iterdir() if p.is_file()),
         metadata={
             "source": config.tokenizer.source,
             "vocab_size": len(tokenizer),
@@ -332,5 +349,5 @@ def text_tokenizer(context: dg.AssetExecutionContext, settings: BitmarSettings) 
             "example": dg.MetadataValue.md(f"`{example}` → {tokenizer.tokenize(example)[:40]}"),
             "path": dg.MetadataValue.path(str(storage.path(TOKENIZER_DIR))),
             "seconds": round(time.perf_counter() - started, 2),
-        }
+        },
     )

@@ -7,8 +7,9 @@ from typing import Any
 
 import dagster as dg
 
-from assets.metadata import image_metadata, markdown_table
+from assets.metadata import image_metadata, table_preview
 from assets.training import grpo_policy
+from assets.versions import CODE_VERSIONS
 from bitmar_pipeline.evaluation.report import (
     EvaluationResult,
     ThresholdCheck,
@@ -53,13 +54,13 @@ def _report_metadata(result: EvaluationResult, path: Path, flat: dict[str, float
         "report": dg.MetadataValue.path(str(path)),
         "seconds": round(seconds, 1),
         **{k.replace("/", "_"): round(float(v), 4) for k, v in flat.items()},
-        "robot_selection": markdown_table(result.tables["robot_selection"], max_rows=40),
-        "reasoning_quality": markdown_table(reasoning_quality_table(report), max_rows=20),
+        "robot_selection": table_preview(result.tables["robot_selection"], max_rows=40),
+        "reasoning_quality": table_preview(reasoning_quality_table(report), max_rows=20),
         "stated_confidence_unusable": dg.MetadataValue.json(
             {split: {k: section[k] for k in unusable_keys} for split, section in report["reasoning"].items()}
         ),
         "stated_confidence_target": dg.MetadataValue.text(report["reasoning"]["test"]["stated_confidence_target"]),
-        "test_examples": markdown_table(result.tables["test_examples"]),
+        "test_examples": table_preview(result.tables["test_examples"]),
         **headline_metadata(report["user_phrased"]),
         "readme_examples": dg.MetadataValue.json(report["user_phrased"]["readme_examples"]["examples"]),
         **{key: dg.MetadataValue.json(report[key]) for key in JSON_SECTIONS},
@@ -72,7 +73,7 @@ def _report_metadata(result: EvaluationResult, path: Path, flat: dict[str, float
 @dg.asset(
     deps=[grpo_policy],
     group_name="evaluation",
-    code_version="1",
+    code_version=CODE_VERSIONS["evaluation_report"],
     kinds={"pytorch"},
     check_specs=CHECKS,
     description=(
@@ -96,6 +97,7 @@ def evaluation_report(
         logger.log(flat)
         for figure in result.figures.values():
             logger.log_image(figure.stem, figure)
+        links = logger.link_metadata()
     checks = [_check(check) for check in threshold_checks(result.report, config.evaluation.thresholds)]
-    metadata = _report_metadata(result, path, flat, seconds=time.perf_counter() - started)
+    metadata = {**_report_metadata(result, path, flat, seconds=time.perf_counter() - started), **links}
     return dg.MaterializeResult(metadata=metadata, check_results=checks)

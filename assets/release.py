@@ -5,9 +5,10 @@ re-run alone."""
 import dagster as dg
 import pandas as pd
 
-from assets.metadata import image_metadata, markdown_table
+from assets.metadata import image_metadata, table_preview
 from assets.operations import NETWORK_RETRY, fail_without_retry
 from assets.training import grpo_policy
+from assets.versions import CODE_VERSIONS
 from bitmar_pipeline.features.vision_encoder import resolve_model_source
 from bitmar_pipeline.release.folder import ReleaseError, VisionSpec, build_release, release_files
 from bitmar_pipeline.release.quantization import build_quantization_report
@@ -29,7 +30,7 @@ def _sizes_table(sizes: dict) -> pd.DataFrame:
 @dg.asset(
     deps=[grpo_policy],
     group_name=RELEASE_GROUP,
-    code_version="2",
+    code_version=CODE_VERSIONS["quantization_report"],
     kinds={"pytorch"},
     description=(
         "Ternary weight statistics per BitLinear layer, fp32/fp16/packed sizes, "
@@ -54,12 +55,12 @@ def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSetti
             "plus_minus_balance": report["totals"]["plus_minus_balance"],
             "compression_vs_fp32": round(report["sizes"]["compression_vs_fp32"], 2),
             "packed_exactly_equal": packed["exactly_equal"],
-            "layers": markdown_table(result.layers, max_rows=len(result.layers)),
-            "sizes_bytes": markdown_table(_sizes_table(report["sizes"]), max_rows=50),
-            "agreement": markdown_table(
+            "layers": table_preview(result.layers, max_rows=len(result.layers)),
+            "sizes_bytes": table_preview(_sizes_table(report["sizes"]), max_rows=50),
+            "agreement": table_preview(
                 pd.DataFrame([{"comparison": k, **v} for k, v in agreement.items() if isinstance(v, dict)]), max_rows=10
             ),
-            "latency": markdown_table(
+            "latency": table_preview(
                 pd.DataFrame([{"model": k, **v} for k, v in latency["models"].items()]), max_rows=10, max_chars=160
             ),
             "latency_setup": (
@@ -74,7 +75,7 @@ def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSetti
 @dg.asset(
     deps=["evaluation_report", quantization_report],
     group_name=RELEASE_GROUP,
-    code_version="2",
+    code_version=CODE_VERSIONS["hub_release"],
     kinds={"huggingface"},
     description=(
         "Release folder (weights, packed weights, tokenizer, memory, reports, "
@@ -101,7 +102,7 @@ def hub_release(
     return dg.MaterializeResult(
         metadata={
             "release_dir": dg.MetadataValue.path(str(release.path)),
-            "files": markdown_table(release_files(release.path), max_rows=100),
+            "files": table_preview(release_files(release.path), max_rows=100),
             "source_step": release.manifest["source"]["step"],
             **outcome.metadata(),
             "model_card": dg.MetadataValue.md(release.card),

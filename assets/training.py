@@ -7,7 +7,8 @@ from typing import Any
 import dagster as dg
 
 from assets.data import text_tokenizer, vision_features
-from assets.metadata import image_metadata, markdown_table
+from assets.metadata import image_metadata, table_preview
+from assets.versions import CODE_VERSIONS
 from bitmar_pipeline.data.coco import manifest_shards
 from bitmar_pipeline.evaluation.figures import curve_figure
 from bitmar_pipeline.resources.settings import BitmarSettings, VisionEncoderResource
@@ -89,6 +90,7 @@ def _train(
             "it is sampling-bound on a small model (see bitmar_pipeline/training/launch.py)"
         )
     reported: Mapping[str, dg.MetadataValue] = {}
+    links: dict[str, dg.MetadataValue] = {}
     with carbon.track(config.carbon_tracking, stage, storage.path("emissions")) as emissions:
         if nproc > 1 and launch is not None:
             result, reported = launch()
@@ -101,6 +103,7 @@ def _train(
             ) as logger:
                 result = run([_step_logger(context, stage), logger.log])
                 logger.summary({f"{stage}/{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)})
+                links = logger.link_metadata()
     emitted = emissions[0]
     last = next((r for r in reversed(result.history) if "train/loss" in r or "train/grpo_reasoning_loss" in r), {})
     metadata: dict[str, Any] = {
@@ -118,8 +121,9 @@ def _train(
             for k, v in result.metrics.items()
             if isinstance(v, int | float)
         },
-        **{f"table_{name}": markdown_table(table, max_rows=20) for name, table in result.tables.items()},
+        **{f"table_{name}": table_preview(table, max_rows=20) for name, table in result.tables.items()},
         **_curves(result, settings, curve_names, stage),
+        **links,
         **reported,  # rank 0's own report (world_size and the values above) when launched
     }
     context.log.info(f"{stage}: {emitted.kg_co2eq:.2e} kg CO2-eq, {emitted.energy_kwh:.2e} kWh")
@@ -135,19 +139,20 @@ def _train_on_features(
     for its caption rehearsal): in this process, or under torchrun with the same inputs."""
     fingerprint = vision_encoder.get(settings).fingerprint
     shards = manifest_shards(settings.storage)
-    _, metadata = _train(
+    result, metadata = _train(
         context, settings, wandb, carbon, stage,
         lambda callbacks: run(settings.config, settings.storage, shards, fingerprint, callbacks),
         curve_names,
         lambda: _torchrun(context, client, settings, stage, encoder_fingerprint=fingerprint, shards=shards),
     )
-    return dg.MaterializeResult(metadata=metadata)
+    # The stage fingerprint (settings, model, data, encoder) is the data version: same inputs, same model.
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(result.fingerprint))
 
 
 @dg.asset(
     deps=[vision_features, text_tokenizer],
     group_name=TRAINING_GROUP,
-    code_version="1",
+    code_version=CODE_VERSIONS["multimodal_pretrain"],
     kinds={"pytorch"},
     description=(
         "Caption language modelling conditioned on image and memory, InfoNCE "
@@ -167,7 +172,7 @@ def multimodal_pretrain(
 @dg.asset(
     deps=[multimodal_pretrain, "robot_selection_tasks", vision_features],
     group_name=TRAINING_GROUP,
-    code_version="1",
+    code_version=CODE_VERSIONS["reasoning_sft"],
     kinds={"pytorch"},
     description=(
         "Supervised reasoning on robot tasks: tagged reasoning targets built "
@@ -200,7 +205,7 @@ def reasoning_sft(
 @dg.asset(
     deps=[reasoning_sft],
     group_name=TRAINING_GROUP,
-    code_version="2",  # 2: selection anchor, full-entropy bonus, exact-set calibration target
+    code_version=CODE_VERSIONS["grpo_policy"],
     kinds={"pytorch"},
     description=(
         "Group Relative Policy Optimization of the generated reasoning against "
@@ -210,9 +215,9 @@ def reasoning_sft(
 def grpo_policy(
     context: dg.AssetExecutionContext, settings: BitmarSettings, wandb: WandbResource, carbon: CarbonTrackerResource
 ) -> dg.MaterializeResult:
-    _, metadata = _train(
+    result, metadata = _train(
         context, settings, wandb, carbon, GRPO,
         lambda callbacks: run_grpo(settings.config, settings.storage, callbacks),
         ("reward/total", "reward/selection", "reward/format", "reward/consistency", "reward/calibration", "grpo/kl"),
     )
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(result.fingerprint))

@@ -40,13 +40,13 @@ class UploadOutcome:
     skipped_reason: str | None = None
     attempts: int = 0
 
-    def metadata(self) -> dict[str, str | int]:
+    def metadata(self) -> dict[str, str | int | dg.MetadataValue]:
         if not self.uploaded:
             return {"hub_upload": f"skipped: {self.skipped_reason}", "hub_repo_id": self.repo_id}
         return {
             "hub_upload": "uploaded",
             "hub_repo_id": self.repo_id,
-            "hub_commit_url": str(self.commit_url),
+            "hub_commit_url": dg.MetadataValue.url(str(self.commit_url)),
             "hub_attempts": self.attempts,
         }
 

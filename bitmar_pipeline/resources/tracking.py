@@ -1,9 +1,11 @@
 """Experiment tracking resources: Weights & Biases and codecarbon.
 
 W&B runs `offline` by default (files under `<storage>/wandb`, sync later with `wandb sync`),
-`online` only with WANDB_API_KEY in the environment (asking for online without a key is an
-error, not a silent switch to offline), or `disabled`. The key is read from the environment
-at run start and handed to wandb directly: it is never put in a config, log line or metadata.
+`online` with the credentials wandb itself finds (WANDB_API_KEY, or what `wandb login` stored
+in ~/.netrc or wandb's settings; asking for online without any is an error, not a silent switch
+to offline), or `disabled`. The key is read at run start and handed to wandb directly: it is
+never put in a config, log line or metadata. Each stage's metadata links its W&B run (online)
+or names its local run folder (offline).
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ class MetricLogger:
         if self.run is not None:
             self.run.summary.update(values)
 
+    def link_metadata(self) -> dict[str, dg.MetadataValue]:
+        """The W&B run as a link (online), or its local folder (offline: `wandb sync <folder>`)."""
+        if self.run is None:
+            return {}
+        if not getattr(self.run, "offline", False) and getattr(self.run, "url", None):
+            return {"wandb_run": dg.MetadataValue.url(self.run.url)}
+        return {"wandb_run_dir": dg.MetadataValue.path(str(Path(self.run.dir).parent))}
+
 
 class WandbResource(dg.ConfigurableResource):
     """Weights & Biases runs for the training stages (mode and project from the profile)."""
@@ -60,9 +70,14 @@ class WandbResource(dg.ConfigurableResource):
             yield MetricLogger(None)
             return
         key = os.environ.get(WANDB_KEY_ENV)
-        if config.mode == "online" and not key:
-            raise TrackingError(f"wandb.mode is 'online' but {WANDB_KEY_ENV} is not set; set it or use mode 'offline'")
         import wandb
+
+        # No network here: verify=False only asks whether wandb has credentials (env, netrc, settings).
+        if config.mode == "online" and not key and not wandb.login(verify=False, prompt=False):
+            raise TrackingError(
+                f"wandb.mode is 'online' but W&B has no credentials: run `wandb login`, set {WANDB_KEY_ENV}, "
+                "or use mode 'offline'"
+            )
 
         directory.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(silent=True, api_key=key) if key else wandb.Settings(silent=True)
