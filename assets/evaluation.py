@@ -1,5 +1,10 @@
 """evaluation_report: the latest model measured on validation and test, with baselines,
-bootstrap intervals, figures, W&B logging and threshold checks. Re-runnable alone."""
+bootstrap intervals, figures, W&B logging and threshold checks. Re-runnable alone.
+
+The threshold checks are blocking: with `huggingface_hub.require_passing_checks` (default) a
+failure is an error and Dagster does not run hub_release after it in the same run. Their
+outcome is also stored beside the report (`reports/evaluation_checks.json`), so hub_release
+launched in a later run refuses the same model and lists the checks in its metadata."""
 
 import time
 from pathlib import Path
@@ -10,6 +15,7 @@ import dagster as dg
 from assets.metadata import image_metadata, table_preview
 from assets.training import grpo_policy
 from assets.versions import CODE_VERSIONS
+from bitmar_model.io import atomic_write_json, read_json
 from bitmar_pipeline.evaluation.report import (
     EvaluationResult,
     ThresholdCheck,
@@ -21,30 +27,55 @@ from bitmar_pipeline.evaluation.report import (
 from bitmar_pipeline.evaluation.robustness import headline_metadata
 from bitmar_pipeline.resources.settings import BitmarSettings, VisionEncoderResource
 from bitmar_pipeline.resources.tracking import WandbResource
+from bitmar_pipeline.storage import Storage
 
 REPORT_FILE = "evaluation_report.json"
+CHECKS_FILE = "evaluation_checks.json"
 # Report sections shown whole, as JSON, in the metadata panel.
 JSON_SECTIONS = ("vision_language", "vision_language_after_pretraining", "multi_robot", "flops_per_forward")
 CHECKS = [
-    dg.AssetCheckSpec(name, asset="evaluation_report")
+    dg.AssetCheckSpec(name, asset="evaluation_report", blocking=True)
     for name in (
-        "test_head_top1", "test_head_sample_f1", "test_head_top1_gain_over_majority", "test_head_f1_vs_tfidf",
-        "reasoning_format_compliance", "retrieval_i2t_recall_at_5", "head_confidence_calibrated",
+        "test_head_top1",
+        "test_head_sample_f1",
+        "test_head_top1_gain_over_majority",
+        "test_head_f1_vs_tfidf",
+        "reasoning_format_compliance",
+        "retrieval_i2t_recall_at_5",
+        "head_confidence_calibrated",
     )
 ]
 
 
-def _check(check: ThresholdCheck) -> dg.AssetCheckResult:
+def _outcome(check: ThresholdCheck) -> dict[str, Any]:
+    return {
+        "name": check.name,
+        "passed": bool(check.passed),
+        "value": round(check.value, 4),
+        "threshold": check.threshold,
+        "direction": ">=" if check.higher_is_better else "<=",
+    }
+
+
+def _check(check: ThresholdCheck, blocking: bool) -> dg.AssetCheckResult:
+    outcome = _outcome(check)
     return dg.AssetCheckResult(
         check_name=check.name,
-        passed=bool(check.passed),
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={
-            "value": round(check.value, 4),
-            "threshold": check.threshold,
-            "direction": ">=" if check.higher_is_better else "<=",
-        },
+        passed=outcome.pop("passed"),
+        # Only an ERROR failure of a blocking check stops the downstream hub_release.
+        severity=dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN,
+        metadata={k: v for k, v in outcome.items() if k != "name"},
     )
+
+
+def read_check_outcomes(storage: Storage) -> list[dict[str, Any]] | None:
+    """The threshold checks of the latest evaluation_report (None before its first run)."""
+    path = storage.path("reports", CHECKS_FILE)
+    if not path.is_file():
+        return None
+    return read_json(path, lambda cause: dg.Failure(f"cannot read {path}: {cause}; re-materialize evaluation_report"))[
+        "checks"
+    ]
 
 
 def _report_metadata(result: EvaluationResult, path: Path, flat: dict[str, float], seconds: float) -> dict[str, Any]:
@@ -98,6 +129,8 @@ def evaluation_report(
         for figure in result.figures.values():
             logger.log_image(figure.stem, figure)
         links = logger.link_metadata()
-    checks = [_check(check) for check in threshold_checks(result.report, config.evaluation.thresholds)]
+    measured = threshold_checks(result.report, config.evaluation.thresholds)
+    atomic_write_json(storage.path("reports", CHECKS_FILE), {"checks": [_outcome(c) for c in measured]})
+    checks = [_check(check, config.huggingface_hub.require_passing_checks) for check in measured]
     metadata = {**_report_metadata(result, path, flat, seconds=time.perf_counter() - started), **links}
     return dg.MaterializeResult(metadata=metadata, check_results=checks)

@@ -5,6 +5,7 @@ re-run alone."""
 import dagster as dg
 import pandas as pd
 
+from assets.evaluation import read_check_outcomes
 from assets.metadata import image_metadata, table_preview
 from assets.operations import NETWORK_RETRY, fail_without_retry
 from assets.training import grpo_policy
@@ -16,6 +17,33 @@ from bitmar_pipeline.resources.hub import HuggingFaceHubResource
 from bitmar_pipeline.resources.settings import BitmarSettings
 
 RELEASE_GROUP = "release"
+
+
+def _checks_gate(settings: BitmarSettings) -> dict[str, dg.MetadataValue]:
+    """The evaluation checks the release passed, as metadata; refuses the release when one failed
+    and huggingface_hub.require_passing_checks is on (also when hub_release runs without them)."""
+    outcomes = read_check_outcomes(settings.storage)
+    required = settings.config.huggingface_hub.require_passing_checks
+    if outcomes is None:
+        if required:
+            raise dg.Failure(
+                "no evaluation checks recorded: materialize evaluation_report first "
+                "(or set huggingface_hub.require_passing_checks: false)",
+                allow_retries=False,
+            )
+        return {"evaluation_checks_passed": dg.MetadataValue.text("not evaluated")}
+    failed = [c for c in outcomes if not c["passed"]]
+    if failed and required:
+        reasons = ", ".join(f"{c['name']} {c['value']} (needs {c['direction']} {c['threshold']})" for c in failed)
+        raise dg.Failure(
+            f"evaluation checks failed: {reasons}; not releasing (huggingface_hub.require_passing_checks)",
+            allow_retries=False,
+        )
+    return {
+        "evaluation_checks_passed": dg.MetadataValue.json([c["name"] for c in outcomes if c["passed"]]),
+        "evaluation_checks_failed": dg.MetadataValue.json([c["name"] for c in failed]),
+        "evaluation_checks": table_preview(pd.DataFrame(outcomes), max_rows=None),
+    }
 
 
 def _sizes_table(sizes: dict) -> pd.DataFrame:
@@ -78,8 +106,9 @@ def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSetti
     code_version=CODE_VERSIONS["hub_release"],
     kinds={"huggingface"},
     description=(
-        "Release folder (weights, packed weights, tokenizer, memory, reports, "
-        "model card) under <storage>/release, uploaded to the Hub when enabled and HF_TOKEN is set."
+        "Release folder (weights, packed weights, tokenizer, memory, reports, model card) under "
+        "<storage>/release, uploaded to the Hub when enabled and a token is available; refused while an "
+        "evaluation threshold check fails (huggingface_hub.require_passing_checks)."
     ),
     retry_policy=NETWORK_RETRY,
 )
@@ -87,6 +116,7 @@ def hub_release(
     context: dg.AssetExecutionContext, settings: BitmarSettings, hub: HuggingFaceHubResource
 ) -> dg.MaterializeResult:
     config, storage = settings.config, settings.storage
+    checks = _checks_gate(settings)
     vision = VisionSpec(
         model=config.vision.model,
         source=resolve_model_source(config.vision.model, storage.path("models")),
@@ -105,6 +135,7 @@ def hub_release(
             "files": table_preview(release_files(release.path), max_rows=100),
             "source_step": release.manifest["source"]["step"],
             **outcome.metadata(),
+            **checks,
             "model_card": dg.MetadataValue.md(release.card),
         }
     )

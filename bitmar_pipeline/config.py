@@ -294,7 +294,8 @@ class GrpoConfig(_Section):
 
 
 class EvaluationThresholds(_Section):
-    """Targets the evaluation_report checks compare with (warning severity)."""
+    """Targets the evaluation_report checks compare with (they block hub_release unless
+    huggingface_hub.require_passing_checks is false)."""
 
     test_head_top1: float = Field(default=0.70, ge=0.0, le=1.0)
     test_head_sample_f1: float = Field(default=0.60, ge=0.0, le=1.0)
@@ -341,6 +342,13 @@ class HubConfig(_Section):
     repo_id: str = "bitmar/bitmar-robot-reasoning"
     private: bool = True
     commit_message: str = "Upload BitMar model (step {step}, {timestamp})"
+    require_passing_checks: bool = Field(
+        default=True,
+        description=(
+            "evaluation_report's threshold checks are errors that block hub_release (no release folder, no upload) "
+            "when one fails; false: warnings, and the release lists the failed ones."
+        ),
+    )
 
 
 class ScheduleConfig(_Section):

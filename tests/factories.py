@@ -102,6 +102,13 @@ EVALUATION = {
 }
 
 
+# What evaluation_report records beside its report (assets/evaluation.py): hub_release reads it.
+PASSED_CHECKS = [
+    {"name": "test_head_top1", "passed": True, "value": 0.67, "threshold": 0.6, "direction": ">="},
+    {"name": "head_confidence_calibrated", "passed": True, "value": 0.1, "threshold": 0.15, "direction": "<="},
+]
+
+
 def make_storage(root: Path, seed: int = 0) -> Storage:
     """A storage root with what the release stages read: the grpo_policy model (tiny, random),
     the tokenizer, a tiny-random DINOv2, the robot_tasks table, an evaluation report and a
@@ -135,6 +142,7 @@ def make_storage(root: Path, seed: int = 0) -> Storage:
     )
     storage.path("reports").mkdir()
     storage.path("reports", "evaluation_report.json").write_text(json.dumps(EVALUATION))
+    storage.path("reports", "evaluation_checks.json").write_text(json.dumps({"checks": PASSED_CHECKS}))
     storage.path("emissions").mkdir()
     pd.DataFrame(
         {

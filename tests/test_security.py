@@ -275,6 +275,7 @@ def test_secrets_never_written_during_the_full_pipeline(tmp_path, monkeypatch, c
     overrides = {
         **TINY, "storage.root": str(store), "wandb.mode": "offline", "carbon_tracking.enabled": True,
         "huggingface_hub.enabled": True, "huggingface_hub.repo_id": "someone/bitmar-secret-test",
+        "huggingface_hub.require_passing_checks": False,  # the tiny model fails the thresholds: release anyway
     }
     location = write_location(tmp_path / "location.py", overrides)
     with synchronous_instance() as instance:
