@@ -204,6 +204,7 @@ class BitMarDecoder(nn.Module):
         use_cache: bool = True,
         return_log_probs: bool = False,
         output_head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> GenerationOutput:
         """Continue each prompt row (left or right padded) with up to `max_new_tokens` tokens.
 
@@ -212,8 +213,10 @@ class BitMarDecoder(nn.Module):
         last real token, at the next position; rows stop at `eos_token_id` independently
         and the loop ends early once all have stopped. `use_cache=False` recomputes the
         whole sequence every step (the reference the cache is tested and benchmarked
-        against). Log-probs are of the temperature-scaled distribution before top-k/top-p
-        truncation, which is what `token_log_probs` recomputes under teacher forcing.
+        against). `logits_processor(new tokens so far [B, n], logits [B, V]) -> logits`
+        runs before each choice (e.g. `bitmar_model.guided.HeadGuidedDecoding`). Log-probs are of the
+        temperature-scaled distribution before top-k/top-p truncation, which is what
+        `token_log_probs` recomputes under teacher forcing.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -251,6 +254,9 @@ class BitMarDecoder(nn.Module):
             tokens, token_masks, log_probs = [], [], []
             for step in range(max_new_tokens):
                 logits = output_head(hidden, last_token).float()
+                if logits_processor is not None:
+                    so_far = torch.stack(tokens, dim=1) if tokens else prompt_ids.new_zeros(batch, 0)
+                    logits = logits_processor(so_far, logits)
                 token = sample_next_token(
                     logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
                 )

@@ -30,6 +30,7 @@ in `decoder_input_ids`/`labels`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -416,6 +417,7 @@ class BitMarModel(
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         return_log_probs: bool = False,
+        logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> GenerationOutput:
         """Generate decoder text for each input (call .eval() first for deterministic dropout).
 
@@ -456,6 +458,7 @@ class BitMarModel(
             use_cache=use_cache,
             return_log_probs=return_log_probs,
             output_head=output_head,
+            logits_processor=logits_processor,
         )
 
     def sequence_log_probs(

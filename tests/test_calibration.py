@@ -42,7 +42,8 @@ def test_all_right_validation_gives_finite_parameters_and_round_trips():
 def test_report_section_fits_on_validation_and_scores_both_splits():
     from bitmar_pipeline.evaluation.report import calibration_section
 
-    section = calibration_section(overconfident(400, seed=3), overconfident(400, seed=4))
+    validation = overconfident(400, seed=3)
+    section = calibration_section(PlattCalibration.fit(*validation), validation, overconfident(400, seed=4))
     assert section["fitted_on"] == "validation" and section["n"] == 400
     assert PlattCalibration.from_dict(section) == PlattCalibration.fit(*overconfident(400, seed=3))
     assert section["test_ece_after"] < section["test_ece_before"]

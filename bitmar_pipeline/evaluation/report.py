@@ -82,6 +82,7 @@ class EvaluationResult:
     report: dict[str, Any]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
+    calibration: PlattCalibration = field(default_factory=PlattCalibration)  # fitted on validation
 
 
 def reasoning_quality(parsed: ParsedReasoning, task_text: str, gold: set[str]) -> dict[str, float]:
@@ -170,7 +171,13 @@ def reasoning_section(
     )
     section["stated_confidence_ece"] = round(expected_calibration_error(stated, correct), 4)
     section["stated_confidence_target"] = CONFIDENCE_TARGET
-    head_conf = model_eval.head_probs.max(axis=1)
+    head_conf, head_correct = top_choice(model_eval)
+    section["head_confidence_ece"] = round(expected_calibration_error(head_conf, head_correct), 4)
+    return section, head_conf, head_correct
+
+
+def top_choice(model_eval: ReasoningEvaluation) -> tuple[np.ndarray, np.ndarray]:
+    """The head's probability of its top robot per task, and whether that robot is gold."""
     head_correct = np.array(
         [
             ROBOT_CLASSES[int(i)] in g
@@ -178,8 +185,7 @@ def reasoning_section(
         ],
         dtype=float,
     )
-    section["head_confidence_ece"] = round(expected_calibration_error(head_conf, head_correct), 4)
-    return section, head_conf, head_correct
+    return model_eval.head_probs.max(axis=1), head_correct
 
 
 @torch.no_grad()
@@ -394,16 +400,20 @@ def evaluate_splits(
 ) -> EvaluationResult:
     """The robot-selection and reasoning parts of the report, for validation and test."""
     result = EvaluationResult({"robot_selection": {}, "reasoning": {}, "multi_robot": {}})
-    tables, top_choice = [], {}
+    # Calibrated on the validation head alone first, so the guided texts state calibrated confidences.
+    validation_head = evaluate_reasoning(model, tokenizer, tasks, "validation", generate=False, n_resamples=2)
+    result.calibration = PlattCalibration.fit(*top_choice(validation_head))
+    tables, top_choices = [], {}
     for split in ("validation", "test"):
         model_eval = evaluate_reasoning(
-            model, tokenizer, tasks, split, max_new_tokens=max_new_tokens, n_resamples=n_resamples
+            model, tokenizer, tasks, split, max_new_tokens=max_new_tokens, n_resamples=n_resamples,
+            guided=True, calibration=result.calibration,
         )
         selection, table = robot_selection_section(model_eval, tasks, n_resamples)
         tables.append(table.assign(split=split))
         task_texts = tasks[tasks["split"] == split].drop_duplicates("task_key")["task_text"].tolist()
         reasoning, head_conf, head_correct = reasoning_section(model_eval, task_texts, n_resamples)
-        top_choice[split] = (head_conf, head_correct)
+        top_choices[split] = (head_conf, head_correct)
         result.report["robot_selection"][split] = selection
         result.report["reasoning"][split] = reasoning
         result.report["multi_robot"][split] = multi_robot_section(model, tokenizer, tasks, subtasks, split, n_resamples)
@@ -418,16 +428,18 @@ def evaluate_splits(
                 }
             )
     result.tables["robot_selection"] = pd.concat(tables, ignore_index=True)
-    result.report["calibration"] = calibration_section(top_choice["validation"], top_choice["test"])
+    result.report["calibration"] = calibration_section(
+        result.calibration, top_choices["validation"], top_choices["test"]
+    )
     return result
 
 
 def calibration_section(
-    validation: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]
+    calibration: PlattCalibration, validation: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]
 ) -> dict[str, Any]:
     """Platt scaling of the head's top-choice probability, fitted on validation (the release
-    shows users the calibrated value); its ECE on both splits before and after."""
-    calibration = PlattCalibration.fit(*validation)
+    shows users the calibrated value, and guided texts state it); its ECE on both splits before
+    and after."""
     section: dict[str, Any] = {**calibration.to_dict(), "fitted_on": "validation", "n": len(validation[0])}
     section["target"] = "the head's top robot is in the gold set"
     for split, (confidences, correct) in (("validation", validation), ("test", test)):
@@ -496,7 +508,11 @@ def build_evaluation_report(
         out_dir,
     )
     result.report["user_phrased"] = user_phrased_section(
-        model, tokenizer, config.grpo_reasoning.max_new_tokens, config.evaluation.bootstrap_resamples
+        model,
+        tokenizer,
+        config.grpo_reasoning.max_new_tokens,
+        config.evaluation.bootstrap_resamples,
+        calibration=result.calibration,
     )
     captions = load_caption_data(
         storage,

@@ -10,6 +10,8 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from bitmar_model.calibration import PlattCalibration
+from bitmar_model.guided import HeadDecision, HeadGuidedDecoding
 from bitmar_model.metrics import (
     MetricWithCI,
     bootstrap_ci,
@@ -68,6 +70,24 @@ def encode_prompts(
     return encoded["input_ids"], encoded["attention_mask"]
 
 
+def head_guidance(
+    tokenizer: PreTrainedTokenizerBase, head_probs: np.ndarray, calibration: PlattCalibration | None = None
+) -> HeadGuidedDecoding:
+    """Guided decoding that states, per row, the head's selection and the probability shown for
+    its top robot (calibrated when `calibration` is given)."""
+    top = head_probs.max(axis=1)
+    shown = calibration(top) if calibration is not None else top
+    decisions = [
+        HeadDecision([ROBOT_CLASSES[i] for i in np.flatnonzero(row)], float(conf))
+        for row, conf in zip(select_robots(head_probs), shown, strict=True)
+    ]
+    return HeadGuidedDecoding(
+        decisions,
+        encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+    )
+
+
 @torch.no_grad()
 def evaluate_reasoning(
     model: BitMarModel,
@@ -78,8 +98,13 @@ def evaluate_reasoning(
     batch_size: int = 32,
     generate: bool = True,
     n_resamples: int = 1000,
+    guided: bool = False,
+    calibration: PlattCalibration | None = None,
 ) -> ReasoningEvaluation:
-    """Evaluate on the tasks of `split` (one row per distinct task key; columns task_text, robots)."""
+    """Evaluate on the tasks of `split` (one row per distinct task key; columns task_text, robots).
+
+    guided: the text states the head's selection and its (calibrated) confidence
+    (`head_guidance`); otherwise the decoder's text decides on its own."""
     rows = tasks[tasks["split"] == split].drop_duplicates("task_key")
     if rows.empty:
         raise ValueError(f"no robot tasks in split {split!r}")
@@ -92,7 +117,8 @@ def evaluate_reasoning(
         ids, mask = ids.to(device), mask.to(device)
         probs.append(model(ids, mask).robot_probs.float().cpu().numpy())
         if generate:
-            out = model.generate(ids, mask, max_new_tokens=max_new_tokens)
+            guidance = head_guidance(tokenizer, probs[-1], calibration) if guided else None
+            out = model.generate(ids, mask, max_new_tokens=max_new_tokens, logits_processor=guidance)
             tokens = out.new_tokens.masked_fill(out.new_token_mask == 0, tokenizer.pad_token_id)
             texts.extend(tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True))
     head_probs = np.concatenate(probs)

@@ -40,6 +40,7 @@ from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import parse_reasoning
 from bitmar_pipeline.config import ConfigError, DataConfig, load_config
 from bitmar_pipeline.data.images import open_rgb
+from bitmar_pipeline.evaluation.selection_quality import head_guidance
 from bitmar_pipeline.features.vision_encoder import VisionEncoder, VisionModelError
 from bitmar_pipeline.release.folder import (
     FORMAT_NAME,
@@ -196,7 +197,11 @@ class Predictor:
         vision = self._image_features(Path(image)) if image is not None else None
         out = self.model(ids, vision_features=vision)
         analysis = BitMarModel.get_reasoning_analysis(out)
-        generated = self.model.generate(ids, vision_features=vision, max_new_tokens=max_new_tokens)
+        # The text states the head's selection and the confidence shown here (bitmar_model.guided).
+        guidance = head_guidance(self.tokenizer, out.robot_probs.float().numpy(), self.calibration)
+        generated = self.model.generate(
+            ids, vision_features=vision, max_new_tokens=max_new_tokens, logits_processor=guidance
+        )
         tokens = generated.new_tokens.masked_fill(generated.new_token_mask == 0, self.tokenizer.pad_token_id)
         text = self.tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
         parsed = parse_reasoning(text)

@@ -1,0 +1,74 @@
+"""Head-guided decoding: the reasoning text states the selection head's decision.
+
+The selection head decides (it is trained, calibrated and evaluated for that); the decoder
+explains. Left free, the decoder sometimes names another robot than the head, calls the
+robot it selects "unsuitable" in `<robot_evaluation>`, or states a confidence unrelated to
+the head's. Guided decoding forces exactly the decision slots of the tagged format and
+leaves every other token to the model (a logits processor, as in constrained generation):
+
+    <robot_evaluation>  "<robot>:"          -> " suitable -" if the head selects it, else " unsuitable -"
+    <robot_selection>   "Selected Robot:"   -> " <the head's selection>"  (then a newline)
+                        "Confidence:"       -> " <the shown confidence, 2 decimals>" (then a newline)
+
+The reason after "-", the thinking, the environment analysis, the selection reasoning and the
+justification stay the model's own text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from bitmar_model.reasoning_format import NO_ROBOT
+from bitmar_model.robots import ROBOT_CLASSES
+
+_EVALUATED = frozenset(r for r in ROBOT_CLASSES if r != NO_ROBOT)
+
+Encode = Callable[[str], list[int]]
+Decode = Callable[[list[int]], str]
+
+
+@dataclass
+class HeadDecision:
+    robots: list[str]  # the head's selection (select_robots), e.g. ["Drone"] or ["No Robot"]
+    confidence: float  # the probability shown for it (calibrated when a calibration exists)
+
+
+def forced_continuation(text: str, decision: HeadDecision) -> str | None:
+    """The text to force after `text` (the row's generation so far), or None to let the model go on."""
+    line = text.rsplit("\n", 1)[-1].strip()
+    if line == "Selected Robot:":
+        return f" {', '.join(decision.robots)}\n"
+    if line == "Confidence:":
+        return f" {decision.confidence:.2f}\n"
+    in_evaluation = text.rfind("<robot_evaluation>") > text.rfind("</robot_evaluation>")
+    if in_evaluation and line.endswith(":") and line[:-1] in _EVALUATED:
+        return " suitable -" if line[:-1] in decision.robots else " unsuitable -"
+    return None
+
+
+@dataclass
+class HeadGuidedDecoding:
+    """A `generate(logits_processor=...)` that forces the decision slots to `decisions` (one per row)."""
+
+    decisions: Sequence[HeadDecision]
+    encode: Encode
+    decode: Decode
+    _queues: list[list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._queues = [[] for _ in self.decisions]
+
+    def __call__(self, generated: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """generated [B, n] (the new tokens so far), logits [B, V] -> logits with forced rows one-hot."""
+        for row, queue in enumerate(self._queues):
+            if not queue:
+                forced = forced_continuation(self.decode(generated[row].tolist()), self.decisions[row])
+                queue.extend(self.encode(forced) if forced else ())
+            if queue:
+                token = queue.pop(0)
+                logits[row] = float("-inf")
+                logits[row, token] = 0.0
+        return logits
