@@ -220,6 +220,14 @@ class TrainingConfig(_Section):
             "so the decoder keeps captioning (0: off)."
         ),
     )
+    short_form_examples: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "reasoning_sft also trains on up to this many short wordings of each training task "
+            "(function words mostly dropped, as people type tasks; 0: off)."
+        ),
+    )
     capability_examples: bool = Field(
         default=False,
         description="reasoning_sft also trains on short tasks built from the robots' capability text.",

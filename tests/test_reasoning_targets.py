@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 from pathlib import Path
 
@@ -20,11 +21,14 @@ from bitmar_pipeline.data.robot_tasks import (
 )
 from bitmar_pipeline.training.reasoning_targets import (
     EVALUATED_ROBOTS,
+    SftExample,
     build_reasoning_target,
     build_sft_examples,
     capability_examples,
     evaluable_subtasks,
     format_prompt,
+    short_form,
+    short_form_examples,
 )
 
 PROFILES = parse_instruction_capabilities(ROBOT_SELECTION_INSTRUCTION)
@@ -332,3 +336,31 @@ def test_capability_examples_label_each_phrase_with_every_robot_that_lists_it():
     assert {r for e in examples for r in e.robots} == set(PROFILES)
     for example in examples:  # the target says what the label says
         assert set(parse_reasoning(example.target).robots) == set(example.robots)
+
+
+def test_short_forms_keep_the_verb_and_drop_most_function_words():
+    rng = random.Random(0)
+    forms = [short_form(PIPES, rng) for _ in range(200)]
+    drawn = [f for f in forms if f]
+    assert len(drawn) > 150
+    for form in drawn:
+        words = form.split()
+        assert words[0] == "Check" and 2 <= len(words) < len(PIPES.split())
+        # Order kept: the words are a subsequence of the task's.
+        remaining = iter(PIPES.rstrip(".").split())
+        assert all(any(w == r for r in remaining) for w in words)
+    dropped_the = sum("the" not in f.split() for f in drawn) / len(drawn)
+    assert dropped_the > 0.7
+
+
+def test_short_form_examples_keep_labels_and_build_targets_from_the_short_text():
+    task = SftExample("t1", format_prompt(PIPES), "target", ["Underwater Robot"], "task")
+    subtask = SftExample("t1", format_prompt("Swim"), "target", ["Underwater Robot"], "subtask")
+    examples = short_form_examples([task, subtask], PROFILES, per_task=3, seed=1)
+    assert 1 <= len(examples) <= 3 and all(e.kind == "short_form" for e in examples)
+    for example in examples:
+        text = example.prompt.removeprefix("Task: ")
+        assert example.robots == ["Underwater Robot"]
+        assert f"Goal: {text}." in example.target
+        assert parse_reasoning(example.target).robots == ["Underwater Robot"]
+    assert short_form_examples([task, subtask], PROFILES, per_task=3, seed=1) == examples

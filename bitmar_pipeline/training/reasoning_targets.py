@@ -23,6 +23,7 @@ keeps "under" from matching "underwater".
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ class SftExample:
     prompt: str
     target: str
     robots: list[str]
-    kind: Literal["task", "subtask", "capability"]
+    kind: Literal["task", "subtask", "capability", "short_form"]
 
 
 def format_prompt(task_text: str) -> str:
@@ -337,3 +338,49 @@ def capability_examples(capabilities: Profiles) -> list[SftExample]:
             )
         )
     return examples
+
+
+# Words people leave out when they type a task ("Inspect underwater pipelines").
+_FUNCTION_WORDS = frozenset(
+    "a an the of for to in on at by with and or its their his her from into onto over under through "
+    "across along around during while that which this these those any some all each".split()
+)
+_KEEP_FUNCTION, _KEEP_CONTENT, _MIN_SHORT = 0.15, 0.6, 2
+
+
+def short_form(task_text: str, rng: random.Random) -> str | None:
+    """A shorter wording of a task, the way people type one: the first word (the verb) kept,
+    function words mostly dropped, content words kept with probability 0.6, order unchanged.
+    None when the draw leaves fewer than 2 words or the text unchanged."""
+    words = task_text.rstrip(".").split()
+    kept = words[:1] + [
+        w for w in words[1:] if rng.random() < (_KEEP_FUNCTION if w.lower() in _FUNCTION_WORDS else _KEEP_CONTENT)
+    ]
+    if len(kept) < _MIN_SHORT or len(kept) == len(words):
+        return None
+    return " ".join(kept)
+
+
+def short_form_examples(
+    examples: Sequence[SftExample], capabilities: Profiles, per_task: int, seed: int
+) -> list[SftExample]:
+    """Up to `per_task` short forms of each "task" example, with the task's robots and a target
+    built from the short text (so its cues and "Goal:" quote what the short text says)."""
+    rng = random.Random(seed)
+    out: list[SftExample] = []
+    for example in examples:
+        if example.kind != "task":
+            continue
+        text = example.prompt.removeprefix(PROMPT_PREFIX)
+        forms = {f for f in (short_form(text, rng) for _ in range(per_task)) if f}
+        out += [
+            SftExample(
+                task_id=f"{example.task_id}:short{i}",
+                prompt=format_prompt(form),
+                target=build_reasoning_target(form, example.robots, capabilities, None),
+                robots=example.robots,
+                kind="short_form",
+            )
+            for i, form in enumerate(sorted(forms))
+        ]
+    return out

@@ -60,7 +60,12 @@ from bitmar_pipeline.training.datasets import (
     load_pipeline_tokenizer,
     robot_multi_hot,
 )
-from bitmar_pipeline.training.reasoning_targets import build_sft_examples, capability_examples, format_prompt
+from bitmar_pipeline.training.reasoning_targets import (
+    build_sft_examples,
+    capability_examples,
+    format_prompt,
+    short_form_examples,
+)
 
 PRETRAIN, SFT, GRPO = "multimodal_pretrain", "reasoning_sft", "grpo_policy"
 STAGE_INFO_FILE = "bitmar_stage.json"
@@ -203,7 +208,7 @@ def retrieval_metrics(model: BitMarModel, heldout: CaptionSet, batch_size: int =
 SFT_ONLY_TRAINING_KEYS = frozenset(
     {
         "sft", "selection_loss_weight", "selection_class_balance", "caption_rehearsal_weight",
-        "caption_rehearsal_batch_size", "capability_examples",
+        "caption_rehearsal_batch_size", "capability_examples", "short_form_examples",
     }
 )
 
@@ -320,6 +325,8 @@ def run_reasoning_sft(
     examples = build_sft_examples(tasks, subtasks, capabilities, split="train")
     if training.capability_examples:
         examples += capability_examples(capabilities)
+    if training.short_form_examples:
+        examples += short_form_examples(examples, capabilities, training.short_form_examples, training.seed)
     sft_set = build_sft_set(examples, tokenizer, MAX_PROMPT_TOKENS, MAX_TARGET_TOKENS)
     dataset: SftSet | RehearsalSftSet = sft_set
     model = load_stage_model(storage, PRETRAIN)
