@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from assets.metadata import quarantine_metadata, table_metadata, table_preview
-from assets.operations import NETWORK_RETRY, fail_without_retry
+from assets.operations import NETWORK_RETRY, NEW_SHARDS, ROBOT_FILES, UPSTREAM_CHANGED, fail_without_retry
 from assets.partitions import coco_shards
 from assets.versions import CODE_VERSIONS, content_version, files_version
 from bitmar_pipeline.data.alignment import align_shard
@@ -118,6 +118,7 @@ def coco_raw(context: dg.AssetExecutionContext, settings: BitmarSettings) -> dg.
     deps=[coco_raw],
     partitions_def=coco_shards,
     group_name=DATA_GROUP,
+    automation_condition=NEW_SHARDS,
     code_version=CODE_VERSIONS["image_caption_pairs"],
     kinds={"python", "parquet", "duckdb"},
     check_specs=[
@@ -185,6 +186,7 @@ def image_caption_pairs(context: dg.AssetExecutionContext, settings: BitmarSetti
     deps=[image_caption_pairs],
     partitions_def=coco_shards,
     group_name=DATA_GROUP,
+    automation_condition=NEW_SHARDS,
     code_version=CODE_VERSIONS["vision_features"],
     kinds={"pytorch", "parquet"},
     check_specs=[
@@ -259,7 +261,9 @@ def vision_features(
 
 
 @dg.asset(
+    deps=[ROBOT_FILES],
     group_name=DATA_GROUP,
+    automation_condition=UPSTREAM_CHANGED,
     code_version=CODE_VERSIONS["robot_selection_tasks"],
     kinds={"python", "parquet", "duckdb"},
     check_specs=[
@@ -322,6 +326,7 @@ def robot_selection_tasks(context: dg.AssetExecutionContext, settings: BitmarSet
 @dg.asset(
     deps=[image_caption_pairs, robot_selection_tasks],
     group_name=DATA_GROUP,
+    automation_condition=UPSTREAM_CHANGED,
     code_version=CODE_VERSIONS["text_tokenizer"],
     kinds={"python"},
     description=(

@@ -29,14 +29,14 @@ def default_resources(settings: BitmarSettings) -> dict[str, Any]:
 
 def build_definitions(settings: BitmarSettings | None = None) -> dg.Definitions:
     """Definitions with the given settings (default: $BITMAR_CONFIG or the sample profile).
-    The schedule's cron and the sensors' intervals come from its `schedules` section."""
+    The schedule's cron and the automation intervals come from its `schedules` section."""
     settings = settings or BitmarSettings()
     return dg.Definitions(
-        assets=ALL_ASSETS,
+        assets=[*ALL_ASSETS, operations.build_robot_files_asset(settings.config.schedules)],
         resources=default_resources(settings),
         jobs=operations.JOBS,
         schedules=operations.build_schedules(settings.config.schedules),
-        sensors=operations.build_sensors(settings.config.schedules),
+        sensors=operations.build_automation_sensors(settings.config.schedules),
     )
 
 

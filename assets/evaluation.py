@@ -13,6 +13,7 @@ from typing import Any
 import dagster as dg
 
 from assets.metadata import image_metadata, table_preview
+from assets.operations import UPSTREAM_CHANGED
 from assets.training import grpo_policy
 from assets.versions import CODE_VERSIONS
 from bitmar_model.io import atomic_write_json, read_json
@@ -104,6 +105,7 @@ def _report_metadata(result: EvaluationResult, path: Path, flat: dict[str, float
 @dg.asset(
     deps=[grpo_policy],
     group_name="evaluation",
+    automation_condition=UPSTREAM_CHANGED,
     code_version=CODE_VERSIONS["evaluation_report"],
     kinds={"pytorch"},
     check_specs=CHECKS,

@@ -1,4 +1,4 @@
-"""Operations on the asset graph: jobs, the retraining schedule, sensors and retry policies.
+"""Operations on the asset graph: jobs, the retraining schedule, declarative automation and retry policies.
 
 Assets are referred to by key and group name, not imported: assets/data.py and
 assets/release.py import NETWORK_RETRY from here, so importing them back would be circular.
@@ -13,18 +13,17 @@ the unpartitioned stages for every shard, so the README points people at the bac
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
 
-from assets.partitions import coco_shards
+from assets.versions import content_version
 from bitmar_model.io import sha256_file
 from bitmar_pipeline.config import ScheduleConfig
-from bitmar_pipeline.data.coco import manifest_shards
 from bitmar_pipeline.resources.settings import BitmarSettings
 
 # Downloads and uploads already retry requests inside (bitmar_pipeline.data.coco_download,
@@ -43,8 +42,12 @@ def fail_without_retry(*permanent: type[BaseException]) -> Iterator[None]:
     except permanent as error:
         raise dg.Failure(description=f"{type(error).__name__}: {error}", allow_retries=False) from error
 
-ROBOT_TASKS = dg.AssetKey("robot_selection_tasks")
-VISION_FEATURES = dg.AssetKey("vision_features")
+ROBOT_FILES = dg.AssetKey("robot_dataset_files")
+AUTOMATION_SENSOR = "bitmar_automation"
+# Declarative automation (evaluated by the automation sensor, which is created stopped):
+# each shard that coco_raw registers is featurized once; the rest follows its upstream.
+NEW_SHARDS = dg.AutomationCondition.on_missing()
+UPSTREAM_CHANGED = dg.AutomationCondition.eager()
 FEATURE_STAGES = dg.AssetSelection.assets("image_caption_pairs", "vision_features")
 RETRAIN_STAGES = dg.AssetSelection.groups("training", "evaluation", "release")
 # On every run that trains, so a QueuedRunCoordinator can allow one at a time (README, Operations).
@@ -78,84 +81,68 @@ def robot_dataset_files(settings: BitmarSettings) -> list[Path]:
     return [Path(p).expanduser() for p in (robot.single_path, robot.multi_path) if p]
 
 
-def _robot_dataset_sensor(interval: int) -> dg.SensorDefinition:
-    @dg.sensor(
-        name="robot_dataset_sensor",
-        target=dg.AssetSelection.assets(ROBOT_TASKS) | RETRAIN_STAGES,
-        minimum_interval_seconds=interval,
-        default_status=dg.DefaultSensorStatus.STOPPED,  # a change starts a retrain: opt in
-        description="Hashes data.robot.single_path / multi_path (source: local); when their content changes, "
-        "re-ingests robot_selection_tasks and retrains in one run. The first tick only records the hashes.",
+def robot_files_version(settings: BitmarSettings) -> dg.DataVersion:
+    """Local files: their content (SHA-256, so a `touch` or a copy of the same bytes changes
+    nothing). Sample and url sources: the settings that determine the tables."""
+    files = robot_dataset_files(settings)
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise dg.Failure(f"robot dataset file(s) not found: {', '.join(missing)}", allow_retries=False)
+    if files:
+        return content_version(*(f"{p.name}:{sha256_file(p)}" for p in files))
+    return content_version(json.dumps(settings.config.data.robot.model_dump(mode="json"), sort_keys=True))
+
+
+def _minutes_cron(seconds: int) -> str:
+    minutes = max(1, round(seconds / 60))
+    return "* * * * *" if minutes == 1 else f"*/{minutes} * * * *"
+
+
+def build_robot_files_asset(config: ScheduleConfig) -> dg.SourceAsset:
+    """The robot dataset files as an observable source asset: its data version is their content
+    hash, observed by the automation sensor every schedules.robot_sensor_interval_seconds
+    (rounded to whole minutes)."""
+
+    # Observable source assets are the documented way to version external files; the decorator
+    # is marked beta in dagster 1.13, a warning that says nothing to users of this pipeline.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return _robot_files_asset(_minutes_cron(config.robot_sensor_interval_seconds))
+
+
+def _robot_files_asset(cron: str) -> dg.SourceAsset:
+    @dg.observable_source_asset(
+        key=ROBOT_FILES,
+        group_name="data",
+        required_resource_keys={"settings"},
+        automation_condition=dg.AutomationCondition.cron_tick_passed(cron),
+        description="data.robot.single_path / multi_path (source: local; otherwise the sample/url settings). "
+        "Data version: SHA-256 of their content; a new version makes robot_selection_tasks and the "
+        "training stages eligible for automation.",
     )
-    def robot_dataset_sensor(
-        context: dg.SensorEvaluationContext, settings: BitmarSettings
-    ) -> dg.SensorResult | dg.SkipReason:
-        files = robot_dataset_files(settings)
-        if not files:
-            return dg.SkipReason(
-                f"data.robot.source is '{settings.config.data.robot.source}': only local files are watched"
-            )
-        missing = [str(p) for p in files if not p.is_file()]
-        if missing:
-            return dg.SkipReason(f"robot dataset file(s) not found: {', '.join(missing)}")
-        # Content, not mtime: a copy or `touch` without a change must not retrain.
-        hashes = {str(p): sha256_file(p) for p in files}
-        cursor = json.dumps(hashes, sort_keys=True)
-        if context.cursor is None:
-            return dg.SensorResult(
-                skip_reason=dg.SkipReason(f"recorded the content of {len(files)} file(s)"), cursor=cursor
-            )
-        if context.cursor == cursor:
-            return dg.SkipReason("robot dataset files unchanged")
-        previous = json.loads(context.cursor)
-        changed = sorted(p for p, h in hashes.items() if previous.get(p) != h)
-        run_key = hashlib.sha256(cursor.encode()).hexdigest()[:16]
-        context.log.info(f"robot dataset changed: {changed}")
-        return dg.SensorResult(
-            run_requests=[
-                dg.RunRequest(
-                    run_key=run_key,
-                    tags={**TRAINING_TAGS, "bitmar/changed_files": ",".join(Path(p).name for p in changed)},
-                )
-            ],
-            cursor=cursor,
+    def robot_dataset_files(context) -> dg.DataVersion:
+        return robot_files_version(context.resources.settings)
+
+    return robot_dataset_files
+
+
+def build_automation_sensors(config: ScheduleConfig) -> list[dg.SensorDefinition]:
+    """One automation condition sensor over every asset, created stopped (turn it on in
+    Automation). It evaluates the conditions on the assets (assets/data.py, assets/training.py,
+    ...): observe the robot files; featurize each new shard once; re-ingest the robot tasks when
+    the files change and retrain (training, evaluation, release) when robot data or features do."""
+    return [
+        dg.AutomationConditionSensorDefinition(
+            AUTOMATION_SENSOR,
+            target=dg.AssetSelection.all() | dg.AssetSelection.assets(ROBOT_FILES),
+            default_status=dg.DefaultSensorStatus.STOPPED,  # a change starts a retrain: opt in
+            minimum_interval_seconds=config.feature_sensor_interval_seconds,
+            description=(
+                "Declarative automation of the BitMar graph: featurize new shards, retrain when robot data or "
+                "features change. Created stopped."
+            ),
         )
-
-    return robot_dataset_sensor
-
-
-def shards_to_extract(registered: Iterable[str], current: Iterable[str], materialized: Iterable[str]) -> list[str]:
-    """Registered shards of the current manifest whose features were never materialized."""
-    current_set, done = set(current), set(materialized)
-    return [s for s in registered if s in current_set and s not in done]
-
-
-def _coco_shard_sensor(interval: int) -> dg.SensorDefinition:
-    @dg.sensor(
-        name="coco_shard_sensor",
-        job=feature_backfill,
-        minimum_interval_seconds=interval,
-        default_status=dg.DefaultSensorStatus.STOPPED,
-        description="One feature_backfill run per coco_shards partition that coco_raw registered and vision_features "
-        "has not materialized yet (run_key = shard: a shard is requested once; re-run a failed one from the UI).",
-    )
-    def coco_shard_sensor(
-        context: dg.SensorEvaluationContext, settings: BitmarSettings
-    ) -> list[dg.RunRequest] | dg.SkipReason:
-        registered = context.instance.get_dynamic_partitions(coco_shards.name)
-        if not registered:
-            return dg.SkipReason("no coco_shards registered yet: materialize coco_raw")
-        try:
-            current = manifest_shards(settings.storage)
-        except FileNotFoundError:
-            return dg.SkipReason(f"no COCO manifest under {settings.storage.root}: materialize coco_raw")
-        # Stale shards (registered earlier, gone from the manifest) would fail: coco_raw already warns about them.
-        todo = shards_to_extract(registered, current, context.instance.get_materialized_partitions(VISION_FEATURES))
-        if not todo:
-            return dg.SkipReason(f"all {len(current)} shards have vision_features")
-        return [dg.RunRequest(run_key=shard, partition_key=shard) for shard in todo]
-
-    return coco_shard_sensor
+    ]
 
 
 def build_schedules(config: ScheduleConfig) -> list[dg.ScheduleDefinition]:
@@ -171,11 +158,4 @@ def build_schedules(config: ScheduleConfig) -> list[dg.ScheduleDefinition]:
                 "schedules.retrain_cron / schedules.timezone."
             ),
         )
-    ]
-
-
-def build_sensors(config: ScheduleConfig) -> list[dg.SensorDefinition]:
-    return [
-        _robot_dataset_sensor(config.robot_sensor_interval_seconds),
-        _coco_shard_sensor(config.feature_sensor_interval_seconds),
     ]

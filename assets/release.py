@@ -7,7 +7,7 @@ import pandas as pd
 
 from assets.evaluation import read_check_outcomes
 from assets.metadata import image_metadata, table_preview
-from assets.operations import NETWORK_RETRY, fail_without_retry
+from assets.operations import NETWORK_RETRY, UPSTREAM_CHANGED, fail_without_retry
 from assets.training import grpo_policy
 from assets.versions import CODE_VERSIONS
 from bitmar_pipeline.features.vision_encoder import resolve_model_source
@@ -58,6 +58,7 @@ def _sizes_table(sizes: dict) -> pd.DataFrame:
 @dg.asset(
     deps=[grpo_policy],
     group_name=RELEASE_GROUP,
+    automation_condition=UPSTREAM_CHANGED,
     code_version=CODE_VERSIONS["quantization_report"],
     kinds={"pytorch"},
     description=(
@@ -103,6 +104,7 @@ def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSetti
 @dg.asset(
     deps=["evaluation_report", quantization_report],
     group_name=RELEASE_GROUP,
+    automation_condition=UPSTREAM_CHANGED,
     code_version=CODE_VERSIONS["hub_release"],
     kinds={"huggingface"},
     description=(

@@ -8,6 +8,7 @@ import dagster as dg
 
 from assets.data import text_tokenizer, vision_features
 from assets.metadata import image_metadata, table_preview
+from assets.operations import UPSTREAM_CHANGED
 from assets.versions import CODE_VERSIONS
 from bitmar_pipeline.data.coco import manifest_shards
 from bitmar_pipeline.evaluation.figures import curve_figure
@@ -152,6 +153,7 @@ def _train_on_features(
 @dg.asset(
     deps=[vision_features, text_tokenizer],
     group_name=TRAINING_GROUP,
+    automation_condition=UPSTREAM_CHANGED,
     code_version=CODE_VERSIONS["multimodal_pretrain"],
     kinds={"pytorch"},
     description=(
@@ -172,6 +174,7 @@ def multimodal_pretrain(
 @dg.asset(
     deps=[multimodal_pretrain, "robot_selection_tasks", vision_features],
     group_name=TRAINING_GROUP,
+    automation_condition=UPSTREAM_CHANGED,
     code_version=CODE_VERSIONS["reasoning_sft"],
     kinds={"pytorch"},
     description=(
@@ -205,6 +208,7 @@ def reasoning_sft(
 @dg.asset(
     deps=[reasoning_sft],
     group_name=TRAINING_GROUP,
+    automation_condition=UPSTREAM_CHANGED,
     code_version=CODE_VERSIONS["grpo_policy"],
     kinds={"pytorch"},
     description=(

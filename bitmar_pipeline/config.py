@@ -360,13 +360,17 @@ class HubConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    """When the `retrain` schedule fires and how often the sensors look (assets/operations.py).
+    """When the `retrain` schedule fires and how often the automation looks (assets/operations.py).
     Read when the code location loads, so a change needs a reload in the UI."""
 
     retrain_cron: str = "0 3 * * 0"
     timezone: str = "UTC"
-    robot_sensor_interval_seconds: int = Field(default=60, gt=0)
-    feature_sensor_interval_seconds: int = Field(default=30, gt=0)
+    robot_sensor_interval_seconds: int = Field(
+        default=60, gt=0, description="How often the automation observes the robot files (whole minutes)."
+    )
+    feature_sensor_interval_seconds: int = Field(
+        default=30, gt=0, description="How often the automation sensor evaluates its conditions."
+    )
 
     @field_validator("retrain_cron")
     @classmethod

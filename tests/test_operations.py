@@ -1,4 +1,4 @@
-"""Jobs, schedule, sensors and retry policies (assets/operations.py); a backfill through
+"""Jobs, schedule, declarative automation and retry policies (assets/operations.py); a backfill through
 Dagster's own backfill daemon code; several shard runs at once against one storage root."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from assets.definitions import ALL_ASSETS, build_definitions, default_resources
-from assets.operations import NETWORK_RETRY, shards_to_extract
+from assets.operations import AUTOMATION_SENSOR, NETWORK_RETRY, ROBOT_FILES
 from bitmar_pipeline.config import ConfigError, load_config
 from bitmar_pipeline.data.coco_download import VerificationError
 from bitmar_pipeline.data.coco_layout import AnnotationFileError
@@ -60,7 +60,7 @@ def _keys(job: dg.JobDefinition) -> set[str]:
     return {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
 
 
-def test_jobs_schedule_and_sensors_are_defined(tmp_path):
+def test_jobs_schedule_and_automation_are_defined(tmp_path):
     settings = _settings(
         tmp_path,
         **{
@@ -88,11 +88,18 @@ def test_jobs_schedule_and_sensors_are_defined(tmp_path):
     )
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
 
-    robot = defs.resolve_sensor_def("robot_dataset_sensor")
-    assert robot.minimum_interval_seconds == 120 and robot.default_status == dg.DefaultSensorStatus.STOPPED
-    assert _keys(defs.resolve_job_def(robot.job_name)) == RETRAIN | {"robot_selection_tasks"}  # one run, in graph order
-    shards = defs.resolve_sensor_def("coco_shard_sensor")
-    assert shards.job_name == "feature_backfill" and shards.minimum_interval_seconds == 30
+    (sensor,) = defs.sensors  # the hand-written sensors are gone: automation conditions replace them
+    assert isinstance(sensor, dg.AutomationConditionSensorDefinition) and sensor.name == AUTOMATION_SENSOR
+    assert sensor.default_status == dg.DefaultSensorStatus.STOPPED and sensor.minimum_interval_seconds == 30
+    conditions = {a.key.to_user_string(): a.automation_conditions_by_key.get(a.key) for a in ALL_ASSETS}
+    assert conditions["coco_raw"] is None  # downloads only when asked
+    assert {k for k, c in conditions.items() if c is not None and c.get_label() == "on_missing"} == set(FEATURES)
+    assert {k for k, c in conditions.items() if c is not None and c.get_label() == "eager"} == RETRAIN | {
+        "robot_selection_tasks",
+        "text_tokenizer",
+    }
+    robot_files = next(a for a in defs.assets if isinstance(a, dg.SourceAsset) and a.key == ROBOT_FILES)
+    assert robot_files.is_observable and "*/2 * * * *" in str(robot_files.automation_condition)  # 120 s
 
     for name in ("coco_raw", "hub_release"):
         assert defs.resolve_assets_def(name).op.retry_policy == NETWORK_RETRY
@@ -154,79 +161,64 @@ def test_dagster_cli_validates_the_workspace():
     assert warnings == []
 
 
-def _tick(
-    sensor: dg.SensorDefinition,
-    instance: dg.DagsterInstance,
-    settings: BitmarSettings,
-    cursor: str | None,
-    defs: dg.Definitions | None = None,
-):
-    from dagster._core.definitions.partitions.context import partition_loading_context
-
-    context = dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources={"settings": settings}, definitions=defs
-    )
-    # The daemon sets this up itself; evaluate_tick in a test needs it to validate dynamic partition keys.
-    with partition_loading_context(dynamic_partitions_store=instance):
-        return sensor.evaluate_tick(context)
-
-
-def test_robot_sensor_fires_on_content_changes_only(tmp_path):
+def test_automation_featurizes_new_shards_and_retrains_on_robot_file_changes(tmp_path):
+    """What the automation sensor would launch, evaluated tick by tick with Dagster's own
+    evaluator: each new shard once; on a change of the robot files' content (observed as the
+    source asset's data version) the robot tasks and everything downstream; nothing for a
+    `touch` or a rewrite with the same bytes."""
     single, multi = generate_sample_robot_datasets(tmp_path / "robots", num_tasks=20)
     settings = _settings(
         tmp_path,
         **{"data.robot.source": "local", "data.robot.single_path": str(single), "data.robot.multi_path": str(multi)},
     )
-    sensor = build_definitions(settings).resolve_sensor_def("robot_dataset_sensor")
+    defs = build_definitions(settings)
+    observe = dg.Definitions.merge(
+        defs, dg.Definitions(jobs=[dg.define_asset_job("observe", selection=dg.AssetSelection.assets(ROBOT_FILES))])
+    ).resolve_job_def("observe")
+    resources = default_resources(settings)
+    cursor = None
+
+    def tick() -> dict[str, list]:
+        nonlocal cursor
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+        cursor = result.cursor
+        requested = {k.to_user_string(): result.get_requested_partitions(k) for k in defs.resolve_all_asset_keys()}
+        # (Observations of the robot files are requested each cron minute: timing, not the subject here.)
+        return {k: sorted(p or "-" for p in v) for k, v in requested.items() if v and k != ROBOT_FILES.path[0]}
+
     with dg.instance_for_test() as instance:
-        first = _tick(sensor, instance, settings, None)
-        assert first.run_requests == [] and "recorded" in first.skip_message and first.cursor
+        assert tick() == {}
+        assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=resources).success
+        shards = instance.get_dynamic_partitions("coco_shards")
+        assert tick() == {"image_caption_pairs": shards, "vision_features": shards}
+        for shard in shards:
+            assert dg.materialize(
+                ALL_ASSETS, selection=FEATURES, instance=instance, resources=resources, partition_key=shard
+            ).success
+        assert observe.execute_in_process(instance=instance).success
+        first = instance.get_latest_data_version_record(ROBOT_FILES, True)
+        retrain = RETRAIN | {"robot_selection_tasks", "text_tokenizer"}
+        assert set(tick()) == retrain  # the files' first version: ingest, then train in graph order
+        assert dg.materialize(
+            ALL_ASSETS, selection=["robot_selection_tasks", "text_tokenizer"], instance=instance, resources=resources
+        ).success
+        tick()  # the new tables ask for the training stages again: not what this test looks at
 
         os.utime(single, (time.time() + 100, time.time() + 100))  # newer mtime, same bytes
-        multi.write_bytes(multi.read_bytes())  # rewritten, same bytes
-        same = _tick(sensor, instance, settings, first.cursor)
-        assert same.run_requests == [] and same.skip_message == "robot dataset files unchanged"
+        multi.write_bytes(multi.read_bytes())
+        assert observe.execute_in_process(instance=instance).success
+        assert tick() == {}
 
         records = json.loads(single.read_text())
         records.append({**records[0], "input": "Task: Inspect a wind turbine blade."})
         single.write_text(json.dumps(records))
-        changed = _tick(sensor, instance, settings, first.cursor)
-        (request,) = changed.run_requests
-        assert request.tags["bitmar/training"] == "true" and request.tags["bitmar/changed_files"] == single.name
-        assert changed.cursor != first.cursor
-        again = _tick(sensor, instance, settings, changed.cursor)
-        assert again.run_requests == []
-        # Reverting and changing again gives the same content hash, so the same run_key (Dagster skips duplicates).
-        assert _tick(sensor, instance, settings, first.cursor).run_requests[0].run_key == request.run_key
+        assert observe.execute_in_process(instance=instance).success
+        latest = instance.get_latest_data_version_record(ROBOT_FILES, True)
+        assert latest.storage_id != first.storage_id
+        assert set(tick()) == retrain
 
         single.unlink()
-        assert str(single) in _tick(sensor, instance, settings, changed.cursor).skip_message
-        sample = _settings(tmp_path)
-        assert "only local files" in _tick(sensor, instance, sample, None).skip_message
-
-
-def test_shard_selection_skips_stale_and_done_shards():
-    assert shards_to_extract(["a", "b", "c", "stale"], ["a", "b", "c"], ["b"]) == ["a", "c"]
-
-
-def test_coco_shard_sensor_requests_one_run_per_new_shard(tmp_path):
-    settings = _settings(tmp_path)
-    defs = build_definitions(settings)
-    sensor = defs.resolve_sensor_def("coco_shard_sensor")
-    resources = default_resources(settings)
-    with dg.instance_for_test() as instance:
-        assert "materialize coco_raw" in _tick(sensor, instance, settings, None).skip_message
-        assert dg.materialize(ALL_ASSETS, selection=["coco_raw"], instance=instance, resources=resources).success
-        shards = instance.get_dynamic_partitions("coco_shards")
-        assert len(shards) == 4
-        instance.add_dynamic_partitions("coco_shards", ["train2017-09999"])  # stale: registered, not in the manifest
-
-        requests = _tick(sensor, instance, settings, None, defs).run_requests
-        assert [(r.partition_key, r.run_key) for r in requests] == [(s, s) for s in shards]
-        assert dg.materialize(
-            ALL_ASSETS, selection=FEATURES, instance=instance, resources=resources, partition_key=shards[0]
-        ).success
-        assert [r.partition_key for r in _tick(sensor, instance, settings, None, defs).run_requests] == shards[1:]
+        assert not observe.execute_in_process(instance=instance, raise_on_error=False).success
 
 
 def test_coco_raw_retries_a_transient_failure(tmp_path, monkeypatch):
@@ -293,14 +285,6 @@ def test_coco_raw_fails_at_once_on_a_permanent_error(tmp_path, monkeypatch, erro
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     failure = result.get_step_failure_events()[0].step_failure_data.error
     assert f"{type(error).__name__}: {error}" in failure.message
-
-
-
-
-
-
-
-
 
 
 def test_backfill_of_all_shards_through_the_backfill_daemon(tmp_path):

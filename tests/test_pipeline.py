@@ -200,8 +200,14 @@ def test_code_location_loads_without_warnings():
         warnings.simplefilter("always")
         dg.Definitions.validate_loadable(defs)
         graph = defs.resolve_asset_graph()
+    # dagster's own conversion of the observable source asset reads a property it deprecated itself.
+    internal = "/dagster/_core/definitions/external_asset.py"
     ours = [
-        w for w in caught if "dagster_shared" not in w.filename and "pydantic" not in str(w.category.__name__).lower()
+        w
+        for w in caught
+        if "dagster_shared" not in w.filename
+        and "pydantic" not in str(w.category.__name__).lower()
+        and not w.filename.endswith(internal)
     ]
     assert ours == [], [str(w.message) for w in ours]
     keys = {k.to_user_string() for k in graph.materializable_asset_keys}

@@ -35,7 +35,7 @@ CHROMIUM_ARGS = [
 SERVER_START_SECONDS = 180
 ASSET_NAMES = sorted(a.key.to_user_string() for a in ALL_ASSETS)
 JOB_NAMES = ["full_pipeline", "retrain", "feature_backfill"]
-AUTOMATION_NAMES = ["retrain_schedule", "robot_dataset_sensor", "coco_shard_sensor"]
+AUTOMATION_NAMES = ["retrain_schedule", "bitmar_automation"]
 
 
 def _free_port() -> int:
