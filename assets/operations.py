@@ -26,9 +26,9 @@ from bitmar_model.io import sha256_file
 from bitmar_pipeline.config import ScheduleConfig
 from bitmar_pipeline.resources.settings import BitmarSettings
 
-# Downloads and uploads already retry requests inside (bitmar_pipeline.data.coco_download,
-# bitmar_pipeline.resources.hub); this re-runs the whole step after 10s, 30s, 70s (+-10s jitter), which
-# rides out an outage of minutes rather than seconds.
+# Downloads already retry requests inside (bitmar_pipeline.data.coco_download); this re-runs the whole
+# coco_raw step after 10s, 30s, 70s (+-10s jitter), which rides out an outage of minutes rather than
+# seconds. Uploads have one retry layer, the Hub resource's own (bitmar_pipeline.resources.hub).
 NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 
 from assets.evaluation import read_check_outcomes
 from assets.metadata import image_metadata, table_preview
-from assets.operations import NETWORK_RETRY, UPSTREAM_CHANGED, fail_without_retry
+from assets.operations import UPSTREAM_CHANGED, fail_without_retry
 from assets.training import grpo_policy
 from assets.versions import CODE_VERSIONS
 from bitmar_pipeline.features.vision_encoder import resolve_model_source
@@ -112,7 +112,7 @@ def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSetti
         "<storage>/release, uploaded to the Hub when enabled and a token is available; refused while an "
         "evaluation threshold check fails (huggingface_hub.require_passing_checks)."
     ),
-    retry_policy=NETWORK_RETRY,
+    # No step retry: HuggingFaceHubResource.publish retries transient upload errors itself.
 )
 def hub_release(
     context: dg.AssetExecutionContext, settings: BitmarSettings, hub: HuggingFaceHubResource

@@ -8,6 +8,7 @@ backfill would; the order comes from the asset graph, not from this file.
 from __future__ import annotations
 
 import argparse
+import graphlib
 import os
 import sys
 import time
@@ -21,6 +22,8 @@ from bitmar_pipeline.release.inference import add_predict_parser, predict_main
 from bitmar_pipeline.resources.settings import BitmarSettings
 
 TRAINING_STAGES = ("multimodal_pretrain", "reasoning_sft", "grpo_policy")
+# Dagster's console logger at INFO: the assets' own lines, without the DEBUG event stream.
+RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -47,17 +50,23 @@ def _selection(text: str) -> dg.AssetSelection:
     return dg.AssetSelection.from_coercible(items) if len(items) > 1 else dg.AssetSelection.from_string(items[0])
 
 
-def _phases(defs: dg.Definitions, selection: str | None) -> list[tuple[bool, list[dg.AssetKey]]]:
+def _phases(assets: list[dg.AssetsDefinition], selection: str | None) -> list[tuple[bool, list[dg.AssetKey]]]:
     """Selected asset keys in topological order, grouped into consecutive runs of partitioned
     (True) or unpartitioned (False) assets: a Dagster run targets one partition at most."""
-    graph = defs.resolve_asset_graph()
-    selected = _selection(selection).resolve(graph) if selection else graph.materializable_asset_keys
+    specs = {spec.key: spec for asset in assets for spec in asset.specs}
+    selected = _selection(selection).resolve(assets) if selection else set(specs)
+    sorter = graphlib.TopologicalSorter(
+        {k: {d.asset_key for d in s.deps if d.asset_key in specs} for k, s in specs.items()}
+    )
+    sorter.prepare()
     phases: list[tuple[bool, list[dg.AssetKey]]] = []
-    for level in graph.toposorted_asset_keys_by_level:
-        for key in sorted(level):
+    while sorter.is_active():
+        level = sorted(sorter.get_ready())
+        sorter.done(*level)
+        for key in level:
             if key not in selected:
                 continue
-            partitioned = graph.get(key).is_partitioned
+            partitioned = specs[key].partitions_def is not None
             if phases and phases[-1][0] == partitioned:
                 phases[-1][1].append(key)
             else:
@@ -107,16 +116,15 @@ def _summarize(result: dg.ExecuteInProcessResult, partition: str | None) -> list
 
 
 def run(config_file: str | None, selection: str | None, overrides: dict[str, Any]) -> int:
-    from assets.definitions import ALL_ASSETS, build_definitions, default_resources
+    from assets.definitions import ALL_ASSETS, default_resources
 
     load_config(config_file, overrides)  # fail fast on bad config, before Dagster starts
     settings = BitmarSettings(config_file=config_file, overrides=overrides, progress_bars=sys.stderr.isatty())
-    defs = build_definitions(settings)
     instance = _instance()
     resources = default_resources(settings)
     started = time.perf_counter()
     failed_checks = 0
-    for partitioned, keys in _phases(defs, selection):
+    for partitioned, keys in _phases(ALL_ASSETS, selection):
         partitions = instance.get_dynamic_partitions("coco_shards") if partitioned else [None]
         if partitioned and not partitions:
             print("no coco_shards registered yet: materialize coco_raw first", file=sys.stderr)
@@ -129,6 +137,7 @@ def run(config_file: str | None, selection: str | None, overrides: dict[str, Any
                 resources=resources,
                 partition_key=partition,
                 raise_on_error=False,
+                run_config=RUN_CONFIG,
             )
             print("\n".join(_summarize(result, partition)))
             failed_checks += sum(

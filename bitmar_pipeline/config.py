@@ -375,11 +375,14 @@ class ScheduleConfig(_Section):
     @field_validator("retrain_cron")
     @classmethod
     def _valid_cron(cls, value: str) -> str:
-        # Dagster's own check, so a bad schedule fails here with the key, not at code-location load.
-        from dagster._utils.schedules import is_valid_cron_string
+        # Dagster's own check (a public ScheduleDefinition), so a bad schedule fails here with the
+        # key, not at code-location load.
+        import dagster as dg
 
-        if not is_valid_cron_string(value):
-            raise ValueError("expected a 5-field cron string such as '0 3 * * 0' (Sundays 03:00)")
+        try:
+            dg.ScheduleDefinition(name="cron_check", cron_schedule=value, target=dg.AssetSelection.all())
+        except dg.DagsterInvalidDefinitionError:
+            raise ValueError("expected a 5-field cron string such as '0 3 * * 0' (Sundays 03:00)") from None
         return value
 
     @field_validator("timezone")

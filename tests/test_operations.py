@@ -101,8 +101,8 @@ def test_jobs_schedule_and_automation_are_defined(tmp_path):
     robot_files = next(a for a in defs.assets if isinstance(a, dg.SourceAsset) and a.key == ROBOT_FILES)
     assert robot_files.is_observable and "*/2 * * * *" in str(robot_files.automation_condition)  # 120 s
 
-    for name in ("coco_raw", "hub_release"):
-        assert defs.resolve_assets_def(name).op.retry_policy == NETWORK_RETRY
+    assert defs.resolve_assets_def("coco_raw").op.retry_policy == NETWORK_RETRY
+    assert defs.resolve_assets_def("hub_release").op.retry_policy is None  # the Hub resource retries uploads
     assert NETWORK_RETRY.max_retries == 3 and NETWORK_RETRY.backoff == dg.Backoff.EXPONENTIAL
 
 

@@ -44,8 +44,10 @@ from tests.factories import (
 
 
 @pytest.fixture
-def fake_hub(monkeypatch: pytest.MonkeyPatch) -> type[RecordingApi]:
+def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> type[RecordingApi]:
     RecordingApi.instances, RecordingApi.failures, RecordingApi.sleeps = [], [], []
+    # No token stored by `hf auth login` on this machine leaks into a test: the store is a fresh path.
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
     monkeypatch.setattr("bitmar_pipeline.resources.hub.HfApi", RecordingApi)
     monkeypatch.setattr("bitmar_pipeline.resources.hub.time.sleep", RecordingApi.sleeps.append)
     return RecordingApi
@@ -147,7 +149,8 @@ def test_upload_skipped_without_token_or_when_disabled(
     hub = HuggingFaceHubResource()
     outcome = hub.publish(released.path("release"), HubConfig(enabled=True), STEP)
     assert (
-        not outcome.uploaded and outcome.metadata()["hub_upload"] == "skipped: HF_TOKEN is not set in the environment"
+        not outcome.uploaded
+        and outcome.metadata()["hub_upload"] == "skipped: no Hugging Face token: set HF_TOKEN or run `hf auth login`"
     )
     monkeypatch.setenv("HF_TOKEN", "hf_token_value")
     outcome = hub.publish(released.path("release"), HubConfig(enabled=False), STEP)
@@ -174,6 +177,21 @@ def test_upload_makes_the_expected_calls(released: Storage, fake_hub, monkeypatc
         ),
     ]
     assert outcome.commit_url == "https://hub.example/someone/bitmar-test/commit/abc123" and outcome.attempts == 1
+
+
+def test_upload_uses_the_token_stored_by_hf_auth_login(
+    released: Storage, fake_hub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No HF_TOKEN in the environment: the token `hf auth login` wrote to HF_TOKEN_PATH is used."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    stored = tmp_path / "hf_home" / "token"
+    stored.parent.mkdir()
+    stored.write_text("hf_stored_by_login\n")
+    outcome = HuggingFaceHubResource().publish(released.path("release"), HubConfig(enabled=True), STEP)
+    (api,) = fake_hub.instances
+    assert outcome.uploaded and api.token == "hf_stored_by_login"
+    assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
 
 
 def test_commit_message_template() -> None:

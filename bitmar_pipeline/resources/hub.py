@@ -1,6 +1,7 @@
 """Hugging Face Hub upload of the release folder, as a Dagster resource.
 
-The token comes from $HF_TOKEN at upload time and goes to `HfApi` only. It never reaches a
+The token comes from $HF_TOKEN or the store of `hf auth login` (`huggingface_hub.get_token()`)
+at upload time and goes to `HfApi` only. It never reaches a
 log line, metadata, the card or an exception: every message built from an upstream error is
 scrubbed, and the final error does not chain the original exception (whose text and
 traceback could carry request details).
@@ -8,7 +9,6 @@ traceback could carry request details).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, get_token
 
 from bitmar_pipeline.config import HubConfig
 
@@ -76,7 +76,8 @@ class HuggingFaceHubResource(dg.ConfigurableResource):
 
     `endpoint` None means huggingface_hub's default ($HF_ENDPOINT or https://huggingface.co).
     Transient failures (network, 5xx, 408, 429) are retried up to `max_attempts` times with
-    exponential backoff (backoff_seconds, 2x, 4x, ...); other client errors fail at once.
+    exponential backoff (backoff_seconds, 2x, 4x, ...); other client errors fail at once. This is
+    the one retry layer of an upload: hub_release has no step retry policy on top of it.
     """
 
     endpoint: str | None = None
@@ -87,9 +88,11 @@ class HuggingFaceHubResource(dg.ConfigurableResource):
         """Upload `folder`, or skip (saying why) when the upload is disabled or has no token."""
         if not config.enabled:
             return UploadOutcome(config.repo_id, False, skipped_reason="huggingface_hub.enabled is false")
-        token = os.environ.get(HF_TOKEN_ENV)
+        # $HF_TOKEN, else the token `hf auth login` stored (huggingface_hub's own lookup).
+        token = get_token()
         if not token:
-            return UploadOutcome(config.repo_id, False, skipped_reason=f"{HF_TOKEN_ENV} is not set in the environment")
+            reason = f"no Hugging Face token: set {HF_TOKEN_ENV} or run `hf auth login`"
+            return UploadOutcome(config.repo_id, False, skipped_reason=reason)
         message = commit_message(config.commit_message, step)
         api = HfApi(endpoint=self.endpoint, token=token)
         attempts = max(1, self.max_attempts)
