@@ -181,9 +181,6 @@ class BitMarModel(
         self.decoder = BitMarDecoder(config)
         for module in self.modules():
             self._init_module(module)
-        if config.decoder_copies_task:
-            # Start mostly generating (g = sigmoid(-2) = 0.12): captions copy nothing from their prompt.
-            nn.init.constant_(self.copy_head.gate.bias, -2.0)
 
     def _init_module(self, module: nn.Module) -> None:
         std = self.config.initializer_range

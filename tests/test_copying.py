@@ -41,21 +41,22 @@ def test_copy_head_quotes_unseen_tasks_where_the_vocabulary_head_cannot_yet():
     assert without <= 0.2, without
 
 
-def test_copy_mixture_is_a_normalised_distribution_that_can_put_mass_on_task_tokens():
+def test_copy_mixture_is_a_normalised_distribution_that_quotes_in_order_and_stops_at_the_end():
     torch.manual_seed(0)
     model = BitMarModel(BitMarConfig.tiny()).eval()
     task = torch.tensor([[11, 12, 13, 0]])
     mask = torch.tensor([[1, 1, 1, 0]])
-    decoder_ids = torch.tensor([[1, 12]])
+    decoder_ids = torch.tensor([[1, 12, 13]])
     with torch.no_grad():
-        model.copy_head.gate.bias.fill_(20.0)  # copy only
+        model.copy_head.sentinel_bias.fill_(0.0)
+        model.copy_head.follow_bonus.fill_(20.0)  # the induction cue alone decides
         logits = model(task, mask, None, decoder_input_ids=decoder_ids).logits
-    assert torch.allclose(logits.logsumexp(-1), torch.zeros(1, 2), atol=1e-5)
-    probs = logits.exp()[0, -1]
-    # After reading 12 the "follows" cue points at 13; padding (id 0) gets nothing.
-    assert probs[[11, 12, 13]].sum() > 0.99
-    assert probs[13] == probs.max()
-    assert probs[0] < 1e-6
+    assert torch.allclose(logits.logsumexp(-1), torch.zeros(1, 3), atol=1e-5)
+    after_12, after_13 = logits.exp()[0, 1], logits.exp()[0, 2]
+    # After reading 12 the cue points at the task token that follows it, 13; padding gets nothing.
+    assert after_12[13] > 0.99 and after_12[0] < 1e-6
+    # After the task's last token the sentinel takes over: the vocabulary head decides.
+    assert after_13[[11, 12, 13]].sum() < 0.05  # what the untrained vocabulary head gives them (~3/256)
 
 
 def test_copying_requires_reading_the_task():
