@@ -7,6 +7,7 @@ the head's. Guided decoding forces exactly the decision slots of the tagged form
 leaves every other token to the model (a logits processor, as in constrained generation):
 
     <robot_evaluation>  "<robot>:"          -> " suitable -" if the head selects it, else " unsuitable -"
+    <selection_reasoning> (its start)       -> "<the head's first robot> fits:"
     <robot_selection>   "Selected Robot:"   -> " <the head's selection>"  (then a newline)
                         "Confidence:"       -> " <the shown confidence, 2 decimals>" (then a newline)
 
@@ -25,6 +26,7 @@ from bitmar_model.reasoning_format import NO_ROBOT
 from bitmar_model.robots import ROBOT_CLASSES
 
 _EVALUATED = frozenset(r for r in ROBOT_CLASSES if r != NO_ROBOT)
+NO_ROBOT_REASON = "No robot's profile fits this task."  # as the SFT targets word it
 
 Encode = Callable[[str], list[int]]
 Decode = Callable[[list[int]], str]
@@ -38,6 +40,8 @@ class HeadDecision:
 
 def forced_continuation(text: str, decision: HeadDecision) -> str | None:
     """The text to force after `text` (the row's generation so far), or None to let the model go on."""
+    if text.endswith("<selection_reasoning>\n"):
+        return NO_ROBOT_REASON if decision.robots == [NO_ROBOT] else f"{decision.robots[0]} fits:"
     line = text.rsplit("\n", 1)[-1].strip()
     if line == "Selected Robot:":
         return f" {', '.join(decision.robots)}\n"
