@@ -9,7 +9,7 @@ leaves every other token to the model (a logits processor, as in constrained gen
     <robot_evaluation>  "<robot>:"          -> " suitable -" if the head selects it, else " unsuitable -"
     <selection_reasoning> (its start)       -> "<the head's first robot> fits:"
     <robot_selection>   "Selected Robot:"   -> " <the head's selection>"  (then a newline)
-                        "Confidence:"       -> " <the shown confidence, 2 decimals>" (then a newline)
+                        "Confidence:"       -> " <the shown confidence, 2 decimals>" (then "Justification:")
 
 The reason after "-", the thinking, the environment analysis, the selection reasoning and the
 justification stay the model's own text.
@@ -46,7 +46,9 @@ def forced_continuation(text: str, decision: HeadDecision) -> str | None:
     if line == "Selected Robot:":
         return f" {', '.join(decision.robots)}\n"
     if line == "Confidence:":
-        return f" {decision.confidence:.2f}\n"
+        # The next line's label too: after a value SFT never showed (say "0.99": "9", "9"), the
+        # decoder tends to close the section without its justification.
+        return f" {decision.confidence:.2f}\nJustification:"
     in_evaluation = text.rfind("<robot_evaluation>") > text.rfind("</robot_evaluation>")
     if in_evaluation and line.endswith(":") and line[:-1] in _EVALUATED:
         return " suitable -" if line[:-1] in decision.robots else " unsuitable -"

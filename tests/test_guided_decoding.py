@@ -68,7 +68,7 @@ def test_unguided_scripted_text_is_the_contradiction_guidance_removes():
 def test_forced_continuation_only_fills_decision_slots():
     decision = HeadDecision(["Drone", "Robot with Legs"], 0.5)
     assert forced_continuation("<robot_selection>\nSelected Robot:", decision) == " Drone, Robot with Legs\n"
-    assert forced_continuation("x\nConfidence:", decision) == " 0.50\n"
+    assert forced_continuation("x\nConfidence:", decision) == " 0.50\nJustification:"
     assert forced_continuation("</robot_evaluation>\n<selection_reasoning>\n", decision) == "Drone fits:"
     assert forced_continuation("<robot_evaluation>\nHumanoid:", decision) == " unsuitable -"
     assert forced_continuation("<robot_evaluation>\nRobot with Legs:", decision) == " suitable -"
