@@ -53,7 +53,7 @@ class BitMarConfig:
     num_robot_classes: int = NUM_ROBOT_CLASSES
     # The decoder also cross-attends to the task's own tokens, so the reasoning can quote its cues.
     decoder_reads_task: bool = True
-    # ... and its output head can copy the task's tokens (pointer-generator, bitmar_model.copying).
+    # ... and its output head can copy the task's tokens (pointer-sentinel mixture, bitmar_model.copying).
     decoder_copies_task: bool = True
     # Decoder attention: StreamingLLM-style sinks + sliding window bound the KV cache.
     attention_sink_tokens: int = 4

@@ -168,7 +168,7 @@ class ModelSection(_Section):
     )
     decoder_copies_task: bool = Field(
         default=_MODEL.decoder_copies_task,
-        description="The output head can copy task tokens (pointer-generator); needs decoder_reads_task.",
+        description="The output head can copy task tokens (pointer-sentinel mixture); needs decoder_reads_task.",
     )
 
 
