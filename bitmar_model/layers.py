@@ -17,18 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitmar_model.bitlinear import EPS, BitLinear, fake_quantize_activations, fake_quantize_weight
+from bitmar_model.bitlinear import BitLinear, ternarize
 
 
 def make_linear(in_features: int, out_features: int, *, quantized: bool, bias: bool = False) -> nn.Linear:
     """The projection used in attention and MLP blocks: BitLinear, or nn.Linear for the fp baseline."""
     return (BitLinear if quantized else nn.Linear)(in_features, out_features, bias=bias)
-
-
-def _bitlinear_forward_with_weight(layer: BitLinear, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # BitLinear.forward with the fake-quantized weight supplied instead of recomputed.
-    x_q = fake_quantize_activations(F.rms_norm(x, (layer.in_features,), eps=EPS))
-    return F.linear(x_q, weight.to(x_q.dtype), None if layer.bias is None else layer.bias.to(x_q.dtype))
 
 
 @contextmanager
@@ -46,8 +40,8 @@ def frozen_bitlinear_weights(module: nn.Module) -> Iterator[None]:
     try:
         for layer in layers:
             with torch.no_grad():
-                weight = fake_quantize_weight(layer.weight)
-            layer.forward = partial(_bitlinear_forward_with_weight, layer, weight)
+                ternary, scale = ternarize(layer.weight)
+            layer.forward = partial(layer.forward_with_weight, ternary=ternary, weight_scale=scale)
         yield
     finally:
         for layer in layers:

@@ -8,9 +8,13 @@ The packed model therefore computes what the trained model computes with those t
 rounded to fp16 (`round_to_stored`), bit for bit:
 
     pack_ternary / unpack_ternary   {-1, 0, 1} tensor <-> uint8 codes (exact inverse)
-    PackedBitLinear                 inference layer computing from the packed weights;
-                                    eval-mode outputs equal BitLinear's
+    PackedBitLinear                 integer inference layer (int8 weights in memory, 2-bit
+                                    codes in its state dict); outputs equal BitLinear's
     pack_model                      deep copy with every BitLinear replaced
+    packed_skeleton                 the same in place, with empty layers, for loading
+    replace_bitlinears              the in-place replacement both use
+    matmul_counts                   integer-kernel and fallback calls of a packed model
+    held_weight_bytes               BitLinear weight memory of a trained or packed model
     save_packed / read_packed_config / load_packed_into
                                     directory with model.packed.safetensors + packed_config.json
     model_bytes_report              fp32 / fp16 / packed size, total and per component
@@ -22,7 +26,8 @@ i // 4 (little-endian within the byte). Codes: 0 -> 0, 1 -> +1, 2 -> -1; code 3 
 Loading goes in two steps because only the caller knows how to build its architecture:
 
     config = read_packed_config(directory)           # the dict passed to save_packed
-    packed = pack_model(build_model(config))         # same structure, placeholder weights
+    with placeholder_weights():                      # no fp32 BitLinear weights allocated
+        packed = packed_skeleton(build_model(config))  # same structure, empty packed layers
     load_packed_into(packed, directory)              # validated, all or nothing
 
 `save_packed` records the SHA-256 of the weights file in packed_config.json, so a
@@ -45,7 +50,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from bitmar_model.bitlinear import EPS, BitLinear, quantize_activations, ternarize
+from bitmar_model.bitlinear import EPS, BitLinear, quantize_activations, rescale, ternarize
+from bitmar_model.integer import MatmulCounts, ternary_product
 from bitmar_model.io import atomic_write_bytes, atomic_write_json, check_stored_tensors, read_json, sha256_file
 
 WEIGHTS_FILE = "model.packed.safetensors"
@@ -99,29 +105,38 @@ def unpack_ternary(
 
 
 class PackedBitLinear(nn.Module):
-    """Inference-only BitLinear that stores its weight as packed 2-bit codes.
+    """The packed model's BitLinear: W1.58A8 integer inference.
 
-    The unpacked, scaled weight is cached per compute dtype outside the state dict, so
-    repeated inference does not unpack on every call while checkpoints stay packed. The
-    cache is dropped whenever the buffers may change (load_state_dict, .to(), .half()).
+    Holds the ternary weight as int8 [out, in] (one byte per weight, a quarter of fp32; no float
+    copy is ever cached) and the fp32 absmean scale. Its state dict, and so the packed file,
+    carries the 2-bit codes (`packed_weight`) instead, converted on save and on load.
+
+    forward: rms_norm -> (levels, s) = quantize_activations -> product = sum_i levels_i * ternary_i
+    (`integer.ternary_product`: int32 from torch._int_mm, or the counted float fallback) ->
+    `rescale(product, gamma, s, bias)`: BitLinear.forward's operations in the same order, so with
+    fp32 activations the output equals BitLinear's bit for bit, on CPU and CUDA (the integer sum is
+    exact in both). bf16/fp16 activations: the fallback is BitLinear's own F.linear, equal again;
+    the CUDA kernel rounds the exact int32 sum to the activation dtype once, as a GEMM with fp32
+    accumulation does, so the outputs should still be equal and differ at most by one ulp of the
+    product (relative 2^-8 in bf16) before the scales. That CUDA bf16 bound is not tested here (no GPU).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("packed_weight", torch.zeros(packed_numel(in_features * out_features), dtype=torch.uint8))
+        self.register_buffer("ternary", torch.zeros(out_features, in_features, dtype=torch.int8), persistent=False)
         self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self._weight_cache: tuple[torch.dtype, torch.Tensor] | None = None
+        self.counts = MatmulCounts()
 
     @classmethod
     @torch.no_grad()
     def from_bitlinear(cls, layer: BitLinear) -> PackedBitLinear:
-        """Pack a (trained) BitLinear; ternarized in the layer's own dtype, as its forward does."""
+        """Quantize a (trained) BitLinear; ternarized in the layer's own dtype, as its forward does."""
         packed = cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
         ternary, scale = ternarize(layer.weight)
-        packed.packed_weight = pack_ternary(ternary)
+        packed.ternary = ternary.to(torch.int8)  # exact: the values are -1, 0, 1
         packed.weight_scale = scale.detach().to(torch.float32).clone()
         if layer.bias is not None:
             packed.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
@@ -132,46 +147,99 @@ class PackedBitLinear(nn.Module):
         return (self.out_features, self.in_features)
 
     def ternary_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return unpack_ternary(self.packed_weight, self.weight_shape, dtype)
-
-    def _dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if self._weight_cache is None or self._weight_cache[0] != dtype:
-            # Multiply in fp32 and cast once, as BitLinear casts its fp32 ternary*scale.
-            weight = (self.ternary_weight(torch.float32) * self.weight_scale).to(dtype)
-            self._weight_cache = (dtype, weight)
-        return self._weight_cache[1]
+        return self.ternary.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.rms_norm(x, (self.in_features,), eps=EPS)
         levels, scale = quantize_activations(x)
-        weight = self._dequantized_weight(x.dtype)
-        return F.linear(levels / scale, weight, None if self.bias is None else self.bias.to(x.dtype))
+        return rescale(ternary_product(levels, self.ternary, self.counts), self.weight_scale, scale, self.bias)
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PackedBitLinear:
-        self._weight_cache = None
-        return super()._apply(fn, recurse)
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "packed_weight"] = pack_ternary(self.ternary)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._weight_cache = None
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "packed_weight"
+        if key in state_dict:
+            try:
+                ternary = unpack_ternary(state_dict[key], self.weight_shape, torch.int8)
+            except ValueError as exc:
+                error_msgs.append(f"{key}: {exc}")
+            else:
+                with torch.no_grad():
+                    self.ternary.copy_(ternary)
+        elif strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if key in unexpected_keys:  # not a buffer of this module (it holds the int8 form): handled above
+            unexpected_keys.remove(key)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def pack_model(model: nn.Module) -> nn.Module:
-    """Deep copy of `model` with every BitLinear replaced by a PackedBitLinear."""
-    if isinstance(model, BitLinear):
-        return PackedBitLinear.from_bitlinear(model)
-    packed_model = copy.deepcopy(model)
-    replaced: dict[int, PackedBitLinear] = {}  # a BitLinear shared by two parents stays shared
-    for parent in list(packed_model.modules()):
+def replace_bitlinears(model: nn.Module, make: Callable[[BitLinear], nn.Module]) -> nn.Module:
+    """`model` with every BitLinear child replaced, in place, by make(child); a BitLinear shared by
+    two parents stays shared."""
+    replaced: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, BitLinear):
                 if id(child) not in replaced:
-                    replaced[id(child)] = PackedBitLinear.from_bitlinear(child)
+                    replaced[id(child)] = make(child)
                 setattr(parent, name, replaced[id(child)])
-    return packed_model
+    return model
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """Deep copy of `model` with every BitLinear replaced by a PackedBitLinear of its weights."""
+    if isinstance(model, BitLinear):
+        return PackedBitLinear.from_bitlinear(model)
+    return replace_bitlinears(copy.deepcopy(model), PackedBitLinear.from_bitlinear)
+
+
+def packed_skeleton(model: nn.Module) -> nn.Module:
+    """`model` itself with every BitLinear replaced by an empty PackedBitLinear of its shape, for
+    `load_packed_into`: no copy of the model and no ternarization of placeholder weights (built
+    under `bitlinear.placeholder_weights`, the model never allocates its fp32 latent weights)."""
+    return replace_bitlinears(
+        model, lambda layer: PackedBitLinear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    )
+
+
+def matmul_counts(model: nn.Module) -> MatmulCounts:
+    """Integer-kernel and fallback calls summed over the PackedBitLinear layers of `model`."""
+    total = MatmulCounts()
+    for layer in _packed_layers(model).values():
+        total = total.add(layer.counts)
+    return total
+
+
+def held_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weight that the BitLinear layers of `model` hold in memory: a BitLinear's latent
+    weight (4 per weight in fp32), a PackedBitLinear's int8 ternary weight and fp32 scale
+    (1 per weight + 4 per layer). Biases are left out: both forms hold the same ones."""
+    total = 0
+    for module in model.modules():  # each shared module once
+        if isinstance(module, BitLinear):
+            tensors = [module.weight]
+        elif isinstance(module, PackedBitLinear):
+            tensors = [module.ternary, module.weight_scale]
+        else:
+            continue
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
 
 
 def _packed_layers(model: nn.Module) -> dict[str, PackedBitLinear]:
@@ -278,7 +346,8 @@ def read_packed_config(directory: str | Path) -> dict[str, Any]:
 
 
 def load_packed_into(packed_model: nn.Module, directory: str | Path) -> dict[str, Any]:
-    """Load a `save_packed` directory into `packed_model` (built by `pack_model`); returns the config.
+    """Load a `save_packed` directory into `packed_model` (built by `packed_skeleton` or `pack_model`);
+    returns the config.
 
     Everything is validated before the model is touched: checksum, key sets, packed layer
     shapes and every tensor's shape. Any mismatch raises ValueError naming the file and key.
@@ -299,6 +368,7 @@ def load_packed_into(packed_model: nn.Module, directory: str | Path) -> dict[str
         stored = load_safetensors(raw)
     except Exception as exc:  # safetensors raises its own error types for malformed headers
         raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+    del raw  # the tensors are copies: drop the file's bytes before they are widened to the model's dtype
 
     layers = _packed_layers(packed_model)
     recorded = manifest["packed_layers"]
