@@ -94,7 +94,7 @@ def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSetti
             ),
             "latency_setup": (
                 f"{latency['device']}, {latency['threads']} threads, batch {latency['batch_size']}, "
-                f"median of {latency['models']['packed']['runs']} interleaved runs"
+                f"median of {latency['models']['fake_quant']['runs']} interleaved runs"
             ),
             **image_metadata(result.figure),
         }

@@ -39,8 +39,8 @@ TEXT_TOKENIZER = 2
 STAGE_CODE = {"multimodal_pretrain": 1, "reasoning_sft": 1, "grpo_policy": 2}
 # Report and release stages.
 EVALUATION_REPORT = 1
-QUANTIZATION_REPORT = 2
-HUB_RELEASE = 2
+QUANTIZATION_REPORT = 3  # 3: the integer form's latency, matmul calls and weight bytes
+HUB_RELEASE = 3  # 3: the card quotes the integer model's latency and weight memory
 
 
 def data_code_version(version: int, **parts: int) -> str:

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from bitmar_model.bitlinear import BitLinear
 from bitmar_model.calibration import PlattCalibration
+from bitmar_model.packing import PackedBitLinear, round_to_stored
 from bitmar_model.robots import ROBOT_CLASSES
 from bitmar_pipeline.release.inference import (
     Prediction,
@@ -183,3 +186,29 @@ def test_shown_confidence_is_the_release_calibration_of_the_head_probability(pre
     assert prediction.confidence_calibrated
     assert prediction.confidence == pytest.approx(float(PlattCalibration(a=0.5, b=0.2)(top)))
     assert prediction.confidence != pytest.approx(top)
+
+
+def test_default_model_is_the_integer_one_and_reference_the_fake_quant(released: Storage, predictor: Predictor):
+    reference = load_predictor(released.path("release"), reference=True)
+    assert any(isinstance(m, PackedBitLinear) for m in predictor.model.modules())
+    assert not any(isinstance(m, BitLinear) for m in predictor.model.modules())
+    assert not any(isinstance(m, PackedBitLinear) for m in reference.model.modules())
+    # The integer model is the fake-quant model holding the packed file's fp16 tensors (the
+    # episodic memory comes from memory.safetensors in both), output for output.
+    rounded = round_to_stored(reference.model)
+    rounded.memory.load_state_dict(reference.model.memory.state_dict())
+    ids, _, _ = predictor._encode_task("Inspect underwater pipelines")
+    batch = {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    with torch.no_grad():
+        expected, actual = rounded(**batch), predictor.model(**batch)
+    assert torch.equal(actual.robot_probs, expected.robot_probs) and torch.equal(actual.logits, expected.logits)
+    a = predictor.predict("Inspect underwater pipelines", max_new_tokens=4)
+    b = reference.predict("Inspect underwater pipelines", max_new_tokens=4)
+    assert a.probabilities.keys() == b.probabilities.keys()
+
+
+def test_cli_reference_flag(released: Storage, capsys: pytest.CaptureFixture) -> None:
+    model = str(released.path("release"))
+    argv = ["Inspect underwater pipelines", "--model", model, "--reference", "--json", "--max-new-tokens", "4"]
+    assert run_cli(argv) == 0
+    assert set(json.loads(capsys.readouterr().out)) == set(Prediction.__dataclass_fields__)

@@ -253,6 +253,22 @@ def _agreement_line(quantization: dict[str, Any]) -> str:
     )
 
 
+def _inference_line(quantization: dict[str, Any]) -> str:
+    """The integer model's CPU latency and BitLinear weight memory next to the other forms, in one sentence."""
+    latency, integer = quantization.get("latency", {}), quantization.get("integer", {})
+    ms = {name: f"{entry['median_ms']:.1f} ms" for name, entry in latency.get("models", {}).items()}
+    if not {"integer", "fake_quant", "dense_fp32"} <= set(ms) or "weight_bytes" not in integer:
+        return ""
+    weights = integer["weight_bytes"]
+    return (
+        f"`load_predictor` runs the integer model built from the packed file: one forward pass (batch "
+        f"{latency['batch_size']}, CPU, {latency['threads']} threads) takes {ms['integer']}, against "
+        f"{ms['fake_quant']} for the fake-quant model and {ms['dense_fp32']} for an fp32 model of the same "
+        f"shapes; its BitLinear weights take {_bytes(weights['integer_int8'])} of memory as int8, "
+        f"{_bytes(weights['fake_quant_fp32'])} as fp32 latent weights."
+    )
+
+
 def render_card(
     manifest: dict[str, Any],
     evaluation: dict[str, Any],
@@ -267,6 +283,7 @@ def render_card(
     emitted = _emissions_section(emissions)
     size_line = _size_line(quantization.get("sizes", {}))
     agreement = _agreement_line(quantization)
+    inference = _inference_line(quantization)
     encoder = f"`{vision['model']}`" + (f" (included in `{vision['path']}/`)" if vision.get("path") else "")
     return f"""---
 {front}---
@@ -294,8 +311,9 @@ print(predictor.predict("Inspect underwater pipelines").robots)
 
 Files: `model.safetensors` + `config.json` hold the trained latent weights, which BitLinear
 ternarizes on the fly; loading them gives the evaluated model's outputs exactly.
-`model.packed.safetensors` + `packed_config.json` hold the 2-bit packed form for edge runtimes
-(`bitmar_model.packing.load_packed_into`). `memory.safetensors` is the episodic memory,
+`model.packed.safetensors` + `packed_config.json` hold the 2-bit packed form, from which
+`load_predictor` builds the integer model it predicts with (`reference=True`: `model.safetensors`).
+`memory.safetensors` is the episodic memory,
 `tokenizer/` the tokenizer, `bitmar_release.json` the manifest with every file's SHA-256.
 
 ## Metrics and baselines
@@ -305,6 +323,8 @@ ternarizes on the fly; loading them gives the evaluated model's outputs exactly.
 ## Size and quantization
 
 {size_line} {agreement}
+
+{inference}
 
 ## Training data
 

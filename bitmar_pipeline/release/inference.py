@@ -9,6 +9,12 @@ A prediction carries the selection head's robots and probabilities, the generate
 what parsing that text finds, and the reasoning module's quality score. Greedy decoding and a
 read-only memory make predictions reproducible.
 
+The model is the integer one built from `model.packed.safetensors` (int8 ternary weights,
+8-bit activations, integer matmuls: bitmar_model.packing.PackedBitLinear); it computes exactly
+what the trained model computes with the file's fp16 embeddings, norms and biases (see the
+quantization report). `reference=True` (`bitmar predict --reference`) loads the fake-quant fp32
+model from `model.safetensors` instead, the trained latent weights as evaluated.
+
 Input rules: an empty task is an error. A task longer than the model's context (the encoder's
 `max_seq_len`, `max_prompt_tokens` in bitmar_release.json) keeps its first tokens and the
 prediction says so (`truncated` and a note). An image is encoded with the release's DINOv2
@@ -34,9 +40,12 @@ from huggingface_hub import snapshot_download
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from bitmar_model.bitlinear import placeholder_weights
 from bitmar_model.calibration import PlattCalibration
+from bitmar_model.config import BitMarConfig
 from bitmar_model.io import read_json, sha256_file
 from bitmar_model.modeling import BitMarModel
+from bitmar_model.packing import load_packed_into, packed_skeleton, read_packed_config
 from bitmar_model.reasoning_format import parse_reasoning
 from bitmar_pipeline.config import ConfigError, DataConfig, load_config
 from bitmar_pipeline.data.images import open_rgb
@@ -275,19 +284,32 @@ def read_batch(path: Path) -> list[tuple[str, str, Path | None]]:
     return [(where, task, path.parent / image if image else None) for where, task, image in rows]
 
 
-def load_predictor(model: str | Path, vision_model: str | None = None) -> Predictor:
+def load_network(folder: Path, reference: bool = False) -> BitMarModel:
+    """The release's integer model (from the packed file), or with `reference` the fake-quant fp32 one."""
+    if reference:
+        # The Hub mixin print()s "Loading weights from local directory", which would corrupt
+        # `bitmar predict --json` output on stdout.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return BitMarModel.from_pretrained(str(folder))
+    config = BitMarConfig.from_dict(read_packed_config(folder))
+    with placeholder_weights():  # the packed layers replace them: never allocate fp32 latent weights
+        network = packed_skeleton(BitMarModel(config))
+    load_packed_into(network, folder)
+    return network
+
+
+def load_predictor(model: str | Path, vision_model: str | None = None, *, reference: bool = False) -> Predictor:
     """Load a release folder (or download a Hub repo `owner/name`) for prediction.
 
     vision_model: a DINOv2 Hub id or directory replacing the release's encoder (it must give
     features of the width the model was trained on).
+    reference: predict with the fake-quant fp32 model (`model.safetensors`) instead of the
+    integer model built from `model.packed.safetensors`.
     """
     folder = _resolve_folder(model)
     manifest = _read_manifest(folder)
     try:
-        # The Hub mixin print()s "Loading weights from local directory", which would corrupt
-        # `bitmar predict --json` output on stdout.
-        with contextlib.redirect_stdout(io.StringIO()):
-            network = BitMarModel.from_pretrained(str(folder))
+        network = load_network(folder, reference)
         tokenizer = AutoTokenizer.from_pretrained(folder / manifest["tokenizer"])
         network.memory.load_into(folder / manifest["memory"], expected_fingerprint=manifest["model_fingerprint"])
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -321,6 +343,11 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", help="a .jsonl or .csv file with a 'task' column (and optional 'image')")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="reasoning length limit (default 200)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="predict with the fake-quant fp32 model (model.safetensors), not the integer one (model.packed.*)",
+    )
 
 
 def _print_text(prediction: Prediction) -> None:
@@ -338,7 +365,7 @@ def predict_main(args: argparse.Namespace) -> int:
         if args.batch is not None and args.image is not None:
             raise PredictionError("--image applies to a single TASK; put images in the batch file's 'image' column")
         model = args.model or load_config().storage.root / RELEASE_DIR
-        predictor = load_predictor(model, args.vision_model)
+        predictor = load_predictor(model, args.vision_model, reference=args.reference)
         if args.batch is not None:
             predictions = predictor.predict_batch(args.batch, args.max_new_tokens)
         else:

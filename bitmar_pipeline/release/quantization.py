@@ -4,15 +4,16 @@ form, whether the packed edge form computes what the trained model computes, and
 Three forms of the same trained weights are compared:
 - fake_quant: the model as trained and evaluated. Every BitLinear re-ternarizes its fp32
   latent weight on each call and quantizes activations to 8 bits.
-- packed: the released packed form: `packing.pack_model` of the trained weights with the
-  non-ternary tensors rounded to fp16 as `save_packed` stores them (`round_to_stored`).
-  Weights stored as 2-bit codes, unpacked once into a cached ternary * scale matrix;
-  activations quantized exactly as above. It is meant to compute the function of the
-  fake-quant model holding the same fp16-rounded tensors; `agreement.packed_vs_fake_quant`
-  says whether it does, bit for bit, and `agreement.fp16_storage_vs_fp32` what the fp16
-  storage costs against the fp32 trained model.
-  PyTorch has no ternary matmul kernel, so on CPU its matmul is still fp32: its latency
-  gain is the re-quantization work it skips, not a ternary-kernel speedup.
+- integer: the released packed form as `bitmar predict` runs it: `packing.pack_model` of the
+  trained weights with the non-ternary tensors rounded to fp16 as `save_packed` stores them
+  (`round_to_stored`). Ternary weights held as int8, activations quantized exactly as above,
+  integer matmuls (`bitmar_model.integer`: torch._int_mm where it is a fast kernel, else the
+  counted float fallback on the same integers; `integer.matmul_calls` says which ran). It is
+  meant to compute the function of the fake-quant model holding the same fp16-rounded tensors;
+  `agreement.packed_vs_fake_quant` says whether it does, bit for bit, and
+  `agreement.fp16_storage_vs_fp32` what the fp16 storage costs against the fp32 trained model.
+  `integer.weight_bytes` compares the BitLinear weight memory of the two forms.
+  (The earlier packed-fp32 form, codes unpacked into a cached fp32 matrix, no longer exists.)
 - dense_fp32: the same architecture with nn.Linear layers holding the dequantized weights
   (ternary * scale), without BitLinear's input RMS norm and activation quantization. It is
   the cost of an ordinary fp32 model of this shape. It is NOT the same function, and not a
@@ -37,9 +38,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from bitmar_model.bitlinear import BitLinear, bitlinear_stats, ternarize
+from bitmar_model.integer import CPU_FAST_INT_MM, MatmulCounts
 from bitmar_model.io import atomic_write_json
 from bitmar_model.modeling import BitMarModel, parameter_report
-from bitmar_model.packing import pack_model, round_to_stored
+from bitmar_model.packing import held_weight_bytes, matmul_counts, pack_model, round_to_stored
 from bitmar_pipeline.evaluation.figures import weight_distribution_figure
 from bitmar_pipeline.storage import Storage
 from bitmar_pipeline.training.datasets import TrainingDataError, load_pipeline_tokenizer
@@ -52,10 +54,7 @@ FIGURE_FILE = "weight_distribution.png"
 
 LATENCY_MEANING = {
     "fake_quant": "the trained model (BitLinear): re-ternarizes fp32 latent weights on every call, 8-bit activations",
-    "packed": (
-        "2-bit packed weights, unpacked once to a cached fp32 matrix, same "
-        "8-bit activations (no ternary kernel on CPU)"
-    ),
+    "integer": "the packed file as predicted from: int8 ternary weights, 8-bit activations, integer matmuls",
     "dense_fp32": (
         "nn.Linear with the dequantized weights, no activation quantization: "
         "an ordinary fp32 model of this shape (not the same function)"
@@ -207,7 +206,7 @@ def cpu_latency(
     """Median and minimum milliseconds of one forward pass per model. Runs are interleaved
     (a, b, c, a, b, c, ...) so background load and frequency scaling hit every model alike."""
     for model in models.values():
-        model(**batch)  # warm-up: allocator, packed weight cache
+        model(**batch)  # warm-up: allocator, kernels
     seconds: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(runs):
         for name, model in models.items():
@@ -217,6 +216,16 @@ def cpu_latency(
     return {
         name: {"median_ms": 1000 * statistics.median(s), "min_ms": 1000 * min(s), "runs": runs}
         for name, s in seconds.items()
+    }
+
+
+def integer_summary(model: nn.Module, integer: nn.Module, calls: MatmulCounts) -> dict[str, Any]:
+    """Which matmul the integer form ran on this CPU, how often, and its BitLinear weight memory."""
+    fp32, int8 = held_weight_bytes(model), held_weight_bytes(integer)
+    return {
+        "kernel": "torch._int_mm" if CPU_FAST_INT_MM else "float fallback (no AVX512-VNNI: _int_mm is a scalar loop)",
+        "matmul_calls": {"kernel": calls.kernel, "fallback": calls.fallback},
+        "weight_bytes": {"fake_quant_fp32": fp32, "integer_int8": int8, "ratio": round(int8 / fp32, 4)},
     }
 
 
@@ -239,8 +248,9 @@ def build_quantization_report(
     )
     stored = round_to_stored(model).eval()  # the trained model as the packed file holds it
     packed, dense = pack_model(stored).eval(), dense_equivalent(model)
-    forms = {"fake_quant": model, "packed": packed, "dense_fp32": dense}
+    forms = {"fake_quant": model, "integer": packed, "dense_fp32": dense}
     latency = cpu_latency(forms, batches[0], latency_runs)
+    calls = matmul_counts(packed)  # the latency runs only: agreement runs it afterwards
     for name, entry in latency.items():
         entry["relative_to_fake_quant"] = round(entry["median_ms"] / latency["fake_quant"]["median_ms"], 3)
         entry["meaning"] = LATENCY_MEANING[name]
@@ -268,6 +278,7 @@ def build_quantization_report(
             "fp16_storage_vs_fp32": output_agreement(model, stored, batches),
             "dense_fp32_vs_fake_quant": output_agreement(model, dense, batches),
         },
+        "integer": integer_summary(model, packed, calls),
         "latency": {
             "device": "cpu",
             "threads": torch.get_num_threads(),
