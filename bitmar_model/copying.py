@@ -4,17 +4,20 @@ The decoder's next-token distribution mixes copying a token of the task it was g
 generating from the vocabulary, one softmax deciding between the task's tokens and a
 sentinel that stands for "generate":
 
-    [a_1 .. a_P, a_s] = softmax(q(h) . k_1 + beta f_1, ..., q(h) . k_P + beta f_P,  q(h) . s + beta f_s + b_s)
+    [a_1 .. a_P, a_s] = softmax(q(h) . k_1 + c_1, ..., q(h) . k_P + c_P,  q(h) . s + c_s + b_s)
     p(w)              = a_s * softmax(h E^T)[w] + sum_{j : x_j = w} a_j
-    f_j = [x_{j-1} = y_t]      f_s = [x_last = y_t]                       (padding masked)
+    c_j = beta_1 [x_{j-1} = y_t] + beta_2 [x_{j-2} x_{j-1} = y_{t-1} y_t]      (padding masked)
+    c_s = beta_1 [x_last = y_t]  + beta_2 [x_{last-1} x_last = y_{t-1} y_t]
 
 h is the decoder's last hidden state at step t (dot products scaled by 1/sqrt(d)), E the tied
 embedding table, x the task's token ids and k_j their context vectors (token embedding +
-learned position, as the decoder's cross-attention reads them), y_t the token just read, s a
-learned sentinel key. f is an induction cue: it points at the task token that follows the one
-just copied, so a quoted phrase continues in order, and at the sentinel once the task's last
-token has been copied, so the quote ends there instead of repeating it. Returned as log p,
-which works everywhere logits do (softmax, sampling, cross-entropy, GRPO log-probs).
+learned position, as the decoder's cross-attention reads them), y_t the token just read and
+y_{t-1} the one before it, s a learned sentinel key. c is an induction cue: it points at the
+task token that follows the one just copied, so a quoted phrase continues in order (strongly
+once two tokens in a row match the task: inside a quote, where a single common token such as
+" to" would also match elsewhere), and at the sentinel once the task's last token has been
+copied, so the quote ends there instead of repeating. Returned as log p, which works
+everywhere logits do (softmax, sampling, cross-entropy, GRPO log-probs).
 """
 
 from __future__ import annotations
@@ -41,11 +44,21 @@ class CopySource:
     keys: torch.Tensor
     mask: torch.Tensor
 
-    def last_tokens(self) -> torch.Tensor:
-        """Each row's last real task token [B] (rows may be left or right padded)."""
+    def ending(self) -> torch.Tensor:
+        """Each row's last two real task tokens [B, 2] (x_{last-1}, x_last); -1 where there is none."""
         columns = torch.arange(self.mask.shape[1], device=self.mask.device)
-        last = (self.mask.bool() * columns).amax(dim=1)
-        return self.ids.gather(1, last[:, None])[:, 0]
+        real = self.mask.bool()
+        last = (real * columns).amax(dim=1, keepdim=True)
+        before = (last - 1).clamp_min(0)
+        has_before = (last >= 1) & real.gather(1, before)
+        before_ids = torch.where(has_before, self.ids.gather(1, before), -1)
+        return torch.cat((before_ids, self.ids.gather(1, last)), dim=1)
+
+
+def read_tokens(decoder_input_ids: torch.Tensor) -> torch.Tensor:
+    """(y_{t-1}, y_t) for every decoder position [B, T] -> [B, T, 2]; -1 before the first token."""
+    before = F.pad(decoder_input_ids, (1, 0), value=-1)[:, :-1]
+    return torch.stack((before, decoder_input_ids), dim=-1)
 
 
 class CopyHead(nn.Module):
@@ -54,24 +67,31 @@ class CopyHead(nn.Module):
         self.query = nn.Linear(hidden_size, hidden_size, bias=False)
         self.sentinel = nn.Parameter(torch.zeros(hidden_size))
         self.sentinel_bias = nn.Parameter(torch.tensor(SENTINEL_BIAS_INIT))
-        self.follow_bonus = nn.Parameter(torch.tensor(2.0))
+        self.follow_bonus = nn.Parameter(torch.tensor(2.0))  # beta_1
+        self.bigram_bonus = nn.Parameter(torch.tensor(6.0))  # beta_2: a scalar moves < 1 in 400 SFT steps
 
-    def attention(self, hidden: torch.Tensor, last_token: torch.Tensor, source: CopySource) -> torch.Tensor:
-        """[a_1 .. a_P, a_s] as [B, T, P + 1] for T steps (hidden [B, T, d], last_token [B, T])."""
+    def _cue(self, match_last: torch.Tensor, match_before: torch.Tensor) -> torch.Tensor:
+        return self.follow_bonus * match_last + self.bigram_bonus * (match_last & match_before)
+
+    def attention(self, hidden: torch.Tensor, read: torch.Tensor, source: CopySource) -> torch.Tensor:
+        """[a_1 .. a_P, a_s] as [B, T, P + 1] for T steps (hidden [B, T, d], read [B, T, 2] = (y_{t-1}, y_t))."""
         query = self.query(hidden) / math.sqrt(hidden.shape[-1])
-        previous = F.pad(source.ids, (1, 0), value=-1)[:, :-1]  # x_{j-1}; nothing precedes x_0
-        follows = previous[:, None, :] == last_token[:, :, None]
-        task = query @ source.keys.transpose(1, 2) + self.follow_bonus * follows.to(query.dtype)
+        before, last = read[..., :1], read[..., 1:]  # [B, T, 1]
+        x_prev = F.pad(source.ids, (1, 0), value=-1)[:, None, :-1]  # x_{j-1}; nothing precedes x_0
+        x_prev2 = F.pad(source.ids, (2, 0), value=-1)[:, None, :-2]  # x_{j-2}
+        task = query @ source.keys.transpose(1, 2) + self._cue(x_prev == last, x_prev2 == before)
         task = task.masked_fill(~source.mask.bool()[:, None, :], float("-inf"))
-        ended = (source.last_tokens()[:, None] == last_token).to(query.dtype)
-        sentinel = query @ self.sentinel + self.follow_bonus * ended + self.sentinel_bias
+        ending = source.ending()[:, None, :]  # [B, 1, 2]
+        cue = self._cue(ending[..., 1:] == last, ending[..., :1] == before)[..., 0]
+        sentinel = query @ self.sentinel + cue + self.sentinel_bias
         return torch.cat((task, sentinel[..., None]), dim=-1).float().softmax(dim=-1)
 
     def forward(
-        self, hidden: torch.Tensor, lm_logits: torch.Tensor, last_token: torch.Tensor, source: CopySource
+        self, hidden: torch.Tensor, lm_logits: torch.Tensor, read: torch.Tensor, source: CopySource
     ) -> torch.Tensor:
-        """log p [B, T, V] of the mixture, from hidden [B, T, d] and vocabulary logits [B, T, V]."""
-        attention = self.attention(hidden, last_token, source)
+        """log p [B, T, V] of the mixture, from hidden [B, T, d], vocabulary logits [B, T, V] and
+        the tokens just read [B, T, 2] (`read_tokens`)."""
+        attention = self.attention(hidden, read, source)
         index = source.ids[:, None, :].expand(-1, hidden.shape[1], -1)
         copy = torch.zeros_like(lm_logits, dtype=torch.float32).scatter_add(-1, index, attention[..., :-1])
         generate = attention[..., -1:].clamp_min(COPY_FLOOR).log() + torch.log_softmax(lm_logits.float(), dim=-1)

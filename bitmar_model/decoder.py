@@ -209,7 +209,7 @@ class BitMarDecoder(nn.Module):
         """Continue each prompt row (left or right padded) with up to `max_new_tokens` tokens.
 
         Logits come from the tied head (`embed_tokens.weight`), or from `output_head(hidden [B, d],
-        token just read [B]) -> [B, V]` when given (the model's copy head). Each row continues from its
+        the last two tokens read [B, 2]) -> [B, V]` when given (the model's copy head). Each row continues from its
         last real token, at the next position; rows stop at `eos_token_id` independently
         and the loop ends early once all have stopped. `use_cache=False` recomputes the
         whole sequence every step (the reference the cache is tested and benchmarked
@@ -233,7 +233,7 @@ class BitMarDecoder(nn.Module):
         head = embed_tokens.weight.t().contiguous()
         if output_head is None:
 
-            def output_head(hidden: torch.Tensor, last_token: torch.Tensor) -> torch.Tensor:
+            def output_head(hidden: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
                 return hidden @ head
 
         with frozen_bitlinear_weights(self):
@@ -246,14 +246,16 @@ class BitMarDecoder(nn.Module):
                 use_cache=use_cache,
             )
             hidden = out.last_hidden_state[rows, last_index]
-            last_token = prompt_ids[rows, last_index]
+            # (y_{t-1}, y_t) as the model's forward reads them (copying.read_tokens): raw columns.
+            before = torch.where(last_index >= 1, prompt_ids[rows, (last_index - 1).clamp_min(0)], -1)
+            read = torch.stack((before, prompt_ids[rows, last_index]), dim=1)
             cache = out.cache
             seq = (prompt_ids, prompt_mask, positions)  # the whole sequence, for use_cache=False
 
             finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
             tokens, token_masks, log_probs = [], [], []
             for step in range(max_new_tokens):
-                logits = output_head(hidden, last_token).float()
+                logits = output_head(hidden, read).float()
                 if logits_processor is not None:
                     so_far = torch.stack(tokens, dim=1) if tokens else prompt_ids.new_zeros(batch, 0)
                     logits = logits_processor(so_far, logits)
@@ -266,7 +268,7 @@ class BitMarDecoder(nn.Module):
                 if return_log_probs:
                     scaled = logits / temperature if do_sample else logits
                     log_probs.append(token_log_probs(scaled[:, None], token[:, None])[:, 0] * (~finished))
-                last_token = token
+                read = torch.stack((read[:, 1], token), dim=1)
                 if eos_token_id is not None:
                     finished = finished | (token == eos_token_id)
                 if step == max_new_tokens - 1 or bool(finished.all()):

@@ -41,7 +41,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from bitmar_model.config import BitMarConfig
-from bitmar_model.copying import CopyHead, CopySource
+from bitmar_model.copying import CopyHead, CopySource, read_tokens
 from bitmar_model.decoder import BitMarDecoder, GenerationOutput, token_log_probs
 from bitmar_model.encoder import BitMarEncoder
 from bitmar_model.fusion import CrossModalFusion, FusionOutput, masked_mean
@@ -318,15 +318,15 @@ class BitMarModel(
         return self.task_norm(embedded + self.task_positions(positions_from_mask(attention_mask)))
 
     def output_logits(
-        self, hidden: torch.Tensor, last_token: torch.Tensor, copy_source: CopySource | None
+        self, hidden: torch.Tensor, read: torch.Tensor, copy_source: CopySource | None
     ) -> torch.Tensor:
-        """Next-token logits [B, T, V] from decoder states [B, T, d] and the tokens just read [B, T]:
+        """Next-token logits [B, T, V] from decoder states [B, T, d] and the tokens read [B, T, 2] (`read_tokens`):
         the tied LM head, mixed with copying from the task when config.decoder_copies_task (then
         normalised log-probs)."""
         logits = F.linear(hidden, self.embed_tokens.weight)
         if copy_source is None:
             return logits
-        return self.copy_head(hidden, logits, last_token, copy_source)
+        return self.copy_head(hidden, logits, read, copy_source)
 
     # ------------------------------------------------------------------ forward
 
@@ -364,7 +364,7 @@ class BitMarModel(
                 context_mask=cond.decoder_context_mask,
                 output_attentions=output_attentions,
             )
-            logits = self.output_logits(dec.last_hidden_state, decoder_input_ids, cond.copy_source)
+            logits = self.output_logits(dec.last_hidden_state, read_tokens(decoder_input_ids), cond.copy_source)
             if labels is not None:
                 loss = F.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -435,8 +435,8 @@ class BitMarModel(
         if cond.copy_source is not None:
             source = cond.copy_source
 
-            def output_head(hidden: torch.Tensor, last_token: torch.Tensor) -> torch.Tensor:
-                return self.output_logits(hidden[:, None], last_token[:, None], source)[:, 0]
+            def output_head(hidden: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+                return self.output_logits(hidden[:, None], read[:, None], source)[:, 0]
 
         return self.decoder.generate(
             self.embed_tokens,

@@ -50,6 +50,7 @@ def test_copy_mixture_is_a_normalised_distribution_that_quotes_in_order_and_stop
     with torch.no_grad():
         model.copy_head.sentinel_bias.fill_(0.0)
         model.copy_head.follow_bonus.fill_(20.0)  # the induction cue alone decides
+        model.copy_head.bigram_bonus.fill_(0.0)
         logits = model(task, mask, None, decoder_input_ids=decoder_ids).logits
     assert torch.allclose(logits.logsumexp(-1), torch.zeros(1, 3), atol=1e-5)
     after_12, after_13 = logits.exp()[0, 1], logits.exp()[0, 2]
@@ -62,3 +63,19 @@ def test_copy_mixture_is_a_normalised_distribution_that_quotes_in_order_and_stop
 def test_copying_requires_reading_the_task():
     with pytest.raises(ValueError, match="decoder_copies_task needs decoder_reads_task"):
         BitMarConfig.tiny(decoder_reads_task=False, decoder_copies_task=True)
+
+
+def test_bigram_cue_follows_a_quote_where_a_single_common_token_would_mislead():
+    """Task "a to b c to d": after reading "c to" only the bigram points at "d" ("to" alone
+    also precedes "b")."""
+    torch.manual_seed(0)
+    model = BitMarModel(BitMarConfig.tiny()).eval()
+    a, to, b, c, d = 11, 12, 13, 14, 15
+    task = torch.tensor([[a, to, b, c, to, d]])
+    with torch.no_grad():
+        model.copy_head.sentinel_bias.fill_(-20.0)
+        model.copy_head.follow_bonus.fill_(5.0)
+        model.copy_head.bigram_bonus.fill_(5.0)
+        model.copy_head.query.weight.zero_()
+        probs = model(task, torch.ones_like(task), None, decoder_input_ids=torch.tensor([[1, c, to]])).logits.exp()
+    assert probs[0, -1, d] > 0.99 * probs[0, -1, [b, d]].sum()
