@@ -1,8 +1,9 @@
 """evaluation_report: the latest model measured on validation and test, with baselines,
 bootstrap intervals, figures, W&B logging and threshold checks. Re-runnable alone.
 
-The threshold checks are blocking: with `huggingface_hub.require_passing_checks` (default) a
-failure is an error and Dagster does not run hub_release after it in the same run. Their
+The threshold checks are blocking when the release would be published (`huggingface_hub.enabled`
+and `require_passing_checks`, the default): a failure is an error and Dagster does not run
+hub_release after it in the same run; a local-only release is built anyway, listing them. Their
 outcome is also stored beside the report (`reports/evaluation_checks.json`), so hub_release
 launched in a later run refuses the same model and lists the checks in its metadata."""
 
@@ -133,6 +134,6 @@ def evaluation_report(
         links = logger.link_metadata()
     measured = threshold_checks(result.report, config.evaluation.thresholds)
     atomic_write_json(storage.path("reports", CHECKS_FILE), {"checks": [_outcome(c) for c in measured]})
-    checks = [_check(check, config.huggingface_hub.require_passing_checks) for check in measured]
+    checks = [_check(check, config.huggingface_hub.checks_block_release) for check in measured]
     metadata = {**_report_metadata(result, path, flat, seconds=time.perf_counter() - started), **links}
     return dg.MaterializeResult(metadata=metadata, check_results=checks)

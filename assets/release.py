@@ -23,7 +23,7 @@ def _checks_gate(settings: BitmarSettings) -> dict[str, dg.MetadataValue]:
     """The evaluation checks the release passed, as metadata; refuses the release when one failed
     and huggingface_hub.require_passing_checks is on (also when hub_release runs without them)."""
     outcomes = read_check_outcomes(settings.storage)
-    required = settings.config.huggingface_hub.require_passing_checks
+    required = settings.config.huggingface_hub.checks_block_release
     if outcomes is None:
         if required:
             raise dg.Failure(
@@ -109,8 +109,8 @@ def quantization_report(context: dg.AssetExecutionContext, settings: BitmarSetti
     kinds={"huggingface"},
     description=(
         "Release folder (weights, packed weights, tokenizer, memory, reports, model card) under "
-        "<storage>/release, uploaded to the Hub when enabled and a token is available; refused while an "
-        "evaluation threshold check fails (huggingface_hub.require_passing_checks)."
+        "<storage>/release, uploaded to the Hub when enabled and a token is available; an upload is refused "
+        "while an evaluation threshold check fails (huggingface_hub.require_passing_checks)."
     ),
     # No step retry: HuggingFaceHubResource.publish retries transient upload errors itself.
 )

@@ -10,6 +10,7 @@ leaves every other token to the model (a logits processor, as in constrained gen
     <selection_reasoning> (its start)       -> "<the head's first robot> fits:"
     <robot_selection>   "Selected Robot:"   -> " <the head's selection>"  (then a newline)
                         "Confidence:"       -> " <the shown confidence, 2 decimals>" (then "Justification:")
+                        the justification line's end -> "</robot_selection>", then end of text
 
 The reason after "-", the thinking, the environment analysis, the selection reasoning and the
 justification stay the model's own text.
@@ -40,6 +41,10 @@ class HeadDecision:
 
 def forced_continuation(text: str, decision: HeadDecision) -> str | None:
     """The text to force after `text` (the row's generation so far), or None to let the model go on."""
+    if text.endswith("\n") and text.rstrip("\n").rsplit("\n", 1)[-1].startswith("Justification:"):
+        # The justification is the last line: close the block (after a forced value the decoder
+        # sometimes re-opened <selection_reasoning> here instead).
+        return "</robot_selection>"
     if text.endswith("<selection_reasoning>\n"):
         return NO_ROBOT_REASON if decision.robots == [NO_ROBOT] else f"{decision.robots[0]} fits:"
     line = text.rsplit("\n", 1)[-1].strip()
@@ -62,6 +67,7 @@ class HeadGuidedDecoding:
     decisions: Sequence[HeadDecision]
     encode: Encode
     decode: Decode
+    eos_token_id: int | None = None  # forced once </robot_selection> is written: the text is complete
     _queues: list[list[int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,8 +77,12 @@ class HeadGuidedDecoding:
         """generated [B, n] (the new tokens so far), logits [B, V] -> logits with forced rows one-hot."""
         for row, queue in enumerate(self._queues):
             if not queue:
-                forced = forced_continuation(self.decode(generated[row].tolist()), self.decisions[row])
-                queue.extend(self.encode(forced) if forced else ())
+                text = self.decode(generated[row].tolist())
+                if self.eos_token_id is not None and text.rstrip().endswith("</robot_selection>"):
+                    queue.append(self.eos_token_id)
+                else:
+                    forced = forced_continuation(text, self.decisions[row])
+                    queue.extend(self.encode(forced) if forced else ())
             if queue:
                 token = queue.pop(0)
                 logits[row] = float("-inf")

@@ -70,6 +70,8 @@ def test_forced_continuation_only_fills_decision_slots():
     assert forced_continuation("<robot_selection>\nSelected Robot:", decision) == " Drone, Robot with Legs\n"
     assert forced_continuation("x\nConfidence:", decision) == " 0.50\nJustification:"
     assert forced_continuation("</robot_evaluation>\n<selection_reasoning>\n", decision) == "Drone fits:"
+    closing = forced_continuation("Confidence: 0.50\nJustification: Best match: stairs.\n", decision)
+    assert closing == "</robot_selection>"
     assert forced_continuation("<robot_evaluation>\nHumanoid:", decision) == " unsuitable -"
     assert forced_continuation("<robot_evaluation>\nRobot with Legs:", decision) == " suitable -"
     # Outside <robot_evaluation>, or mid-line, nothing is forced.

@@ -1,6 +1,6 @@
-"""Failed evaluation thresholds block hub_release: in the same run (Dagster blocking checks)
-and in a later run (hub_release reads the recorded outcomes); huggingface_hub.require_passing_checks
-false turns them into warnings, and the release metadata lists the checks either way."""
+"""Failed evaluation thresholds block a publishing hub_release: in the same run (Dagster blocking
+checks) and in a later run (hub_release reads the recorded outcomes); huggingface_hub.require_passing_checks
+false, or a local-only release, turns them into warnings, and the release metadata lists the checks either way."""
 
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ def failing_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _resources(storage, **overrides) -> dict:
+    """Resources of a release that would be uploaded (the case the checks protect); no upload is reached."""
     return {
-        "settings": settings_for(storage, **{"wandb.mode": "disabled", **overrides}),
+        "settings": settings_for(storage, **{"wandb.mode": "disabled", "huggingface_hub.enabled": True, **overrides}),
         "vision_encoder": VisionEncoderResource(),
         "wandb": WandbResource(),
         "hub": HuggingFaceHubResource(),
@@ -100,3 +101,18 @@ def test_release_without_recorded_checks_is_refused_by_default(tmp_path: Path) -
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
     assert "materialize evaluation_report first" in failure.message
+
+
+def test_a_local_only_release_is_built_despite_a_failed_check_and_lists_it(tmp_path: Path, failing_evaluation) -> None:
+    storage = make_storage(tmp_path)
+    result = dg.materialize(
+        [quantization_report, evaluation_report, hub_release],
+        resources=_resources(storage, **{"huggingface_hub.enabled": False}),
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
+    assert [(c.check_name, c.severity) for c in failed] == [("test_head_top1", dg.AssetCheckSeverity.WARN)]
+    (release,) = result.asset_materializations_for_node("hub_release")
+    assert release.metadata["evaluation_checks_failed"].value == ["test_head_top1"]
+    assert storage.path("release", "README.md").is_file()

@@ -85,6 +85,7 @@ def head_guidance(
         decisions,
         encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        eos_token_id=tokenizer.eos_token_id,
     )
 
 
