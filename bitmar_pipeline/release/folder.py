@@ -31,10 +31,11 @@ from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from bitmar_model.calibration import PlattCalibration
 from bitmar_model.io import atomic_directory, atomic_write_json, read_json, sha256_file
+from bitmar_model.modeling import BitMarModel
 from bitmar_model.packing import save_packed
 from bitmar_pipeline.config import PipelineConfig
 from bitmar_pipeline.markdown import markdown_table
@@ -59,6 +60,8 @@ EVALUATION_REPORT = "evaluation_report.json"
 EMISSIONS_CSV = "emissions.csv"
 TAGS = ["bitnet", "ternary", "1.58-bit", "vision-language", "robot-selection", "episodic-memory", "dagster"]
 _MAX_OTHER_METRICS = 80
+# The tiny random DINOv2 built for tests and the sample profile: no Hub model to name as base_model.
+_LOCAL_VISION_MODELS = {"tiny-random"}
 
 
 class ReleaseError(ValueError):
@@ -73,6 +76,22 @@ class VisionSpec:
     source: str  # what from_pretrained takes (resolve_model_source)
     revision: str | None
     patch_grid: int
+
+
+@dataclass(frozen=True)
+class CardDatasets:
+    """The card's dataset ids: `datasets` metadata and the model-index entries."""
+
+    robot: str = "robot-selection"
+    captions: str = "coco"
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig) -> CardDatasets:
+        """Real data keeps its name; the generated sample sets say they are synthetic."""
+        return cls(
+            robot="robot-selection" if config.data.robot.source != "sample" else "synthetic-robot-selection",
+            captions="coco" if config.data.coco.source != "sample" else "synthetic-shape-captions",
+        )
 
 
 @dataclass
@@ -269,6 +288,95 @@ def _inference_line(quantization: dict[str, Any]) -> str:
     )
 
 
+# ---------------------------------------------------------------- card metadata (Hub YAML)
+
+
+def _metric_value(value: Any) -> float | None:
+    """The number of a report entry (a bare number or a confidence interval), None when absent."""
+    if _is_ci(value):
+        value = value["value"]
+    if isinstance(value, bool) or not _is_number(value) or math.isinf(value):
+        return None
+    return float(value)
+
+
+def _section(tree: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+def eval_results(evaluation: dict[str, Any], datasets: CardDatasets) -> list[EvalResult]:
+    """model-index entries for the Hub's evaluation widget: the selection head and the reasoning
+    text on the robot test split, the head on the user-phrased set, and captioning on held-out
+    COCO. A metric the report lacks (absent section, None, NaN) is left out."""
+    text = ("robot_selection", "test", "bitmar_reasoning_text")
+    robot = {"task_type": "text-classification", "task_name": "Robot selection", "dataset_type": datasets.robot}
+    wanted = [
+        (robot | {"dataset_name": "Robot selection tasks", "dataset_split": "test"}, metric_type, name, path)
+        for metric_type, name, path in (
+            ("accuracy", "Selection head top-1", ("robot_selection", "test", "bitmar_head", "top1")),
+            ("exact_match", "Selection head exact set", ("robot_selection", "test", "bitmar_head", "exact_set")),
+            ("f1", "Selection head sample-F1", ("robot_selection", "test", "bitmar_head", "sample_f1")),
+            ("accuracy", "Reasoning text hit", (*text, "hit")),
+            ("exact_match", "Reasoning text exact set", (*text, "exact_set")),
+        )
+    ]
+    user_set = robot | {"dataset_name": "User-phrased robot tasks", "dataset_split": "user_set"}
+    wanted += [
+        (user_set, "accuracy", "Selection head top-1", ("user_phrased", "user_set", "head_top1")),
+        (user_set, "accuracy", "Reasoning text hit", ("user_phrased", "user_set", "text_hit")),
+    ]
+    captions = {
+        "task_type": "image-to-text",
+        "task_name": "Image captioning",
+        "dataset_type": datasets.captions,
+        "dataset_name": "COCO captions (held-out images)" if datasets.captions == "coco" else "Synthetic captions",
+        "dataset_split": "held-out",
+    }
+    wanted += [
+        (captions, "bleu", "BLEU-4", ("vision_language", "bleu4")),
+        (captions, "cider", "CIDEr-D", ("vision_language", "cider_d")),
+    ]
+    results = []
+    for where, metric_type, name, path in wanted:
+        value = _metric_value(_section(evaluation, *path))
+        if value is not None:
+            results.append(EvalResult(**where, metric_type=metric_type, metric_name=name, metric_value=value))
+    return results
+
+
+def _base_model(vision: dict[str, Any]) -> str | None:
+    """The DINOv2 encoder's Hub id, when the release names one (a local encoder travels in the
+    folder and is no Hub model)."""
+    model = vision.get("model")
+    if vision.get("path") or not model or model in _LOCAL_VISION_MODELS or Path(str(model)).is_absolute():
+        return None
+    return str(model)
+
+
+def card_data(
+    manifest: dict[str, Any], evaluation: dict[str, Any], repo_id: str, datasets: CardDatasets
+) -> ModelCardData:
+    """The card's Hub metadata: license, library and tags (the model class's own merged in),
+    base model, datasets, language, pipeline tag and model-index."""
+    mixin = BitMarModel._hub_mixin_info.model_card_data
+    results = eval_results(evaluation, datasets)
+    return ModelCardData(
+        model_name=repo_id.rsplit("/", 1)[-1] if results else None,
+        base_model=_base_model(manifest.get("vision") or {}),
+        datasets=[datasets.captions, datasets.robot],
+        language="en",
+        license=mixin.license or "mit",
+        library_name=mixin.library_name or "bitmar",
+        pipeline_tag="text-classification",
+        tags=list(dict.fromkeys([*TAGS, *(mixin.tags or [])])),
+        eval_results=results or None,
+    )
+
+
 def render_card(
     manifest: dict[str, Any],
     evaluation: dict[str, Any],
@@ -276,8 +384,9 @@ def render_card(
     data: str,
     emissions: pd.DataFrame | None,
     repo_id: str,
+    datasets: CardDatasets | None = None,
 ) -> str:
-    front = yaml.safe_dump({"license": "mit", "library_name": "bitmar", "tags": TAGS}, sort_keys=False)
+    metadata = card_data(manifest, evaluation, repo_id, datasets or CardDatasets())
     source = manifest["source"]
     vision = manifest["vision"]
     emitted = _emissions_section(emissions)
@@ -285,9 +394,7 @@ def render_card(
     agreement = _agreement_line(quantization)
     inference = _inference_line(quantization)
     encoder = f"`{vision['model']}`" + (f" (included in `{vision['path']}/`)" if vision.get("path") else "")
-    return f"""---
-{front}---
-
+    body = f"""
 # BitMar: ternary vision-language robot selection
 
 BitMar picks the robot (Drone, Underwater Robot, Humanoid, Robot with Wheels, Robot with Legs,
@@ -352,6 +459,8 @@ person to check.
   gives features the model was not trained on.
 - Not for safety-critical decisions.
 """
+    # ModelCard parses the header back (a malformed model-index fails here, not on the Hub).
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}"))
 
 
 # ---------------------------------------------------------------- the folder
@@ -432,7 +541,7 @@ def build_release(
         }
         card = render_card(
             manifest, evaluation, quantization, training_data_markdown(storage, config), emissions_table(storage),
-            config.huggingface_hub.repo_id,
+            config.huggingface_hub.repo_id, CardDatasets.from_config(config),
         )
         # save_pretrained wrote the mixin's generic card; this one replaces it.
         (staging / CARD_FILE).write_text(card)
