@@ -70,6 +70,16 @@ class RobotDataConfig(_Section):
     source: Literal["sample", "local", "url"] = "sample"
     single_path: str | None = None
     multi_path: str | None = None
+    single_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="source url: the SHA-256 the downloaded single_path file must have (required for url).",
+    )
+    multi_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="source url: the SHA-256 the downloaded multi_path file must have (required for url).",
+    )
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: str = "bitmar"
     cv_fold: int | None = Field(
@@ -93,6 +103,13 @@ class RobotDataConfig(_Section):
     def _paths_for_real_sources(self) -> RobotDataConfig:
         if self.source != "sample" and not (self.single_path or self.multi_path):
             raise ValueError(f"source '{self.source}' needs data.robot.single_path and/or data.robot.multi_path")
+        if self.source == "url":
+            for kind in ("single", "multi"):
+                if getattr(self, f"{kind}_path") and not getattr(self, f"{kind}_sha256"):
+                    raise ValueError(
+                        f"source 'url' needs data.robot.{kind}_sha256 for {kind}_path (the file's SHA-256, "
+                        "e.g. from `sha256sum`): downloads are verified against it"
+                    )
         return self
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlparse
 
+from bitmar_model.io import sha256_file
 from bitmar_pipeline.config import ConfigError, PipelineConfig
-from bitmar_pipeline.data.coco_download import download_file
+from bitmar_pipeline.data.coco_download import VerificationError, download_file
 from bitmar_pipeline.data.robot_sample import generate_sample_robot_datasets
 from bitmar_pipeline.data.robot_tasks import RobotIngestResult, ingest_robot_datasets
 from bitmar_pipeline.storage import Storage
@@ -27,16 +28,37 @@ def robot_files(config: PipelineConfig, storage: Storage) -> tuple[Path | None, 
         if value is None:
             paths.append(None)
         elif robot.source == "url":
-            name = Path(urlparse(value).path).name or f"{key}.json"
-            paths.append(
-                download_file(value, storage.path("raw", "robots-url", name), expected_size=None, expected_md5=None)
-            )
+            kind = key.removesuffix("_path")
+            paths.append(fetch_verified(value, getattr(robot, f"{kind}_sha256"), storage, label=f"data.robot.{key}"))
         else:
             path = Path(value).expanduser()
             if not path.is_file():
                 raise ConfigError(f"data.robot.{key}: {path} is not a file")
             paths.append(path)
     return paths[0], paths[1]
+
+
+def fetch_verified(url: str, sha256: str | None, storage: Storage, *, label: str) -> Path:
+    """Download url once into <storage.root>/raw/robots-url/<sha256[:16]>/<file name> and check its SHA-256.
+
+    A cached file is re-hashed (the files are small) and fetched again when it does not match; a
+    download that does not match is deleted and raises VerificationError naming the setting, the
+    URL and both digests, so nothing unverified is ingested."""
+    name = Path(urlparse(url).path).name or "robots.json"
+    folder = storage.path("raw", "robots-url", *([sha256.lower()[:16]] if sha256 else []))
+    dest = folder / name
+    if dest.is_file() and sha256 and sha256_file(dest) != sha256.lower():
+        dest.unlink()
+    path = download_file(url, dest, expected_size=None, expected_md5=None)
+    if sha256:
+        actual = sha256_file(path)
+        if actual != sha256.lower():
+            path.unlink()
+            raise VerificationError(
+                f"{label}: {name} from {url}: SHA-256 mismatch: expected {sha256.lower()}, got {actual}; "
+                "the download was deleted and not ingested"
+            )
+    return path
 
 
 def load_robot_tables(config: PipelineConfig, storage: Storage) -> tuple[RobotIngestResult, dict[str, str]]:
