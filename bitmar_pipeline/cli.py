@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import graphlib
 import os
+import re
 import sys
 import time
+import warnings
 from typing import Any
 
 import dagster as dg
@@ -50,11 +52,32 @@ def _selection(text: str) -> dg.AssetSelection:
     return dg.AssetSelection.from_coercible(items) if len(items) > 1 else dg.AssetSelection.from_string(items[0])
 
 
+def _resolve_selection(text: str, assets: list[dg.AssetsDefinition], specs: dict) -> set[dg.AssetKey]:
+    """The selected keys; an unknown name, a bad expression or an empty result is a ConfigError
+    (one line naming the valid assets and groups), not a Dagster traceback."""
+    problem = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dg.BetaWarning)  # group:... selections warn on every call
+            selected = _selection(text).resolve(assets)
+    except dg.DagsterError as exc:
+        unknown = re.search(r"AssetKey\(s\) (\[.*?\])", str(exc))
+        problem = f"unknown asset(s) {unknown.group(1)}" if unknown else str(exc).splitlines()[0]
+    else:
+        if not selected:
+            problem = "selects no assets"
+    if problem is None:
+        return selected
+    names = ", ".join(sorted(key.to_user_string() for key in specs))
+    groups = ", ".join(sorted({f"group:{spec.group_name}" for spec in specs.values() if spec.group_name}))
+    raise ConfigError(f"--select {text!r}: {problem}; valid assets: {names}; groups: {groups}")
+
+
 def _phases(assets: list[dg.AssetsDefinition], selection: str | None) -> list[tuple[bool, list[dg.AssetKey]]]:
     """Selected asset keys in topological order, grouped into consecutive runs of partitioned
     (True) or unpartitioned (False) assets: a Dagster run targets one partition at most."""
     specs = {spec.key: spec for asset in assets for spec in asset.specs}
-    selected = _selection(selection).resolve(assets) if selection else set(specs)
+    selected = _resolve_selection(selection, assets, specs) if selection else set(specs)
     sorter = graphlib.TopologicalSorter(
         {k: {d.asset_key for d in s.deps if d.asset_key in specs} for k, s in specs.items()}
     )

@@ -148,6 +148,26 @@ def test_cli_bad_config_exits_2(tmp_path, capsys):
     assert "data.coco.source" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("selection", "problem"),
+    [
+        ("nosuch_asset", "unknown asset(s) ['nosuch_asset']"),
+        ("coco_raw,nosuch", "unknown asset(s) ['nosuch']"),
+        ("group:nosuch", "selects no assets"),
+        ("group:(", "Invalid selection string"),
+    ],
+)
+def test_cli_bad_select_is_one_line_listing_valid_names(tmp_path, monkeypatch, capsys, selection, problem):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--select", selection]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"bitmar: --select {selection!r}: {problem}")
+    assert "valid assets: coco_raw," in lines[0] and "vision_features" in lines[0] and "group:data" in lines[0]
+
+
 @pytest.mark.parametrize("selection", ["vision_features"])
 def test_cli_partitioned_without_shards_fails_clearly(tmp_path, monkeypatch, capsys, selection):
     monkeypatch.chdir(tmp_path)
