@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import graphlib
+import logging
 import os
 import re
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -24,8 +26,23 @@ from bitmar_pipeline.release.inference import add_predict_parser, predict_main
 from bitmar_pipeline.resources.settings import BitmarSettings
 
 TRAINING_STAGES = ("multimodal_pretrain", "reasoning_sft", "grpo_policy")
-# Dagster's console logger at INFO: the assets' own lines, without the DEBUG event stream.
-RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def _run_config(verbose: bool) -> dict[str, Any]:
+    """Dagster's console logger: warnings and errors by default (the terminal gets this module's
+    summary lines), everything with --verbose. The full log always goes to the run's log file."""
+    return {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "WARNING"}}}}
+
+
+def _append_run_log(instance: dg.DagsterInstance, run_id: str, path: Path) -> None:
+    """Every event of one Dagster run (DEBUG included), as the console logger would print it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        for entry in instance.all_logs(run_id):
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.timestamp))
+            event = entry.dagster_event.event_type_value if entry.dagster_event else ""
+            fields = [stamp, logging.getLevelName(entry.level), run_id[:8], entry.step_key or "-", event, entry.message]
+            fh.write(" - ".join(f for f in fields if f) + "\n")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -138,7 +155,7 @@ def _summarize(result: dg.ExecuteInProcessResult, partition: str | None) -> list
     return lines
 
 
-def run(config_file: str | None, selection: str | None, overrides: dict[str, Any]) -> int:
+def run(config_file: str | None, selection: str | None, overrides: dict[str, Any], verbose: bool = False) -> int:
     from assets.definitions import ALL_ASSETS, default_resources
 
     load_config(config_file, overrides)  # fail fast on bad config, before Dagster starts
@@ -147,7 +164,10 @@ def run(config_file: str | None, selection: str | None, overrides: dict[str, Any
     resources = default_resources(settings)
     started = time.perf_counter()
     failed_checks = 0
-    for partitioned, keys in _phases(ALL_ASSETS, selection):
+    phases = _phases(ALL_ASSETS, selection)
+    log_path = settings.storage.path("logs", f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    print(f"full Dagster log: {log_path}" + ("" if verbose else " (--verbose prints it here)"))
+    for partitioned, keys in phases:
         partitions = instance.get_dynamic_partitions("coco_shards") if partitioned else [None]
         if partitioned and not partitions:
             print("no coco_shards registered yet: materialize coco_raw first", file=sys.stderr)
@@ -160,8 +180,9 @@ def run(config_file: str | None, selection: str | None, overrides: dict[str, Any
                 resources=resources,
                 partition_key=partition,
                 raise_on_error=False,
-                run_config=RUN_CONFIG,
+                run_config=_run_config(verbose),
             )
+            _append_run_log(instance, result.run_id, log_path)
             print("\n".join(_summarize(result, partition)))
             failed_checks += sum(
                 1
@@ -178,6 +199,7 @@ def run(config_file: str | None, selection: str | None, overrides: dict[str, Any
                     ),
                     file=sys.stderr,
                 )
+                print(f"full Dagster log: {log_path}", file=sys.stderr)
                 return 1
     print(
         f"done in {time.perf_counter() - started:.1f}s" + (f"; {failed_checks} failed checks" if failed_checks else "")
@@ -209,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         help="assets to materialize: a comma list (coco_raw,image_caption_pairs) or a Dagster selection (group:data)",
     )
     _add_overrides_argument(run_parser)
+    run_parser.add_argument("--verbose", action="store_true", help="print Dagster's full log (DEBUG) to the terminal")
     train_parser = commands.add_parser("train", help="materialize the training stages (the seed's train.py options)")
     train_parser.add_argument("--config", help=_CONFIG_HELP)
     train_parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (compute.device)")
@@ -219,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "--select", default=",".join(TRAINING_STAGES), help=f"stages to run (default: {','.join(TRAINING_STAGES)})"
     )
     _add_overrides_argument(train_parser)
+    train_parser.add_argument("--verbose", action="store_true", help="print Dagster's full log (DEBUG) to the terminal")
     add_predict_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "predict":
@@ -230,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides["compute.device"] = args.device
             if args.save_every_n_steps:
                 overrides["training.save_every_n_steps"] = args.save_every_n_steps
-        return run(args.config, args.select, overrides)
+        return run(args.config, args.select, overrides, verbose=args.verbose)
     except ConfigError as exc:
         print(f"bitmar: {exc}", file=sys.stderr)
         return 2

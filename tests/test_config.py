@@ -78,13 +78,17 @@ def test_train_command_maps_seed_options(monkeypatch):
     monkeypatch.setattr(
         cli,
         "run",
-        lambda config, selection, overrides: seen.update(config=config, selection=selection, overrides=overrides) or 0,
+        lambda config, selection, overrides, verbose=False: seen.update(
+            config=config, selection=selection, overrides=overrides, verbose=verbose
+        )
+        or 0,
     )
     assert cli.main(["train", "--config", "configs/coco.yaml", "--device", "cuda:0", "--save-every-n-steps", "50"]) == 0
     assert seen == {
         "config": "configs/coco.yaml",
         "selection": "multimodal_pretrain,reasoning_sft,grpo_policy",
         "overrides": {"compute.device": "cuda:0", "training.save_every_n_steps": 50},
+        "verbose": False,
     }
 
 

@@ -3,6 +3,7 @@ robot files (skipped without ../shared/data) and on the offline sample profile."
 
 import json
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -166,6 +167,19 @@ def test_cli_bad_select_is_one_line_listing_valid_names(tmp_path, monkeypatch, c
     assert len(lines) == 1, captured.err
     assert lines[0].startswith(f"bitmar: --select {selection!r}: {problem}")
     assert "valid assets: coco_raw," in lines[0] and "vision_features" in lines[0] and "group:data" in lines[0]
+
+
+def test_cli_prints_summaries_and_writes_the_full_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--select", "coco_raw,robot_selection_tasks", "--set", "data.coco.sample_num_images=40"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("full Dagster log: ") and out[0].endswith("(--verbose prints it here)")
+    assert [line.split(":")[0].strip() for line in out[1:3]] == ["coco_raw", "robot_selection_tasks"]
+    assert out[3].startswith("done in ") and len(out) == 4
+    log = Path(out[0].removeprefix("full Dagster log: ").split(" (")[0])
+    assert log.parent == tmp_path / ".bitmar" / "logs"
+    text = log.read_text()
+    assert " - DEBUG - " in text and "STEP_SUCCESS" in text and "coco_raw" in text
 
 
 @pytest.mark.parametrize("selection", ["vision_features"])
