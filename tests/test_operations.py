@@ -152,6 +152,7 @@ def test_dagster_cli_validates_the_workspace():
     )
     assert done.returncode == 0, done.stdout
     assert "All code locations passed validation" in done.stdout
+    assert "Validation successful for code location bitmar." in done.stdout  # workspace.yaml location_name
     # The only warning allowed is dagster 1.13 announcing `dg check defs` as the command's successor.
     warnings = [
         line

@@ -164,7 +164,8 @@ def test_asset_catalog_shows_every_asset(tmp_path):
                     target.mkdir(parents=True, exist_ok=True)
                     shutil.copy(screenshot, target / screenshot.name)
 
-            for path, names in (("/jobs", JOB_NAMES), ("/automation", AUTOMATION_NAMES)):
+            # workspace.yaml's location_name: the UI names the code location `bitmar`.
+            for path, names in (("/locations", ("bitmar",)), ("/jobs", JOB_NAMES), ("/automation", AUTOMATION_NAMES)):
                 page.goto(f"{base}{path}", wait_until="domcontentloaded", timeout=60_000)
                 for name in names:
                     page.get_by_text(name, exact=True).filter(visible=True).first.wait_for(
