@@ -8,7 +8,14 @@ import numpy as np
 import pandas as pd
 
 from assets.metadata import quarantine_metadata, table_metadata, table_preview
-from assets.operations import NETWORK_RETRY, NEW_SHARDS, ROBOT_FILES, UPSTREAM_CHANGED, fail_without_retry
+from assets.operations import (
+    GPU_POOL,
+    NETWORK_RETRY,
+    NEW_SHARDS,
+    ROBOT_FILES,
+    UPSTREAM_CHANGED,
+    fail_without_retry,
+)
 from assets.partitions import coco_shards
 from assets.versions import CODE_VERSIONS, content_version, files_version
 from bitmar_pipeline.data.alignment import align_shard
@@ -189,6 +196,7 @@ def image_caption_pairs(context: dg.AssetExecutionContext, settings: BitmarSetti
     automation_condition=NEW_SHARDS,
     code_version=CODE_VERSIONS["vision_features"],
     kinds={"pytorch", "parquet"},
+    pool=GPU_POOL,
     check_specs=[
         dg.AssetCheckSpec("features_finite", asset="vision_features"),
         dg.AssetCheckSpec("feature_dimensions_match", asset="vision_features"),

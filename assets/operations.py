@@ -52,6 +52,9 @@ FEATURE_STAGES = dg.AssetSelection.assets("image_caption_pairs", "vision_feature
 RETRAIN_STAGES = dg.AssetSelection.groups("training", "evaluation", "release")
 # On every run that trains, so a QueuedRunCoordinator can allow one at a time (README, Operations).
 TRAINING_TAGS = {"bitmar/training": "true"}
+# The steps that hold a GPU (encoding, training): a Dagster pool, limited per deployment with
+# `dagster instance concurrency set gpu N` or concurrency.pools in dagster.yaml (README, Operations).
+GPU_POOL = "gpu"
 
 full_pipeline = dg.define_asset_job(
     "full_pipeline",

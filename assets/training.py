@@ -8,7 +8,7 @@ import dagster as dg
 
 from assets.data import text_tokenizer, vision_features
 from assets.metadata import image_metadata, table_preview
-from assets.operations import UPSTREAM_CHANGED
+from assets.operations import GPU_POOL, UPSTREAM_CHANGED
 from assets.versions import CODE_VERSIONS
 from bitmar_pipeline.data.coco import manifest_shards
 from bitmar_pipeline.evaluation.figures import curve_figure
@@ -156,6 +156,7 @@ def _train_on_features(
     automation_condition=UPSTREAM_CHANGED,
     code_version=CODE_VERSIONS["multimodal_pretrain"],
     kinds={"pytorch"},
+    pool=GPU_POOL,
     description=(
         "Caption language modelling conditioned on image and memory, InfoNCE "
         "image-text alignment and memory regularisation."
@@ -177,6 +178,7 @@ def multimodal_pretrain(
     automation_condition=UPSTREAM_CHANGED,
     code_version=CODE_VERSIONS["reasoning_sft"],
     kinds={"pytorch"},
+    pool=GPU_POOL,
     description=(
         "Supervised reasoning on robot tasks: tagged reasoning targets built "
         "from the data, multi-label selection head, caption rehearsal."
@@ -211,6 +213,7 @@ def reasoning_sft(
     automation_condition=UPSTREAM_CHANGED,
     code_version=CODE_VERSIONS["grpo_policy"],
     kinds={"pytorch"},
+    pool=GPU_POOL,
     description=(
         "Group Relative Policy Optimization of the generated reasoning against "
         "the frozen SFT model (reward: selection, format, consistency, calibration)."

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from assets.definitions import ALL_ASSETS, build_definitions, default_resources
-from assets.operations import AUTOMATION_SENSOR, NETWORK_RETRY, ROBOT_FILES
+from assets.operations import AUTOMATION_SENSOR, GPU_POOL, NETWORK_RETRY, ROBOT_FILES
 from bitmar_pipeline.config import ConfigError, load_config
 from bitmar_pipeline.data.coco_download import VerificationError
 from bitmar_pipeline.data.coco_layout import AnnotationFileError
@@ -137,6 +137,12 @@ def test_readme_run_queue_config_loads(tmp_path):
         assert queue.max_concurrent_runs == 4 and queue.tag_concurrency_limits == [
             {"key": "bitmar/training", "limit": 1}
         ]
+
+
+def test_gpu_steps_share_one_pool():
+    pools = {key.to_user_string(): asset.op.pool for asset in ALL_ASSETS for key in asset.keys}
+    in_pool = {name for name, pool in pools.items() if pool == GPU_POOL}
+    assert in_pool == {"vision_features", "multimodal_pretrain", "reasoning_sft", "grpo_policy"}
 
 
 def test_dagster_cli_validates_the_workspace():
