@@ -1,19 +1,20 @@
-"""Head-guided decoding: the reasoning text states the selection head's decision.
+"""Head-guided decoding: the reasoning text states the selection head's decision in the tagged format.
 
 The selection head decides (it is trained, calibrated and evaluated for that); the decoder
-explains. Left free, the decoder sometimes names another robot than the head, calls the
-robot it selects "unsuitable" in `<robot_evaluation>`, or states a confidence unrelated to
-the head's. Guided decoding forces exactly the decision slots of the tagged format and
-leaves every other token to the model (a logits processor, as in constrained generation):
+explains. Left free, a small decoder sometimes names another robot than the head, calls the
+robot it selects "unsuitable", states a confidence unrelated to the head's, or skips a tag.
+Guided decoding is constrained generation over the format's skeleton (a logits processor):
+the fixed parts are forced, each free part is the model's own text up to its end of line.
 
-    <robot_evaluation>  "<robot>:"          -> " suitable -" if the head selects it, else " unsuitable -"
-    <selection_reasoning> (its start)       -> "<the head's first robot> fits:"
-    <robot_selection>   "Selected Robot:"   -> " <the head's selection>"  (then a newline)
-                        "Confidence:"       -> " <the shown confidence, 2 decimals>" (then "Justification:")
-                        the justification line's end -> "</robot_selection>", then end of text
-
-The reason after "-", the thinking, the environment analysis, the selection reasoning and the
-justification stay the model's own text.
+    <thinking>\\nGoal:                            [model: the goal]
+    </thinking>\\n<environment_analysis>\\n        [model: the cues]
+    </environment_analysis>\\n<robot_evaluation>\\n
+    <robot>: suitable -  |  <robot>: unsuitable -   [model: the reason]   (one line per robot, by the head)
+    </robot_evaluation>\\n<selection_reasoning>\\n<the head's first robot> fits:   [model: the reasons]
+    </selection_reasoning>\\n<confidence_check>\\n   [model: the check]
+    </confidence_check>\\n<robot_selection>\\nSelected Robot: <the head's selection>
+    Confidence: <the shown confidence, 2 decimals>\\nJustification:   [model: the justification]
+    </robot_selection>, then the end of the text
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import torch
 from bitmar_model.reasoning_format import NO_ROBOT
 from bitmar_model.robots import ROBOT_CLASSES
 
-_EVALUATED = frozenset(r for r in ROBOT_CLASSES if r != NO_ROBOT)
-NO_ROBOT_REASON = "No robot's profile fits this task."  # as the SFT targets word it
-
 Encode = Callable[[str], list[int]]
 Decode = Callable[[list[int]], str]
+
+EVALUATED = tuple(r for r in ROBOT_CLASSES if r != NO_ROBOT)
+NO_ROBOT_REASON = "No robot's profile fits this task."  # as the SFT targets word it
+FREE = None  # a skeleton part the model writes, up to and including its newline
 
 
 @dataclass
@@ -39,52 +41,76 @@ class HeadDecision:
     confidence: float  # the probability shown for it (calibrated when a calibration exists)
 
 
-def forced_continuation(text: str, decision: HeadDecision) -> str | None:
-    """The text to force after `text` (the row's generation so far), or None to let the model go on."""
-    if text.endswith("\n") and text.rstrip("\n").rsplit("\n", 1)[-1].startswith("Justification:"):
-        # The justification is the last line: close the block (after a forced value the decoder
-        # sometimes re-opened <selection_reasoning> here instead).
-        return "</robot_selection>"
-    if text.endswith("<selection_reasoning>\n"):
-        return NO_ROBOT_REASON if decision.robots == [NO_ROBOT] else f"{decision.robots[0]} fits:"
-    line = text.rsplit("\n", 1)[-1].strip()
-    if line == "Selected Robot:":
-        return f" {', '.join(decision.robots)}\n"
-    if line == "Confidence:":
-        # The next line's label too: after a value SFT never showed (say "0.99": "9", "9"), the
-        # decoder tends to close the section without its justification.
-        return f" {decision.confidence:.2f}\nJustification:"
-    in_evaluation = text.rfind("<robot_evaluation>") > text.rfind("</robot_evaluation>")
-    if in_evaluation and line.endswith(":") and line[:-1] in _EVALUATED:
-        return " suitable -" if line[:-1] in decision.robots else " unsuitable -"
-    return None
+def reasoning_skeleton(decision: HeadDecision) -> list[str | None]:
+    """The guided text as forced strings and FREE model lines, in order."""
+    evaluation: list[str | None] = []
+    for i, robot in enumerate(EVALUATED):
+        opening = "</environment_analysis>\n<robot_evaluation>\n" if i == 0 else ""
+        verdict = "suitable" if robot in decision.robots else "unsuitable"
+        evaluation += [f"{opening}{robot}: {verdict} -", FREE]
+    if decision.robots == [NO_ROBOT]:
+        selection: list[str | None] = [f"</robot_evaluation>\n<selection_reasoning>\n{NO_ROBOT_REASON}\n"]
+    else:
+        selection = [f"</robot_evaluation>\n<selection_reasoning>\n{decision.robots[0]} fits:", FREE]
+    robots = ", ".join(decision.robots)
+    return [
+        "<thinking>\nGoal:", FREE,
+        "</thinking>\n<environment_analysis>\n", FREE,
+        *evaluation,
+        *selection,
+        "</selection_reasoning>\n<confidence_check>\n", FREE,
+        f"</confidence_check>\n<robot_selection>\nSelected Robot: {robots}\n"
+        f"Confidence: {decision.confidence:.2f}\nJustification:", FREE,
+        "</robot_selection>",
+    ]  # fmt: skip
+
+
+@dataclass
+class _Row:
+    parts: list[str | None]
+    next_part: int = 0
+    lines_at_start: int | None = None  # newlines in the text when the current FREE line began
+    queue: list[int] = field(default_factory=list)
 
 
 @dataclass
 class HeadGuidedDecoding:
-    """A `generate(logits_processor=...)` that forces the decision slots to `decisions` (one per row)."""
+    """A `generate(logits_processor=...)` that writes `decisions` (one per row) into the skeleton."""
 
     decisions: Sequence[HeadDecision]
     encode: Encode
     decode: Decode
-    eos_token_id: int | None = None  # forced once </robot_selection> is written: the text is complete
-    _queues: list[list[int]] = field(init=False)
+    eos_token_id: int | None = None  # forced after the skeleton's last part
+    _rows: list[_Row] = field(init=False)
 
     def __post_init__(self) -> None:
-        self._queues = [[] for _ in self.decisions]
+        self._rows = [_Row(reasoning_skeleton(d)) for d in self.decisions]
+
+    def _refill(self, row: _Row, text: str) -> None:
+        """Queue the next forced part, unless the model is still writing a FREE line."""
+        while row.next_part < len(row.parts):
+            part = row.parts[row.next_part]
+            if part is not FREE:
+                row.queue.extend(self.encode(part))
+                row.next_part += 1
+                return
+            if row.lines_at_start is None:
+                row.lines_at_start = text.count("\n")  # the model's line starts now
+                return
+            if text.count("\n") <= row.lines_at_start:
+                return
+            row.next_part, row.lines_at_start = row.next_part + 1, None  # its line ended
+        if row.next_part == len(row.parts) and self.eos_token_id is not None:
+            row.queue.append(self.eos_token_id)
+        row.next_part = len(row.parts) + 1
 
     def __call__(self, generated: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """generated [B, n] (the new tokens so far), logits [B, V] -> logits with forced rows one-hot."""
-        for row, queue in enumerate(self._queues):
-            if not queue:
-                text = self.decode(generated[row].tolist())
-                if self.eos_token_id is not None and text.rstrip().endswith("</robot_selection>"):
-                    queue.append(self.eos_token_id)
-                else:
-                    forced = forced_continuation(text, self.decisions[row])
-                    queue.extend(self.encode(forced) if forced else ())
-            if queue:
-                token = queue.pop(0)
-                logits[row] = float("-inf")
-                logits[row, token] = 0.0
+        for index, row in enumerate(self._rows):
+            if not row.queue:
+                self._refill(row, self.decode(generated[index].tolist()))
+            if row.queue:
+                token = row.queue.pop(0)
+                logits[index] = float("-inf")
+                logits[index, token] = 0.0
         return logits

@@ -1,23 +1,34 @@
-"""Head-guided decoding: the text states the head's decision, the model writes the rest."""
+"""Head-guided decoding: the format's skeleton and the head's decision are forced, the model
+writes the free lines."""
 
 from __future__ import annotations
 
 import torch
 
-from bitmar_model.guided import HeadDecision, HeadGuidedDecoding, forced_continuation
-from bitmar_model.reasoning_format import parse_reasoning, robots_mentioned_positively
+from bitmar_model.guided import FREE, HeadDecision, HeadGuidedDecoding, reasoning_skeleton
+from bitmar_model.reasoning_format import ReasoningTrace, format_reasoning, parse_reasoning, robots_mentioned_positively
 
-# What an unguided decoder wrote (it contradicts a head that picked the Underwater Robot).
-FREE_TEXT = """<robot_evaluation>
-Drone: suitable - aerial inspection
-Underwater Robot: unsuitable - water environments only
-</robot_evaluation>
-<robot_selection>
-Selected Robot: Drone
-Confidence: 0.97
-Justification: Best match: aerial inspection.
-</robot_selection>"""
-CHARS = sorted(set(FREE_TEXT + " 0123456789.,-ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
+# What an unguided decoder wants to write: it picks the Drone, the head picked the Underwater Robot.
+FREE_TEXT = format_reasoning(
+    ReasoningTrace(
+        thinking="Goal: Inspect the hull of a ship.",
+        environment_analysis="Cues: aerial inspection.",
+        robot_evaluation={
+            "Drone": (True, "aerial inspection"),
+            "Underwater Robot": (False, "water environments only"),
+            "Humanoid": (False, "slow movement"),
+            "Robot with Wheels": (False, "flat surfaces only"),
+            "Robot with Legs": (False, "limited manipulation"),
+        },
+        selection_reasoning="Drone fits: aerial inspection.",
+        confidence_check="One robot needed, all cued by the task.",
+        robots=["Drone"],
+        confidence=0.97,
+        justification="Best match: aerial inspection.",
+    )
+)
+CHARS = sorted(set(FREE_TEXT + " 0123456789.,-:ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'<>/_\n") | {"\0"})
+EOS = CHARS.index("\0")
 
 
 def encode(text: str) -> list[int]:
@@ -25,7 +36,7 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids: list[int]) -> str:
-    return "".join(CHARS[i] for i in ids)
+    return "".join(CHARS[i] for i in ids if i != EOS)
 
 
 def scripted_logits(text: str) -> torch.Tensor:
@@ -39,42 +50,43 @@ def scripted_logits(text: str) -> torch.Tensor:
     return logits
 
 
-def guided_text(decision: HeadDecision, steps: int = len(FREE_TEXT) + 40) -> str:
-    guide = HeadGuidedDecoding([decision], encode, decode)
+def guided_text(decision: HeadDecision, steps: int = 2 * len(FREE_TEXT)) -> str:
+    guide = HeadGuidedDecoding([decision], encode, decode, eos_token_id=EOS)
     tokens: list[int] = []
     for _ in range(steps):
-        so_far = torch.tensor([tokens], dtype=torch.long)
-        logits = guide(so_far, scripted_logits(decode(tokens))[None].clone())
+        logits = guide(torch.tensor([tokens], dtype=torch.long), scripted_logits(decode(tokens))[None].clone())
         tokens.append(int(logits.argmax()))
-        if decode(tokens).endswith("</robot_selection>"):
+        if tokens[-1] == EOS:
             break
+    assert tokens[-1] == EOS, "the guide ends the text after </robot_selection>"
     return decode(tokens)
 
 
-def test_guided_text_states_the_heads_selection_verdicts_and_confidence():
+def test_guided_text_states_the_heads_decision_and_keeps_the_models_words():
+    assert parse_reasoning(FREE_TEXT).robots == ["Drone"]
     text = guided_text(HeadDecision(["Underwater Robot"], 0.734))
     parsed = parse_reasoning(text)
-    assert parsed.robots == ["Underwater Robot"]
-    assert parsed.confidence == 0.73
+    assert parsed.well_formed, parsed.errors
+    assert parsed.robots == ["Underwater Robot"] and parsed.confidence == 0.73
     assert robots_mentioned_positively(parsed.sections["robot_evaluation"]) == {"Underwater Robot"}
-    assert "Justification: Best match: aerial inspection." in text  # the model's own words stay
+    # The model's own lines stay: its goal, cues, reasons and justification.
+    for own in ("Goal: Inspect the hull of a ship.", "Cues: aerial inspection.", "Justification: Best match"):
+        assert own in text
 
 
-def test_unguided_scripted_text_is_the_contradiction_guidance_removes():
-    parsed = parse_reasoning(FREE_TEXT)
-    assert parsed.robots == ["Drone"] and parsed.confidence == 0.97
+def test_skeleton_forces_verdicts_selection_and_confidence_and_leaves_free_lines():
+    parts = reasoning_skeleton(HeadDecision(["Drone", "Robot with Legs"], 0.5))
+    forced = "".join(p for p in parts if p is not FREE)
+    assert "Drone: suitable -" in forced and "Robot with Legs: suitable -" in forced
+    assert "Humanoid: unsuitable -" in forced and "Underwater Robot: unsuitable -" in forced
+    assert "Selected Robot: Drone, Robot with Legs\nConfidence: 0.50\nJustification:" in forced
+    assert parts.count(FREE) == 10  # goal, cues, five reasons, selection reasons, check, justification
+    filled = "".join(" text.\n" if p is FREE else p for p in parts)
+    assert parse_reasoning(filled).well_formed
 
 
-def test_forced_continuation_only_fills_decision_slots():
-    decision = HeadDecision(["Drone", "Robot with Legs"], 0.5)
-    assert forced_continuation("<robot_selection>\nSelected Robot:", decision) == " Drone, Robot with Legs\n"
-    assert forced_continuation("x\nConfidence:", decision) == " 0.50\nJustification:"
-    assert forced_continuation("</robot_evaluation>\n<selection_reasoning>\n", decision) == "Drone fits:"
-    closing = forced_continuation("Confidence: 0.50\nJustification: Best match: stairs.\n", decision)
-    assert closing == "</robot_selection>"
-    assert forced_continuation("<robot_evaluation>\nHumanoid:", decision) == " unsuitable -"
-    assert forced_continuation("<robot_evaluation>\nRobot with Legs:", decision) == " suitable -"
-    # Outside <robot_evaluation>, or mid-line, nothing is forced.
-    assert forced_continuation("<thinking>\nHumanoid:", decision) is None
-    assert forced_continuation("<robot_evaluation>\nDrone: suitable - fastest", decision) is None
-    assert forced_continuation("<robot_evaluation>\nx\n</robot_evaluation>\nDrone:", decision) is None
+def test_no_robot_skeleton_calls_every_robot_unsuitable():
+    parts = reasoning_skeleton(HeadDecision(["No Robot"], 0.9))
+    filled = parse_reasoning("".join(" text.\n" if p is FREE else p for p in parts))
+    assert filled.well_formed and filled.robots == ["No Robot"]
+    assert robots_mentioned_positively(filled.sections["robot_evaluation"]) == set()
