@@ -30,6 +30,8 @@ in `decoder_input_ids`/`labels`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -194,8 +196,11 @@ class BitMarModel(
     @classmethod
     def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> BitMarModel:
         # The mixin loads non-strictly by default; a checkpoint that does not cover every
-        # tensor of the architecture must fail, not leave random weights behind.
-        return super()._from_pretrained(strict=strict, **kwargs)
+        # tensor of the architecture must fail, not leave random weights behind. It also print()s
+        # "Loading weights from local directory", which would corrupt `bitmar predict --json` on
+        # stdout and adds a line per stage to `bitmar run`.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return super()._from_pretrained(strict=strict, **kwargs)
 
     # ------------------------------------------------------------------ conditioning
 

@@ -25,8 +25,6 @@ missing or altered file (checked against the manifest's SHA-256s) is refused.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import re
 import sys
@@ -287,10 +285,7 @@ def read_batch(path: Path) -> list[tuple[str, str, Path | None]]:
 def load_network(folder: Path, reference: bool = False) -> BitMarModel:
     """The release's integer model (from the packed file), or with `reference` the fake-quant fp32 one."""
     if reference:
-        # The Hub mixin print()s "Loading weights from local directory", which would corrupt
-        # `bitmar predict --json` output on stdout.
-        with contextlib.redirect_stdout(io.StringIO()):
-            return BitMarModel.from_pretrained(str(folder))
+        return BitMarModel.from_pretrained(str(folder))
     config = BitMarConfig.from_dict(read_packed_config(folder))
     with placeholder_weights():  # the packed layers replace them: never allocate fp32 latent weights
         network = packed_skeleton(BitMarModel(config))
