@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,10 @@ class CopySource:
     keys: torch.Tensor
     mask: torch.Tensor
 
+    @cached_property
     def ending(self) -> torch.Tensor:
-        """Each row's last two real task tokens [B, 2] (x_{last-1}, x_last); -1 where there is none."""
+        """Each row's last two real task tokens [B, 2] (x_{last-1}, x_last); -1 where there is none.
+        Cached: the task is fixed while a decoder step reads it once per generated token."""
         columns = torch.arange(self.mask.shape[1], device=self.mask.device)
         real = self.mask.bool()
         last = (real * columns).amax(dim=1, keepdim=True)
@@ -81,7 +84,7 @@ class CopyHead(nn.Module):
         x_prev2 = F.pad(source.ids, (2, 0), value=-1)[:, None, :-2]  # x_{j-2}
         task = query @ source.keys.transpose(1, 2) + self._cue(x_prev == last, x_prev2 == before)
         task = task.masked_fill(~source.mask.bool()[:, None, :], float("-inf"))
-        ending = source.ending()[:, None, :]  # [B, 1, 2]
+        ending = source.ending[:, None, :]  # [B, 1, 2]
         cue = self._cue(ending[..., 1:] == last, ending[..., :1] == before)[..., 0]
         sentinel = query @ self.sentinel + cue + self.sentinel_bias
         return torch.cat((task, sentinel[..., None]), dim=-1).float().softmax(dim=-1)

@@ -292,10 +292,9 @@ class BitMarModel(
         decoder_context_mask = copy_source = None
         if self.config.decoder_reads_task:
             task = self._task_tokens(embedded, attention_mask)
+            fixed = attention_mask.new_ones(decoder_context.shape[:2])  # memory, reasoning, selection, vision
             decoder_context = torch.cat((decoder_context, task), dim=1)
-            decoder_context_mask = torch.cat(
-                (attention_mask.new_ones(batch, decoder_context.shape[1] - task.shape[1]), attention_mask), dim=1
-            )
+            decoder_context_mask = torch.cat((fixed, attention_mask), dim=1)
             if self.config.decoder_copies_task:
                 copy_source = CopySource(input_ids, task, attention_mask)
 

@@ -76,11 +76,13 @@ def test_a_failed_check_blocks_hub_release_in_the_same_run(tmp_path: Path, faili
     assert not storage.path("release").exists()
 
 
-def test_checks_as_warnings_release_anyway_and_say_which_passed(tmp_path: Path, failing_evaluation) -> None:
+def _released_with_a_warning(tmp_path: Path, **overrides) -> dg.AssetMaterialization:
+    """Run evaluation + release on the failing model; the failed check is a warning, the release is
+    built and lists it. Returns hub_release's materialization."""
     storage = make_storage(tmp_path)
     result = dg.materialize(
         [quantization_report, evaluation_report, hub_release],
-        resources=_resources(storage, **{"huggingface_hub.require_passing_checks": False}),
+        resources=_resources(storage, **overrides),
         instance=dg.DagsterInstance.ephemeral(),
     )
     assert result.success
@@ -88,8 +90,13 @@ def test_checks_as_warnings_release_anyway_and_say_which_passed(tmp_path: Path, 
     assert [(c.check_name, c.severity) for c in failed] == [("test_head_top1", dg.AssetCheckSeverity.WARN)]
     (release,) = result.asset_materializations_for_node("hub_release")
     assert release.metadata["evaluation_checks_failed"].value == ["test_head_top1"]
-    assert release.metadata["evaluation_checks_passed"].value == [n for n in NAMES if n != "test_head_top1"]
     assert storage.path("release", "README.md").is_file()
+    return release
+
+
+def test_checks_as_warnings_release_anyway_and_say_which_passed(tmp_path: Path, failing_evaluation) -> None:
+    release = _released_with_a_warning(tmp_path, **{"huggingface_hub.require_passing_checks": False})
+    assert release.metadata["evaluation_checks_passed"].value == [n for n in NAMES if n != "test_head_top1"]
 
 
 def test_release_without_recorded_checks_is_refused_by_default(tmp_path: Path) -> None:
@@ -104,15 +111,4 @@ def test_release_without_recorded_checks_is_refused_by_default(tmp_path: Path) -
 
 
 def test_a_local_only_release_is_built_despite_a_failed_check_and_lists_it(tmp_path: Path, failing_evaluation) -> None:
-    storage = make_storage(tmp_path)
-    result = dg.materialize(
-        [quantization_report, evaluation_report, hub_release],
-        resources=_resources(storage, **{"huggingface_hub.enabled": False}),
-        instance=dg.DagsterInstance.ephemeral(),
-    )
-    assert result.success
-    failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
-    assert [(c.check_name, c.severity) for c in failed] == [("test_head_top1", dg.AssetCheckSeverity.WARN)]
-    (release,) = result.asset_materializations_for_node("hub_release")
-    assert release.metadata["evaluation_checks_failed"].value == ["test_head_top1"]
-    assert storage.path("release", "README.md").is_file()
+    _released_with_a_warning(tmp_path, **{"huggingface_hub.enabled": False})
