@@ -55,6 +55,9 @@ class BitMarConfig:
     decoder_reads_task: bool = True
     # ... and its output head can copy the task's tokens (pointer-sentinel mixture, bitmar_model.copying).
     decoder_copies_task: bool = True
+    # Width of the teacher-distilled static token table whose logits join the selection head's
+    # (bitmar_model.knowledge); 0: no such table (no teacher configured).
+    knowledge_dim: int = 0
     # Decoder attention: StreamingLLM-style sinks + sliding window bound the KV cache.
     attention_sink_tokens: int = 4
     sliding_window: int = 256
@@ -196,6 +199,8 @@ class BitMarConfig:
             )
         if not isinstance(self.quantized, bool):
             raise ValueError(f"BitMarConfig.quantized must be a bool, got {self.quantized!r}")
+        if isinstance(self.knowledge_dim, bool) or not isinstance(self.knowledge_dim, int) or self.knowledge_dim < 0:
+            raise ValueError(f"BitMarConfig.knowledge_dim must be an integer >= 0, got {self.knowledge_dim!r}")
         if self.decoder_copies_task and not self.decoder_reads_task:
             raise ValueError(
                 "BitMarConfig.decoder_copies_task needs decoder_reads_task=True: it copies from the task tokens "

@@ -9,7 +9,8 @@ Data flow of `forward`:
                                                   contrastive image/text embeddings
     joint embedding -> episodic memory read -> memory token
     [memory token, fused text, fused vision] -> reasoning -> robot logits, value, thought scores
-                      (the selection head also reads the input's mean token embedding)
+                      (the selection head also reads the input's mean token embedding;
+                      with config.knowledge_dim, teacher-distilled knowledge logits are added)
     decoder_input_ids -> decoder (cross-attends to [memory token, reasoning state, selection
                       token, fused vision, task tokens]) -> tied LM head -> logits
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,7 @@ from bitmar_model.copying import CopyHead, CopySource, read_tokens
 from bitmar_model.decoder import BitMarDecoder, GenerationOutput, token_log_probs
 from bitmar_model.encoder import BitMarEncoder
 from bitmar_model.fusion import CrossModalFusion, FusionOutput, masked_mean
+from bitmar_model.knowledge import TaskKnowledge
 from bitmar_model.layers import RMSNorm, make_linear, positions_from_mask
 from bitmar_model.memory import EpisodicMemory, MemoryReadout
 from bitmar_model.packing import model_bytes_report
@@ -180,9 +182,23 @@ class BitMarModel(
             self.task_norm = RMSNorm(hidden)
         if config.decoder_copies_task:
             self.copy_head = CopyHead(hidden)
+        if config.knowledge_dim:
+            self.knowledge = TaskKnowledge(config.vocab_size, config.knowledge_dim, config.num_robot_classes)
         self.decoder = BitMarDecoder(config)
         for module in self.modules():
             self._init_module(module)
+
+    def add_knowledge(self, dim: int) -> TaskKnowledge:
+        """Give a trained model an (empty) knowledge table of width `dim` and record it in the
+        config, so save/load round-trips it; the caller installs the fitted tensors
+        (`TaskKnowledge.load_fitted`). Until then its weight is 0 and the outputs are unchanged."""
+        if self.config.knowledge_dim:
+            raise ValueError(f"add_knowledge: already has one (knowledge_dim {self.config.knowledge_dim})")
+        self.config = replace(self.config, knowledge_dim=dim)  # __post_init__ validates dim
+        self._hub_mixin_config = self.config.to_dict()
+        device = self.embed_tokens.weight.device
+        self.knowledge = TaskKnowledge(self.config.vocab_size, dim, self.config.num_robot_classes).to(device)
+        return self.knowledge
 
     def _init_module(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -279,6 +295,9 @@ class BitMarModel(
         reasoning = self.reasoning(
             reasoning_context, reasoning_mask, fused.joint_embedding, bag_of_words, output_attentions
         )
+        if self.config.knowledge_dim:
+            logits = reasoning.robot_logits + self.knowledge(input_ids, attention_mask)
+            reasoning = replace(reasoning, robot_logits=logits, robot_probs=torch.sigmoid(logits))
         selection_token = self.selection_norm(self.selection_embed(reasoning.robot_probs.detach()))
         decoder_context = torch.cat(
             (

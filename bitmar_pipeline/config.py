@@ -249,6 +249,21 @@ class TrainingConfig(_Section):
         default=False,
         description="reasoning_sft also trains on short tasks built from the robots' capability text.",
     )
+    knowledge_teacher: str | None = Field(
+        default=None,
+        description=(
+            "Sentence-embedding teacher (Hub id or local model folder, e.g. sentence-transformers/all-MiniLM-L6-v2) "
+            "distilled into the model's task-knowledge table after reasoning_sft; training-time only "
+            "(null: no teacher, the selection head learns from the robot labels alone)."
+        ),
+    )
+    knowledge_dim: int = Field(default=128, gt=0, description="Width of the distilled token table (PCA components).")
+    knowledge_weight: float = Field(
+        default=1.0, ge=0.0, description="Scale of the knowledge logits added to the selection head's."
+    )
+    knowledge_c: float = Field(
+        default=3.0, gt=0.0, description="Inverse L2 strength of the knowledge classifier's logistic regression."
+    )
     caption_rehearsal_batch_size: int = Field(
         default=8, gt=0, description="Caption pairs joined to each reasoning_sft batch."
     )

@@ -68,7 +68,7 @@ from bitmar_pipeline.features.probe import caption_names_object
 from bitmar_pipeline.storage import Storage
 from bitmar_pipeline.training.datasets import CaptionSet, load_caption_data, load_pipeline_tokenizer
 from bitmar_pipeline.training.reasoning_targets import evaluable_subtasks, format_prompt
-from bitmar_pipeline.training.stages import GRPO, PRETRAIN, load_stage_model, retrieval_metrics
+from bitmar_pipeline.training.stages import GRPO, PRETRAIN, knowledge_source, load_stage_model, retrieval_metrics
 
 EVALUATED_ROBOTS = [r for r in ROBOT_CLASSES if r != "No Robot"]
 _STOP_WORDS = frozenset(
@@ -538,7 +538,11 @@ def build_evaluation_report(
     result.figures.update(figures)
     result.report["memory"] = memory
     result.report["flops_per_forward"] = _flops_section(model, tokenizer, heldout, test_tasks)
-    result.report["model"] = {"stage": GRPO, "parameters": sum(p.numel() for p in model.parameters())}
+    result.report["model"] = {
+        "stage": GRPO,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "knowledge_source": knowledge_source(storage),
+    }
     write_report(result.report, report_path)
     return result
 

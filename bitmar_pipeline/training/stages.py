@@ -41,7 +41,7 @@ from bitmar_model.metrics import matched_vs_random_cosine, retrieval_recall_at_k
 from bitmar_model.modeling import MODEL_REVISION, BitMarModel
 from bitmar_model.rewards import RewardWeights
 from bitmar_model.trainer import Trainer, TrainerConfig
-from bitmar_pipeline.config import PipelineConfig, StageSchedule
+from bitmar_pipeline.config import PipelineConfig, StageSchedule, TrainingConfig
 from bitmar_pipeline.data.robot_tasks import parse_instruction_capabilities
 from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, evaluate_reasoning
 from bitmar_pipeline.features.vision_encoder import resolve_device
@@ -60,7 +60,9 @@ from bitmar_pipeline.training.datasets import (
     load_pipeline_tokenizer,
     robot_multi_hot,
 )
+from bitmar_pipeline.training.knowledge import SentenceTeacher, install_knowledge
 from bitmar_pipeline.training.reasoning_targets import (
+    Profiles,
     build_sft_examples,
     capability_examples,
     format_prompt,
@@ -369,11 +371,13 @@ def run_reasoning_sft(
         return StageResult(
             SFT, model_dir(storage, SFT), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started
         )
+    knowledge = _install_knowledge(model, tokenizer, tasks, capabilities, training)
     evaluation = evaluate_reasoning(
         model, tokenizer, tasks, "validation", max_new_tokens=config.grpo_reasoning.max_new_tokens
     )
     metrics = {
         **{f"validation_{k}": v for k, v in evaluation.summary().items()},
+        **knowledge,
         "train_examples": len(examples), "task_examples": sum(e.kind == "task" for e in examples),
         "max_target_tokens": max(len(t) for t in sft_set.target_ids),
     }
@@ -386,6 +390,29 @@ def run_reasoning_sft(
         SFT, model_dir(storage, SFT), fingerprint, result.final_step, resumed, history.read(), metrics,
         time.perf_counter() - started, {"validation": evaluation.table()}, {"validation": evaluation},
     )
+
+
+def _install_knowledge(
+    model: BitMarModel, tokenizer: Any, tasks: pd.DataFrame, capabilities: Profiles, training: TrainingConfig
+) -> dict[str, Any]:
+    """With training.knowledge_teacher: distil it into the model's knowledge table (fitted on the
+    train split's tasks and the fleet's capability phrases); returns the stage metadata naming
+    the knowledge source either way."""
+    if not training.knowledge_teacher:
+        return {"knowledge_source": "robot labels only (training.knowledge_teacher is not set)"}
+    train = tasks[tasks["split"] == "train"].drop_duplicates("task_key")
+    fit = install_knowledge(
+        model, tokenizer, SentenceTeacher(training.knowledge_teacher), train["task_text"].tolist(),
+        train["robots"].tolist(), capabilities,
+        dim=training.knowledge_dim, weight=training.knowledge_weight, c=training.knowledge_c,
+    )
+    return {"knowledge_source": f"teacher {fit.teacher} distilled into a {fit.dim}-wide token table", **fit.metadata()}
+
+
+def knowledge_source(storage: Storage) -> str:
+    """What the published reasoning_sft model's selection knowledge came from (its stage info)."""
+    info = json.loads((model_dir(storage, SFT) / STAGE_INFO_FILE).read_text())
+    return info.get("metrics", {}).get("knowledge_source", "unknown (reasoning_sft predates knowledge_source)")
 
 
 def grpo_settings(config: PipelineConfig) -> GRPOSettings:

@@ -1,0 +1,177 @@
+"""Fit the model's task-knowledge table from a sentence-embedding teacher (issue 12, items 1-2).
+
+The teacher (a Hub id or a local model folder, e.g. sentence-transformers/all-MiniLM-L6-v2) is
+a training-time input only: it embeds each token string of BitMar's own vocabulary once
+(the Model2Vec recipe), and the pipeline fits a one-vs-rest logistic regression on the
+resulting task vectors of the training tasks plus short phrases from each robot's
+capabilities and environments (label-balanced knowledge the skewed tasks lack). The table,
+the SIF token weights and the classifier go into `BitMarModel.knowledge`
+(bitmar_model.knowledge); the release never loads the teacher. Measured in docs/decisions.md.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from transformers import PreTrainedTokenizerBase
+
+from bitmar_model.metrics import label_matrix
+from bitmar_model.modeling import BitMarModel
+from bitmar_model.robots import NUM_ROBOT_CLASSES
+from bitmar_pipeline.evaluation.selection_quality import encode_prompts
+
+SIF_A = 1e-3  # the SIF paper's a: a token seen in 1 of 1,000 corpus tokens gets weight 0.5
+_NEVER = -8.0  # bias of a class no training row has ("No Robot" in the public data)
+
+
+class SentenceTeacher:
+    """A sentence-transformers-style encoder: mean pooling over the mask, L2-normalised."""
+
+    def __init__(self, name_or_path: str, device: str = "cpu") -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            self.model = AutoModel.from_pretrained(name_or_path).to(device).eval()
+        except OSError as error:
+            raise ValueError(
+                f"training.knowledge_teacher: cannot load {name_or_path!r} (a Hub id or a local model folder): {error}"
+            ) from error
+        self.name = name_or_path
+        self.device = device
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 256, max_length: int = 32) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            enc = self.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+            ).to(self.device)
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(F.normalize(pooled, dim=-1).float().cpu().numpy())
+        return np.concatenate(out)
+
+
+def token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Each token id's text (byte-level pieces decoded, spaces stripped); "" for special tokens."""
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i in tokenizer.get_added_vocab().values()}
+    return ["" if i in special else tokenizer.decode([i]).strip() for i in range(len(tokenizer))]
+
+
+def distil_token_table(
+    teacher: SentenceTeacher, strings: Sequence[str], dim: int
+) -> np.ndarray:
+    """[V, dim]: each non-empty token string alone through the teacher, centred, PCA to `dim`
+    (rows of empty strings stay zero)."""
+    present = np.array([bool(s) for s in strings])
+    if dim > int(present.sum()):
+        raise ValueError(f"training.knowledge_dim ({dim}) exceeds the {int(present.sum())} non-special tokens")
+    vectors = teacher.encode([s for s in strings if s])
+    centred = vectors - vectors.mean(0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    if dim > components.shape[0]:
+        raise ValueError(f"training.knowledge_dim ({dim}) exceeds the teacher's width ({components.shape[0]})")
+    table = np.zeros((len(strings), dim), np.float32)
+    table[present] = centred @ components[:dim].T
+    return table
+
+
+def sif_weights(token_ids: Sequence[Sequence[int]], vocab_size: int, strings: Sequence[str]) -> np.ndarray:
+    """a / (a + p(token)) with p counted over `token_ids` (the training prompts); 0 for specials."""
+    counts = Counter(i for ids in token_ids for i in ids)
+    total = max(sum(counts.values()), 1)
+    p = np.array([counts.get(i, 0) / total for i in range(vocab_size)])
+    weights = SIF_A / (SIF_A + p)
+    weights[[not s for s in strings]] = 0.0
+    return weights.astype(np.float32)
+
+
+def capability_phrases(capabilities: dict[str, dict[str, list[str]]]) -> tuple[list[str], list[list[str]]]:
+    """Each robot's capability and environment items, alone and as a task ("a task that needs
+    aerial inspection", "a task in deep water"), labelled with every robot listing the item."""
+    owners: dict[str, set[str]] = {}
+    for robot, profile in capabilities.items():
+        for field, template in (("capabilities", "a task that needs {}"), ("environments", "a task in {}")):
+            for item in profile.get(field, ()):
+                item = item.strip().lower()
+                for text in (item, template.format(item)):
+                    owners.setdefault(text, set()).add(robot)
+    texts = sorted(owners)
+    return texts, [sorted(owners[t]) for t in texts]
+
+
+def fit_one_vs_rest(x: np.ndarray, gold: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """(weight [C, d], bias [C]): a class-balanced logistic regression per robot column; a
+    class with no positive row gets a fixed low bias, one with no negative row a high one."""
+    weight = np.zeros((gold.shape[1], x.shape[1]), np.float32)
+    bias = np.zeros(gold.shape[1], np.float32)
+    for k in range(gold.shape[1]):
+        column = gold[:, k].astype(int)
+        if column.min() == column.max():
+            bias[k] = -_NEVER if column.min() else _NEVER
+            continue
+        lr = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit(x, column)
+        weight[k], bias[k] = lr.coef_[0], lr.intercept_[0]
+    return weight, bias
+
+
+@dataclass
+class KnowledgeFit:
+    teacher: str
+    dim: int
+    weight: float
+    train_tasks: int
+    capability_phrases: int
+    train_top1: float
+
+    def metadata(self) -> dict[str, Any]:
+        return {f"knowledge_{k}": v for k, v in self.__dict__.items()}
+
+
+def install_knowledge(
+    model: BitMarModel,
+    tokenizer: PreTrainedTokenizerBase,
+    teacher: SentenceTeacher,
+    train_texts: Sequence[str],
+    train_robots: Sequence[Sequence[str]],
+    capabilities: dict[str, dict[str, list[str]]],
+    *,
+    dim: int,
+    weight: float,
+    c: float,
+) -> KnowledgeFit:
+    """Distil the table, fit the classifier on the model's own task vectors, install both."""
+    strings = token_strings(tokenizer)
+    if len(strings) != model.config.vocab_size:
+        raise ValueError(f"tokenizer has {len(strings)} tokens, the model {model.config.vocab_size}")
+    phrases, phrase_robots = capability_phrases(capabilities)
+    texts = list(train_texts) + phrases
+    gold = label_matrix([list(r) for r in train_robots] + phrase_robots).astype(bool)
+    ids, mask = encode_prompts(tokenizer, texts, model.config.max_seq_len)
+    table = distil_token_table(teacher, strings, dim)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+    token_weights = sif_weights(prompts, len(strings), strings)
+    knowledge = model.knowledge if model.config.knowledge_dim else model.add_knowledge(dim)
+    device = knowledge.table.device
+    zeros = torch.zeros(NUM_ROBOT_CLASSES, dim)
+    knowledge.load_fitted(torch.from_numpy(table), torch.from_numpy(token_weights), zeros, zeros[:, 0], 0.0)
+    with torch.no_grad():
+        vectors = knowledge.task_vectors(ids.to(device), mask.to(device)).cpu().numpy()
+    w, b = fit_one_vs_rest(vectors, gold, c)
+    knowledge.load_fitted(torch.from_numpy(table), torch.from_numpy(token_weights), torch.from_numpy(w),
+                          torch.from_numpy(b), weight)
+    n_train = len(train_texts)
+    logits = vectors[:n_train] @ w.T + b
+    hits = gold[np.arange(n_train), logits.argmax(1)]
+    return KnowledgeFit(teacher.name, dim, weight, n_train, len(phrases), round(float(hits.mean()), 4))

