@@ -174,3 +174,23 @@ def test_the_real_teacher_gives_words_their_meaning(tmp_path: Path) -> None:
     row = {s: table[i] / np.linalg.norm(table[i]) for i, s in enumerate(strings) if s in words}
     assert row["ocean"] @ row["underwater"] > row["ocean"] @ row["sky"]
     assert row["cloud"] @ row["sky"] > row["cloud"] @ row["stairs"]
+
+
+def test_the_packed_release_form_keeps_the_knowledge(setup, tmp_path: Path) -> None:
+    """save_packed / load_packed_into (the release's integer form) carry the fp16 table and the
+    classifier: the loaded model selects exactly as the trained one with its floats rounded."""
+    from bitmar_model.packing import load_packed_into, pack_model, round_to_stored, save_packed
+
+    tokenizer, teacher, model = setup
+    fitted = BitMarModel(model.config)
+    fitted.load_state_dict(model.state_dict())
+    fitted.eval()
+    install_knowledge(fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES,
+                      dim=16, weight=1.0, c=10.0)
+    save_packed(fitted, tmp_path, fitted.config.to_dict())
+    loaded = pack_model(BitMarModel(BitMarConfig.from_dict(fitted.config.to_dict()))).eval()
+    load_packed_into(loaded, tmp_path)
+    ids, mask = encode_prompts(tokenizer, [t for t, _ in TASKS], model.config.max_seq_len)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, mask).robot_probs, round_to_stored(fitted)(ids, mask).robot_probs)
+        assert loaded.knowledge.weight.item() == 1.0
