@@ -70,6 +70,7 @@ class _Row:
     parts: list[str | None]
     next_part: int = 0
     lines_at_start: int | None = None  # newlines in the text when the current FREE line began
+    free_start: int = 0  # token index where the current FREE line began
     queue: list[int] = field(default_factory=list)
 
 
@@ -81,12 +82,15 @@ class HeadGuidedDecoding:
     encode: Encode
     decode: Decode
     eos_token_id: int | None = None  # forced after the skeleton's last part
+    # A FREE line may not repeat one of its own n-grams (HF's no_repeat_ngram_size, per line):
+    # a small decoder otherwise loops ("not all cued by the task the task the task"). 0: off.
+    no_repeat_ngram_size: int = 3
     _rows: list[_Row] = field(init=False)
 
     def __post_init__(self) -> None:
         self._rows = [_Row(reasoning_skeleton(d)) for d in self.decisions]
 
-    def _refill(self, row: _Row, text: str) -> None:
+    def _refill(self, row: _Row, text: str, length: int) -> None:
         """Queue the next forced part, unless the model is still writing a FREE line."""
         while row.next_part < len(row.parts):
             part = row.parts[row.next_part]
@@ -96,6 +100,7 @@ class HeadGuidedDecoding:
                 return
             if row.lines_at_start is None:
                 row.lines_at_start = text.count("\n")  # the model's line starts now
+                row.free_start = length
                 return
             if text.count("\n") <= row.lines_at_start:
                 return
@@ -107,10 +112,24 @@ class HeadGuidedDecoding:
     def __call__(self, generated: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """generated [B, n] (the new tokens so far), logits [B, V] -> logits with forced rows one-hot."""
         for index, row in enumerate(self._rows):
+            tokens = generated[index].tolist()
             if not row.queue:
-                self._refill(row, self.decode(generated[index].tolist()))
+                self._refill(row, self.decode(tokens), len(tokens))
             if row.queue:
                 token = row.queue.pop(0)
                 logits[index] = float("-inf")
                 logits[index, token] = 0.0
+            elif row.lines_at_start is not None:
+                banned = repeated_ngram_tokens(tokens[row.free_start :], self.no_repeat_ngram_size)
+                if self.eos_token_id is not None:
+                    banned.append(self.eos_token_id)  # the skeleton's remaining parts must still come
+                logits[index, banned] = float("-inf")
         return logits
+
+
+def repeated_ngram_tokens(line: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram `line` already holds (none when n < 1)."""
+    if n < 1 or len(line) < n:
+        return []
+    prefix = tuple(line[len(line) - n + 1 :]) if n > 1 else ()
+    return [line[i + n - 1] for i in range(len(line) - n + 1) if tuple(line[i : i + n - 1]) == prefix]

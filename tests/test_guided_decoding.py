@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bitmar_model.guided import FREE, HeadDecision, HeadGuidedDecoding, reasoning_skeleton
+from bitmar_model.guided import FREE, HeadDecision, HeadGuidedDecoding, reasoning_skeleton, repeated_ngram_tokens
 from bitmar_model.reasoning_format import ReasoningTrace, format_reasoning, parse_reasoning, robots_mentioned_positively
 
 # What an unguided decoder wants to write: it picks the Drone, the head picked the Underwater Robot.
@@ -46,12 +46,14 @@ def scripted_logits(text: str) -> torch.Tensor:
     line, wanted = done[-1], lines[min(len(done) - 1, len(lines) - 1)]
     nxt = wanted[len(line)] if wanted.startswith(line) and len(line) < len(wanted) else "\n"
     logits = torch.zeros(len(CHARS))
+    logits[CHARS.index("\n")] = 1.0  # its second choice: end the line
     logits[CHARS.index(nxt)] = 10.0
     return logits
 
 
-def guided_text(decision: HeadDecision, steps: int = 2 * len(FREE_TEXT)) -> str:
-    guide = HeadGuidedDecoding([decision], encode, decode, eos_token_id=EOS)
+def guided_text(decision: HeadDecision, steps: int = 2 * len(FREE_TEXT), no_repeat: int = 0) -> str:
+    # Character tokens: the n-gram rule (meant for word pieces) is off unless a test asks for it.
+    guide = HeadGuidedDecoding([decision], encode, decode, eos_token_id=EOS, no_repeat_ngram_size=no_repeat)
     tokens: list[int] = []
     for _ in range(steps):
         logits = guide(torch.tensor([tokens], dtype=torch.long), scripted_logits(decode(tokens))[None].clone())
@@ -90,3 +92,25 @@ def test_no_robot_skeleton_calls_every_robot_unsuitable():
     filled = parse_reasoning("".join(" text.\n" if p is FREE else p for p in parts))
     assert filled.well_formed and filled.robots == ["No Robot"]
     assert robots_mentioned_positively(filled.sections["robot_evaluation"]) == set()
+
+
+def test_repeated_ngram_tokens_are_those_completing_an_earlier_ngram():
+    assert repeated_ngram_tokens([1, 2, 3, 1, 2], 3) == [3]
+    assert repeated_ngram_tokens([1, 2, 1, 2, 1], 3) == [2]
+    assert repeated_ngram_tokens([5, 6, 5, 6], 2) == [5]
+    assert repeated_ngram_tokens([1, 2], 3) == [] and repeated_ngram_tokens([1, 2, 1, 2], 0) == []
+
+
+def test_a_free_line_cannot_loop():
+    """A decoder that would write "the task the task ..." forever in its goal line: the line ends
+    before it repeats itself, and the rest of the skeleton still follows."""
+    looping = "Goal: the task the task the task the task the task."
+    global FREE_TEXT
+    saved, FREE_TEXT = FREE_TEXT, FREE_TEXT.replace("Goal: Inspect the hull of a ship.", looping)
+    try:
+        text = guided_text(HeadDecision(["Drone"], 0.5), no_repeat=3)
+    finally:
+        FREE_TEXT = saved
+    goal = text.split("\n")[1]
+    assert goal.startswith("Goal: the task") and "the task the task" not in goal
+    assert parse_reasoning(text).well_formed
