@@ -9,17 +9,22 @@ the fixed parts are forced, each free part is the model's own text up to its end
     <thinking>\\nGoal:                            [model: the goal]
     </thinking>\\n<environment_analysis>\\n        [model: the cues]
     </environment_analysis>\\n<robot_evaluation>\\n
-    <robot>: suitable -  |  <robot>: unsuitable -   [model: the reason]   (one line per robot, by the head)
+    <robot>: suitable -  |  <robot>: unsuitable -   [model: the reason]   (one line per robot, by the head;
+                                                     with the fleet's profiles, the model chooses the reason
+                                                     among that robot's capabilities and environments, or
+                                                     its limitations)
     </robot_evaluation>\\n<selection_reasoning>\\n<the head's first robot> fits:   [model: the reasons]
     </selection_reasoning>\\n<confidence_check>\\n   [model: the check]
     </confidence_check>\\n<robot_selection>\\nSelected Robot: <the head's selection>
     Confidence: <the shown confidence, 2 decimals>\\nJustification:   [model: the justification]
+    (with profiles, the selection reasoning, the check's robot count and the justification
+    "Best match: ..." are built the same way: the model chooses each selected robot's phrase)
     </robot_selection>, then the end of the text
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +38,61 @@ Decode = Callable[[list[int]], str]
 EVALUATED = tuple(r for r in ROBOT_CLASSES if r != NO_ROBOT)
 NO_ROBOT_REASON = "No robot's profile fits this task."  # as the SFT targets word it
 FREE = None  # a skeleton part the model writes, up to and including its newline
+Profiles = Mapping[str, Mapping[str, Sequence[str]]]  # robot -> capabilities / limitations / environments
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A skeleton part the model writes as one of `options` (its logits pick which)."""
+
+    options: tuple[str, ...]
+
+
+def _reason(robot: str, suitable: bool, profiles: Profiles | None, end: str = "\n") -> str | Choice | None:
+    """What follows "<robot>: (un)suitable -" or "<robot> fits:": one of the robot's own profile
+    phrases, so a reason is never another robot's ("Humanoid: unsuitable - water environments
+    only"); FREE without profiles."""
+    profile = (profiles or {}).get(robot)
+    if not profile:
+        return FREE
+    fields = ("capabilities", "environments") if suitable else ("limitations",)
+    phrases = [p.strip() for f in fields for p in profile.get(f, ()) if p.strip()]
+    return Choice(tuple(dict.fromkeys(f" {p}{end}" for p in phrases))) if phrases else FREE
+
+
+def _selection_reasoning(robots: list[str], profiles: Profiles | None) -> list[str | Choice | None]:
+    """"R1 fits: <R1's phrase>; R2 fits: <R2's phrase>." over the selected robots only (the SFT
+    targets' wording); without profiles the model writes the line after "R1 fits:"."""
+    opening = "</robot_evaluation>\n<selection_reasoning>\n"
+    if robots == [NO_ROBOT]:
+        return [f"{opening}{NO_ROBOT_REASON}\n"]
+    if not profiles or any(_reason(r, True, profiles) is FREE for r in robots):
+        return [f"{opening}{robots[0]} fits:", FREE]
+    parts: list[str | Choice | None] = []
+    for i, robot in enumerate(robots):
+        parts += [f"{opening if i == 0 else '; '}{robot} fits:", _reason(robot, True, profiles, end="")]
+    return [*parts, ".\n"]
+
+
+def _justification(robots: list[str], profiles: Profiles | None) -> list[str | Choice | None]:
+    """"Best match: <a phrase of each selected robot>." with profiles (the targets' wording), else the
+    model's line after "Justification:"."""
+    if robots == [NO_ROBOT] or not profiles or any(_reason(r, True, profiles) is FREE for r in robots):
+        return ["Justification:", FREE]
+    parts: list[str | Choice | None] = ["Justification: Best match:"]
+    for i, robot in enumerate(robots):
+        parts += ([","] if i else []) + [_reason(robot, True, profiles, end="")]
+    return [*parts, ".\n"]
+
+
+def _confidence_check(robots: list[str], profiles: Profiles | None) -> list[str | Choice | None]:
+    """With profiles the robot count is forced ("One robot needed," as the targets word it), so the
+    check cannot contradict the selection; the model says whether the task cued them all."""
+    opening = "</selection_reasoning>\n<confidence_check>\n"
+    if not profiles or robots == [NO_ROBOT]:
+        return [opening, FREE]
+    count = "One robot" if len(robots) == 1 else f"{len(robots)} robots"
+    return [f"{opening}{count} needed,", FREE]
 
 
 @dataclass
@@ -41,37 +101,37 @@ class HeadDecision:
     confidence: float  # the probability shown for it (calibrated when a calibration exists)
 
 
-def reasoning_skeleton(decision: HeadDecision) -> list[str | None]:
-    """The guided text as forced strings and FREE model lines, in order."""
-    evaluation: list[str | None] = []
+def reasoning_skeleton(decision: HeadDecision, profiles: Profiles | None = None) -> list[str | Choice | None]:
+    """The guided text as forced strings, the model's choices and FREE model lines, in order."""
+    evaluation: list[str | Choice | None] = []
     for i, robot in enumerate(EVALUATED):
         opening = "</environment_analysis>\n<robot_evaluation>\n" if i == 0 else ""
-        verdict = "suitable" if robot in decision.robots else "unsuitable"
-        evaluation += [f"{opening}{robot}: {verdict} -", FREE]
-    if decision.robots == [NO_ROBOT]:
-        selection: list[str | None] = [f"</robot_evaluation>\n<selection_reasoning>\n{NO_ROBOT_REASON}\n"]
-    else:
-        selection = [f"</robot_evaluation>\n<selection_reasoning>\n{decision.robots[0]} fits:", FREE]
+        suitable = robot in decision.robots
+        verdict = "suitable" if suitable else "unsuitable"
+        evaluation += [f"{opening}{robot}: {verdict} -", _reason(robot, suitable, profiles)]
     robots = ", ".join(decision.robots)
     return [
         "<thinking>\nGoal:", FREE,
         "</thinking>\n<environment_analysis>\n", FREE,
         *evaluation,
-        *selection,
-        "</selection_reasoning>\n<confidence_check>\n", FREE,
+        *_selection_reasoning(decision.robots, profiles),
+        *_confidence_check(decision.robots, profiles),
         f"</confidence_check>\n<robot_selection>\nSelected Robot: {robots}\n"
-        f"Confidence: {decision.confidence:.2f}\nJustification:", FREE,
+        f"Confidence: {decision.confidence:.2f}\n",
+        *_justification(decision.robots, profiles),
         "</robot_selection>",
     ]  # fmt: skip
 
 
 @dataclass
 class _Row:
-    parts: list[str | None]
+    parts: list[str | Choice | None]
     next_part: int = 0
     lines_at_start: int | None = None  # newlines in the text when the current FREE line began
     free_start: int = 0  # token index where the current FREE line began
     queue: list[int] = field(default_factory=list)
+    options: list[list[int]] | None = None  # the current Choice's token sequences
+    chosen_from: int = 0  # token index where the current Choice began
 
 
 @dataclass
@@ -82,18 +142,23 @@ class HeadGuidedDecoding:
     encode: Encode
     decode: Decode
     eos_token_id: int | None = None  # forced after the skeleton's last part
+    profiles: Profiles | None = None  # the fleet's profiles: reasons become Choices (see _reason)
     # A FREE line may not repeat one of its own n-grams (HF's no_repeat_ngram_size, per line):
     # a small decoder otherwise loops ("not all cued by the task the task the task"). 0: off.
     no_repeat_ngram_size: int = 3
     _rows: list[_Row] = field(init=False)
 
     def __post_init__(self) -> None:
-        self._rows = [_Row(reasoning_skeleton(d)) for d in self.decisions]
+        self._rows = [_Row(reasoning_skeleton(d, self.profiles)) for d in self.decisions]
 
     def _refill(self, row: _Row, text: str, length: int) -> None:
         """Queue the next forced part, unless the model is still writing a FREE line."""
         while row.next_part < len(row.parts):
             part = row.parts[row.next_part]
+            if isinstance(part, Choice):
+                row.options, row.chosen_from = [self.encode(o) for o in part.options], length
+                row.next_part += 1
+                return
             if part is not FREE:
                 row.queue.extend(self.encode(part))
                 row.next_part += 1
@@ -113,9 +178,15 @@ class HeadGuidedDecoding:
         """generated [B, n] (the new tokens so far), logits [B, V] -> logits with forced rows one-hot."""
         for index, row in enumerate(self._rows):
             tokens = generated[index].tolist()
-            if not row.queue:
+            allowed = self._choice_step(row, tokens)
+            if allowed is None and not row.queue:
                 self._refill(row, self.decode(tokens), len(tokens))
-            if row.queue:
+                allowed = self._choice_step(row, tokens)
+            if allowed is not None:
+                keep = logits[index, allowed].clone()
+                logits[index] = float("-inf")
+                logits[index, allowed] = keep
+            elif row.queue:
                 token = row.queue.pop(0)
                 logits[index] = float("-inf")
                 logits[index, token] = 0.0
@@ -125,6 +196,20 @@ class HeadGuidedDecoding:
                     banned.append(self.eos_token_id)  # the skeleton's remaining parts must still come
                 logits[index, banned] = float("-inf")
         return logits
+
+    @staticmethod
+    def _choice_step(row: _Row, tokens: list[int]) -> list[int] | None:
+        """The tokens that continue one of the current Choice's options, or None when no Choice is
+        open (or the option written so far is complete, which closes it)."""
+        if row.options is None:
+            return None
+        written = tokens[row.chosen_from :]
+        if any(option == written for option in row.options):
+            row.options = None
+            return None
+        n = len(written)
+        allowed = sorted({o[n] for o in row.options if len(o) > n and o[:n] == written})
+        return allowed or None
 
 
 def repeated_ngram_tokens(line: Sequence[int], n: int) -> list[int]:

@@ -84,6 +84,10 @@ TASKS = [
 
 EVALUATION = {
     "calibration": {"method": "platt", "a": 0.5, "b": 0.2, "fitted_on": "validation", "n": 3},
+    "fleet": {
+        robot: {"capabilities": [f"{robot.lower()} work"], "limitations": ["not this"], "environments": []}
+        for robot in ("Drone", "Underwater Robot", "Humanoid", "Robot with Wheels", "Robot with Legs")
+    },
     "robot_selection": {
         "test": {
             "n": 3,

@@ -27,7 +27,7 @@ FREE_TEXT = format_reasoning(
         justification="Best match: aerial inspection.",
     )
 )
-CHARS = sorted(set(FREE_TEXT + " 0123456789.,-:ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'<>/_\n") | {"\0"})
+CHARS = sorted(set(FREE_TEXT + " 0123456789.,;-:ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'<>/_\n") | {"\0"})
 EOS = CHARS.index("\0")
 
 
@@ -51,9 +51,13 @@ def scripted_logits(text: str) -> torch.Tensor:
     return logits
 
 
-def guided_text(decision: HeadDecision, steps: int = 2 * len(FREE_TEXT), no_repeat: int = 0) -> str:
+def guided_text(
+    decision: HeadDecision, steps: int = 2 * len(FREE_TEXT), no_repeat: int = 0, profiles=None
+) -> str:
     # Character tokens: the n-gram rule (meant for word pieces) is off unless a test asks for it.
-    guide = HeadGuidedDecoding([decision], encode, decode, eos_token_id=EOS, no_repeat_ngram_size=no_repeat)
+    guide = HeadGuidedDecoding(
+        [decision], encode, decode, eos_token_id=EOS, no_repeat_ngram_size=no_repeat, profiles=profiles
+    )
     tokens: list[int] = []
     for _ in range(steps):
         logits = guide(torch.tensor([tokens], dtype=torch.long), scripted_logits(decode(tokens))[None].clone())
@@ -114,3 +118,46 @@ def test_a_free_line_cannot_loop():
     goal = text.split("\n")[1]
     assert goal.startswith("Goal: the task") and "the task the task" not in goal
     assert parse_reasoning(text).well_formed
+
+
+PROFILES = {
+    "Drone": {"capabilities": ["aerial inspection", "fast flight"], "limitations": ["limited payload"],
+              "environments": ["open air"]},
+    "Underwater Robot": {"capabilities": ["deep diving", "sonar mapping"], "limitations": ["water only"],
+                         "environments": ["underwater"]},
+    "Humanoid": {"capabilities": ["tool use"], "limitations": ["slow movement", "indoor only"], "environments": []},
+    "Robot with Wheels": {"capabilities": ["heavy loads"], "limitations": ["flat surfaces only"]},
+    "Robot with Legs": {"capabilities": ["stairs"], "limitations": ["limited manipulation", "loud"]},
+}
+
+
+def test_with_profiles_each_reason_is_one_of_that_robots_own_phrases():
+    """The scripted decoder wants "Underwater Robot: ... water environments only" and "Drone: aerial
+    inspection" under the wrong verdicts; each reason it may write is one of that robot's phrases:
+    capabilities or environments when suitable, limitations when not."""
+    text = guided_text(HeadDecision(["Underwater Robot", "Robot with Legs"], 0.5), profiles=PROFILES)
+    parsed = parse_reasoning(text)
+    assert parsed.well_formed, parsed.errors
+    lines = dict(line.split(": ", 1) for line in parsed.sections["robot_evaluation"].splitlines())
+    assert len(lines) == 5
+    for robot, line in lines.items():
+        verdict, reason = line.split(" - ", 1)
+        profile = PROFILES[robot]
+        allowed = profile["limitations"] if verdict == "unsuitable" else (
+            profile["capabilities"] + profile.get("environments", [])
+        )
+        assert reason in allowed, (robot, verdict, reason)
+    assert lines["Underwater Robot"].startswith("suitable") and lines["Drone"].startswith("unsuitable")
+    # The decoder's preference decides among the options: "limited payload" is the Drone's only limitation.
+    assert lines["Drone"] == "unsuitable - limited payload"
+    # The selection reasoning names the selected robots only, each with one of its phrases, and the
+    # check states their number.
+    fits = parsed.sections["selection_reasoning"].rstrip(".").split("; ")
+    assert [f.split(" fits: ")[0] for f in fits] == ["Underwater Robot", "Robot with Legs"]
+    for fit in fits:
+        robot, reason = fit.split(" fits: ")
+        assert reason in PROFILES[robot]["capabilities"] + PROFILES[robot].get("environments", [])
+    assert parsed.sections["confidence_check"].startswith("2 robots needed,")
+    best = parsed.justification.removeprefix("Best match: ").rstrip(".").split(", ")
+    assert len(best) == 2 and best[0] in PROFILES["Underwater Robot"]["capabilities"] + ["underwater"]
+    assert "Goal: Inspect the hull of a ship." in text  # free lines are still the model's

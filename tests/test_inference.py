@@ -15,8 +15,10 @@ from PIL import Image
 
 from bitmar_model.bitlinear import BitLinear
 from bitmar_model.calibration import PlattCalibration
+from bitmar_model.guided import Choice
 from bitmar_model.packing import PackedBitLinear, round_to_stored
 from bitmar_model.robots import ROBOT_CLASSES
+from bitmar_pipeline.evaluation.selection_quality import head_guidance
 from bitmar_pipeline.release.inference import (
     Prediction,
     PredictionError,
@@ -26,6 +28,7 @@ from bitmar_pipeline.release.inference import (
     predict_main,
 )
 from bitmar_pipeline.storage import Storage
+from tests.factories import EVALUATION
 
 README_LINES = """\
 from bitmar_pipeline.release.inference import load_predictor
@@ -186,6 +189,16 @@ def test_shown_confidence_is_the_release_calibration_of_the_head_probability(pre
     assert prediction.confidence_calibrated
     assert prediction.confidence == pytest.approx(float(PlattCalibration(a=0.5, b=0.2)(top)))
     assert prediction.confidence != pytest.approx(top)
+
+
+def test_the_release_guides_reasons_with_the_fleet_the_report_used(predictor: Predictor):
+    """The manifest carries the report's fleet profiles; the predictor's guide draws each robot's
+    reason from them (bitmar_model.guided.Choice parts)."""
+    assert predictor.manifest["fleet"] == EVALUATION["fleet"] and predictor.profiles == EVALUATION["fleet"]
+    probs = np.array([[0.9, 0.1, 0.1, 0.1, 0.1, 0.0]])
+    guide = head_guidance(predictor.tokenizer, probs, predictor.calibration, predictor.profiles)
+    choices = [p for p in guide._rows[0].parts if isinstance(p, Choice)]
+    assert choices[0] == Choice((" drone work\n",)) and choices[1] == Choice((" not this\n",))
 
 
 def test_default_model_is_the_integer_one_and_reference_the_fake_quant(released: Storage, predictor: Predictor):

@@ -149,6 +149,14 @@ def _task_split(normalized_text: str, fractions: Sequence[float], seed: str, cv_
     return assign_cv_split(normalized_text, cv_fold)
 
 
+def fleet_profiles(tasks: pd.DataFrame) -> dict[str, dict[str, list[str]]]:
+    """The fleet's profiles as the train split's instruction states them (`parse_instruction_capabilities`)."""
+    train = tasks[tasks["split"] == "train"]
+    if train.empty:
+        raise ValueError("robot_tasks has no train split rows: check data.robot and the split fractions")
+    return parse_instruction_capabilities(train["instruction"].iloc[0])
+
+
 def parse_instruction_capabilities(instruction: str) -> dict[str, dict[str, list[str]]]:
     """Parse the capability block: canonical robot -> {capabilities, limitations, environments}.
 

@@ -55,6 +55,7 @@ from bitmar_model.robots import ROBOT_CLASSES
 from bitmar_pipeline.config import EvaluationThresholds, PipelineConfig
 from bitmar_pipeline.data.coco import manifest_shards
 from bitmar_pipeline.data.coco_layout import caption_file
+from bitmar_pipeline.data.robot_tasks import fleet_profiles
 from bitmar_pipeline.evaluation.baselines import MajorityBaseline, TfidfLogisticBaseline, evaluate_selection
 from bitmar_pipeline.evaluation.figures import (
     attention_map_figure,
@@ -399,7 +400,8 @@ def evaluate_splits(
     out_dir: Path,
 ) -> EvaluationResult:
     """The robot-selection and reasoning parts of the report, for validation and test."""
-    result = EvaluationResult({"robot_selection": {}, "reasoning": {}, "multi_robot": {}})
+    profiles = fleet_profiles(tasks)
+    result = EvaluationResult({"robot_selection": {}, "reasoning": {}, "multi_robot": {}, "fleet": profiles})
     # Calibrated on the validation head alone first, so the guided texts state calibrated confidences.
     validation_head = evaluate_reasoning(model, tokenizer, tasks, "validation", generate=False, n_resamples=2)
     result.calibration = PlattCalibration.fit(*top_choice(validation_head))
@@ -407,7 +409,7 @@ def evaluate_splits(
     for split in ("validation", "test"):
         model_eval = evaluate_reasoning(
             model, tokenizer, tasks, split, max_new_tokens=max_new_tokens, n_resamples=n_resamples,
-            guided=True, calibration=result.calibration,
+            guided=True, calibration=result.calibration, profiles=profiles,
         )
         selection, table = robot_selection_section(model_eval, tasks, n_resamples)
         tables.append(table.assign(split=split))
@@ -513,6 +515,7 @@ def build_evaluation_report(
         config.grpo_reasoning.max_new_tokens,
         config.evaluation.bootstrap_resamples,
         calibration=result.calibration,
+        profiles=result.report["fleet"],
     )
     captions = load_caption_data(
         storage,

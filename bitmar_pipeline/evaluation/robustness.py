@@ -29,6 +29,7 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from bitmar_model.calibration import PlattCalibration
+from bitmar_model.guided import Profiles
 from bitmar_model.metrics import bootstrap_ci, ci_dict
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import NO_ROBOT, ParsedReasoning, robots_mentioned_positively
@@ -161,11 +162,12 @@ def _evaluate_set(
     max_new_tokens: int,
     n_resamples: int,
     calibration: PlattCalibration | None,
+    profiles: Profiles | None = None,
 ) -> tuple[ReasoningEvaluation, list[str]]:
     frame = _as_split(load_eval_set(path), name).drop_duplicates("task_key")
     evaluation = evaluate_reasoning(
         model, tokenizer, frame, name, max_new_tokens=max_new_tokens, n_resamples=n_resamples,
-        guided=True, calibration=calibration,
+        guided=True, calibration=calibration, profiles=profiles,
     )
     return evaluation, frame["task_text"].tolist()
 
@@ -178,14 +180,16 @@ def user_phrased_section(
     user_set: Path = USER_PHRASED_FILE,
     readme_set: Path = README_EXAMPLES_FILE,
     calibration: PlattCalibration | None = None,
+    profiles: Profiles | None = None,
 ) -> dict[str, Any]:
     """The report's `user_phrased` section: the robustness set and the README examples, with
-    head-guided texts stating the (calibrated) head confidence, as the release shows them."""
+    head-guided texts stating the (calibrated) head confidence and, with the fleet's `profiles`,
+    each robot's reason from its own profile, as the release shows them."""
     user_eval, user_texts = _evaluate_set(
-        model, tokenizer, user_set, "user_phrased", max_new_tokens, n_resamples, calibration
+        model, tokenizer, user_set, "user_phrased", max_new_tokens, n_resamples, calibration, profiles
     )
     readme_eval, readme_texts = _evaluate_set(
-        model, tokenizer, readme_set, "readme_examples", max_new_tokens, n_resamples, calibration
+        model, tokenizer, readme_set, "readme_examples", max_new_tokens, n_resamples, calibration, profiles
     )
     readme = score_set(readme_eval, readme_texts, n_resamples)
     examples = example_outcomes(readme_eval, readme_texts)

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from bitmar_model.calibration import PlattCalibration
-from bitmar_model.guided import HeadDecision, HeadGuidedDecoding
+from bitmar_model.guided import HeadDecision, HeadGuidedDecoding, Profiles
 from bitmar_model.metrics import (
     MetricWithCI,
     bootstrap_ci,
@@ -71,10 +71,14 @@ def encode_prompts(
 
 
 def head_guidance(
-    tokenizer: PreTrainedTokenizerBase, head_probs: np.ndarray, calibration: PlattCalibration | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    head_probs: np.ndarray,
+    calibration: PlattCalibration | None = None,
+    profiles: Profiles | None = None,
 ) -> HeadGuidedDecoding:
     """Guided decoding that states, per row, the head's selection and the probability shown for
-    its top robot (calibrated when `calibration` is given)."""
+    its top robot (calibrated when `calibration` is given); with the fleet's `profiles`, each
+    robot's reason is one of its own profile phrases."""
     top = head_probs.max(axis=1)
     shown = calibration(top) if calibration is not None else top
     decisions = [
@@ -86,6 +90,7 @@ def head_guidance(
         encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         eos_token_id=tokenizer.eos_token_id,
+        profiles=profiles,
     )
 
 
@@ -101,6 +106,7 @@ def evaluate_reasoning(
     n_resamples: int = 1000,
     guided: bool = False,
     calibration: PlattCalibration | None = None,
+    profiles: Profiles | None = None,
 ) -> ReasoningEvaluation:
     """Evaluate on the tasks of `split` (one row per distinct task key; columns task_text, robots).
 
@@ -118,7 +124,7 @@ def evaluate_reasoning(
         ids, mask = ids.to(device), mask.to(device)
         probs.append(model(ids, mask).robot_probs.float().cpu().numpy())
         if generate:
-            guidance = head_guidance(tokenizer, probs[-1], calibration) if guided else None
+            guidance = head_guidance(tokenizer, probs[-1], calibration, profiles) if guided else None
             out = model.generate(ids, mask, max_new_tokens=max_new_tokens, logits_processor=guidance)
             tokens = out.new_tokens.masked_fill(out.new_token_mask == 0, tokenizer.pad_token_id)
             texts.extend(tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True))

@@ -538,6 +538,9 @@ def build_release(
             # Platt scaling of the head's top-choice probability, fitted on validation by
             # evaluation_report; null for a report that has none (shown uncalibrated).
             "calibration": _calibration_entry(evaluation),
+            # The robots' profiles (capabilities, limitations, environments) the report's texts
+            # drew their reasons from; `bitmar predict` guides its texts with the same.
+            "fleet": evaluation.get("fleet"),
         }
         card = render_card(
             manifest, evaluation, quantization, training_data_markdown(storage, config), emissions_table(storage),

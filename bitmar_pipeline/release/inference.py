@@ -144,6 +144,7 @@ class Predictor:
         self._vision: VisionEncoder | None = None
         fitted = manifest.get("calibration")
         self.calibration = None if fitted is None else PlattCalibration.from_dict(fitted)
+        self.profiles = manifest.get("fleet")  # None for a release built before the fleet was recorded
 
     def shown_confidence(self, top_probability: float) -> float:
         """The head's top-choice probability as users see it: calibrated on validation when the
@@ -205,7 +206,7 @@ class Predictor:
         out = self.model(ids, vision_features=vision)
         analysis = BitMarModel.get_reasoning_analysis(out)
         # The text states the head's selection and the confidence shown here (bitmar_model.guided).
-        guidance = head_guidance(self.tokenizer, out.robot_probs.float().numpy(), self.calibration)
+        guidance = head_guidance(self.tokenizer, out.robot_probs.float().numpy(), self.calibration, self.profiles)
         generated = self.model.generate(
             ids, vision_features=vision, max_new_tokens=max_new_tokens, logits_processor=guidance
         )

@@ -42,7 +42,7 @@ from bitmar_model.modeling import MODEL_REVISION, BitMarModel
 from bitmar_model.rewards import RewardWeights
 from bitmar_model.trainer import Trainer, TrainerConfig
 from bitmar_pipeline.config import PipelineConfig, StageSchedule, TrainingConfig
-from bitmar_pipeline.data.robot_tasks import parse_instruction_capabilities
+from bitmar_pipeline.data.robot_tasks import fleet_profiles
 from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, evaluate_reasoning
 from bitmar_pipeline.features.vision_encoder import resolve_device
 from bitmar_pipeline.storage import Storage
@@ -296,10 +296,9 @@ def run_multimodal_pretrain(
 def _robot_tables(storage: Storage) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, list[str]]]]:
     tasks = storage.read_partition("robot_tasks", "all")
     subtasks = storage.read_partition("robot_subtasks", "all")
-    train = tasks[tasks["split"] == "train"]
-    if train.empty:
+    if not (tasks["split"] == "train").any():
         raise TrainingDataError("robot_tasks has no train split rows: check data.robot and the split fractions")
-    capabilities = parse_instruction_capabilities(train["instruction"].iloc[0])
+    capabilities = fleet_profiles(tasks)
     tasks["robots"] = tasks["robots"].map(list)
     return tasks, subtasks, capabilities
 
