@@ -132,3 +132,8 @@ def test_corpus_leaves_out_held_out_captions(tmp_path: Path):
     assert set(captions["caption"]) - held_out <= set(corpus.texts)
     assert corpus.counts["captions"] == 40 - len(held_out)
     assert corpus.counts["held_out_captions_excluded"] == len(held_out)
+    # No caption shard (e.g. a Dagster instance where coco_shards were never registered): an error
+    # naming the cause, never a caption-less vocabulary.
+    for shards, named in (([], "none registered"), (["s9"], "'s9'")):
+        with pytest.raises(ValueError, match=f"no captions to train the tokenizer on.*{named}"):
+            tokenizer_corpus(storage, shards, heldout_fraction=0.25)

@@ -31,14 +31,18 @@ def tokenizer_corpus(storage: Storage, shards: Iterable[str], heldout_fraction: 
     reasoning targets
     are included: the capability words they repeat appear once in the instruction text, and
     below min_frequency they would be spelled out byte by byte in every target."""
+    shards = list(shards)
     available = [s for s in shards if storage.has_partition("image_caption_pairs", s)]
-    pairs = (
-        storage.read_table("image_caption_pairs", columns=["caption", "content_hash"], partitions=available)
-        if available
-        else None
-    )
-    heldout = [] if pairs is None else [is_heldout(h, heldout_fraction) for h in pairs["content_hash"]]
-    captions = [] if pairs is None else [c for c, held in zip(pairs["caption"], heldout, strict=True) if not held]
+    if not available:
+        # A vocabulary without captions spells them out byte by byte: never train one silently.
+        raise ValueError(
+            "no captions to train the tokenizer on: image_caption_pairs has none of the coco_shards "
+            f"partitions {shards or '(none registered in this Dagster instance)'}; materialize coco_raw and "
+            "image_caption_pairs first (in the same instance)"
+        )
+    pairs = storage.read_table("image_caption_pairs", columns=["caption", "content_hash"], partitions=available)
+    heldout = [is_heldout(h, heldout_fraction) for h in pairs["content_hash"]]
+    captions = [c for c, held in zip(pairs["caption"], heldout, strict=True) if not held]
     tasks = storage.read_partition("robot_tasks", "all")
     subtasks = storage.read_partition("robot_subtasks", "all")
     train_tasks = tasks[tasks["split"] == "train"]
