@@ -1,6 +1,7 @@
 """Training stages: multimodal pretraining -> reasoning SFT -> GRPO. Each reads its upstream
 from storage, so one stage can be re-run alone (say GRPO with a new reward weight)."""
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from bitmar_pipeline.training.launch import (
     step_line,
     torchrun_env,
 )
+from bitmar_pipeline.training.progress import TrainingProgress, stage_steps
 from bitmar_pipeline.training.stages import (
     GRPO,
     PRETRAIN,
@@ -63,7 +65,8 @@ def _torchrun(
     its log lines into this run, logs to W&B, and reports the materialization and its StageResult."""
     nproc = settings.config.compute.nproc_per_node
     command = build_torchrun_command(
-        stage, settings, nproc, wandb_run_name=f"{stage}-{context.run.run_id[:8]}", **launch_args
+        stage, settings, nproc, wandb_run_name=f"{stage}-{context.run.run_id[:8]}",
+        progress=settings.console_progress, **launch_args,
     )
     context.log.info(f"{stage}: launching torchrun with {nproc} processes")
     invocation = client.run(command=command, context=context, env=torchrun_env(nproc))
@@ -102,7 +105,10 @@ def _train(
                 {"stage": stage, **config.model_dump(mode="json")},
                 storage.path("wandb"),
             ) as logger:
-                result = run([_step_logger(context, stage), logger.log])
+                # `bitmar run` only: a bar (or four lines) with ETA on stderr; the log keeps every step line.
+                progress = TrainingProgress(stage, stage_steps(config, stage)) if settings.console_progress else None
+                with progress or contextlib.nullcontext():
+                    result = run([_step_logger(context, stage), logger.log, *([progress] if progress else [])])
                 logger.summary({f"{stage}/{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)})
                 links = logger.link_metadata()
     emitted = emissions[0]

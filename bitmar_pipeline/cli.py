@@ -159,7 +159,12 @@ def run(config_file: str | None, selection: str | None, overrides: dict[str, Any
     from assets.definitions import ALL_ASSETS, default_resources
 
     load_config(config_file, overrides)  # fail fast on bad config, before Dagster starts
-    settings = BitmarSettings(config_file=config_file, overrides=overrides, progress_bars=sys.stderr.isatty())
+    settings = BitmarSettings(
+        config_file=config_file,
+        overrides=overrides,
+        progress_bars=sys.stderr.isatty(),
+        console_progress=not verbose,  # training bars/lines on stderr; --verbose prints every step line instead
+    )
     instance = _instance()
     resources = default_resources(settings)
     started = time.perf_counter()

@@ -105,6 +105,31 @@ def test_training_graph_then_rerun_one_stage(workdir, monkeypatch):
         assert _metadata(rerun, "grpo_policy")["resumed_from_step"] == "fresh start"
 
 
+def test_cli_run_shows_training_progress_in_few_lines(workdir, monkeypatch, capsys):
+    """The whole graph through `bitmar run` with stderr not a TTY (as in CI): one summary line per
+    materialization and four progress lines per training stage, 40 lines in all at most."""
+    monkeypatch.chdir(workdir)
+    steps = {"training.pretrain.max_steps": 8, "grpo_reasoning.steps": 4}  # new fingerprints: every stage trains
+    assert main(["run", *_cli_args({**TINY, **steps})]) in (0, 1)  # 1: an error-severity check failed
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    progress = [line for line in captured.err.splitlines() if " step " in line and "ETA " in line]
+    assert [line.split(" [")[0].split(",")[0] for line in progress] == [
+        "multimodal_pretrain: step 2/8 (25%)",
+        "multimodal_pretrain: step 4/8 (50%)",
+        "multimodal_pretrain: step 6/8 (75%)",
+        "multimodal_pretrain: step 8/8 (100%)",
+        "reasoning_sft: step 2/6 (33%)",
+        "reasoning_sft: step 4/6 (67%)",
+        "reasoning_sft: step 6/6 (100%)",
+        "grpo_policy: step 1/4 (25%)",
+        "grpo_policy: step 2/4 (50%)",
+        "grpo_policy: step 3/4 (75%)",
+        "grpo_policy: step 4/4 (100%)",
+    ]
+
+
 def test_killed_training_resumes_from_last_checkpoint(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     slow = {"training.pretrain.max_steps": 400, "training.save_every_n_steps": 5, "training.pretrain.batch_size": 16}

@@ -82,6 +82,9 @@ class BitmarSettings(dg.ConfigurableResource):
     )
     overrides: dict[str, Any] = Field(default={}, description='Dotted keys over both: {"vision.batch_size": 8}.')
     progress_bars: bool = False
+    console_progress: bool = Field(
+        default=False, description="Training progress on stderr (a bar on a TTY, else 4 lines); set by `bitmar run`."
+    )
 
     @cached_property
     def config(self) -> PipelineConfig:

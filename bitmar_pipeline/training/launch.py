@@ -20,6 +20,7 @@ runs it in-process whatever nproc_per_node says, and logs that it does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -35,6 +36,7 @@ from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pi
 from bitmar_pipeline.data.coco import manifest_shards
 from bitmar_pipeline.resources.settings import BitmarSettings, VisionEncoderResource
 from bitmar_pipeline.resources.tracking import WandbResource
+from bitmar_pipeline.training.progress import TrainingProgress, stage_steps
 from bitmar_pipeline.training.stages import (
     PRETRAIN,
     SFT,
@@ -84,6 +86,7 @@ def settings_json(settings: BitmarSettings) -> str:
 def build_torchrun_command(
     stage: str, settings: BitmarSettings, nproc_per_node: int, *,
     encoder_fingerprint: str | None = None, shards: Sequence[str] | None = None, wandb_run_name: str | None = None,
+    progress: bool = False,
 ) -> list[str]:
     if stage not in LAUNCHABLE_STAGES:
         raise ValueError(
@@ -99,6 +102,8 @@ def build_torchrun_command(
         command += ["--shards", ",".join(shards)]
     if wandb_run_name:
         command += ["--wandb-run-name", wandb_run_name]
+    if progress:
+        command.append("--progress")
     return command
 
 
@@ -174,13 +179,16 @@ def _run_main_rank(
     run_name = args.wandb_run_name or f"{args.stage}-torchrun"
     with WandbResource().run(
         config.wandb, run_name, {"stage": args.stage, **config.model_dump(mode="json")}, settings.storage.path("wandb")
-    ) as logger:
+    ) as logger, contextlib.ExitStack() as stack:
+        # Rank 0's stderr is the terminal of `bitmar run` (Pipes forwards the subprocess's stdio).
+        total = stage_steps(config, args.stage)
+        progress = [stack.enter_context(TrainingProgress(args.stage, total))] if args.progress else []
         result = _run_stage(
             args.stage,
             settings,
             args.encoder_fingerprint,
             args.shards,
-            [lambda record: log.info(step_line(args.stage, record)), logger.log],
+            [lambda record: log.info(step_line(args.stage, record)), logger.log, *progress],
         )
         logger.summary({f"{args.stage}/{k}": v for k, v in result.metrics.items() if isinstance(v, int | float)})
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -210,6 +218,7 @@ def _parser() -> argparse.ArgumentParser:
         help="comma list (default: the manifest's shards)",
     )
     parser.add_argument("--wandb-run-name")
+    parser.add_argument("--progress", action="store_true", help="rank 0 draws a progress bar with ETA on stderr")
     return parser
 
 
