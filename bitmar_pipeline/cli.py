@@ -155,10 +155,22 @@ def _summarize(result: dg.ExecuteInProcessResult, partition: str | None) -> list
     return lines
 
 
+def _quiet_library_progress_bars() -> None:
+    """transformers and huggingface_hub draw their own bars ("Loading weights", "Writing model shards")
+    each time a model is loaded or saved: a dozen terminal lines per run that say nothing to a user."""
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+
+
 def run(config_file: str | None, selection: str | None, overrides: dict[str, Any], verbose: bool = False) -> int:
     from assets.definitions import ALL_ASSETS, default_resources
 
     load_config(config_file, overrides)  # fail fast on bad config, before Dagster starts
+    if not verbose:
+        _quiet_library_progress_bars()
     settings = BitmarSettings(
         config_file=config_file,
         overrides=overrides,
