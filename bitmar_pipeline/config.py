@@ -272,7 +272,7 @@ class TrainingConfig(_Section):
     )
     # 1e-3: at 2e-3 the contrastive loss stays at chance on the sample data (docs/decisions.md).
     pretrain: StageSchedule = StageSchedule(max_steps=200, batch_size=32, learning_rate=1e-3)
-    sft: StageSchedule = StageSchedule(max_steps=240, batch_size=16, learning_rate=2e-3)
+    sft: StageSchedule = StageSchedule(max_steps=160, batch_size=16, learning_rate=2e-3)
 
 
 class GrpoTrainingConfig(_Section):
@@ -319,7 +319,7 @@ class GrpoConfig(_Section):
     max_new_tokens: int = Field(
         default=224, gt=0, description="Must fit a whole reasoning text (targets reach ~200 tokens)."
     )
-    steps: int = Field(default=16, gt=0)
+    steps: int = Field(default=8, gt=0)
     tasks_per_step: int = Field(default=4, gt=0)
     policy_epochs: int = Field(
         default=2, gt=0, description="Optimizer passes over each sampled group (mu in the paper)."
