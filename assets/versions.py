@@ -36,11 +36,12 @@ ROBOT_SELECTION_TASKS = 1
 TEXT_TOKENIZER = 2
 # Training stages: bump when a stage's training code changes (losses, data it builds, schedule).
 # grpo_policy 2: selection anchor, full-entropy bonus, exact-set calibration target.
-STAGE_CODE = {"multimodal_pretrain": 1, "reasoning_sft": 1, "grpo_policy": 2}
+# reasoning_sft 2: installs the teacher-distilled selection knowledge (training.knowledge_teacher).
+STAGE_CODE = {"multimodal_pretrain": 1, "reasoning_sft": 2, "grpo_policy": 2}
 # Report and release stages.
-EVALUATION_REPORT = 1
+EVALUATION_REPORT = 2  # 2: texts guided by the fleet's profiles; the report records the fleet
 QUANTIZATION_REPORT = 3  # 3: the integer form's latency, matmul calls and weight bytes
-HUB_RELEASE = 3  # 3: the card quotes the integer model's latency and weight memory
+HUB_RELEASE = 4  # 4: the manifest carries the fleet's profiles (3: the integer model's latency in the card)
 
 
 def data_code_version(version: int, **parts: int) -> str:
