@@ -50,6 +50,7 @@ from bitmar_model.metrics import (
 from bitmar_model.robots import NUM_ROBOT_CLASSES, ROBOT_CLASSES
 from bitmar_pipeline.data.robot_tasks import ingest_robot_datasets, parse_instruction_capabilities
 from bitmar_pipeline.text.tokenizer import REASONING_TAG_TOKENS, train_bpe_tokenizer
+from bitmar_pipeline.training.knowledge import SentenceTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -114,13 +115,11 @@ def robot_description(robot: str, profile: dict[str, list[str]], fields: Sequenc
 
 
 class Teacher:
-    """all-MiniLM-L6-v2 as sentence-transformers runs it: mean pool over the mask, L2 norm."""
+    """The pipeline's SentenceTeacher (mean pool over the mask, L2 norm), with a disk cache of its vectors."""
 
     def __init__(self, model_dir: Path) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModel.from_pretrained(model_dir).eval()
+        self._encoder = SentenceTeacher(str(model_dir))
+        self.tokenizer = self._encoder.tokenizer
         self.tag = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:10]
         CACHE.mkdir(parents=True, exist_ok=True)
         self._store_path = CACHE / f"teacher_{self.tag}.npz"
@@ -129,23 +128,10 @@ class Teacher:
             z = np.load(self._store_path, allow_pickle=False)
             self._store = dict(zip(z["texts"].tolist(), z["vectors"], strict=True))
 
-    @torch.no_grad()
-    def _encode(self, texts: list[str], batch: int, max_length: int) -> np.ndarray:
-        out = []
-        for i in range(0, len(texts), batch):
-            enc = self.tokenizer(
-                texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            )
-            hidden = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
-
     def encode(self, texts: Sequence[str], batch: int = 64, max_length: int = 128) -> np.ndarray:
         missing = sorted({t for t in texts if t not in self._store}, key=len)
         if missing:
-            vecs = self._encode(missing, batch, max_length)
+            vecs = self._encoder.encode(missing, batch, max_length)
             self._store.update(zip(missing, vecs, strict=True))
             keys = list(self._store)
             np.savez(self._store_path, texts=np.array(keys), vectors=np.stack([self._store[k] for k in keys]))

@@ -60,28 +60,37 @@ def _reason(robot: str, suitable: bool, profiles: Profiles | None, end: str = "\
     return Choice(tuple(dict.fromkeys(f" {p}{end}" for p in phrases))) if phrases else FREE
 
 
+def _fit_choices(robots: list[str], profiles: Profiles | None) -> list[Choice] | None:
+    """One in-line Choice of fitting phrases per selected robot, or None when a robot has none
+    (no profiles, or "No Robot"): then the model writes that line itself."""
+    choices = [_reason(robot, True, profiles, end="") for robot in robots]
+    return choices if all(isinstance(c, Choice) for c in choices) else None
+
+
 def _selection_reasoning(robots: list[str], profiles: Profiles | None) -> list[str | Choice | None]:
     """"R1 fits: <R1's phrase>; R2 fits: <R2's phrase>." over the selected robots only (the SFT
     targets' wording); without profiles the model writes the line after "R1 fits:"."""
     opening = "</robot_evaluation>\n<selection_reasoning>\n"
     if robots == [NO_ROBOT]:
         return [f"{opening}{NO_ROBOT_REASON}\n"]
-    if not profiles or any(_reason(r, True, profiles) is FREE for r in robots):
+    choices = _fit_choices(robots, profiles)
+    if choices is None:
         return [f"{opening}{robots[0]} fits:", FREE]
     parts: list[str | Choice | None] = []
-    for i, robot in enumerate(robots):
-        parts += [f"{opening if i == 0 else '; '}{robot} fits:", _reason(robot, True, profiles, end="")]
+    for i, (robot, choice) in enumerate(zip(robots, choices, strict=True)):
+        parts += [f"{opening if i == 0 else '; '}{robot} fits:", choice]
     return [*parts, ".\n"]
 
 
 def _justification(robots: list[str], profiles: Profiles | None) -> list[str | Choice | None]:
     """"Best match: <a phrase of each selected robot>." with profiles (the targets' wording), else the
     model's line after "Justification:"."""
-    if robots == [NO_ROBOT] or not profiles or any(_reason(r, True, profiles) is FREE for r in robots):
+    choices = _fit_choices(robots, profiles)
+    if choices is None:
         return ["Justification:", FREE]
     parts: list[str | Choice | None] = ["Justification: Best match:"]
-    for i, robot in enumerate(robots):
-        parts += ([","] if i else []) + [_reason(robot, True, profiles, end="")]
+    for i, choice in enumerate(choices):
+        parts += ([","] if i else []) + [choice]
     return [*parts, ".\n"]
 
 

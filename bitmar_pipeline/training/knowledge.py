@@ -26,6 +26,7 @@ from bitmar_model.metrics import label_matrix
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.robots import NUM_ROBOT_CLASSES
 from bitmar_pipeline.evaluation.selection_quality import encode_prompts
+from bitmar_pipeline.training.reasoning_targets import Profiles, capability_phrase_owners
 
 SIF_A = 1e-3  # the SIF paper's a: a token seen in 1 of 1,000 corpus tokens gets weight 0.5
 _NEVER = -8.0  # bias of a class no training row has ("No Robot" in the public data)
@@ -64,8 +65,7 @@ class SentenceTeacher:
 
 def token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """Each token id's text (byte-level pieces decoded, spaces stripped); "" for special tokens."""
-    special = set(tokenizer.all_special_ids)
-    special |= {i for i in tokenizer.get_added_vocab().values()}
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
     return ["" if i in special else tokenizer.decode([i]).strip() for i in range(len(tokenizer))]
 
 
@@ -97,16 +97,10 @@ def sif_weights(token_ids: Sequence[Sequence[int]], vocab_size: int, strings: Se
     return weights.astype(np.float32)
 
 
-def capability_phrases(capabilities: dict[str, dict[str, list[str]]]) -> tuple[list[str], list[list[str]]]:
+def capability_phrases(capabilities: Profiles) -> tuple[list[str], list[list[str]]]:
     """Each robot's capability and environment items, alone and as a task ("a task that needs
     aerial inspection", "a task in deep water"), labelled with every robot listing the item."""
-    owners: dict[str, set[str]] = {}
-    for robot, profile in capabilities.items():
-        for field, template in (("capabilities", "a task that needs {}"), ("environments", "a task in {}")):
-            for item in profile.get(field, ()):
-                item = item.strip().lower()
-                for text in (item, template.format(item)):
-                    owners.setdefault(text, set()).add(robot)
+    owners = capability_phrase_owners(capabilities, bare_items=True)
     texts = sorted(owners)
     return texts, [sorted(owners[t]) for t in texts]
 
@@ -145,7 +139,7 @@ def install_knowledge(
     teacher: SentenceTeacher,
     train_texts: Sequence[str],
     train_robots: Sequence[Sequence[str]],
-    capabilities: dict[str, dict[str, list[str]]],
+    capabilities: Profiles,
     *,
     dim: int,
     weight: float,

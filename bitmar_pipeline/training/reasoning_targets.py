@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import pandas as pd
 
+from bitmar_model.guided import Profiles  # robot -> capabilities / limitations / environments
 from bitmar_model.reasoning_format import (
     NO_ROBOT,
     ReasoningTrace,
@@ -39,9 +40,6 @@ from bitmar_model.reasoning_format import (
 )
 from bitmar_model.robots import ROBOT_CLASSES, ROBOT_INDEX
 from bitmar_pipeline.data.robot_tasks import normalize_task_text
-
-# robot -> {"capabilities": [...], "limitations": [...], "environments": [...]}
-Profiles = Mapping[str, Mapping[str, Sequence[str]]]
 
 PROMPT_PREFIX = "Task: "
 EVALUATED_ROBOTS: tuple[str, ...] = tuple(r for r in ROBOT_CLASSES if r != NO_ROBOT)
@@ -315,18 +313,26 @@ def build_sft_examples(
 _CAPABILITY_TEMPLATES = (("capabilities", "a task that needs {}"), ("environments", "a task in {}"))
 
 
-def capability_examples(capabilities: Profiles) -> list[SftExample]:
-    """Short tasks built from the fleet's own descriptions ("a task that needs aerial
-    inspection", "a task in uneven terrain"), each labelled with every robot whose profile
-    lists the phrase: label-balanced examples of the capability words, which the training
-    tasks use only in part and with skewed labels."""
+def capability_phrase_owners(capabilities: Profiles, bare_items: bool = False) -> dict[str, set[str]]:
+    """Short tasks built from the fleet's own descriptions ("a task that needs aerial inspection",
+    "a task in uneven terrain"; with `bare_items` also the items alone), each mapped to every robot
+    whose profile lists the item."""
     owners: dict[str, set[str]] = {}
     for robot, profile in capabilities.items():
         for field, template in _CAPABILITY_TEMPLATES:
             for phrase in profile.get(field, ()):
-                owners.setdefault(template.format(phrase.strip().lower()), set()).add(robot)
+                item = phrase.strip().lower()
+                for text in (item, template.format(item)) if bare_items else (template.format(item),):
+                    owners.setdefault(text, set()).add(robot)
+    return owners
+
+
+def capability_examples(capabilities: Profiles) -> list[SftExample]:
+    """SFT examples of `capability_phrase_owners`, each labelled with every robot whose profile
+    lists the phrase: label-balanced examples of the capability words, which the training
+    tasks use only in part and with skewed labels."""
     examples = []
-    for text, robots in sorted(owners.items()):
+    for text, robots in sorted(capability_phrase_owners(capabilities).items()):
         ordered = _ordered(sorted(robots))
         examples.append(
             SftExample(
