@@ -37,7 +37,8 @@ TEXT_TOKENIZER = 2
 # Training stages: bump when a stage's training code changes (losses, data it builds, schedule).
 # grpo_policy 2: selection anchor, full-entropy bonus, exact-set calibration target.
 # reasoning_sft 2: installs the teacher-distilled selection knowledge (training.knowledge_teacher).
-STAGE_CODE = {"multimodal_pretrain": 1, "reasoning_sft": 2, "grpo_policy": 2}
+# reasoning_sft 3: ... next to a token TF-IDF view (training.knowledge_token_tfidf).
+STAGE_CODE = {"multimodal_pretrain": 1, "reasoning_sft": 3, "grpo_policy": 2}
 # Report and release stages.
 EVALUATION_REPORT = 2  # 2: texts guided by the fleet's profiles; the report records the fleet
 QUANTIZATION_REPORT = 3  # 3: the integer form's latency, matmul calls and weight bytes

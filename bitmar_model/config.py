@@ -58,6 +58,8 @@ class BitMarConfig:
     # Width of the teacher-distilled static token table whose logits join the selection head's
     # (bitmar_model.knowledge); 0: no such table (no teacher configured).
     knowledge_dim: int = 0
+    # ... and a sparse TF-IDF view of the same tokens next to the static vectors.
+    knowledge_token_tfidf: bool = False
     # Decoder attention: StreamingLLM-style sinks + sliding window bound the KV cache.
     attention_sink_tokens: int = 4
     sliding_window: int = 256

@@ -183,21 +183,25 @@ class BitMarModel(
         if config.decoder_copies_task:
             self.copy_head = CopyHead(hidden)
         if config.knowledge_dim:
-            self.knowledge = TaskKnowledge(config.vocab_size, config.knowledge_dim, config.num_robot_classes)
+            self.knowledge = TaskKnowledge(
+                config.vocab_size, config.knowledge_dim, config.num_robot_classes, config.knowledge_token_tfidf
+            )
         self.decoder = BitMarDecoder(config)
         for module in self.modules():
             self._init_module(module)
 
-    def add_knowledge(self, dim: int) -> TaskKnowledge:
-        """Give a trained model an (empty) knowledge table of width `dim` and record it in the
-        config, so save/load round-trips it; the caller installs the fitted tensors
-        (`TaskKnowledge.load_fitted`). Until then its weight is 0 and the outputs are unchanged."""
+    def add_knowledge(self, dim: int, token_tfidf: bool = False) -> TaskKnowledge:
+        """Give a trained model an (empty) knowledge table of width `dim` (with a token TF-IDF
+        view if asked) and record it in the config, so save/load round-trips it; the
+        caller installs the fitted tensors (`TaskKnowledge.load_fitted`). Until then its weight
+        is 0 and the outputs are unchanged."""
         if self.config.knowledge_dim:
             raise ValueError(f"add_knowledge: already has one (knowledge_dim {self.config.knowledge_dim})")
-        self.config = replace(self.config, knowledge_dim=dim)  # __post_init__ validates dim
+        self.config = replace(self.config, knowledge_dim=dim, knowledge_token_tfidf=token_tfidf)  # validates dim
         self._hub_mixin_config = self.config.to_dict()
         device = self.embed_tokens.weight.device
-        self.knowledge = TaskKnowledge(self.config.vocab_size, dim, self.config.num_robot_classes).to(device)
+        self.knowledge = TaskKnowledge(self.config.vocab_size, dim, self.config.num_robot_classes, token_tfidf)
+        self.knowledge.to(device)
         return self.knowledge
 
     def _init_module(self, module: nn.Module) -> None:

@@ -262,7 +262,14 @@ class TrainingConfig(_Section):
         default=1.0, ge=0.0, description="Scale of the knowledge logits added to the selection head's."
     )
     knowledge_c: float = Field(
-        default=3.0, gt=0.0, description="Inverse L2 strength of the knowledge classifier's logistic regression."
+        default=10.0, gt=0.0, description="Inverse L2 strength of the knowledge classifier's logistic regression."
+    )
+    knowledge_token_tfidf: bool = Field(
+        default=True,
+        description="The knowledge classifier also reads a TF-IDF view of the task's tokens (the dataset's cue words).",
+    )
+    knowledge_static_scale: float = Field(
+        default=0.5, gt=0.0, description="Scale of the static teacher vectors next to the TF-IDF view in that fit."
     )
     caption_rehearsal_batch_size: int = Field(
         default=8, gt=0, description="Caption pairs joined to each reasoning_sft batch."

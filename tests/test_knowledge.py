@@ -153,6 +153,71 @@ def test_install_knowledge_fits_the_tasks_and_the_capability_phrases(setup) -> N
     torch.testing.assert_close(fitted(ids, mask).robot_logits, model(ids, mask).robot_logits + knowledge_logits)
 
 
+def test_the_tfidf_view_is_sklearns_tfidf_over_the_prompt_tokens(setup) -> None:
+    """The module's token TF-IDF vectors equal sklearn's TfidfVectorizer (smooth idf, l2) fitted on
+    the same training prompts' token ids, and its logits are the fitted classifier on
+    [static_scale * v(x), u(x)]: what was fitted is what the model computes."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    tokenizer, teacher, model = setup
+    fitted = BitMarModel(model.config)
+    fitted.load_state_dict(model.state_dict())
+    fitted.eval()
+    fit = install_knowledge(
+        fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES,
+        dim=16, weight=2.0, c=10.0, token_tfidf=True, static_scale=0.5,
+    )
+    assert fit.token_tfidf and fitted.config.knowledge_token_tfidf
+    phrases, _ = capability_phrases(PROFILES)
+    train_ids, train_mask = encode_prompts(tokenizer, [t for t, _ in TASKS] + phrases, model.config.max_seq_len)
+    docs = [row[m.bool()].tolist() for row, m in zip(train_ids, train_mask, strict=True)]
+    vectorizer = TfidfVectorizer(analyzer=lambda ids: [str(i) for i in ids]).fit(docs)
+    unseen = "rubble stairs at home in the ocean"  # seen tokens in a new combination
+    ids, mask = encode_prompts(tokenizer, [unseen, TASKS[0][0]], model.config.max_seq_len)
+    expected = np.zeros((2, len(tokenizer)), np.float32)
+    sparse = vectorizer.transform([row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)])
+    for column, token in enumerate(vectorizer.get_feature_names_out()):
+        expected[:, int(token)] = sparse[:, column].toarray()[:, 0]
+    knowledge = fitted.knowledge
+    with torch.no_grad():
+        np.testing.assert_allclose(knowledge.tfidf_vectors(ids, mask).numpy(), expected, atol=1e-6)
+        static = knowledge.task_vectors(ids, mask)
+        tfidf = torch.from_numpy(expected)
+        by_hand = static @ knowledge.classifier_weight.T + tfidf @ knowledge.tfidf_classifier.float().T
+        torch.testing.assert_close(knowledge(ids, mask), 2.0 * (by_hand + knowledge.classifier_bias))
+
+
+def test_the_tfidf_view_survives_save_and_the_packed_release(setup, tmp_path: Path) -> None:
+    from bitmar_model.packing import load_packed_into, pack_model, round_to_stored, save_packed
+
+    tokenizer, teacher, model = setup
+    fitted = BitMarModel(model.config)
+    fitted.load_state_dict(model.state_dict())
+    fitted.eval()
+    install_knowledge(fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES,
+                      dim=16, weight=1.0, c=10.0, token_tfidf=True, static_scale=0.5)
+    ids, mask = encode_prompts(tokenizer, [t for t, _ in TASKS], model.config.max_seq_len)
+    fitted.save_pretrained(tmp_path / "fp32")
+    reloaded = BitMarModel.from_pretrained(tmp_path / "fp32").eval()
+    save_packed(fitted, tmp_path / "packed", fitted.config.to_dict())
+    packed = pack_model(BitMarModel(BitMarConfig.from_dict(fitted.config.to_dict()))).eval()
+    load_packed_into(packed, tmp_path / "packed")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, mask).robot_logits, fitted(ids, mask).robot_logits)
+        assert torch.equal(packed(ids, mask).robot_probs, round_to_stored(fitted)(ids, mask).robot_probs)
+        assert packed.knowledge.tfidf_classifier.abs().sum() > 0
+
+
+def test_a_refit_with_another_tfidf_setting_is_refused(setup) -> None:
+    tokenizer, teacher, model = setup
+    fitted = BitMarModel(model.config)
+    fitted.load_state_dict(model.state_dict())
+    fitted.add_knowledge(16)
+    with pytest.raises(ValueError, match="token_tfidf"):
+        install_knowledge(fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES,
+                          dim=16, weight=1.0, c=10.0, token_tfidf=True)
+
+
 def test_an_unloadable_teacher_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="training.knowledge_teacher"):
         SentenceTeacher(str(tmp_path / "missing"))

@@ -3,8 +3,9 @@
 The teacher (a Hub id or a local model folder, e.g. sentence-transformers/all-MiniLM-L6-v2) is
 a training-time input only: it embeds each token string of BitMar's own vocabulary once
 (the Model2Vec recipe), and the pipeline fits a one-vs-rest logistic regression on the
-resulting task vectors of the training tasks plus short phrases from each robot's
-capabilities and environments (label-balanced knowledge the skewed tasks lack). The table,
+resulting task vectors (next to a TF-IDF view of the same tokens, which keeps the dataset's own
+cue words) of the training tasks plus short phrases from each robot's capabilities and
+environments (label-balanced knowledge the skewed tasks lack). The table,
 the SIF token weights and the classifier go into `BitMarModel.knowledge`
 (bitmar_model.knowledge); the release never loads the teacher. Measured in docs/decisions.md.
 """
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from transformers import PreTrainedTokenizerBase
 
+from bitmar_model.knowledge import token_counts
 from bitmar_model.metrics import label_matrix
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.robots import NUM_ROBOT_CLASSES
@@ -97,6 +99,14 @@ def sif_weights(token_ids: Sequence[Sequence[int]], vocab_size: int, strings: Se
     return weights.astype(np.float32)
 
 
+def smooth_idf(counts: np.ndarray) -> np.ndarray:
+    """sklearn's smooth idf, ln((1 + n) / (1 + df)) + 1, over [n documents, V] token counts;
+    0 for a token no document has (a fitted TfidfVectorizer has no such column)."""
+    df = (counts > 0).sum(0)
+    idf = np.log((1 + counts.shape[0]) / (1 + df)) + 1
+    return np.where(df > 0, idf, 0.0).astype(np.float32)
+
+
 def capability_phrases(capabilities: Profiles) -> tuple[list[str], list[list[str]]]:
     """Each robot's capability and environment items, alone and as a task ("a task that needs
     aerial inspection", "a task in deep water"), labelled with every robot listing the item."""
@@ -124,6 +134,8 @@ def fit_one_vs_rest(x: np.ndarray, gold: np.ndarray, c: float) -> tuple[np.ndarr
 class KnowledgeFit:
     teacher: str
     dim: int
+    token_tfidf: bool
+    static_scale: float
     weight: float
     train_tasks: int
     capability_phrases: int
@@ -144,8 +156,11 @@ def install_knowledge(
     dim: int,
     weight: float,
     c: float,
+    token_tfidf: bool = False,
+    static_scale: float = 1.0,
 ) -> KnowledgeFit:
-    """Distil the table, fit the classifier on the model's own task vectors, install both."""
+    """Distil the table, fit the classifier on the model's own task vectors (scaled by
+    `static_scale` next to the token TF-IDF vectors when `token_tfidf`), install both."""
     strings = token_strings(tokenizer)
     if len(strings) != model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(strings)} tokens, the model {model.config.vocab_size}")
@@ -153,19 +168,31 @@ def install_knowledge(
     texts = list(train_texts) + phrases
     gold = label_matrix([list(r) for r in train_robots] + phrase_robots).astype(bool)
     ids, mask = encode_prompts(tokenizer, texts, model.config.max_seq_len)
-    table = distil_token_table(teacher, strings, dim)
+    table = torch.from_numpy(distil_token_table(teacher, strings, dim))
     prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
-    token_weights = sif_weights(prompts, len(strings), strings)
-    knowledge = model.knowledge if model.config.knowledge_dim else model.add_knowledge(dim)
-    device = knowledge.table.device
-    zeros = torch.zeros(NUM_ROBOT_CLASSES, dim)
-    knowledge.load_fitted(torch.from_numpy(table), torch.from_numpy(token_weights), zeros, zeros[:, 0], 0.0)
+    token_weights = torch.from_numpy(sif_weights(prompts, len(strings), strings))
+    if model.config.knowledge_dim:
+        knowledge = model.knowledge
+    else:
+        knowledge = model.add_knowledge(dim, token_tfidf)
+    ids, mask = ids.to(knowledge.table.device), mask.to(knowledge.table.device)
+    classes = NUM_ROBOT_CLASSES
+    idf = torch.from_numpy(smooth_idf(token_counts(ids, mask, len(strings)).cpu().numpy()))
+    tfidf = (idf, torch.zeros(classes, len(strings))) if token_tfidf else (None, None)
+    knowledge.load_fitted(table, token_weights, torch.zeros(classes, dim), torch.zeros(classes), 0.0, *tfidf)
     with torch.no_grad():
-        vectors = knowledge.task_vectors(ids.to(device), mask.to(device)).cpu().numpy()
-    w, b = fit_one_vs_rest(vectors, gold, c)
-    knowledge.load_fitted(torch.from_numpy(table), torch.from_numpy(token_weights), torch.from_numpy(w),
-                          torch.from_numpy(b), weight)
+        vectors = knowledge.task_vectors(ids, mask).cpu().numpy()
+        features = vectors * static_scale
+        if token_tfidf:
+            features = np.concatenate([features, knowledge.tfidf_vectors(ids, mask).cpu().numpy()], axis=1)
+    w, b = fit_one_vs_rest(features, gold, c)
+    tfidf = (idf, torch.from_numpy(w[:, dim:])) if token_tfidf else (None, None)
+    knowledge.load_fitted(table, token_weights, torch.from_numpy(w[:, :dim] * static_scale), torch.from_numpy(b),
+                          weight, *tfidf)
     n_train = len(train_texts)
-    logits = vectors[:n_train] @ w.T + b
+    logits = features[:n_train] @ w.T + b
     hits = gold[np.arange(n_train), logits.argmax(1)]
-    return KnowledgeFit(teacher.name, dim, weight, n_train, len(phrases), round(float(hits.mean()), 4))
+    return KnowledgeFit(
+        teacher.name, dim, token_tfidf, static_scale, weight, n_train, len(phrases),
+        round(float(hits.mean()), 4),
+    )

@@ -404,8 +404,11 @@ def _install_knowledge(
         model, tokenizer, SentenceTeacher(training.knowledge_teacher), train["task_text"].tolist(),
         train["robots"].tolist(), capabilities,
         dim=training.knowledge_dim, weight=training.knowledge_weight, c=training.knowledge_c,
+        token_tfidf=training.knowledge_token_tfidf, static_scale=training.knowledge_static_scale,
     )
-    return {"knowledge_source": f"teacher {fit.teacher} distilled into a {fit.dim}-wide token table", **fit.metadata()}
+    view = " next to a token TF-IDF view" if fit.token_tfidf else ""
+    source = f"teacher {fit.teacher} distilled into a {fit.dim}-wide token table{view}"
+    return {"knowledge_source": source, **fit.metadata()}
 
 
 def knowledge_source(storage: Storage) -> str:
