@@ -14,7 +14,8 @@ TF-IDF baseline (fitted on the train split only, three folds) is listed too.
         [--set training.sft.max_steps=20 ...] [--teacher MODEL_DIR]
 
 One storage root (under --workdir) serves every fold: COCO features are content-addressed,
-so they are computed once; each fold's report is copied to <workdir>/fold<k>_evaluation_report.json.
+so they are computed once; each fold's report is copied to <workdir>/fold<k>_evaluation_report.json
+and its published stage models to <workdir>/fold<k>_models/.
 Prints one JSON object (mean and std over the folds run, and every fold's numbers).
 """
 
@@ -105,6 +106,8 @@ def run_fold(fold: int, data: Path, workdir: Path, extra: Sequence[str], timeout
         result["error"] = "no evaluation report: " + " | ".join(str(output).strip().splitlines()[-6:])
         return result
     kept = shutil.copy(report_path, workdir / f"fold{fold}_evaluation_report.json")
+    # The next fold overwrites the published models; keep this fold's for post-hoc analysis.
+    shutil.copytree(storage_root / "models", workdir / f"fold{fold}_models", dirs_exist_ok=True)
     result.update({"report": str(kept), **fold_numbers(json.loads(report_path.read_text()))})
     return result
 
