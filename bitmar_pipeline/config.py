@@ -258,8 +258,13 @@ class TrainingConfig(_Section):
         ),
     )
     knowledge_dim: int = Field(default=128, gt=0, description="Width of the distilled token table (PCA components).")
-    knowledge_weight: float = Field(
-        default=1.0, ge=0.0, description="Scale of the knowledge logits added to the selection head's."
+    knowledge_weight: float | None = Field(
+        default=1.0,
+        ge=0.0,
+        description=(
+            "Scale of the knowledge logits added to the selection head's (null: chosen on the validation "
+            "tasks among 0.5, 1, 2, 4, 8 by top-1 + sample-F1 + exact-set)."
+        ),
     )
     knowledge_c: float = Field(
         default=10.0, gt=0.0, description="Inverse L2 strength of the knowledge classifier's logistic regression."

@@ -19,6 +19,7 @@ from bitmar_pipeline.text.tokenizer import train_bpe_tokenizer
 from bitmar_pipeline.training.knowledge import (
     SentenceTeacher,
     capability_phrases,
+    choose_knowledge_weight,
     distil_token_table,
     install_knowledge,
     token_strings,
@@ -216,6 +217,31 @@ def test_a_refit_with_another_tfidf_setting_is_refused(setup) -> None:
     with pytest.raises(ValueError, match="token_tfidf"):
         install_knowledge(fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES,
                           dim=16, weight=1.0, c=10.0, token_tfidf=True)
+
+
+def test_the_blend_weight_is_chosen_on_validation(setup) -> None:
+    """A head that always answers "Robot with Legs" against knowledge fitted on the tasks: only
+    a large knowledge weight selects right, so that weight is chosen and installed; with a
+    neutral head every weight ties and the smallest is kept."""
+    tokenizer, teacher, model = setup
+    fitted = BitMarModel(model.config)
+    fitted.load_state_dict(model.state_dict())
+    fitted.eval()
+    install_knowledge(fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES,
+                      dim=16, weight=1.0, c=10.0, token_tfidf=True, static_scale=0.5)
+    texts, robots = [t for t, _ in TASKS], [r for _, r in TASKS]
+    head = fitted.reasoning.policy_head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        neutral, neutral_scores = choose_knowledge_weight(fitted, tokenizer, texts, robots)
+        head.bias[ROBOT_INDEX["Robot with Legs"]] = 30.0
+        weight, scores = choose_knowledge_weight(fitted, tokenizer, texts, robots)
+    assert neutral == 0.5 and len(set(neutral_scores.values())) == 1
+    assert scores[0.5] < scores[weight] and weight >= 4.0
+    assert fitted.knowledge.weight.item() == weight
+    with pytest.raises(ValueError, match="no validation tasks"):
+        choose_knowledge_weight(fitted, tokenizer, [], [])
 
 
 def test_an_unloadable_teacher_names_the_setting(tmp_path: Path) -> None:

@@ -24,12 +24,13 @@ from sklearn.linear_model import LogisticRegression
 from transformers import PreTrainedTokenizerBase
 
 from bitmar_model.knowledge import token_counts
-from bitmar_model.metrics import label_matrix
+from bitmar_model.metrics import exact_set_accuracy, label_matrix, sample_f1, top1_accuracy
 from bitmar_model.modeling import BitMarModel
-from bitmar_model.robots import NUM_ROBOT_CLASSES
+from bitmar_model.robots import NUM_ROBOT_CLASSES, select_robots
 from bitmar_pipeline.evaluation.selection_quality import encode_prompts
 from bitmar_pipeline.training.reasoning_targets import Profiles, capability_phrase_owners
 
+KNOWLEDGE_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)  # the blend weights tried on validation
 SIF_A = 1e-3  # the SIF paper's a: a token seen in 1 of 1,000 corpus tokens gets weight 0.5
 _NEVER = -8.0  # bias of a class no training row has ("No Robot" in the public data)
 
@@ -196,3 +197,31 @@ def install_knowledge(
         teacher.name, dim, token_tfidf, static_scale, weight, n_train, len(phrases),
         round(float(hits.mean()), 4),
     )
+
+
+@torch.no_grad()
+def choose_knowledge_weight(
+    model: BitMarModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    robots: Sequence[Sequence[str]],
+    candidates: Sequence[float] = KNOWLEDGE_WEIGHTS,
+) -> tuple[float, dict[float, float]]:
+    """Set and return the knowledge weight whose blended selection scores best on these
+    (validation) tasks by top-1 + sample-F1 + exact-set, ties to the smaller weight; also every
+    candidate's score."""
+    if not texts:
+        raise ValueError("choose_knowledge_weight: no validation tasks to choose the knowledge weight on")
+    device = model.knowledge.table.device
+    ids, mask = encode_prompts(tokenizer, list(texts), model.config.max_seq_len)
+    gold = label_matrix([list(r) for r in robots])
+    scores = {}
+    for weight in candidates:
+        model.knowledge.weight.fill_(float(weight))
+        probs = model(ids.to(device), mask.to(device)).robot_probs.float().cpu().numpy()
+        chosen = select_robots(probs).astype(int)
+        total = top1_accuracy(probs, gold) + sample_f1(chosen, gold) + exact_set_accuracy(chosen, gold)
+        scores[float(weight)] = round(total, 4)
+    best = max(scores, key=lambda w: (scores[w], -w))
+    model.knowledge.weight.fill_(best)
+    return best, scores

@@ -60,7 +60,7 @@ from bitmar_pipeline.training.datasets import (
     load_pipeline_tokenizer,
     robot_multi_hot,
 )
-from bitmar_pipeline.training.knowledge import SentenceTeacher, install_knowledge
+from bitmar_pipeline.training.knowledge import SentenceTeacher, choose_knowledge_weight, install_knowledge
 from bitmar_pipeline.training.reasoning_targets import (
     Profiles,
     build_sft_examples,
@@ -403,12 +403,19 @@ def _install_knowledge(
     fit = install_knowledge(
         model, tokenizer, SentenceTeacher(training.knowledge_teacher), train["task_text"].tolist(),
         train["robots"].tolist(), capabilities,
-        dim=training.knowledge_dim, weight=training.knowledge_weight, c=training.knowledge_c,
-        token_tfidf=training.knowledge_token_tfidf, static_scale=training.knowledge_static_scale,
+        dim=training.knowledge_dim, c=training.knowledge_c, token_tfidf=training.knowledge_token_tfidf,
+        static_scale=training.knowledge_static_scale,
+        weight=1.0 if training.knowledge_weight is None else training.knowledge_weight,
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
-    source = f"teacher {fit.teacher} distilled into a {fit.dim}-wide token table{view}"
-    return {"knowledge_source": source, **fit.metadata()}
+    metadata = {"knowledge_source": f"teacher {fit.teacher} distilled into a {fit.dim}-wide token table{view}"}
+    if training.knowledge_weight is None:
+        validation = tasks[tasks["split"] == "validation"].drop_duplicates("task_key")
+        fit.weight, scores = choose_knowledge_weight(
+            model, tokenizer, validation["task_text"].tolist(), validation["robots"].tolist()
+        )
+        metadata["knowledge_weight_validation_scores"] = {str(w): v for w, v in scores.items()}
+    return {**metadata, **fit.metadata()}
 
 
 def knowledge_source(storage: Storage) -> str:
