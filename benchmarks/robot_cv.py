@@ -15,7 +15,7 @@ TF-IDF baseline (fitted on the train split only, three folds) is listed too.
 
 One storage root (under --workdir) serves every fold: COCO features are content-addressed,
 so they are computed once; each fold's report is copied to <workdir>/fold<k>_evaluation_report.json
-and its published stage models to <workdir>/fold<k>_models/.
+and its published stage models and tokenizer to <workdir>/fold<k>_models/.
 Prints one JSON object (mean and std over the folds run, and every fold's numbers).
 """
 
@@ -106,8 +106,9 @@ def run_fold(fold: int, data: Path, workdir: Path, extra: Sequence[str], timeout
         result["error"] = "no evaluation report: " + " | ".join(str(output).strip().splitlines()[-6:])
         return result
     kept = shutil.copy(report_path, workdir / f"fold{fold}_evaluation_report.json")
-    # The next fold overwrites the published models; keep this fold's for post-hoc analysis.
+    # The next fold overwrites the published models and tokenizer; keep this fold's for post-hoc analysis.
     shutil.copytree(storage_root / "models", workdir / f"fold{fold}_models", dirs_exist_ok=True)
+    shutil.copytree(storage_root / "tokenizer", workdir / f"fold{fold}_models" / "tokenizer", dirs_exist_ok=True)
     result.update({"report": str(kept), **fold_numbers(json.loads(report_path.read_text()))})
     return result
 

@@ -273,6 +273,11 @@ class TrainingConfig(_Section):
         default=True,
         description="The knowledge classifier also reads a TF-IDF view of the task's tokens (the dataset's cue words).",
     )
+    knowledge_phrase_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Weight of each robot capability/environment phrase in the knowledge fit (0: tasks only).",
+    )
     knowledge_static_scale: float = Field(
         default=0.5, gt=0.0, description="Scale of the static teacher vectors next to the TF-IDF view in that fit."
     )

@@ -116,7 +116,9 @@ def capability_phrases(capabilities: Profiles) -> tuple[list[str], list[list[str
     return texts, [sorted(owners[t]) for t in texts]
 
 
-def fit_one_vs_rest(x: np.ndarray, gold: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+def fit_one_vs_rest(
+    x: np.ndarray, gold: np.ndarray, c: float, sample_weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(weight [C, d], bias [C]): a class-balanced logistic regression per robot column; a
     class with no positive row gets a fixed low bias, one with no negative row a high one."""
     weight = np.zeros((gold.shape[1], x.shape[1]), np.float32)
@@ -126,7 +128,7 @@ def fit_one_vs_rest(x: np.ndarray, gold: np.ndarray, c: float) -> tuple[np.ndarr
         if column.min() == column.max():
             bias[k] = -_NEVER if column.min() else _NEVER
             continue
-        lr = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit(x, column)
+        lr = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit(x, column, sample_weight)
         weight[k], bias[k] = lr.coef_[0], lr.intercept_[0]
     return weight, bias
 
@@ -137,6 +139,7 @@ class KnowledgeFit:
     dim: int
     token_tfidf: bool
     static_scale: float
+    phrase_weight: float
     weight: float
     train_tasks: int
     capability_phrases: int
@@ -159,13 +162,15 @@ def install_knowledge(
     c: float,
     token_tfidf: bool = False,
     static_scale: float = 1.0,
+    phrase_weight: float = 1.0,
 ) -> KnowledgeFit:
     """Distil the table, fit the classifier on the model's own task vectors (scaled by
-    `static_scale` next to the token TF-IDF vectors when `token_tfidf`), install both."""
+    `static_scale` next to the token TF-IDF vectors when `token_tfidf`), install both. The
+    capability phrases count `phrase_weight` each in the fit (0: left out)."""
     strings = token_strings(tokenizer)
     if len(strings) != model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(strings)} tokens, the model {model.config.vocab_size}")
-    phrases, phrase_robots = capability_phrases(capabilities)
+    phrases, phrase_robots = capability_phrases(capabilities) if phrase_weight > 0 else ([], [])
     texts = list(train_texts) + phrases
     gold = label_matrix([list(r) for r in train_robots] + phrase_robots).astype(bool)
     ids, mask = encode_prompts(tokenizer, texts, model.config.max_seq_len)
@@ -186,7 +191,8 @@ def install_knowledge(
         features = vectors * static_scale
         if token_tfidf:
             features = np.concatenate([features, knowledge.tfidf_vectors(ids, mask).cpu().numpy()], axis=1)
-    w, b = fit_one_vs_rest(features, gold, c)
+    sample_weight = np.r_[np.ones(len(train_texts)), np.full(len(phrases), phrase_weight)]
+    w, b = fit_one_vs_rest(features, gold, c, sample_weight)
     tfidf = (idf, torch.from_numpy(w[:, dim:])) if token_tfidf else (None, None)
     knowledge.load_fitted(table, token_weights, torch.from_numpy(w[:, :dim] * static_scale), torch.from_numpy(b),
                           weight, *tfidf)
@@ -194,7 +200,7 @@ def install_knowledge(
     logits = features[:n_train] @ w.T + b
     hits = gold[np.arange(n_train), logits.argmax(1)]
     return KnowledgeFit(
-        teacher.name, dim, token_tfidf, static_scale, weight, n_train, len(phrases),
+        teacher.name, dim, token_tfidf, static_scale, phrase_weight, weight, n_train, len(phrases),
         round(float(hits.mean()), 4),
     )
 

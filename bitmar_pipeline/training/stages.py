@@ -404,7 +404,7 @@ def _install_knowledge(
         model, tokenizer, SentenceTeacher(training.knowledge_teacher), train["task_text"].tolist(),
         train["robots"].tolist(), capabilities,
         dim=training.knowledge_dim, c=training.knowledge_c, token_tfidf=training.knowledge_token_tfidf,
-        static_scale=training.knowledge_static_scale,
+        static_scale=training.knowledge_static_scale, phrase_weight=training.knowledge_phrase_weight,
         weight=1.0 if training.knowledge_weight is None else training.knowledge_weight,
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
