@@ -15,7 +15,7 @@ import copy
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -258,12 +258,12 @@ class TrainingConfig(_Section):
         ),
     )
     knowledge_dim: int = Field(default=128, gt=0, description="Width of the distilled token table (PCA components).")
-    knowledge_weight: float | None = Field(
-        default=1.0,
-        ge=0.0,
+    knowledge_weights: list[Annotated[float, Field(ge=0.0)]] = Field(
+        default=[1.0],
+        min_length=1,
         description=(
-            "Scale of the knowledge logits added to the selection head's (null: chosen on the validation "
-            "tasks among 0.5, 1, 2, 4, 8 by top-1 + sample-F1 + exact-set)."
+            "Scales of the knowledge logits added to the selection head's, tried on the validation tasks "
+            "(the best top-1 + sample-F1 + exact-set is kept; one value: that scale)."
         ),
     )
     knowledge_c: float = Field(

@@ -219,6 +219,9 @@ def test_a_refit_with_another_tfidf_setting_is_refused(setup) -> None:
                           dim=16, weight=1.0, c=10.0, token_tfidf=True)
 
 
+WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
 def test_the_blend_weight_is_chosen_on_validation(setup) -> None:
     """A head that always answers "Robot with Legs" against knowledge fitted on the tasks: only
     a large knowledge weight selects right, so that weight is chosen and installed; with a
@@ -234,14 +237,14 @@ def test_the_blend_weight_is_chosen_on_validation(setup) -> None:
     with torch.no_grad():
         head.weight.zero_()
         head.bias.zero_()
-        neutral, neutral_scores = choose_knowledge_weight(fitted, tokenizer, texts, robots)
+        neutral, neutral_scores = choose_knowledge_weight(fitted, tokenizer, texts, robots, WEIGHTS)
         head.bias[ROBOT_INDEX["Robot with Legs"]] = 30.0
-        weight, scores = choose_knowledge_weight(fitted, tokenizer, texts, robots)
+        weight, scores = choose_knowledge_weight(fitted, tokenizer, texts, robots, WEIGHTS)
     assert neutral == 0.5 and len(set(neutral_scores.values())) == 1
     assert scores[0.5] < scores[weight] and weight >= 4.0
     assert fitted.knowledge.weight.item() == weight
     with pytest.raises(ValueError, match="no validation tasks"):
-        choose_knowledge_weight(fitted, tokenizer, [], [])
+        choose_knowledge_weight(fitted, tokenizer, [], [], WEIGHTS)
 
 
 def test_an_unloadable_teacher_names_the_setting(tmp_path: Path) -> None:

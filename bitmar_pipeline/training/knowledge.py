@@ -30,7 +30,6 @@ from bitmar_model.robots import NUM_ROBOT_CLASSES, select_robots
 from bitmar_pipeline.evaluation.selection_quality import encode_prompts
 from bitmar_pipeline.training.reasoning_targets import Profiles, capability_phrase_owners
 
-KNOWLEDGE_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0)  # the blend weights tried on validation
 SIF_A = 1e-3  # the SIF paper's a: a token seen in 1 of 1,000 corpus tokens gets weight 0.5
 _NEVER = -8.0  # bias of a class no training row has ("No Robot" in the public data)
 
@@ -211,7 +210,7 @@ def choose_knowledge_weight(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     robots: Sequence[Sequence[str]],
-    candidates: Sequence[float] = KNOWLEDGE_WEIGHTS,
+    candidates: Sequence[float],
 ) -> tuple[float, dict[float, float]]:
     """Set and return the knowledge weight whose blended selection scores best on these
     (validation) tasks by top-1 + sample-F1 + exact-set, ties to the smaller weight; also every

@@ -405,14 +405,15 @@ def _install_knowledge(
         train["robots"].tolist(), capabilities,
         dim=training.knowledge_dim, c=training.knowledge_c, token_tfidf=training.knowledge_token_tfidf,
         static_scale=training.knowledge_static_scale, phrase_weight=training.knowledge_phrase_weight,
-        weight=1.0 if training.knowledge_weight is None else training.knowledge_weight,
+        weight=training.knowledge_weights[0],
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
     metadata = {"knowledge_source": f"teacher {fit.teacher} distilled into a {fit.dim}-wide token table{view}"}
-    if training.knowledge_weight is None:
+    if len(training.knowledge_weights) > 1:
         validation = tasks[tasks["split"] == "validation"].drop_duplicates("task_key")
         fit.weight, scores = choose_knowledge_weight(
-            model, tokenizer, validation["task_text"].tolist(), validation["robots"].tolist()
+            model, tokenizer, validation["task_text"].tolist(), validation["robots"].tolist(),
+            training.knowledge_weights,
         )
         metadata["knowledge_weight_validation_scores"] = {str(w): v for w, v in scores.items()}
     return {**metadata, **fit.metadata()}
