@@ -259,7 +259,7 @@ class TrainingConfig(_Section):
     )
     knowledge_dim: int = Field(default=128, gt=0, description="Width of the distilled token table (PCA components).")
     knowledge_weights: list[Annotated[float, Field(ge=0.0)]] = Field(
-        default=[1.0],
+        default=[0.5, 1.0, 2.0, 4.0, 8.0],
         min_length=1,
         description=(
             "Scales of the knowledge logits added to the selection head's, tried on the validation tasks "
