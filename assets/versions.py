@@ -40,7 +40,7 @@ TEXT_TOKENIZER = 2
 # reasoning_sft 3: ... next to a token TF-IDF view (training.knowledge_token_tfidf).
 STAGE_CODE = {"multimodal_pretrain": 1, "reasoning_sft": 3, "grpo_policy": 2}
 # Report and release stages.
-EVALUATION_REPORT = 2  # 2: texts guided by the fleet's profiles; the report records the fleet
+EVALUATION_REPORT = 3  # 2: texts guided by the fleet's profiles; the report records the fleet; 3: task cues
 QUANTIZATION_REPORT = 3  # 3: the integer form's latency, matmul calls and weight bytes
 HUB_RELEASE = 4  # 4: the manifest carries the fleet's profiles (3: the integer model's latency in the card)
 

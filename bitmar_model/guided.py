@@ -7,7 +7,8 @@ Guided decoding is constrained generation over the format's skeleton (a logits p
 the fixed parts are forced, each free part is the model's own text up to its end of line.
 
     <thinking>\\nGoal:                            [model: the goal]
-    </thinking>\\n<environment_analysis>\\n        [model: the cues]
+    </thinking>\\n<environment_analysis>\\nCues:  [model: one of the task's own cue phrases, when
+                                                     the decision carries them; else its free line]
     </environment_analysis>\\n<robot_evaluation>\\n
     <robot>: suitable -  |  <robot>: unsuitable -   [model: the reason]   (one line per robot, by the head;
                                                      with the fleet's profiles, the model chooses the reason
@@ -108,6 +109,16 @@ def _confidence_check(robots: list[str], profiles: Profiles | None) -> list[str 
 class HeadDecision:
     robots: list[str]  # the head's selection (select_robots), e.g. ["Drone"] or ["No Robot"]
     confidence: float  # the probability shown for it (calibrated when a calibration exists)
+    cues: Sequence[str] = ()  # phrases of the task itself the "Cues:" line chooses from (none: free line)
+
+
+def _analysis(cues: Sequence[str]) -> list[str | Choice | None]:
+    """"Cues: <one of the task's own phrases>." (the model's logits choose), so the analysis
+    quotes the task instead of a remembered profile phrase; the model's free line without cues."""
+    opening = "</thinking>\n<environment_analysis>\n"
+    if not cues:
+        return [opening, FREE]
+    return [f"{opening}Cues:", Choice(tuple(dict.fromkeys(f" {c}.\n" for c in cues)))]
 
 
 def reasoning_skeleton(decision: HeadDecision, profiles: Profiles | None = None) -> list[str | Choice | None]:
@@ -121,7 +132,7 @@ def reasoning_skeleton(decision: HeadDecision, profiles: Profiles | None = None)
     robots = ", ".join(decision.robots)
     return [
         "<thinking>\nGoal:", FREE,
-        "</thinking>\n<environment_analysis>\n", FREE,
+        *_analysis(decision.cues),
         *evaluation,
         *_selection_reasoning(decision.robots, profiles),
         *_confidence_check(decision.robots, profiles),

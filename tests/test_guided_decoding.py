@@ -161,3 +161,17 @@ def test_with_profiles_each_reason_is_one_of_that_robots_own_phrases():
     best = parsed.justification.removeprefix("Best match: ").rstrip(".").split(", ")
     assert len(best) == 2 and best[0] in PROFILES["Underwater Robot"]["capabilities"] + ["underwater"]
     assert "Goal: Inspect the hull of a ship." in text  # free lines are still the model's
+
+
+def test_with_task_cues_the_analysis_quotes_one_of_the_tasks_own_phrases():
+    """The scripted decoder wants "Cues: aerial inspection." (a remembered profile phrase); given
+    the task's own phrases, the line is one of them, and which one is the decoder's choice."""
+    cues = ("hull", "ship hull", "Inspect, ship hull")
+    text = guided_text(HeadDecision(["Underwater Robot"], 0.9, cues), profiles=PROFILES)
+    parsed = parse_reasoning(text)
+    assert parsed.well_formed, parsed.errors
+    line = parsed.sections["environment_analysis"]
+    assert line.startswith("Cues: ") and line.removeprefix("Cues: ").rstrip(".") in cues
+    # Without cues the line is the decoder's own, as before.
+    free = parse_reasoning(guided_text(HeadDecision(["Underwater Robot"], 0.9), profiles=PROFILES))
+    assert free.sections["environment_analysis"] == "Cues: aerial inspection."

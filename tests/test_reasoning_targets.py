@@ -29,6 +29,7 @@ from bitmar_pipeline.training.reasoning_targets import (
     format_prompt,
     short_form,
     short_form_examples,
+    task_cue_phrases,
 )
 
 PROFILES = parse_instruction_capabilities(ROBOT_SELECTION_INSTRUCTION)
@@ -364,3 +365,16 @@ def test_short_form_examples_keep_labels_and_build_targets_from_the_short_text()
         assert f"Goal: {text}." in example.target
         assert parse_reasoning(example.target).robots == ["Underwater Robot"]
     assert short_form_examples([task, subtask], PROFILES, per_task=3, seed=1) == examples
+
+
+def test_task_cue_phrases_are_runs_of_the_tasks_content_words():
+    assert task_cue_phrases("Scrape barnacles off a ship hull.") == [
+        "Scrape barnacles", "ship hull", "Scrape barnacles, ship hull"
+    ]
+    assert task_cue_phrases("Inspect underwater pipelines") == ["Inspect underwater pipelines"]
+    # Punctuation ends a run, runs are at most four words, repeats are dropped.
+    assert task_cue_phrases("Deliver food, water; deliver food") == [
+        "Deliver food", "water", "deliver food", "Deliver food, water, deliver food"
+    ]
+    assert task_cue_phrases("one two three four five") == ["one two three four", "five", "one two three four, five"]
+    assert task_cue_phrases("the of a") == [] and task_cue_phrases("") == []

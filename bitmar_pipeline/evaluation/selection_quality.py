@@ -3,6 +3,7 @@ parsed from the reasoning text it generates (greedy decoding, so results are rep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ from bitmar_model.metrics import (
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import ParsedReasoning, parse_reasoning
 from bitmar_model.robots import ROBOT_CLASSES, select_robots
-from bitmar_pipeline.training.reasoning_targets import format_prompt
+from bitmar_pipeline.training.reasoning_targets import format_prompt, task_cue_phrases
 
 
 @dataclass
@@ -75,15 +76,18 @@ def head_guidance(
     head_probs: np.ndarray,
     calibration: PlattCalibration | None = None,
     profiles: Profiles | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> HeadGuidedDecoding:
     """Guided decoding that states, per row, the head's selection and the probability shown for
     its top robot (calibrated when `calibration` is given); with the fleet's `profiles`, each
-    robot's reason is one of its own profile phrases."""
+    robot's reason is one of its own profile phrases; with the rows' `tasks`, the "Cues:" line
+    is one of the task's own phrases (`task_cue_phrases`)."""
     top = head_probs.max(axis=1)
     shown = calibration(top) if calibration is not None else top
+    cues = [task_cue_phrases(t) for t in tasks] if tasks is not None else [[] for _ in shown]
     decisions = [
-        HeadDecision([ROBOT_CLASSES[i] for i in np.flatnonzero(row)], float(conf))
-        for row, conf in zip(select_robots(head_probs), shown, strict=True)
+        HeadDecision([ROBOT_CLASSES[i] for i in np.flatnonzero(row)], float(conf), row_cues)
+        for row, conf, row_cues in zip(select_robots(head_probs), shown, cues, strict=True)
     ]
     return HeadGuidedDecoding(
         decisions,
@@ -124,7 +128,8 @@ def evaluate_reasoning(
         ids, mask = ids.to(device), mask.to(device)
         probs.append(model(ids, mask).robot_probs.float().cpu().numpy())
         if generate:
-            guidance = head_guidance(tokenizer, probs[-1], calibration, profiles) if guided else None
+            chunk_tasks = chunk["task_text"].tolist()
+            guidance = head_guidance(tokenizer, probs[-1], calibration, profiles, chunk_tasks) if guided else None
             out = model.generate(ids, mask, max_new_tokens=max_new_tokens, logits_processor=guidance)
             tokens = out.new_tokens.masked_fill(out.new_token_mask == 0, tokenizer.pad_token_id)
             texts.extend(tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True))

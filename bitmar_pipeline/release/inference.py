@@ -206,7 +206,9 @@ class Predictor:
         out = self.model(ids, vision_features=vision)
         analysis = BitMarModel.get_reasoning_analysis(out)
         # The text states the head's selection and the confidence shown here (bitmar_model.guided).
-        guidance = head_guidance(self.tokenizer, out.robot_probs.float().numpy(), self.calibration, self.profiles)
+        guidance = head_guidance(
+            self.tokenizer, out.robot_probs.float().numpy(), self.calibration, self.profiles, [task]
+        )
         generated = self.model.generate(
             ids, vision_features=vision, max_new_tokens=max_new_tokens, logits_processor=guidance
         )

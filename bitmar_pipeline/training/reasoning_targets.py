@@ -349,9 +349,30 @@ def capability_examples(capabilities: Profiles) -> list[SftExample]:
 # Words people leave out when they type a task ("Inspect underwater pipelines").
 _FUNCTION_WORDS = frozenset(
     "a an the of for to in on at by with and or its their his her from into onto over under through "
-    "across along around during while that which this these those any some all each".split()
+    "across along around during while that which this these those any some all each about off up out then "
+    "as is are be it".split()
 )
 _KEEP_FUNCTION, _KEEP_CONTENT, _MIN_SHORT = 0.15, 0.6, 2
+_MAX_CUE_WORDS = 4
+_PUNCTUATION = ".,;:!?()\"'"
+
+
+def task_cue_phrases(task_text: str) -> list[str]:
+    """The task's own cue phrases, for the guided "Cues:" line: each run of content words (function
+    words and punctuation end a run; at most 4 words), then all runs joined when there are several.
+    "Scrape barnacles off a ship hull" -> ["Scrape barnacles", "ship hull", "Scrape barnacles, ship hull"]."""
+    runs: list[str] = []
+    run: list[str] = []
+    for raw in task_text.split():
+        word = raw.strip(_PUNCTUATION)
+        content = bool(word) and word.lower() not in _FUNCTION_WORDS
+        if content:
+            run.append(word)
+        if run and (not content or raw[-1] in _PUNCTUATION or len(run) == _MAX_CUE_WORDS):
+            runs.append(" ".join(run))
+            run = []
+    runs = list(dict.fromkeys([*runs, " ".join(run)] if run else runs))
+    return runs + [", ".join(runs)] if len(runs) > 1 else runs
 
 
 def short_form(task_text: str, rng: random.Random) -> str | None:
