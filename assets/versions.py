@@ -38,7 +38,8 @@ TEXT_TOKENIZER = 2
 # grpo_policy 2: selection anchor, full-entropy bonus, exact-set calibration target.
 # reasoning_sft 2: installs the teacher-distilled selection knowledge (training.knowledge_teacher).
 # reasoning_sft 3: ... next to a token TF-IDF view (training.knowledge_token_tfidf).
-STAGE_CODE = {"multimodal_pretrain": 1, "reasoning_sft": 3, "grpo_policy": 2}
+# multimodal_pretrain 2: the cell reader's warm-up and bag-of-words loss (model.cell_words).
+STAGE_CODE = {"multimodal_pretrain": 2, "reasoning_sft": 3, "grpo_policy": 2}
 # Report and release stages.
 EVALUATION_REPORT = 3  # 2: texts guided by the fleet's profiles; the report records the fleet; 3: task cues
 QUANTIZATION_REPORT = 3  # 3: the integer form's latency, matmul calls and weight bytes

@@ -55,6 +55,9 @@ class BitMarConfig:
     decoder_reads_task: bool = True
     # ... and its output head can copy the task's tokens (pointer-sentinel mixture, bitmar_model.copying).
     decoder_copies_task: bool = True
+    # Cell words (bitmar_model.cell_words): a reader shared by the patch-grid cells names each cell's
+    # words; this many (from the 2 best cells) join what the decoder reads and copies. 0: none.
+    cell_words: int = 8
     # Width of the teacher-distilled static token table whose logits join the selection head's
     # (bitmar_model.knowledge); 0: no such table (no teacher configured).
     knowledge_dim: int = 0
@@ -207,6 +210,13 @@ class BitMarConfig:
             raise ValueError(
                 "BitMarConfig.decoder_copies_task needs decoder_reads_task=True: it copies from the task tokens "
                 "the decoder reads"
+            )
+        if not isinstance(self.cell_words, int) or isinstance(self.cell_words, bool) or self.cell_words < 0:
+            raise ValueError(f"BitMarConfig.cell_words must be an int >= 0, got {self.cell_words!r}")
+        if self.cell_words and not self.decoder_reads_task:
+            raise ValueError(
+                "BitMarConfig.cell_words needs decoder_reads_task=True: the decoder reads the cell words "
+                "as it reads the task"
             )
         special = {
             "pad_token_id": self.pad_token_id,

@@ -44,6 +44,9 @@ class CopySource:
     ids: torch.Tensor
     keys: torch.Tensor
     mask: torch.Tensor
+    # Leading tokens that are not a phrase (the image's cell words, bitmar_model.cell_words): no
+    # induction cue points at them, nor from them at the first task token.
+    unphrased: int = 0
 
     @cached_property
     def ending(self) -> torch.Tensor:
@@ -80,8 +83,12 @@ class CopyHead(nn.Module):
         """[a_1 .. a_P, a_s] as [B, T, P + 1] for T steps (hidden [B, T, d], read [B, T, 2] = (y_{t-1}, y_t))."""
         query = self.query(hidden) / math.sqrt(hidden.shape[-1])
         before, last = read[..., :1], read[..., 1:]  # [B, T, 1]
-        x_prev = F.pad(source.ids, (1, 0), value=-1)[:, None, :-1]  # x_{j-1}; nothing precedes x_0
-        x_prev2 = F.pad(source.ids, (2, 0), value=-1)[:, None, :-2]  # x_{j-2}
+        ids = source.ids
+        if source.unphrased:
+            ids = ids.clone()
+            ids[:, : source.unphrased] = -1
+        x_prev = F.pad(ids, (1, 0), value=-1)[:, None, :-1]  # x_{j-1}; nothing precedes x_0
+        x_prev2 = F.pad(ids, (2, 0), value=-1)[:, None, :-2]  # x_{j-2}
         task = query @ source.keys.transpose(1, 2) + self._cue(x_prev == last, x_prev2 == before)
         task = task.masked_fill(~source.mask.bool()[:, None, :], float("-inf"))
         ending = source.ending[:, None, :]  # [B, 1, 2]

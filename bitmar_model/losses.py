@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bitmar_model.cell_words import cell_bag_of_words_loss
 from bitmar_model.modeling import IGNORE_INDEX, BitMarModel, BitMarOutput
 
 
@@ -31,6 +32,7 @@ class PretrainWeights:
     text_generation: float = 1.0
     cross_modal: float = 1.0
     memory_regularization: float = 0.05
+    cell_words: float = 1.0  # the cell reader's bag-of-words loss (config.cell_words)
 
 
 def info_nce(
@@ -89,6 +91,17 @@ def pretrain_loss(
         + weights.cross_modal * nce
         + weights.memory_regularization * memory_reg
     )
+    extra = {}
+    if captioning.cell_word_logits is not None:
+        cfg = getattr(model, "module", model).config  # DDP wraps the model
+        cell_bow = cell_bag_of_words_loss(
+            captioning.cell_word_logits,
+            batch["caption_ids"],
+            batch["caption_mask"],
+            (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id),
+        )
+        loss = loss + weights.cell_words * cell_bow
+        extra["cell_word_loss"] = float(cell_bow.detach())
     with torch.no_grad():
         similarity = contrastive.image_embeds @ contrastive.text_embeds.t()
         matched = similarity.diagonal().mean()
@@ -102,6 +115,7 @@ def pretrain_loss(
         "mismatched_similarity": float(mismatched),
         "logit_scale": float(contrastive.logit_scale.detach()),
         "tokens": float(batch["decoder_mask"].sum() + batch["caption_mask"].sum() + batch["prompt_mask"].sum()),
+        **extra,
     }
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from bitmar_model.cell_words import CellReader
 from bitmar_model.config import BitMarConfig
 from bitmar_model.copying import CopyHead, CopySource, read_tokens
 from bitmar_model.decoder import BitMarDecoder, GenerationOutput, token_log_probs
@@ -64,7 +65,7 @@ from bitmar_model.vision_adapter import (
 IGNORE_INDEX = -100
 # Bump when forward semantics change without changing parameter shapes (e.g. what the
 # decoder attends to): trained checkpoints of an older revision must not be resumed.
-MODEL_REVISION = 7
+MODEL_REVISION = 8
 
 
 @dataclass
@@ -83,6 +84,7 @@ class BitMarOutput:
     logit_scale: torch.Tensor  # scalar
     joint_embedding: torch.Tensor  # [B, hidden]
     has_image: torch.Tensor  # [B] bool: rows whose vision tokens come from image features
+    cell_word_logits: torch.Tensor | None = None  # [B, P, vocab], the cell reader's (config.cell_words)
     attentions: dict[str, Any] | None = None  # per component, when output_attentions=True
 
 
@@ -107,6 +109,7 @@ class _Conditioning:
     decoder_context_mask: torch.Tensor | None  # [B, C], 1 = real token; None when nothing is padded
     attentions: dict[str, Any] | None
     copy_source: CopySource | None = None  # the task tokens the output head can copy
+    cell_word_logits: torch.Tensor | None = None  # [B, P, vocab] (config.cell_words)
 
 
 def _describe(x: Any) -> str:
@@ -187,8 +190,13 @@ class BitMarModel(
                 config.vocab_size, config.knowledge_dim, config.num_robot_classes, config.knowledge_token_tfidf
             )
         self.decoder = BitMarDecoder(config)
+        if config.cell_words:
+            # Built (and initialised) last: the other modules start exactly as they do without it.
+            self.cell_reader = CellReader(config.vision_feature_dim, hidden, config.vocab_size, config.cell_words)
         for module in self.modules():
             self._init_module(module)
+        if config.cell_words:
+            self.cell_reader.reset_scale(config.initializer_range)
 
     def add_knowledge(self, dim: int, token_tfidf: bool = False) -> TaskKnowledge:
         """Give a trained model an (empty) knowledge table of width `dim` (with a token TF-IDF
@@ -276,6 +284,7 @@ class BitMarModel(
         vision_features: Any,
         output_attentions: bool,
         update_memory: bool,
+        decodes: bool = True,
     ) -> _Conditioning:
         batch = input_ids.shape[0]
         embedded = self.embed_tokens(input_ids)
@@ -312,14 +321,28 @@ class BitMarModel(
             ),
             dim=1,
         )
-        decoder_context_mask = copy_source = None
+        decoder_context_mask = copy_source = cell_word_logits = None
+        # The cell words are read by the decoder only: a forward without decoding (InfoNCE) skips the reader.
+        if self.config.cell_words and decodes and vision_features is not None and vision_features.patches.shape[1]:
+            cell_word_logits = self.cell_reader.logits(vision_features.patches, self.embed_tokens.weight)
         if self.config.decoder_reads_task:
             task = self._task_tokens(embedded, attention_mask)
             fixed = attention_mask.new_ones(decoder_context.shape[:2])  # memory, reasoning, selection, vision
+            source_ids, source_mask, unphrased = input_ids, attention_mask, 0
+            if cell_word_logits is not None:
+                # The cell words come before the task, so the task still ends the copy source (its end cue).
+                word_ids = self.cell_reader.words(cell_word_logits)
+                ranks = torch.arange(word_ids.shape[1], device=word_ids.device)
+                words = self.task_norm(self.embed_tokens(word_ids) + self.cell_reader.rank_positions(ranks))
+                word_mask = vision.has_image[:, None].expand_as(word_ids).to(attention_mask.dtype)
+                task = torch.cat((words, task), dim=1)
+                source_ids = torch.cat((word_ids, input_ids), dim=1)
+                source_mask = torch.cat((word_mask, attention_mask), dim=1)
+                unphrased = word_ids.shape[1]
             decoder_context = torch.cat((decoder_context, task), dim=1)
-            decoder_context_mask = torch.cat((fixed, attention_mask), dim=1)
+            decoder_context_mask = torch.cat((fixed, source_mask), dim=1)
             if self.config.decoder_copies_task:
-                copy_source = CopySource(input_ids, task, attention_mask)
+                copy_source = CopySource(source_ids, task, source_mask, unphrased)
 
         attentions = None
         if output_attentions:
@@ -333,7 +356,8 @@ class BitMarModel(
                 "reasoning_robots": reasoning.robot_attention,
             }
         return _Conditioning(
-            vision, fused, memory, reasoning, decoder_context, decoder_context_mask, attentions, copy_source
+            vision, fused, memory, reasoning, decoder_context, decoder_context_mask, attentions, copy_source,
+            cell_word_logits,
         )
 
     def _task_tokens(self, embedded: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -379,7 +403,9 @@ class BitMarModel(
         attention_mask, vision, decoder_attention_mask = self._validate(
             input_ids, attention_mask, vision_features, decoder_input_ids, decoder_attention_mask, labels
         )
-        cond = self._condition(input_ids, attention_mask, vision, output_attentions, update_memory)
+        cond = self._condition(
+            input_ids, attention_mask, vision, output_attentions, update_memory, decodes=decoder_input_ids is not None
+        )
 
         logits = loss = None
         attentions = cond.attentions
@@ -418,6 +444,7 @@ class BitMarModel(
             logit_scale=fused.logit_scale,
             joint_embedding=fused.joint_embedding,
             has_image=cond.vision.has_image,
+            cell_word_logits=cond.cell_word_logits,
             attentions=attentions,
         )
 

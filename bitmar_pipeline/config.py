@@ -187,6 +187,12 @@ class ModelSection(_Section):
         default=_MODEL.decoder_copies_task,
         description="The output head can copy task tokens (pointer-sentinel mixture); needs decoder_reads_task.",
     )
+    cell_words: int = Field(
+        default=_MODEL.cell_words,
+        ge=0,
+        description="Words a reader shared by the patch-grid cells names from the image (its 2 best cells), "
+        "read and copied by the decoder like task tokens; 0: no cell reader. Needs decoder_reads_task.",
+    )
 
 
 class StageSchedule(_Section):
@@ -219,6 +225,12 @@ class TrainingConfig(_Section):
     cross_modal_loss_weight: float = Field(default=1.0, ge=0.0)
     text_generation_loss_weight: float = Field(default=1.0, ge=0.0)
     memory_regularization_weight: float = Field(default=0.05, ge=0.0)
+    cell_reader_warmup_steps: int = Field(
+        default=1000, ge=0, description="Reader-only steps before pretraining's joint ones (model.cell_words)."
+    )
+    cell_word_loss_weight: float = Field(
+        default=1.0, ge=0.0, description="Pretraining weight of the cell reader's bag-of-words loss (model.cell_words)."
+    )
     selection_loss_weight: float = Field(default=1.0, ge=0.0)
     selection_class_balance: float = Field(
         default=0.0,

@@ -15,6 +15,7 @@ from bitmar_model import (
     create_bitmar_model,
     parameter_report,
 )
+from bitmar_model.cell_words import cell_bag_of_words_loss
 from bitmar_model.layers import positions_from_mask
 from bitmar_model.robots import ROBOT_CLASSES
 
@@ -75,8 +76,8 @@ def test_output_shapes() -> None:
     assert att["reasoning_context"].shape == (b, cfg.reasoning_steps, 1 + t + n)
     assert att["reasoning_robots"].shape == (b, cfg.reasoning_steps, r)
     assert att["decoder_self"][0].shape == (b, heads, 6, 6)
-    # memory, reasoning state, selection, vision, then the task's tokens
-    assert att["decoder_cross"][0].shape == (b, heads, 6, 3 + n + t)
+    # memory, reasoning state, selection, vision, then the cell words and the task's tokens
+    assert att["decoder_cross"][0].shape == (b, heads, 6, 3 + n + cfg.cell_words + t)
 
 
 def test_text_only_forward_and_tuple_features() -> None:
@@ -122,6 +123,8 @@ def test_gradients_reach_every_parameter() -> None:
         / 2
         + out.value.pow(2).mean()
         + torch.nn.functional.binary_cross_entropy(out.thought_scores, torch.ones_like(out.thought_scores))
+        # The cell reader learns from its own loss (pretraining's), the task standing in for a caption.
+        + cell_bag_of_words_loss(out.cell_word_logits, batch["input_ids"], torch.ones_like(batch["input_ids"]), (0,))
     )
     loss.backward()
     missing = [

@@ -117,6 +117,11 @@ class CaptionSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> int:
         return index
 
+    def cell_word_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(patches, caption_ids, caption_mask): what the cell reader's warm-up reads, without the rest."""
+        captions, caption_mask = _pad([self.caption_ids[i] for i in indices], self.pad_id)
+        return self.patches[self.feature_rows[list(indices)]], captions, caption_mask
+
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         rows = self.feature_rows[list(indices)]
         captions, caption_mask = _pad([self.caption_ids[i] for i in indices], self.pad_id)

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bitmar_model.cell_words import fit_cell_reader
 from bitmar_model.grpo import GroupBatch, GRPOSettings, train_grpo
 from bitmar_model.io import atomic_directory
 from bitmar_model.loop import LoopSettings
@@ -215,6 +216,27 @@ SFT_ONLY_TRAINING_KEYS = frozenset(
 )
 
 
+def _warm_cell_reader(model: BitMarModel, train: CaptionSet, training: TrainingConfig) -> None:
+    """`training.cell_reader_warmup_steps` reader-only steps (bitmar_model.cell_words) before the
+    joint ones, on random training batches of the pretraining batch size (seeded: a resumed run
+    repeats them, then loads its checkpoint over them)."""
+    steps = training.cell_reader_warmup_steps
+    if not model.config.cell_words or not steps:
+        return
+    generator = torch.Generator().manual_seed(training.seed)
+    size = min(training.pretrain.batch_size, len(train))
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        while True:
+            yield train.cell_word_batch(torch.randint(len(train), (size,), generator=generator).tolist())
+
+    cfg = model.config
+    fit_cell_reader(
+        model.cell_reader, model.embed_tokens.weight, batches(), steps, training.pretrain.learning_rate,
+        (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id),
+    )
+
+
 def run_multimodal_pretrain(
     config: PipelineConfig,
     storage: Storage,
@@ -245,10 +267,12 @@ def run_multimodal_pretrain(
     )
     checkpoint_dir = storage.path("checkpoints", PRETRAIN, fingerprint)
     history = History(checkpoint_dir / HISTORY_FILE, is_main=is_main_process())
+    _warm_cell_reader(model, data.train, config.training)
     weights = PretrainWeights(
         config.training.text_generation_loss_weight,
         config.training.cross_modal_loss_weight,
         config.training.memory_regularization_weight,
+        config.training.cell_word_loss_weight,
     )
     trainer = Trainer(
         model,
