@@ -243,6 +243,11 @@ def test_the_blend_weight_is_chosen_on_validation(setup) -> None:
     assert neutral == 0.5 and len(set(neutral_scores.values())) == 1
     assert scores[0.5] < scores[weight] and weight >= 4.0
     assert fitted.knowledge.weight.item() == weight
+    # Chosen without dropout, whatever mode the model is in (the stage calls it right after training).
+    fitted.train()
+    with torch.no_grad():
+        again, _ = choose_knowledge_weight(fitted, tokenizer, texts, robots, WEIGHTS)
+    assert again == weight and fitted.training
     with pytest.raises(ValueError, match="no validation tasks"):
         choose_knowledge_weight(fitted, tokenizer, [], [], WEIGHTS)
 

@@ -221,6 +221,8 @@ def choose_knowledge_weight(
     ids, mask = encode_prompts(tokenizer, list(texts), model.config.max_seq_len)
     gold = label_matrix([list(r) for r in robots])
     scores = {}
+    was_training = model.training
+    model.eval()  # no dropout in the forwards that are compared
     for weight in candidates:
         model.knowledge.weight.fill_(float(weight))
         probs = model(ids.to(device), mask.to(device)).robot_probs.float().cpu().numpy()
@@ -229,4 +231,5 @@ def choose_knowledge_weight(
         scores[float(weight)] = round(total, 4)
     best = max(scores, key=lambda w: (scores[w], -w))
     model.knowledge.weight.fill_(best)
+    model.train(was_training)
     return best, scores
