@@ -53,6 +53,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. vision.model=facebook/dinov2-base")
         overrides[key.strip()] = yaml.safe_load(value)
+        if overrides[key.strip()] is None:
+            # Dagster's run config cannot carry a null map value (its config processing fails deep inside).
+            raise ConfigError(f"--set {pair!r}: null cannot be passed on the command line; use a --config YAML file")
     return overrides
 
 

@@ -69,6 +69,8 @@ def test_overrides_are_typed():
     }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["novalue"])
+    with pytest.raises(ConfigError, match="training.knowledge_teacher=null.*--config"):
+        parse_overrides(["training.knowledge_teacher=null"])
 
 
 def test_train_command_maps_seed_options(monkeypatch):
