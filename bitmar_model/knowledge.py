@@ -34,7 +34,7 @@ def token_counts(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_si
 
 
 class TaskKnowledge(nn.Module):
-    """Static task vectors [B, dim], TF-IDF n-gram vectors and knowledge logits [B, classes]."""
+    """Static task vectors [B, dim], token TF-IDF vectors [B, vocab] and knowledge logits [B, classes]."""
 
     def __init__(self, vocab_size: int, dim: int, num_classes: int, token_tfidf: bool = False) -> None:
         super().__init__()

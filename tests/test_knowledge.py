@@ -67,6 +67,23 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     return tokenizer, teacher, model
 
 
+def _copy(model: BitMarModel) -> BitMarModel:
+    fresh = BitMarModel(model.config)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()
+
+
+def _fitted(setup, **settings):
+    """A copy of the setup's model with knowledge installed from TASKS and PROFILES (d16, C 10,
+    weight 1 unless `settings` say otherwise), and the fit's record."""
+    tokenizer, teacher, model = setup
+    fitted = _copy(model)
+    kwargs = {"dim": 16, "weight": 1.0, "c": 10.0, **settings}
+    texts, robots = [t for t, _ in TASKS], [r for _, r in TASKS]
+    fit = install_knowledge(fitted, tokenizer, teacher, texts, robots, PROFILES, **kwargs)
+    return fitted, fit
+
+
 def test_task_vectors_are_the_sif_weighted_mean_over_real_tokens() -> None:
     knowledge = TaskKnowledge(vocab_size=6, dim=2, num_classes=3)
     table = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1], [3, 4], [0, 0]], dtype=torch.float32)
@@ -137,12 +154,7 @@ def test_a_new_table_changes_nothing_until_fitted_and_round_trips(setup, tmp_pat
 
 def test_install_knowledge_fits_the_tasks_and_the_capability_phrases(setup) -> None:
     tokenizer, teacher, model = setup
-    fitted = BitMarModel(model.config)
-    fitted.load_state_dict(model.state_dict())
-    fitted.eval()
-    fit = install_knowledge(
-        fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES, dim=16, weight=1.0, c=10.0
-    )
+    fitted, fit = _fitted(setup)
     assert fit.train_tasks == 5 and fit.capability_phrases == 34 and fit.train_top1 >= 0.8
     phrases, owners = capability_phrases(PROFILES)
     ids, mask = encode_prompts(tokenizer, phrases, model.config.max_seq_len)
@@ -161,13 +173,7 @@ def test_the_tfidf_view_is_sklearns_tfidf_over_the_prompt_tokens(setup) -> None:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     tokenizer, teacher, model = setup
-    fitted = BitMarModel(model.config)
-    fitted.load_state_dict(model.state_dict())
-    fitted.eval()
-    fit = install_knowledge(
-        fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES,
-        dim=16, weight=2.0, c=10.0, token_tfidf=True, static_scale=0.5,
-    )
+    fitted, fit = _fitted(setup, weight=2.0, token_tfidf=True, static_scale=0.5)
     assert fit.token_tfidf and fitted.config.knowledge_token_tfidf
     phrases, _ = capability_phrases(PROFILES)
     train_ids, train_mask = encode_prompts(tokenizer, [t for t, _ in TASKS] + phrases, model.config.max_seq_len)
@@ -192,11 +198,7 @@ def test_the_tfidf_view_survives_save_and_the_packed_release(setup, tmp_path: Pa
     from bitmar_model.packing import load_packed_into, pack_model, round_to_stored, save_packed
 
     tokenizer, teacher, model = setup
-    fitted = BitMarModel(model.config)
-    fitted.load_state_dict(model.state_dict())
-    fitted.eval()
-    install_knowledge(fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES,
-                      dim=16, weight=1.0, c=10.0, token_tfidf=True, static_scale=0.5)
+    fitted, _ = _fitted(setup, token_tfidf=True, static_scale=0.5)
     ids, mask = encode_prompts(tokenizer, [t for t, _ in TASKS], model.config.max_seq_len)
     fitted.save_pretrained(tmp_path / "fp32")
     reloaded = BitMarModel.from_pretrained(tmp_path / "fp32").eval()
@@ -211,8 +213,7 @@ def test_the_tfidf_view_survives_save_and_the_packed_release(setup, tmp_path: Pa
 
 def test_a_refit_with_another_tfidf_setting_is_refused(setup) -> None:
     tokenizer, teacher, model = setup
-    fitted = BitMarModel(model.config)
-    fitted.load_state_dict(model.state_dict())
+    fitted = _copy(model)
     fitted.add_knowledge(16)
     with pytest.raises(ValueError, match="token_tfidf"):
         install_knowledge(fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES,
@@ -227,11 +228,7 @@ def test_the_blend_weight_is_chosen_on_validation(setup) -> None:
     a large knowledge weight selects right, so that weight is chosen and installed; with a
     neutral head every weight ties and the smallest is kept."""
     tokenizer, teacher, model = setup
-    fitted = BitMarModel(model.config)
-    fitted.load_state_dict(model.state_dict())
-    fitted.eval()
-    install_knowledge(fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES,
-                      dim=16, weight=1.0, c=10.0, token_tfidf=True, static_scale=0.5)
+    fitted, _ = _fitted(setup, token_tfidf=True, static_scale=0.5)
     texts, robots = [t for t, _ in TASKS], [r for _, r in TASKS]
     head = fitted.reasoning.policy_head
     with torch.no_grad():
@@ -281,11 +278,7 @@ def test_the_packed_release_form_keeps_the_knowledge(setup, tmp_path: Path) -> N
     from bitmar_model.packing import load_packed_into, pack_model, round_to_stored, save_packed
 
     tokenizer, teacher, model = setup
-    fitted = BitMarModel(model.config)
-    fitted.load_state_dict(model.state_dict())
-    fitted.eval()
-    install_knowledge(fitted, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES,
-                      dim=16, weight=1.0, c=10.0)
+    fitted, _ = _fitted(setup)
     save_packed(fitted, tmp_path, fitted.config.to_dict())
     loaded = pack_model(BitMarModel(BitMarConfig.from_dict(fitted.config.to_dict()))).eval()
     load_packed_into(loaded, tmp_path)
