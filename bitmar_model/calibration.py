@@ -27,6 +27,11 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return float(-(y * np.log(p) + (1 - y) * np.log1p(-p)).mean())
+
+
 @dataclass(frozen=True)
 class PlattCalibration:
     a: float = 1.0
@@ -36,19 +41,29 @@ class PlattCalibration:
         return _sigmoid(self.a * _logit(confidences) + self.b)
 
     @classmethod
-    def fit(cls, confidences: np.ndarray, correct: np.ndarray, l2: float = 1e-2, steps: int = 50) -> PlattCalibration:
-        """Newton's method on the log loss, with a small L2 pull towards the identity (a=1, b=0)
-        so that all-right or all-wrong validation sets give finite parameters."""
+    def fit(cls, confidences: np.ndarray, correct: np.ndarray, l2: float = 1.0, steps: int = 50) -> PlattCalibration:
+        """Newton's method on the log loss, with an L2 pull towards the identity (a=1, b=0) so
+        that all-right or all-wrong validation sets give finite parameters (l2 = 1 beat 0.01 on
+        the 5-fold CV: pooled test ECE .065 vs .089, docs/decisions.md). Steps are halved
+        until the loss falls: a full Newton step from the identity can overshoot to a ~ 1e3
+        when the confidences sit near 1 (seen on 32 tasks)."""
         z, y = _logit(confidences), np.asarray(correct, dtype=np.float64)
         if len(z) == 0:
             raise ValueError("PlattCalibration.fit: no confidences to fit on")
         x = np.stack((z, np.ones_like(z)), axis=1)
         theta, prior = np.array([1.0, 0.0]), np.array([1.0, 0.0])
+
+        def loss(t: np.ndarray) -> float:
+            return len(z) * _log_loss(_sigmoid(x @ t), y) + 0.5 * l2 * float(((t - prior) ** 2).sum())
+
         for _ in range(steps):
             p = _sigmoid(x @ theta)
             gradient = x.T @ (p - y) + l2 * (theta - prior)
             hessian = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(2)
             step = np.linalg.solve(hessian, gradient)
+            current = loss(theta)
+            while loss(theta - step) > current and np.abs(step).max() > 1e-12:
+                step = step / 2
             theta = theta - step
             if np.abs(step).max() < 1e-10:
                 break

@@ -30,6 +30,16 @@ def test_calibrated_input_is_left_about_alone():
     assert calibration.a == pytest.approx(1.0, abs=0.15) and calibration.b == pytest.approx(0.0, abs=0.15)
 
 
+def test_fit_does_not_overshoot_when_confidences_sit_near_one():
+    # 32 of 40 overconfident tasks: a full Newton step from the identity jumped to a ~ 1600,
+    # b ~ 1000 (every held-out task then read 0 or 1) before steps were halved.
+    stated, right = overconfident(40, seed=0)
+    keep = np.arange(40) % 5 != 1
+    calibration = PlattCalibration.fit(stated[keep], right[keep], l2=1e-2)
+    assert 0.3 < calibration.a < 3 and -4 < calibration.b < 1, calibration
+    assert expected_calibration_error(calibration(stated), right) < expected_calibration_error(stated, right)
+
+
 def test_all_right_validation_gives_finite_parameters_and_round_trips():
     calibration = PlattCalibration.fit(np.array([0.6, 0.7, 0.9]), np.ones(3))
     assert np.isfinite([calibration.a, calibration.b]).all()
