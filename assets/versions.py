@@ -38,10 +38,13 @@ TEXT_TOKENIZER = 2
 # grpo_policy 2: selection anchor, full-entropy bonus, exact-set calibration target.
 # reasoning_sft 2: installs the teacher-distilled selection knowledge (training.knowledge_teacher).
 # reasoning_sft 3: ... next to a token TF-IDF view (training.knowledge_token_tfidf).
+# reasoning_sft 4: ... over a table of whole words found by hash (training.knowledge_table).
 # multimodal_pretrain 2: the cell reader's warm-up and bag-of-words loss (model.cell_words).
-STAGE_CODE = {"multimodal_pretrain": 2, "reasoning_sft": 3, "grpo_policy": 2}
+STAGE_CODE = {"multimodal_pretrain": 2, "reasoning_sft": 4, "grpo_policy": 2}
 # Report and release stages.
-EVALUATION_REPORT = 3  # 2: texts guided by the fleet's profiles; the report records the fleet; 3: task cues
+# 2: texts guided by the fleet's profiles; the report records the fleet; 3: task cues; 4: the Platt fit
+# no longer diverges (halved Newton steps, l2 1)
+EVALUATION_REPORT = 4
 QUANTIZATION_REPORT = 3  # 3: the integer form's latency, matmul calls and weight bytes
 HUB_RELEASE = 4  # 4: the manifest carries the fleet's profiles (3: the integer model's latency in the card)
 

@@ -63,6 +63,8 @@ class BitMarConfig:
     knowledge_dim: int = 0
     # ... and a sparse TF-IDF view of the same tokens next to the static vectors.
     knowledge_token_tfidf: bool = False
+    # Rows of a whole-word table (found in the token ids by hash) in place of the per-token one; 0: tokens.
+    knowledge_words: int = 0
     # Decoder attention: StreamingLLM-style sinks + sliding window bound the KV cache.
     attention_sink_tokens: int = 4
     sliding_window: int = 256
@@ -206,6 +208,9 @@ class BitMarConfig:
             raise ValueError(f"BitMarConfig.quantized must be a bool, got {self.quantized!r}")
         if isinstance(self.knowledge_dim, bool) or not isinstance(self.knowledge_dim, int) or self.knowledge_dim < 0:
             raise ValueError(f"BitMarConfig.knowledge_dim must be an integer >= 0, got {self.knowledge_dim!r}")
+        words = self.knowledge_words
+        if isinstance(words, bool) or not isinstance(words, int) or words < 0:
+            raise ValueError(f"BitMarConfig.knowledge_words must be an integer >= 0, got {self.knowledge_words!r}")
         if self.decoder_copies_task and not self.decoder_reads_task:
             raise ValueError(
                 "BitMarConfig.decoder_copies_task needs decoder_reads_task=True: it copies from the task tokens "

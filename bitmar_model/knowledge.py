@@ -15,6 +15,18 @@ each robot gives knowledge logits, added to the selection head's:
 
     robot_logits = head(task, image) + weight * (W v(x) + U u(x) + b).
 
+With `words` > 0 the static vectors come from a table of whole WORDS instead of tokens: the
+teacher embeds each word of its own vocabulary (and of the training texts) alone, so "hull" or
+"rubble" keep their meaning where BitMar's small BPE cuts them into pieces the teacher cannot
+read. The module finds the words in BitMar's own token ids (a word = a run of letter tokens, a
+new one at each token that starts with a space) and looks each up by a hash of its token ids,
+so the release needs no second tokenizer:
+
+    key(word) = h_1 * 2^31 + h_2,   h_j = sum_k id_k * base_j^k  mod (2^31 - 1),
+
+with every casing of a word ("hull", " hull", "Hull", " Hull") stored under its own key.
+Words not in the table add nothing.
+
 Nothing here is trained by the optimiser: the table, the token weights and the classifier are
 fitted in the pipeline (closed form / logistic regression) and stored as buffers, so the
 release carries them and never needs the teacher.
@@ -22,9 +34,43 @@ release carries them and never needs the teacher.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_MOD = 2**31 - 1  # Mersenne prime: each h_j < 2^31, so id * base^k mod p and sums of them fit in int64
+_BASES = (1_000_003, 999_983)
+WORD_FORMS = 4  # " word", " Word", "word", "Word": the forms a word takes in a prompt
+
+
+@functools.lru_cache(maxsize=8)
+def _powers(base: int, length: int) -> torch.Tensor:
+    return torch.tensor([pow(base, k, _MOD) for k in range(length)], dtype=torch.int64)
+
+
+def word_keys(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, token_letter: torch.Tensor, token_space: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys [B, T] int64, valid [B, T] bool): the key of each row's w-th word at slot w.
+
+    A word is a run of letter tokens; a token that starts with a space starts a new one (byte-level
+    BPE never joins letters across a space, so a token is never shared by two words)."""
+    length = input_ids.shape[1]
+    letter = token_letter[input_ids] & attention_mask.bool()
+    before = F.pad(letter[:, :-1], (1, 0), value=False)
+    starts = letter & (~before | token_space[input_ids])
+    slot = (starts.long().cumsum(1) - 1).clamp(min=0)
+    t = torch.arange(length, device=input_ids.device)
+    position = t - torch.where(starts, t, torch.zeros_like(t)).cummax(1).values
+    keys = torch.zeros_like(input_ids, dtype=torch.int64)
+    for base in _BASES:
+        term = input_ids.long() * _powers(base, length).to(input_ids.device)[position] % _MOD
+        h = torch.zeros_like(keys).scatter_add_(1, slot, torch.where(letter, term, 0)) % _MOD
+        keys = keys * 2**31 + h
+    return keys, t[None, :] < starts.sum(1, keepdim=True)
 
 
 def token_counts(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -36,12 +82,25 @@ def token_counts(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_si
 class TaskKnowledge(nn.Module):
     """Static task vectors [B, dim], token TF-IDF vectors [B, vocab] and knowledge logits [B, classes]."""
 
-    def __init__(self, vocab_size: int, dim: int, num_classes: int, token_tfidf: bool = False) -> None:
+    def __init__(
+        self, vocab_size: int, dim: int, num_classes: int, token_tfidf: bool = False, words: int = 0
+    ) -> None:
         super().__init__()
         self.token_tfidf = token_tfidf
-        # fp16 like the embedding a BitNet release keeps; the table is the module's whole size.
-        self.register_buffer("table", torch.zeros(vocab_size, dim, dtype=torch.float16))
-        self.register_buffer("token_weights", torch.zeros(vocab_size))
+        self.words = words
+        if words:
+            # int8 rows with a scale each: the word table is the module's whole size (~128 B a word).
+            self.register_buffer("word_table", torch.zeros(words, dim, dtype=torch.int8))
+            self.register_buffer("word_scale", torch.zeros(words))
+            self.register_buffer("word_weights", torch.zeros(words))
+            self.register_buffer("word_keys", torch.full((WORD_FORMS * words,), -1, dtype=torch.int64))
+            self.register_buffer("word_rows", torch.zeros(WORD_FORMS * words, dtype=torch.int32))
+            self.register_buffer("token_letter", torch.zeros(vocab_size, dtype=torch.bool))
+            self.register_buffer("token_space", torch.zeros(vocab_size, dtype=torch.bool))
+        else:
+            # fp16 like the embedding a BitNet release keeps; the table is the module's whole size.
+            self.register_buffer("table", torch.zeros(vocab_size, dim, dtype=torch.float16))
+            self.register_buffer("token_weights", torch.zeros(vocab_size))
         self.register_buffer("classifier_weight", torch.zeros(num_classes, dim))
         self.register_buffer("classifier_bias", torch.zeros(num_classes))
         self.register_buffer("weight", torch.zeros(()))
@@ -49,10 +108,23 @@ class TaskKnowledge(nn.Module):
             self.register_buffer("token_idf", torch.zeros(vocab_size))
             self.register_buffer("tfidf_classifier", torch.zeros(num_classes, vocab_size, dtype=torch.float16))
 
+    def word_rows_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [B, T], found [B, T]): the word table row of each row's w-th word, and whether
+        that word is in the table."""
+        keys, valid = word_keys(input_ids, attention_mask, self.token_letter, self.token_space)
+        at = torch.searchsorted(self.word_keys, keys).clamp(max=self.word_keys.shape[0] - 1)
+        return self.word_rows[at].long(), valid & (self.word_keys[at] == keys)
+
     def task_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """v(x): the SIF-weighted mean of the tokens' rows, L2-normalised (zero for no known token)."""
-        w = self.token_weights[input_ids] * attention_mask.to(self.token_weights.dtype)
-        rows = self.table[input_ids].float()
+        """v(x): the SIF-weighted mean of the tokens' (or words') rows, L2-normalised (zero when
+        none is known)."""
+        if self.words:
+            index, found = self.word_rows_of(input_ids, attention_mask)
+            w = self.word_weights[index] * found
+            rows = self.word_table[index].float() * self.word_scale[index, None]
+        else:
+            w = self.token_weights[input_ids] * attention_mask.to(self.token_weights.dtype)
+            rows = self.table[input_ids].float()
         pooled = (rows * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-6)
         return F.normalize(pooled, dim=-1)
 
@@ -68,32 +140,41 @@ class TaskKnowledge(nn.Module):
             logits = logits + self.tfidf_vectors(input_ids, attention_mask) @ self.tfidf_classifier.float().T
         return self.weight * logits
 
+    def static_buffer_names(self) -> tuple[str, ...]:
+        if self.words:
+            return ("word_table", "word_scale", "word_weights", "word_keys", "word_rows", "token_letter", "token_space")
+        return ("table", "token_weights")
+
+    @torch.no_grad()
+    def load_static(self, **buffers: torch.Tensor) -> None:
+        """Install the static part: `table` and `token_weights`, or with words the word_* buffers
+        and the token flags (exactly `static_buffer_names()`, shapes as the module's)."""
+        if set(buffers) != set(self.static_buffer_names()):
+            raise ValueError(f"load_static: expected {sorted(self.static_buffer_names())}, received {sorted(buffers)}")
+        self._install(buffers.items())
+
     @torch.no_grad()
     def load_fitted(
         self,
-        table: torch.Tensor,
-        token_weights: torch.Tensor,
         classifier_weight: torch.Tensor,
         classifier_bias: torch.Tensor,
         weight: float,
         token_idf: torch.Tensor | None = None,
         tfidf_classifier: torch.Tensor | None = None,
     ) -> None:
-        """Install what the pipeline fitted (shapes must match the module's; the TF-IDF pair
-        exactly when the module has a token TF-IDF view)."""
-        fitted = [
-            ("table", table),
-            ("token_weights", token_weights),
-            ("classifier_weight", classifier_weight),
-            ("classifier_bias", classifier_bias),
-        ]
+        """Install the fitted classifier (shapes must match the module's; the TF-IDF pair exactly
+        when the module has a token TF-IDF view)."""
+        fitted = [("classifier_weight", classifier_weight), ("classifier_bias", classifier_bias)]
         if (token_idf is None or tfidf_classifier is None) == self.token_tfidf:
             raise ValueError(f"token_idf/tfidf_classifier: given exactly when token_tfidf is on ({self.token_tfidf})")
         if self.token_tfidf:
             fitted += [("token_idf", token_idf), ("tfidf_classifier", tfidf_classifier)]
-        for name, value in fitted:
+        self._install(fitted)
+        self.weight.fill_(float(weight))
+
+    def _install(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for name, value in named:
             buffer = getattr(self, name)
             if tuple(value.shape) != tuple(buffer.shape):
                 raise ValueError(f"{name}: expected shape {tuple(buffer.shape)}, received {tuple(value.shape)}")
             buffer.copy_(value.to(buffer.dtype))
-        self.weight.fill_(float(weight))

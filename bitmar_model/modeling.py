@@ -187,7 +187,8 @@ class BitMarModel(
             self.copy_head = CopyHead(hidden)
         if config.knowledge_dim:
             self.knowledge = TaskKnowledge(
-                config.vocab_size, config.knowledge_dim, config.num_robot_classes, config.knowledge_token_tfidf
+                config.vocab_size, config.knowledge_dim, config.num_robot_classes, config.knowledge_token_tfidf,
+                config.knowledge_words,
             )
         self.decoder = BitMarDecoder(config)
         if config.cell_words:
@@ -198,17 +199,18 @@ class BitMarModel(
         if config.cell_words:
             self.cell_reader.reset_scale(config.initializer_range)
 
-    def add_knowledge(self, dim: int, token_tfidf: bool = False) -> TaskKnowledge:
+    def add_knowledge(self, dim: int, token_tfidf: bool = False, words: int = 0) -> TaskKnowledge:
         """Give a trained model an (empty) knowledge table of width `dim` (with a token TF-IDF
-        view if asked) and record it in the config, so save/load round-trips it; the
+        view if asked; over `words` whole words if > 0) and record it in the config, so save/load round-trips it; the
         caller installs the fitted tensors (`TaskKnowledge.load_fitted`). Until then its weight
         is 0 and the outputs are unchanged."""
         if self.config.knowledge_dim:
             raise ValueError(f"add_knowledge: already has one (knowledge_dim {self.config.knowledge_dim})")
-        self.config = replace(self.config, knowledge_dim=dim, knowledge_token_tfidf=token_tfidf)  # validates dim
+        # replace() validates the values
+        self.config = replace(self.config, knowledge_dim=dim, knowledge_token_tfidf=token_tfidf, knowledge_words=words)
         self._hub_mixin_config = self.config.to_dict()
         device = self.embed_tokens.weight.device
-        self.knowledge = TaskKnowledge(self.config.vocab_size, dim, self.config.num_robot_classes, token_tfidf)
+        self.knowledge = TaskKnowledge(self.config.vocab_size, dim, self.config.num_robot_classes, token_tfidf, words)
         self.knowledge.to(device)
         return self.knowledge
 

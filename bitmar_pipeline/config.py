@@ -269,7 +269,14 @@ class TrainingConfig(_Section):
             "(null: no teacher, the selection head learns from the robot labels alone)."
         ),
     )
-    knowledge_dim: int = Field(default=128, gt=0, description="Width of the distilled token table (PCA components).")
+    knowledge_dim: int = Field(default=128, gt=0, description="Width of the distilled table (PCA components).")
+    knowledge_table: Literal["words", "tokens"] = Field(
+        default="words",
+        description=(
+            "What the distilled table's rows are: whole words (the teacher vocabulary's words and the training "
+            "texts', int8, found in the model's tokens by hash) or the model's own BPE tokens (fp16)."
+        ),
+    )
     knowledge_weights: list[Annotated[float, Field(ge=0.0)]] = Field(
         default=[0.5, 1.0, 2.0, 4.0, 8.0],
         min_length=1,

@@ -88,7 +88,8 @@ def test_task_vectors_are_the_sif_weighted_mean_over_real_tokens() -> None:
     knowledge = TaskKnowledge(vocab_size=6, dim=2, num_classes=3)
     table = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1], [3, 4], [0, 0]], dtype=torch.float32)
     weights = torch.tensor([0.0, 1.0, 3.0, 1.0, 1.0, 1.0])
-    knowledge.load_fitted(table, weights, torch.eye(3, 2), torch.zeros(3), 1.0)
+    knowledge.load_static(table=table, token_weights=weights)
+    knowledge.load_fitted(torch.eye(3, 2), torch.zeros(3), 1.0)
     ids = torch.tensor([[1, 2, 0], [4, 4, 3]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 0]])  # the second row's token 3 is padding
     vectors = knowledge.task_vectors(ids, mask)
@@ -100,7 +101,9 @@ def test_task_vectors_are_the_sif_weighted_mean_over_real_tokens() -> None:
 def test_load_fitted_rejects_a_wrong_shape() -> None:
     knowledge = TaskKnowledge(vocab_size=6, dim=2, num_classes=3)
     with pytest.raises(ValueError, match="table: expected shape"):
-        knowledge.load_fitted(torch.zeros(5, 2), torch.zeros(6), torch.zeros(3, 2), torch.zeros(3), 1.0)
+        knowledge.load_static(table=torch.zeros(5, 2), token_weights=torch.zeros(6))
+    with pytest.raises(ValueError, match="load_static: expected"):
+        knowledge.load_static(table=torch.zeros(6, 2))
 
 
 def test_token_strings_blank_the_special_and_tag_tokens(setup) -> None:
@@ -194,12 +197,12 @@ def test_the_tfidf_view_is_sklearns_tfidf_over_the_prompt_tokens(setup) -> None:
         torch.testing.assert_close(knowledge(ids, mask), 2.0 * (by_hand + knowledge.classifier_bias))
 
 
-def test_the_tfidf_view_survives_save_and_the_packed_release(setup, tmp_path: Path) -> None:
+def _saved_and_packed(fitted: BitMarModel, tokenizer, tmp_path: Path) -> BitMarModel:
+    """Saves `fitted` (fp32 and the release's packed form), asserts both reload to the same
+    selection on TASKS (the packed one as the model with its floats rounded); the packed model."""
     from bitmar_model.packing import load_packed_into, pack_model, round_to_stored, save_packed
 
-    tokenizer, teacher, model = setup
-    fitted, _ = _fitted(setup, token_tfidf=True, static_scale=0.5)
-    ids, mask = encode_prompts(tokenizer, [t for t, _ in TASKS], model.config.max_seq_len)
+    ids, mask = encode_prompts(tokenizer, [t for t, _ in TASKS], fitted.config.max_seq_len)
     fitted.save_pretrained(tmp_path / "fp32")
     reloaded = BitMarModel.from_pretrained(tmp_path / "fp32").eval()
     save_packed(fitted, tmp_path / "packed", fitted.config.to_dict())
@@ -208,7 +211,14 @@ def test_the_tfidf_view_survives_save_and_the_packed_release(setup, tmp_path: Pa
     with torch.no_grad():
         assert torch.equal(reloaded(ids, mask).robot_logits, fitted(ids, mask).robot_logits)
         assert torch.equal(packed(ids, mask).robot_probs, round_to_stored(fitted)(ids, mask).robot_probs)
-        assert packed.knowledge.tfidf_classifier.abs().sum() > 0
+    return packed
+
+
+def test_the_tfidf_view_survives_save_and_the_packed_release(setup, tmp_path: Path) -> None:
+    tokenizer, _, _ = setup
+    fitted, _ = _fitted(setup, token_tfidf=True, static_scale=0.5)
+    packed = _saved_and_packed(fitted, tokenizer, tmp_path)
+    assert packed.knowledge.tfidf_classifier.abs().sum() > 0
 
 
 def test_a_refit_with_another_tfidf_setting_is_refused(setup) -> None:
@@ -286,3 +296,39 @@ def test_the_packed_release_form_keeps_the_knowledge(setup, tmp_path: Path) -> N
     with torch.no_grad():
         assert torch.equal(loaded(ids, mask).robot_probs, round_to_stored(fitted)(ids, mask).robot_probs)
         assert loaded.knowledge.weight.item() == 1.0
+
+
+# --- the whole-word table ------------------------------------------------------------------
+
+
+def test_word_keys_find_each_word_whatever_its_place() -> None:
+    """Tokens 1-3 are letters (2 starts with a space), 4 is punctuation: [1 3] [2 3] . [2 3] gives
+    three words, the last two the same word (same ids), padding none."""
+    from bitmar_model.knowledge import word_keys
+
+    letter = torch.tensor([False, True, True, True, False])
+    space = torch.tensor([False, False, True, False, False])
+    ids = torch.tensor([[1, 3, 2, 3, 4, 2, 3], [2, 3, 0, 0, 0, 0, 0]])
+    mask = torch.tensor([[1] * 7, [1, 1, 0, 0, 0, 0, 0]])
+    keys, valid = word_keys(ids, mask, letter, space)
+    assert valid.sum(1).tolist() == [3, 1]
+    assert keys[0, 1] == keys[0, 2] == keys[1, 0] and keys[0, 0] != keys[0, 1]
+    assert (keys[valid] >= 0).all() and (keys[valid] < 2**62).all()
+
+
+def test_install_knowledge_over_words_finds_them_in_any_casing(setup, tmp_path: Path) -> None:
+    tokenizer, teacher, model = setup
+    fitted, fit = _fitted(setup, token_tfidf=True, static_scale=0.5, words=True)
+    knowledge = fitted.knowledge
+    assert fit.words == knowledge.words == fitted.config.knowledge_words > 20 and fit.train_top1 >= 0.8
+    assert knowledge.word_table.dtype == torch.int8
+    ids, mask = encode_prompts(tokenizer, ["Rubble and rubble", "qzx rubble"], model.config.max_seq_len)
+    rows, found = knowledge.word_rows_of(ids, mask)
+    # "Task", "Rubble", "and", "rubble" / "Task", "qzx", "rubble": the unknown word alone is not found.
+    assert found[0, :4].all() and found[1].tolist()[:3] == [True, False, True]
+    assert rows[0, 1] == rows[0, 3] == rows[1, 2]
+    torch.testing.assert_close(knowledge.task_vectors(ids, mask).norm(dim=-1), torch.ones(2))
+    packed = _saved_and_packed(fitted, tokenizer, tmp_path)
+    ids, mask = encode_prompts(tokenizer, [t for t, _ in TASKS], model.config.max_seq_len)
+    with torch.no_grad():
+        assert packed.knowledge(ids, mask).argmax(1).tolist() == [ROBOT_INDEX[r[0]] for _, r in TASKS]

@@ -12,6 +12,7 @@ the SIF token weights and the classifier go into `BitMarModel.knowledge`
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from transformers import PreTrainedTokenizerBase
 
-from bitmar_model.knowledge import token_counts
+from bitmar_model.knowledge import WORD_FORMS, TaskKnowledge, token_counts, word_keys
 from bitmar_model.metrics import exact_set_accuracy, label_matrix, sample_f1, top1_accuracy
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.robots import NUM_ROBOT_CLASSES, select_robots
@@ -89,6 +90,66 @@ def distil_token_table(
     return table
 
 
+_LETTERS = re.compile(r"[A-Za-z]+")
+
+
+def table_words(teacher: SentenceTeacher, texts: Sequence[str]) -> list[str]:
+    """The words the word table holds: the teacher vocabulary's whole ASCII words (no WordPiece
+    '##' pieces, SentencePiece/byte-level space marks dropped) and every word of `texts`, lowercased."""
+    words = {m.lower() for t in texts for m in _LETTERS.findall(t)}
+    for token in teacher.tokenizer.get_vocab():
+        word = token.lstrip("\u2581\u0120")
+        if not token.startswith("##") and word.isascii() and word.isalpha():
+            words.add(word.lower())
+    return sorted(words)
+
+
+def token_flags(tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
+    """(letter [V], space [V]): the token is letters only (after its leading space), and it
+    starts with a space; special and tag tokens are neither."""
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    texts = ["" if i in special else tokenizer.decode([i]) for i in range(len(tokenizer))]
+    letter = torch.tensor([t.lstrip(" ").isalpha() for t in texts])
+    return letter, torch.tensor([t.startswith(" ") and t.lstrip(" ").isalpha() for t in texts])
+
+
+def word_table(
+    teacher: SentenceTeacher, tokenizer: PreTrainedTokenizerBase, words: Sequence[str], dim: int
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The static buffers of a word table (SIF weights still zero) and how many word forms
+    were dropped (not one run of letter tokens, or a key shared with another word)."""
+    letter, space = token_flags(tokenizer)
+    forms = [(form, row) for row, w in enumerate(words) for form in (f" {w}", f" {w.capitalize()}", w, w.capitalize())]
+    encoded = tokenizer([f for f, _ in forms], add_special_tokens=False, padding=True, return_tensors="pt")
+    keys, valid = word_keys(encoded["input_ids"], encoded["attention_mask"], letter, space)
+    whole = valid.sum(1) == 1
+    owners: dict[int, set[int]] = {}
+    for (_, row), key, ok in zip(forms, keys[:, 0].tolist(), whole.tolist(), strict=True):
+        if ok:
+            owners.setdefault(key, set()).add(row)
+    kept = sorted((key, rows.pop()) for key, rows in owners.items() if len(rows) == 1)
+    pad = WORD_FORMS * len(words) - len(kept)
+    vectors = torch.from_numpy(distil_token_table(teacher, list(words), dim))
+    scale = vectors.abs().amax(1).clamp(min=1e-12) / 127
+    buffers = {
+        "word_table": torch.round(vectors / scale[:, None]).to(torch.int8),
+        "word_scale": scale,
+        "word_weights": torch.zeros(len(words)),
+        "word_keys": torch.tensor([-1] * pad + [k for k, _ in kept], dtype=torch.int64),
+        "word_rows": torch.tensor([0] * pad + [r for _, r in kept], dtype=torch.int32),
+        "token_letter": letter,
+        "token_space": space,
+    }
+    return buffers, pad
+
+
+def word_sif_weights(knowledge: TaskKnowledge, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """a / (a + p(word)) with p counted over the words the table finds in these prompts."""
+    rows, found = knowledge.word_rows_of(ids, mask)
+    counts = torch.bincount(rows[found], minlength=knowledge.words).double()
+    return (SIF_A / (SIF_A + counts / counts.sum().clamp(min=1))).float()
+
+
 def sif_weights(token_ids: Sequence[Sequence[int]], vocab_size: int, strings: Sequence[str]) -> np.ndarray:
     """a / (a + p(token)) with p counted over `token_ids` (the training prompts); 0 for specials."""
     counts = Counter(i for ids in token_ids for i in ids)
@@ -136,6 +197,7 @@ def fit_one_vs_rest(
 class KnowledgeFit:
     teacher: str
     dim: int
+    words: int
     token_tfidf: bool
     static_scale: float
     phrase_weight: float
@@ -162,10 +224,12 @@ def install_knowledge(
     token_tfidf: bool = False,
     static_scale: float = 1.0,
     phrase_weight: float = 1.0,
+    words: bool = False,
 ) -> KnowledgeFit:
-    """Distil the table, fit the classifier on the model's own task vectors (scaled by
-    `static_scale` next to the token TF-IDF vectors when `token_tfidf`), install both. The
-    capability phrases count `phrase_weight` each in the fit (0: left out)."""
+    """Distil the table (over whole words when `words`, else over the model's tokens), fit the
+    classifier on the model's own task vectors (scaled by `static_scale` next to the token TF-IDF
+    vectors when `token_tfidf`), install both. The capability phrases count `phrase_weight` each
+    in the fit (0: left out)."""
     strings = token_strings(tokenizer)
     if len(strings) != model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(strings)} tokens, the model {model.config.vocab_size}")
@@ -173,18 +237,26 @@ def install_knowledge(
     texts = list(train_texts) + phrases
     gold = label_matrix([list(r) for r in train_robots] + phrase_robots).astype(bool)
     ids, mask = encode_prompts(tokenizer, texts, model.config.max_seq_len)
-    table = torch.from_numpy(distil_token_table(teacher, strings, dim))
-    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
-    token_weights = torch.from_numpy(sif_weights(prompts, len(strings), strings))
-    if model.config.knowledge_dim:
-        knowledge = model.knowledge
+    if words:
+        static, _ = word_table(teacher, tokenizer, table_words(teacher, texts), dim)
     else:
-        knowledge = model.add_knowledge(dim, token_tfidf)
-    ids, mask = ids.to(knowledge.table.device), mask.to(knowledge.table.device)
+        table = torch.from_numpy(distil_token_table(teacher, strings, dim))
+        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+        static = {"table": table, "token_weights": torch.from_numpy(sif_weights(prompts, len(strings), strings))}
+    rows = static["word_table"].shape[0] if words else 0
+    if not model.config.knowledge_dim:
+        model.add_knowledge(dim, token_tfidf, rows)
+    knowledge = model.knowledge
+    if knowledge.words != rows:
+        raise ValueError(f"install_knowledge: the model's knowledge has {knowledge.words} word rows, this fit {rows}")
+    ids, mask = ids.to(knowledge.classifier_bias.device), mask.to(knowledge.classifier_bias.device)
+    knowledge.load_static(**static)
+    if words:
+        knowledge.word_weights.copy_(word_sif_weights(knowledge, ids, mask))
     classes = NUM_ROBOT_CLASSES
     idf = torch.from_numpy(smooth_idf(token_counts(ids, mask, len(strings)).cpu().numpy()))
     tfidf = (idf, torch.zeros(classes, len(strings))) if token_tfidf else (None, None)
-    knowledge.load_fitted(table, token_weights, torch.zeros(classes, dim), torch.zeros(classes), 0.0, *tfidf)
+    knowledge.load_fitted(torch.zeros(classes, dim), torch.zeros(classes), 0.0, *tfidf)
     with torch.no_grad():
         vectors = knowledge.task_vectors(ids, mask).cpu().numpy()
         features = vectors * static_scale
@@ -193,13 +265,12 @@ def install_knowledge(
     sample_weight = np.r_[np.ones(len(train_texts)), np.full(len(phrases), phrase_weight)]
     w, b = fit_one_vs_rest(features, gold, c, sample_weight)
     tfidf = (idf, torch.from_numpy(w[:, dim:])) if token_tfidf else (None, None)
-    knowledge.load_fitted(table, token_weights, torch.from_numpy(w[:, :dim] * static_scale), torch.from_numpy(b),
-                          weight, *tfidf)
+    knowledge.load_fitted(torch.from_numpy(w[:, :dim] * static_scale), torch.from_numpy(b), weight, *tfidf)
     n_train = len(train_texts)
     logits = features[:n_train] @ w.T + b
     hits = gold[np.arange(n_train), logits.argmax(1)]
     return KnowledgeFit(
-        teacher.name, dim, token_tfidf, static_scale, phrase_weight, weight, n_train, len(phrases),
+        teacher.name, dim, knowledge.words, token_tfidf, static_scale, phrase_weight, weight, n_train, len(phrases),
         round(float(hits.mean()), 4),
     )
 
@@ -217,7 +288,7 @@ def choose_knowledge_weight(
     candidate's score."""
     if not texts:
         raise ValueError("choose_knowledge_weight: no validation tasks to choose the knowledge weight on")
-    device = model.knowledge.table.device
+    device = model.knowledge.classifier_bias.device
     ids, mask = encode_prompts(tokenizer, list(texts), model.config.max_seq_len)
     gold = label_matrix([list(r) for r in robots])
     scores = {}

@@ -429,10 +429,11 @@ def _install_knowledge(
         train["robots"].tolist(), capabilities,
         dim=training.knowledge_dim, c=training.knowledge_c, token_tfidf=training.knowledge_token_tfidf,
         static_scale=training.knowledge_static_scale, phrase_weight=training.knowledge_phrase_weight,
-        weight=training.knowledge_weights[0],
+        weight=training.knowledge_weights[0], words=training.knowledge_table == "words",
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
-    metadata = {"knowledge_source": f"teacher {fit.teacher} distilled into a {fit.dim}-wide token table{view}"}
+    rows = f"{fit.words}-word" if fit.words else "token"
+    metadata = {"knowledge_source": f"teacher {fit.teacher} distilled into a {fit.dim}-wide {rows} table{view}"}
     if len(training.knowledge_weights) > 1:
         validation = tasks[tasks["split"] == "validation"].drop_duplicates("task_key")
         fit.weight, scores = choose_knowledge_weight(
