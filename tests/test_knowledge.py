@@ -332,3 +332,29 @@ def test_install_knowledge_over_words_finds_them_in_any_casing(setup, tmp_path: 
     ids, mask = encode_prompts(tokenizer, [t for t, _ in TASKS], model.config.max_seq_len)
     with torch.no_grad():
         assert packed.knowledge(ids, mask).argmax(1).tolist() == [ROBOT_INDEX[r[0]] for _, r in TASKS]
+
+
+def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
+    """What reasoning_sft runs after training: the configured teacher, the word table by default,
+    the blend weight chosen on the validation split, the source named in the metadata."""
+    import pandas as pd
+
+    from bitmar_pipeline.config import TrainingConfig
+    from bitmar_pipeline.training.stages import _install_knowledge
+
+    tokenizer, teacher, model = setup
+    fitted = _copy(model)
+    rows = [(t, r, split) for t, r in TASKS for split in ("train", "validation")]
+    tasks = pd.DataFrame(
+        {"task_text": [t for t, _, _ in rows], "robots": [r for _, r, _ in rows], "split": [s for _, _, s in rows],
+         "task_key": [f"{s}:{t}" for t, _, s in rows]}
+    )
+    training = TrainingConfig(knowledge_teacher=teacher.name, knowledge_dim=16)
+    metadata = _install_knowledge(fitted, tokenizer, tasks, PROFILES, training)
+    assert f"{fitted.knowledge.words}-word table next to a token TF-IDF view" in metadata["knowledge_source"]
+    assert metadata["knowledge_words"] == fitted.config.knowledge_words > 20
+    assert float(metadata["knowledge_weight"]) == fitted.knowledge.weight.item() in training.knowledge_weights
+    tokens = _copy(model)
+    by_tokens = training.model_copy(update={"knowledge_table": "tokens"})
+    metadata = _install_knowledge(tokens, tokenizer, tasks, PROFILES, by_tokens)
+    assert "token table" in metadata["knowledge_source"] and tokens.config.knowledge_words == 0
