@@ -43,7 +43,7 @@ TEXT_TOKENIZER = 2
 STAGE_CODE = {"multimodal_pretrain": 2, "reasoning_sft": 4, "grpo_policy": 2}
 # Report and release stages.
 # 2: texts guided by the fleet's profiles; the report records the fleet; 3: task cues; 4: the Platt fit
-# no longer diverges (halved Newton steps, l2 1)
+# no longer diverges (halved Newton steps, l2 1) and the guided "Goal:" line is the task
 EVALUATION_REPORT = 4
 QUANTIZATION_REPORT = 3  # 3: the integer form's latency, matmul calls and weight bytes
 HUB_RELEASE = 4  # 4: the manifest carries the fleet's profiles (3: the integer model's latency in the card)

@@ -6,7 +6,8 @@ robot it selects "unsuitable", states a confidence unrelated to the head's, or s
 Guided decoding is constrained generation over the format's skeleton (a logits processor):
 the fixed parts are forced, each free part is the model's own text up to its end of line.
 
-    <thinking>\\nGoal:                            [model: the goal]
+    <thinking>\\nGoal:                            [the task itself when the decision carries it, as
+                                                     the SFT targets word it; else the model's line]
     </thinking>\\n<environment_analysis>\\nCues:  [model: one of the task's own cue phrases, when
                                                      the decision carries them; else its free line]
     </environment_analysis>\\n<robot_evaluation>\\n
@@ -110,6 +111,7 @@ class HeadDecision:
     robots: list[str]  # the head's selection (select_robots), e.g. ["Drone"] or ["No Robot"]
     confidence: float  # the probability shown for it (calibrated when a calibration exists)
     cues: Sequence[str] = ()  # phrases of the task itself the "Cues:" line chooses from (none: free line)
+    goal: str | None = None  # the task as the "Goal:" line states it (None: the model's free line)
 
 
 def _analysis(cues: Sequence[str]) -> list[str | Choice | None]:
@@ -131,7 +133,9 @@ def reasoning_skeleton(decision: HeadDecision, profiles: Profiles | None = None)
         evaluation += [f"{opening}{robot}: {verdict} -", _reason(robot, suitable, profiles)]
     robots = ", ".join(decision.robots)
     return [
-        "<thinking>\nGoal:", FREE,
+        # Left free, the tiny decoder copies the task and then runs on with profile words
+        # ("... barnacles inspection, marine inspection, aerial, aerial."): the goal is the task.
+        "<thinking>\nGoal:", FREE if decision.goal is None else f" {decision.goal}.\n",
         *_analysis(decision.cues),
         *evaluation,
         *_selection_reasoning(decision.robots, profiles),

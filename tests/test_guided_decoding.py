@@ -175,3 +175,17 @@ def test_with_task_cues_the_analysis_quotes_one_of_the_tasks_own_phrases():
     # Without cues the line is the decoder's own, as before.
     free = parse_reasoning(guided_text(HeadDecision(["Underwater Robot"], 0.9), profiles=PROFILES))
     assert free.sections["environment_analysis"] == "Cues: aerial inspection."
+
+
+def test_with_a_goal_the_thinking_line_is_the_task():
+    """The decoder looping in its goal line, given the task: the line is "Goal: <task>." and the
+    rest of the skeleton still follows."""
+    global FREE_TEXT
+    saved, FREE_TEXT = FREE_TEXT, FREE_TEXT.replace("Goal: Inspect the hull of a ship.", "Goal: the task the task.")
+    try:
+        text = guided_text(HeadDecision(["Underwater Robot"], 0.9, goal="Scrape barnacles off a hull"))
+    finally:
+        FREE_TEXT = saved
+    parsed = parse_reasoning(text)
+    assert parsed.well_formed, parsed.errors
+    assert parsed.sections["thinking"] == "Goal: Scrape barnacles off a hull."

@@ -24,7 +24,7 @@ from bitmar_model.metrics import (
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.reasoning_format import ParsedReasoning, parse_reasoning
 from bitmar_model.robots import ROBOT_CLASSES, select_robots
-from bitmar_pipeline.training.reasoning_targets import format_prompt, task_cue_phrases
+from bitmar_pipeline.training.reasoning_targets import format_prompt, task_cue_phrases, task_goal
 
 
 @dataclass
@@ -81,13 +81,14 @@ def head_guidance(
     """Guided decoding that states, per row, the head's selection and the probability shown for
     its top robot (calibrated when `calibration` is given); with the fleet's `profiles`, each
     robot's reason is one of its own profile phrases; with the rows' `tasks`, the "Cues:" line
-    is one of the task's own phrases (`task_cue_phrases`)."""
+    is one of the task's own phrases (`task_cue_phrases`) and the "Goal:" line is the task."""
     top = head_probs.max(axis=1)
     shown = calibration(top) if calibration is not None else top
     cues = [task_cue_phrases(t) for t in tasks] if tasks is not None else [[] for _ in shown]
+    goals = [task_goal(t) for t in tasks] if tasks is not None else [None for _ in shown]
     decisions = [
-        HeadDecision([ROBOT_CLASSES[i] for i in np.flatnonzero(row)], float(conf), row_cues)
-        for row, conf, row_cues in zip(select_robots(head_probs), shown, cues, strict=True)
+        HeadDecision([ROBOT_CLASSES[i] for i in np.flatnonzero(row)], float(conf), row_cues, goal)
+        for row, conf, row_cues, goal in zip(select_robots(head_probs), shown, cues, goals, strict=True)
     ]
     return HeadGuidedDecoding(
         decisions,

@@ -70,6 +70,11 @@ def format_prompt(task_text: str) -> str:
     return f"{PROMPT_PREFIX}{' '.join(task_text.split())}"
 
 
+def task_goal(task_text: str) -> str:
+    """The task as the "Goal:" line of the targets states it: whitespace collapsed, no final period."""
+    return " ".join(task_text.split()).rstrip(".")
+
+
 def _stem(word: str) -> str:
     for suffix in _SUFFIXES:
         if word.endswith(suffix) and len(word) - len(suffix) >= _MIN_WORD:
@@ -137,7 +142,7 @@ def build_reasoning_target(
     """
     _check_profiles(capabilities)
     gold = _ordered(robots)
-    task = " ".join(task_text.split()).rstrip(".")
+    task = task_goal(task_text)
     task_stems = _stems(task)
 
     cues: list[str] = []
