@@ -98,12 +98,13 @@ def _justification(robots: list[str], profiles: Profiles | None) -> list[str | C
 
 def _confidence_check(robots: list[str], profiles: Profiles | None) -> list[str | Choice | None]:
     """With profiles the robot count is forced ("One robot needed," as the targets word it), so the
-    check cannot contradict the selection; the model says whether the task cued them all."""
+    check cannot contradict the selection; the model chooses whether the task cued them all (the
+    targets' two endings: free, the line ran on into profile words)."""
     opening = "</selection_reasoning>\n<confidence_check>\n"
     if not profiles or robots == [NO_ROBOT]:
         return [opening, FREE]
     count = "One robot" if len(robots) == 1 else f"{len(robots)} robots"
-    return [f"{opening}{count} needed,", FREE]
+    return [f"{opening}{count} needed,", Choice((" all cued by the task.\n", " not all cued by the task.\n"))]
 
 
 @dataclass

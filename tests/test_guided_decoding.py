@@ -157,7 +157,8 @@ def test_with_profiles_each_reason_is_one_of_that_robots_own_phrases():
     for fit in fits:
         robot, reason = fit.split(" fits: ")
         assert reason in PROFILES[robot]["capabilities"] + PROFILES[robot].get("environments", [])
-    assert parsed.sections["confidence_check"].startswith("2 robots needed,")
+    # ... and ends the check with one of the targets' two endings (the decoder's "all cued" here).
+    assert parsed.sections["confidence_check"] == "2 robots needed, all cued by the task."
     best = parsed.justification.removeprefix("Best match: ").rstrip(".").split(", ")
     assert len(best) == 2 and best[0] in PROFILES["Underwater Robot"]["capabilities"] + ["underwater"]
     assert "Goal: Inspect the hull of a ship." in text  # free lines are still the model's
