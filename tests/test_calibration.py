@@ -57,3 +57,27 @@ def test_report_section_fits_on_validation_and_scores_both_splits():
     assert section["fitted_on"] == "validation" and section["n"] == 400
     assert PlattCalibration.from_dict(section) == PlattCalibration.fit(*overconfident(400, seed=3))
     assert section["test_ece_after"] < section["test_ece_before"]
+
+
+def test_cross_validation_pools_the_folds_test_tasks_for_ece():
+    """Each report records its test tasks' top-choice confidences; robot_cv pools them across folds
+    (and reports nothing for a report that predates the record)."""
+    import importlib.util
+    from pathlib import Path
+
+    from bitmar_pipeline.evaluation.report import calibration_section
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "robot_cv.py"
+    spec = importlib.util.spec_from_file_location("robot_cv", path)
+    robot_cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(robot_cv)
+    folds = [overconfident(50, seed=s) for s in (5, 6)]
+    calibration = PlattCalibration.fit(*overconfident(400, seed=7))
+    reports = [{"calibration": calibration_section(calibration, fold, fold)} for fold in folds]
+    pooled = robot_cv.pooled_head_ece(reports)
+    confidences, correct = (np.concatenate(parts) for parts in zip(*folds, strict=True))
+    assert pooled["n"] == 100
+    assert pooled["before"] == pytest.approx(expected_calibration_error(confidences, correct), abs=1e-3)
+    assert pooled["after"] == pytest.approx(expected_calibration_error(calibration(confidences), correct), abs=1e-3)
+    assert pooled["after"] < pooled["before"]
+    assert robot_cv.pooled_head_ece([*reports, {"calibration": {}}]) is None

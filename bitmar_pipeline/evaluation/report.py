@@ -447,6 +447,12 @@ def calibration_section(
     for split, (confidences, correct) in (("validation", validation), ("test", test)):
         section[f"{split}_ece_before"] = round(expected_calibration_error(confidences, correct), 4)
         section[f"{split}_ece_after"] = round(expected_calibration_error(calibration(confidences), correct), 4)
+    # Per test task, so that cross-validation can pool the folds' ECE (benchmarks/robot_cv.py).
+    section["test_top_choice"] = {
+        "confidence_before": np.round(test[0], 4).tolist(),
+        "confidence_after": np.round(calibration(test[0]), 4).tolist(),
+        "correct": np.asarray(test[1]).astype(int).tolist(),
+    }
     return section
 
 
