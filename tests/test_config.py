@@ -113,3 +113,23 @@ def test_renamed_key_still_loads_with_a_deprecation_warning(tmp_path):
 def test_model_section_defaults_are_bitmar_config_defaults():
     defaults = BitMarConfig().to_dict()
     assert {key: defaults[key] for key in PipelineConfig().model.model_dump()} == PipelineConfig().model.model_dump()
+
+
+def test_cpu_threads_reach_torch_when_the_run_initializes_its_settings():
+    """compute.cpu_threads (1 in the sample profile, null = torch's default in coco.yaml) is applied
+    when a run initializes the settings resource."""
+    import dagster as dg
+    import torch
+
+    from bitmar_pipeline.resources.settings import BitmarSettings
+
+    assert PipelineConfig().compute.cpu_threads == 1
+    assert load_config(REPO / "configs" / "coco.yaml").compute.cpu_threads is None
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        settings = BitmarSettings(overrides={"compute.cpu_threads": 1})
+        settings.setup_for_execution(dg.build_init_resource_context())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

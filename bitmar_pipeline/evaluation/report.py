@@ -449,7 +449,7 @@ def calibration_section(
         section[f"{split}_ece_after"] = round(expected_calibration_error(calibration(confidences), correct), 4)
     # Per test task, so that cross-validation can pool the folds' ECE (benchmarks/robot_cv.py).
     section["test_top_choice"] = {
-        "confidence_before": np.round(test[0], 4).tolist(),
+        "confidence_before": np.round(np.asarray(test[0], dtype=np.float64), 4).tolist(),
         "confidence_after": np.round(calibration(test[0]), 4).tolist(),
         "correct": np.asarray(test[1]).astype(int).tolist(),
     }

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import dagster as dg
+import torch
 from pydantic import BaseModel, Field, create_model
 
 from bitmar_pipeline.config import PipelineConfig, load_config
@@ -91,7 +92,9 @@ class BitmarSettings(dg.ConfigurableResource):
         return load_config(self.config_file, {**profile_overrides(self.profile), **self.overrides})
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self.config  # noqa: B018  (a bad value fails here, naming its key, before any asset runs)
+        config = self.config  # a bad value fails here, naming its key, before any asset runs
+        if config.compute.cpu_threads is not None:
+            torch.set_num_threads(config.compute.cpu_threads)
 
     @cached_property
     def storage(self) -> Storage:
