@@ -131,6 +131,11 @@ class BitMarConfig:
         """Upper bound on the decoder's self-attention KV cache length per layer."""
         return self.attention_sink_tokens + self.sliding_window
 
+    @property
+    def special_token_ids(self) -> tuple[int, int, int]:
+        """(pad, bos, eos), padding first."""
+        return (self.pad_token_id, self.bos_token_id, self.eos_token_id)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -206,18 +211,15 @@ class BitMarConfig:
             )
         if not isinstance(self.quantized, bool):
             raise ValueError(f"BitMarConfig.quantized must be a bool, got {self.quantized!r}")
-        if isinstance(self.knowledge_dim, bool) or not isinstance(self.knowledge_dim, int) or self.knowledge_dim < 0:
-            raise ValueError(f"BitMarConfig.knowledge_dim must be an integer >= 0, got {self.knowledge_dim!r}")
-        words = self.knowledge_words
-        if isinstance(words, bool) or not isinstance(words, int) or words < 0:
-            raise ValueError(f"BitMarConfig.knowledge_words must be an integer >= 0, got {self.knowledge_words!r}")
+        for key in ("knowledge_dim", "knowledge_words", "cell_words"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"BitMarConfig.{key} must be an integer >= 0, got {value!r}")
         if self.decoder_copies_task and not self.decoder_reads_task:
             raise ValueError(
                 "BitMarConfig.decoder_copies_task needs decoder_reads_task=True: it copies from the task tokens "
                 "the decoder reads"
             )
-        if not isinstance(self.cell_words, int) or isinstance(self.cell_words, bool) or self.cell_words < 0:
-            raise ValueError(f"BitMarConfig.cell_words must be an int >= 0, got {self.cell_words!r}")
         if self.cell_words and not self.decoder_reads_task:
             raise ValueError(
                 "BitMarConfig.cell_words needs decoder_reads_task=True: the decoder reads the cell words "

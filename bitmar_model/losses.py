@@ -93,12 +93,9 @@ def pretrain_loss(
     )
     extra = {}
     if captioning.cell_word_logits is not None:
-        cfg = getattr(model, "module", model).config  # DDP wraps the model
+        config = getattr(model, "module", model).config  # DDP wraps the model
         cell_bow = cell_bag_of_words_loss(
-            captioning.cell_word_logits,
-            batch["caption_ids"],
-            batch["caption_mask"],
-            (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id),
+            captioning.cell_word_logits, batch["caption_ids"], batch["caption_mask"], config.special_token_ids
         )
         loss = loss + weights.cell_words * cell_bow
         extra["cell_word_loss"] = float(cell_bow.detach())

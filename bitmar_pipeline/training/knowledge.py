@@ -13,7 +13,6 @@ the SIF token weights and the classifier go into `BitMarModel.knowledge`
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,19 +104,19 @@ def table_words(teacher: SentenceTeacher, texts: Sequence[str]) -> list[str]:
 
 
 def token_flags(tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
-    """(letter [V], space [V]): the token is letters only (after its leading space), and it
-    starts with a space; special and tag tokens are neither."""
+    """(letter [V], space [V]): the token is letters only (after its leading space), and it is
+    such a token that starts with a space; special and tag tokens are neither."""
     special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
     texts = ["" if i in special else tokenizer.decode([i]) for i in range(len(tokenizer))]
     letter = torch.tensor([t.lstrip(" ").isalpha() for t in texts])
-    return letter, torch.tensor([t.startswith(" ") and t.lstrip(" ").isalpha() for t in texts])
+    return letter, letter & torch.tensor([t.startswith(" ") for t in texts])
 
 
 def word_table(
     teacher: SentenceTeacher, tokenizer: PreTrainedTokenizerBase, words: Sequence[str], dim: int
-) -> tuple[dict[str, torch.Tensor], int]:
-    """The static buffers of a word table (SIF weights still zero) and how many word forms
-    were dropped (not one run of letter tokens, or a key shared with another word)."""
+) -> dict[str, torch.Tensor]:
+    """The static buffers of a word table (SIF weights still zero). A word form that is not one
+    run of letter tokens, or whose key another word shares, is left out (its key slot padded)."""
     letter, space = token_flags(tokenizer)
     forms = [(form, row) for row, w in enumerate(words) for form in (f" {w}", f" {w.capitalize()}", w, w.capitalize())]
     encoded = tokenizer([f for f, _ in forms], add_special_tokens=False, padding=True, return_tensors="pt")
@@ -140,24 +139,26 @@ def word_table(
         "token_letter": letter,
         "token_space": space,
     }
-    return buffers, pad
+    return buffers
 
 
 def word_sif_weights(knowledge: TaskKnowledge, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """a / (a + p(word)) with p counted over the words the table finds in these prompts."""
+    """SIF weights of the table's words, counted over the words it finds in these prompts."""
     rows, found = knowledge.word_rows_of(ids, mask)
-    counts = torch.bincount(rows[found], minlength=knowledge.words).double()
-    return (SIF_A / (SIF_A + counts / counts.sum().clamp(min=1))).float()
+    return torch.from_numpy(_sif(np.bincount(rows[found].cpu().numpy(), minlength=knowledge.words)))
+
+
+def _sif(counts: np.ndarray) -> np.ndarray:
+    """a / (a + p(i)), p(i) = counts[i] / sum(counts): frequent items count little."""
+    p = counts / max(counts.sum(), 1)
+    return (SIF_A / (SIF_A + p)).astype(np.float32)
 
 
 def sif_weights(token_ids: Sequence[Sequence[int]], vocab_size: int, strings: Sequence[str]) -> np.ndarray:
     """a / (a + p(token)) with p counted over `token_ids` (the training prompts); 0 for specials."""
-    counts = Counter(i for ids in token_ids for i in ids)
-    total = max(sum(counts.values()), 1)
-    p = np.array([counts.get(i, 0) / total for i in range(vocab_size)])
-    weights = SIF_A / (SIF_A + p)
+    weights = _sif(np.bincount([i for ids in token_ids for i in ids], minlength=vocab_size))
     weights[[not s for s in strings]] = 0.0
-    return weights.astype(np.float32)
+    return weights
 
 
 def smooth_idf(counts: np.ndarray) -> np.ndarray:
@@ -238,7 +239,7 @@ def install_knowledge(
     gold = label_matrix([list(r) for r in train_robots] + phrase_robots).astype(bool)
     ids, mask = encode_prompts(tokenizer, texts, model.config.max_seq_len)
     if words:
-        static, _ = word_table(teacher, tokenizer, table_words(teacher, texts), dim)
+        static = word_table(teacher, tokenizer, table_words(teacher, texts), dim)
     else:
         table = torch.from_numpy(distil_token_table(teacher, strings, dim))
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]

@@ -230,10 +230,9 @@ def _warm_cell_reader(model: BitMarModel, train: CaptionSet, training: TrainingC
         while True:
             yield train.cell_word_batch(torch.randint(len(train), (size,), generator=generator).tolist())
 
-    cfg = model.config
     fit_cell_reader(
         model.cell_reader, model.embed_tokens.weight, batches(), steps, training.pretrain.learning_rate,
-        (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id),
+        model.config.special_token_ids,
     )
 
 
