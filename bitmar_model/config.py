@@ -65,6 +65,10 @@ class BitMarConfig:
     knowledge_token_tfidf: bool = False
     # Rows of a whole-word table (found in the token ids by hash) in place of the per-token one; 0: tokens.
     knowledge_words: int = 0
+    # Layers of a contextual encoder over the word rows, distilled from the teacher's sentence vectors
+    # (needs knowledge_words), and its output width (the teacher's); 0: the SIF mean of static rows.
+    knowledge_context_layers: int = 0
+    knowledge_context_out: int = 0
     # Decoder attention: StreamingLLM-style sinks + sliding window bound the KV cache.
     attention_sink_tokens: int = 4
     sliding_window: int = 256
@@ -211,7 +215,8 @@ class BitMarConfig:
             )
         if not isinstance(self.quantized, bool):
             raise ValueError(f"BitMarConfig.quantized must be a bool, got {self.quantized!r}")
-        for key in ("knowledge_dim", "knowledge_words", "cell_words"):
+        counts = ("knowledge_dim", "knowledge_words", "knowledge_context_layers", "knowledge_context_out", "cell_words")
+        for key in counts:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"BitMarConfig.{key} must be an integer >= 0, got {value!r}")

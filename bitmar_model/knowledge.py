@@ -27,6 +27,14 @@ so the release needs no second tokenizer:
 with every casing of a word ("hull", " hull", "Hull", " Hull") stored under its own key.
 Words not in the table add nothing.
 
+With `context_layers` > 0 a task's vector is contextual: a small pre-norm transformer encoder reads
+the task's known words in order (their table rows plus learned positions; unknown words masked),
+mean-pools them and projects to the teacher's width. It is distilled in the pipeline to regress the
+teacher's SENTENCE vectors (cosine loss) on far more text than the labelled tasks, so "inspect"
+next to "hull" reads differently from "inspect" next to "roof", which no bag of static rows can:
+
+    v(x) = normalize( P mean_{w known} Enc(E[w] + pos_w) ).
+
 Nothing here is trained by the optimiser: the table, the token weights and the classifier are
 fitted in the pipeline (closed form / logistic regression) and stored as buffers, so the
 release carries them and never needs the teacher.
@@ -44,6 +52,64 @@ from torch import nn
 _MOD = 2**31 - 1  # Mersenne prime: each h_j < 2^31, so id * base^k mod p and sums of them fit in int64
 _BASES = (1_000_003, 999_983)
 WORD_FORMS = 4  # " word", " Word", "word", "Word": the forms a word takes in a prompt
+
+
+def context_parameter_shapes(dim: int, out: int, layers: int, positions: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the contextual encoder's tensors (`context_vectors` reads them)."""
+    shapes: dict[str, tuple[int, ...]] = {"position": (positions, dim)}
+    for i in range(layers):
+        shapes |= {
+            f"l{i}_norm1_weight": (dim,), f"l{i}_norm1_bias": (dim,),
+            f"l{i}_qkv_weight": (3 * dim, dim), f"l{i}_qkv_bias": (3 * dim,),
+            f"l{i}_out_weight": (dim, dim), f"l{i}_out_bias": (dim,),
+            f"l{i}_norm2_weight": (dim,), f"l{i}_norm2_bias": (dim,),
+            f"l{i}_fc1_weight": (2 * dim, dim), f"l{i}_fc1_bias": (2 * dim,),
+            f"l{i}_fc2_weight": (dim, 2 * dim), f"l{i}_fc2_bias": (dim,),
+        }
+    return shapes | {"proj_weight": (out, dim), "proj_bias": (out,)}
+
+
+def context_vectors(
+    weights: dict[str, torch.Tensor], rows: torch.Tensor, known: torch.Tensor, layers: int, heads: int
+) -> torch.Tensor:
+    """[B, out]: the pre-norm transformer encoder over word rows [B, W, d] (attending to known
+    words only), mean-pooled over them, projected, L2-normalised; zero for a row with none."""
+    batch, width, dim = rows.shape
+    x = rows + weights["position"][:width]
+    # A row with no known word attends to its first slot (all -inf would give NaN); pooling drops it.
+    attend = known.clone()
+    attend[:, 0] |= ~known.any(1)
+    mask = attend[:, None, None, :]
+    for i in range(layers):
+        w = {k.removeprefix(f"l{i}_"): v for k, v in weights.items() if k.startswith(f"l{i}_")}
+        h = F.layer_norm(x, (dim,), w["norm1_weight"], w["norm1_bias"])
+        q, k, v = F.linear(h, w["qkv_weight"], w["qkv_bias"]).view(batch, width, 3, heads, -1).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        x = x + F.linear(a.transpose(1, 2).reshape(batch, width, dim), w["out_weight"], w["out_bias"])
+        h = F.layer_norm(x, (dim,), w["norm2_weight"], w["norm2_bias"])
+        x = x + F.linear(F.gelu(F.linear(h, w["fc1_weight"], w["fc1_bias"])), w["fc2_weight"], w["fc2_bias"])
+    k_mask = known[..., None].to(x.dtype)
+    pooled = (x * k_mask).sum(1) / k_mask.sum(1).clamp(min=1)
+    out = F.linear(pooled, weights["proj_weight"], weights["proj_bias"])
+    return F.normalize(out, dim=-1) * known.any(1, keepdim=True)
+
+
+class ContextEncoder(nn.Module):
+    """The contextual encoder's tensors as buffers: fitted in the pipeline, never by the model's optimiser."""
+
+    def __init__(self, dim: int, out: int, layers: int, positions: int, heads: int = 4) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"knowledge context: width {dim} is not a multiple of {heads} heads")
+        self.layers, self.heads = layers, heads
+        for name, shape in context_parameter_shapes(dim, out, layers, positions).items():
+            self.register_buffer(name, torch.zeros(shape))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_buffers())
+
+    def forward(self, rows: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        return context_vectors(self.weights(), rows, known, self.layers, self.heads)
 
 
 @functools.lru_cache(maxsize=8)
@@ -83,11 +149,16 @@ class TaskKnowledge(nn.Module):
     """Static task vectors [B, dim], token TF-IDF vectors [B, vocab] and knowledge logits [B, classes]."""
 
     def __init__(
-        self, vocab_size: int, dim: int, num_classes: int, token_tfidf: bool = False, words: int = 0
+        self, vocab_size: int, dim: int, num_classes: int, token_tfidf: bool = False, words: int = 0,
+        context_layers: int = 0, context_out: int = 0, max_words: int = 0,
     ) -> None:
         super().__init__()
         self.token_tfidf = token_tfidf
         self.words = words
+        if context_layers and not (words and context_out and max_words):
+            raise ValueError("knowledge context: needs the word table (words > 0), context_out > 0 and max_words > 0")
+        self.context = ContextEncoder(dim, context_out, context_layers, max_words) if context_layers else None
+        width = context_out if context_layers else dim
         if words:
             # int8 rows with a scale each: the word table is the module's whole size (~128 B a word).
             self.register_buffer("word_table", torch.zeros(words, dim, dtype=torch.int8))
@@ -101,7 +172,7 @@ class TaskKnowledge(nn.Module):
             # fp16 like the embedding a BitNet release keeps; the table is the module's whole size.
             self.register_buffer("table", torch.zeros(vocab_size, dim, dtype=torch.float16))
             self.register_buffer("token_weights", torch.zeros(vocab_size))
-        self.register_buffer("classifier_weight", torch.zeros(num_classes, dim))
+        self.register_buffer("classifier_weight", torch.zeros(num_classes, width))
         self.register_buffer("classifier_bias", torch.zeros(num_classes))
         self.register_buffer("weight", torch.zeros(()))
         if token_tfidf:
@@ -117,7 +188,9 @@ class TaskKnowledge(nn.Module):
 
     def task_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """v(x): the SIF-weighted mean of the tokens' (or words') rows, L2-normalised (zero when
-        none is known)."""
+        none is known); with a context encoder, its vector of the known words in order."""
+        if self.context is not None:
+            return self.context(*self.word_vectors(input_ids, attention_mask))
         if self.words:
             index, found = self.word_rows_of(input_ids, attention_mask)
             w = self.word_weights[index] * found
@@ -127,6 +200,14 @@ class TaskKnowledge(nn.Module):
             rows = self.table[input_ids].float()
         pooled = (rows * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-6)
         return F.normalize(pooled, dim=-1)
+
+    def word_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [B, W, dim], known [B, W]): each word's dequantised table row in order, W = the
+        most words in a row (capped at the encoder's positions), and whether the table knows it."""
+        index, found = self.word_rows_of(input_ids, attention_mask)
+        width = max(1, min(int(found.cumsum(1).argmax(1).max()) + 1, self.context.position.shape[0]))
+        index, found = index[:, :width], found[:, :width]
+        return self.word_table[index].float() * self.word_scale[index, None] * found[..., None], found
 
     def tfidf_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """u(x): token counts times idf, L2-normalised (sklearn's TfidfVectorizer, norm="l2")."""
@@ -152,6 +233,17 @@ class TaskKnowledge(nn.Module):
         if set(buffers) != set(self.static_buffer_names()):
             raise ValueError(f"load_static: expected {sorted(self.static_buffer_names())}, received {sorted(buffers)}")
         self._install(buffers.items())
+
+    @torch.no_grad()
+    def load_context(self, weights: dict[str, torch.Tensor]) -> None:
+        """Install the distilled context encoder (exactly its tensors, shapes as the module's)."""
+        if self.context is None or set(weights) != set(self.context.weights()):
+            raise ValueError("load_context: the module has no context encoder, or the tensors' names differ")
+        for name, value in weights.items():
+            buffer = getattr(self.context, name)
+            if tuple(value.shape) != tuple(buffer.shape):
+                raise ValueError(f"context {name}: expected shape {tuple(buffer.shape)}, received {tuple(value.shape)}")
+            buffer.copy_(value.to(buffer.dtype))
 
     @torch.no_grad()
     def load_fitted(

@@ -186,10 +186,7 @@ class BitMarModel(
         if config.decoder_copies_task:
             self.copy_head = CopyHead(hidden)
         if config.knowledge_dim:
-            self.knowledge = TaskKnowledge(
-                config.vocab_size, config.knowledge_dim, config.num_robot_classes, config.knowledge_token_tfidf,
-                config.knowledge_words,
-            )
+            self.knowledge = self._new_knowledge(config)
         self.decoder = BitMarDecoder(config)
         if config.cell_words:
             # Built (and initialised) last: the other modules start exactly as they do without it.
@@ -199,19 +196,30 @@ class BitMarModel(
         if config.cell_words:
             self.cell_reader.reset_scale(config.initializer_range)
 
-    def add_knowledge(self, dim: int, token_tfidf: bool = False, words: int = 0) -> TaskKnowledge:
+    @staticmethod
+    def _new_knowledge(config: BitMarConfig) -> TaskKnowledge:
+        return TaskKnowledge(
+            config.vocab_size, config.knowledge_dim, config.num_robot_classes, config.knowledge_token_tfidf,
+            config.knowledge_words, config.knowledge_context_layers, config.knowledge_context_out, config.max_seq_len,
+        )
+
+    def add_knowledge(
+        self, dim: int, token_tfidf: bool = False, words: int = 0, context_layers: int = 0, context_out: int = 0
+    ) -> TaskKnowledge:
         """Give a trained model an (empty) knowledge table of width `dim` (with a token TF-IDF
-        view if asked; over `words` whole words if > 0) and record it in the config, so save/load round-trips it; the
-        caller installs the fitted tensors (`TaskKnowledge.load_fitted`). Until then its weight
-        is 0 and the outputs are unchanged."""
+        view if asked; over `words` whole words if > 0, read by a `context_layers`-layer encoder
+        of output width `context_out` if > 0) and record it in the config, so save/load round-trips
+        it; the caller installs the fitted tensors (`TaskKnowledge.load_fitted`). Until then its
+        weight is 0 and the outputs are unchanged."""
         if self.config.knowledge_dim:
             raise ValueError(f"add_knowledge: already has one (knowledge_dim {self.config.knowledge_dim})")
         # replace() validates the values
-        self.config = replace(self.config, knowledge_dim=dim, knowledge_token_tfidf=token_tfidf, knowledge_words=words)
+        self.config = replace(
+            self.config, knowledge_dim=dim, knowledge_token_tfidf=token_tfidf, knowledge_words=words,
+            knowledge_context_layers=context_layers, knowledge_context_out=context_out,
+        )
         self._hub_mixin_config = self.config.to_dict()
-        device = self.embed_tokens.weight.device
-        self.knowledge = TaskKnowledge(self.config.vocab_size, dim, self.config.num_robot_classes, token_tfidf, words)
-        self.knowledge.to(device)
+        self.knowledge = self._new_knowledge(self.config).to(self.embed_tokens.weight.device)
         return self.knowledge
 
     def _init_module(self, module: nn.Module) -> None:

@@ -300,6 +300,21 @@ class TrainingConfig(_Section):
     knowledge_static_scale: float = Field(
         default=0.5, gt=0.0, description="Scale of the static teacher vectors next to the TF-IDF view in that fit."
     )
+    knowledge_context_layers: int = Field(
+        default=2,
+        ge=0,
+        description=(
+            "Layers of a small transformer over the word table, distilled from the teacher's sentence vectors "
+            "on the train tasks, their subtasks, captions and short forms (needs knowledge_table: words; "
+            "0: the SIF mean of the static word rows)."
+        ),
+    )
+    knowledge_context_steps: int = Field(
+        default=3000, gt=0, description="Distillation steps (batch 64) of that contextual encoder."
+    )
+    knowledge_context_captions: int = Field(
+        default=2000, ge=0, description="Distinct training captions in that encoder's distillation corpus."
+    )
     caption_rehearsal_batch_size: int = Field(
         default=8, gt=0, description="Caption pairs joined to each reasoning_sft batch."
     )

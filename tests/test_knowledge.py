@@ -349,12 +349,61 @@ def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
         {"task_text": [t for t, _, _ in rows], "robots": [r for _, r, _ in rows], "split": [s for _, _, s in rows],
          "task_key": [f"{s}:{t}" for t, _, s in rows]}
     )
-    training = TrainingConfig(knowledge_teacher=teacher.name, knowledge_dim=16)
-    metadata = _install_knowledge(fitted, tokenizer, tasks, PROFILES, training)
-    assert f"{fitted.knowledge.words}-word table next to a token TF-IDF view" in metadata["knowledge_source"]
+    training = TrainingConfig(knowledge_teacher=teacher.name, knowledge_dim=16, knowledge_context_steps=20)
+    metadata = _install_knowledge(fitted, tokenizer, tasks, PROFILES, training, ["a subtask to read"])
+    source = f"{fitted.knowledge.words}-word table, read by a 2-layer context encoder next to a token TF-IDF view"
+    assert source in metadata["knowledge_source"]
+    assert metadata["knowledge_context_layers"] == fitted.config.knowledge_context_layers == 2
+    assert metadata["knowledge_context_corpus"] > len(TASKS) + 1
     assert metadata["knowledge_words"] == fitted.config.knowledge_words > 20
     assert float(metadata["knowledge_weight"]) == fitted.knowledge.weight.item() in training.knowledge_weights
     tokens = _copy(model)
     by_tokens = training.model_copy(update={"knowledge_table": "tokens"})
     metadata = _install_knowledge(tokens, tokenizer, tasks, PROFILES, by_tokens)
     assert "token table" in metadata["knowledge_source"] and tokens.config.knowledge_words == 0
+
+
+# --- the context encoder over the words ---------------------------------------------------
+
+
+def test_context_vectors_ignore_padding_and_unknown_rows() -> None:
+    """A task's vector does not depend on what it is batched with; a task with no known word gets
+    zeros (not NaN, though its attention has nothing to attend to)."""
+    from bitmar_model.knowledge import context_parameter_shapes, context_vectors
+
+    torch.manual_seed(0)
+    shapes = context_parameter_shapes(dim=8, out=6, layers=2, positions=10)
+    weights = {k: torch.randn(v) * 0.3 for k, v in shapes.items()}
+    rows = torch.randn(3, 5, 8)
+    known = torch.tensor([[True, True, False, False, False], [True] * 5, [False] * 5])
+    batched = context_vectors(weights, rows, known, layers=2, heads=4)
+    alone = context_vectors(weights, rows[:1, :2], known[:1, :2], layers=2, heads=4)
+    torch.testing.assert_close(batched[:1], alone)
+    assert batched[2].eq(0).all() and torch.isfinite(batched).all()
+    torch.testing.assert_close(batched[:2].norm(dim=-1), torch.ones(2))
+
+
+def test_the_distilled_context_encoder_learns_the_teacher_and_round_trips(setup, tmp_path: Path) -> None:
+    """The encoder regresses the teacher's sentence vectors (its loss falls with steps), the
+    classifier reads its vectors, and fp32 save/load and the packed release keep both."""
+    from bitmar_pipeline.training.knowledge import context_corpus
+
+    tokenizer, teacher, model = setup
+    short, _ = _fitted(setup, token_tfidf=True, static_scale=0.5, words=True, context_layers=2, context_steps=5)
+    fitted, fit = _fitted(setup, token_tfidf=True, static_scale=0.5, words=True, context_layers=2, context_steps=300)
+    assert fitted.config.knowledge_context_out == teacher.encode(["x"]).shape[1]
+    assert fit.context_corpus == len(context_corpus([t for t, _ in TASKS] + capability_phrases(PROFILES)[0], 0))
+    ids, mask = encode_prompts(tokenizer, [t for t, _ in TASKS], model.config.max_seq_len)
+    target = torch.from_numpy(teacher.encode([t for t, _ in TASKS]))
+    with torch.no_grad():
+        cos = (fitted.knowledge.task_vectors(ids, mask) * target).sum(-1).mean()
+        cos_short = (short.knowledge.task_vectors(ids, mask) * target).sum(-1).mean()
+    assert cos > max(cos_short, 0.5), (cos, cos_short)
+    packed = _saved_and_packed(fitted, tokenizer, tmp_path)
+    with torch.no_grad():
+        assert packed.knowledge(ids, mask).argmax(1).tolist() == [ROBOT_INDEX[r[0]] for _, r in TASKS]
+
+
+def test_a_context_encoder_needs_the_word_table(setup) -> None:
+    with pytest.raises(ValueError, match="knowledge_table: words"):
+        _fitted(setup, words=False, context_layers=2)

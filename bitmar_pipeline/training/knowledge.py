@@ -12,6 +12,8 @@ the SIF token weights and the classifier go into `BitMarModel.knowledge`
 
 from __future__ import annotations
 
+import math
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,12 +25,18 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from transformers import PreTrainedTokenizerBase
 
-from bitmar_model.knowledge import WORD_FORMS, TaskKnowledge, token_counts, word_keys
+from bitmar_model.knowledge import (
+    WORD_FORMS,
+    TaskKnowledge,
+    context_vectors,
+    token_counts,
+    word_keys,
+)
 from bitmar_model.metrics import exact_set_accuracy, label_matrix, sample_f1, top1_accuracy
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.robots import NUM_ROBOT_CLASSES, select_robots
 from bitmar_pipeline.evaluation.selection_quality import encode_prompts
-from bitmar_pipeline.training.reasoning_targets import Profiles, capability_phrase_owners
+from bitmar_pipeline.training.reasoning_targets import Profiles, capability_phrase_owners, short_form
 
 SIF_A = 1e-3  # the SIF paper's a: a token seen in 1 of 1,000 corpus tokens gets weight 0.5
 _NEVER = -8.0  # bias of a class no training row has ("No Robot" in the public data)
@@ -194,6 +202,76 @@ def fit_one_vs_rest(
     return weight, bias
 
 
+# --- the contextual encoder, distilled from the teacher's sentence vectors ------------------
+
+CONTEXT_BATCH = 64
+CONTEXT_LR = 1e-3
+CONTEXT_SHORT_FORMS = 4  # drawn per corpus text (duplicates dropped)
+
+
+def context_corpus(texts: Sequence[str], seed: int) -> list[str]:
+    """The distillation corpus: the texts, up to 4 short forms of each (as people type tasks) and
+    one run of 2-5 of its words; the teacher labels them all, no robot label is used."""
+    rng = random.Random(seed)
+    out = list(texts)
+    for text in texts:
+        out += [f for f in (short_form(text, rng) for _ in range(CONTEXT_SHORT_FORMS)) if f]
+        words = text.split()
+        if len(words) > 4:
+            start = rng.randrange(len(words) - 2)
+            out.append(" ".join(words[start : start + rng.randint(2, 5)]))
+    return sorted(set(out))
+
+
+def _init_context(shapes: dict[str, tuple[int, ...]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """nn.Linear's and nn.LayerNorm's default initialisation; positions N(0, 0.02)."""
+    weights = {}
+    for name, shape in shapes.items():
+        if name == "position":
+            weights[name] = torch.randn(shape, generator=generator) * 0.02
+        elif "norm" in name:
+            weights[name] = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+        else:
+            fan_in = shapes[name.removesuffix("_bias").removesuffix("_weight") + "_weight"][1]
+            bound = 1 / math.sqrt(fan_in)
+            weights[name] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+    return weights
+
+
+def distil_context(
+    knowledge: TaskKnowledge, tokenizer: PreTrainedTokenizerBase, teacher: SentenceTeacher,
+    texts: Sequence[str], steps: int, seed: int, max_len: int,
+) -> tuple[float, int]:
+    """Fit the knowledge's context encoder so its vector of each corpus text (read as a prompt, from
+    the frozen word rows) regresses the teacher's sentence vector, loss 1 - cosine (AdamW, batch 64);
+    install it. Returns (the last 100 steps' mean loss, corpus size)."""
+    corpus = context_corpus(texts, seed)
+    device = knowledge.classifier_bias.device
+    targets = torch.from_numpy(teacher.encode(corpus)).to(device)
+    context = knowledge.context
+    ids, mask = encode_prompts(tokenizer, corpus, max_len)
+    with torch.no_grad():
+        rows, known = knowledge.word_vectors(ids.to(device), mask.to(device))
+    shapes = {name: tuple(t.shape) for name, t in context.weights().items()}
+    if shapes["proj_weight"][0] != targets.shape[1]:
+        width = shapes["proj_weight"][0]
+        raise ValueError(f"knowledge context: output width {width}, teacher width {targets.shape[1]}")
+    generator = torch.Generator().manual_seed(seed)
+    weights = {k: v.to(device).requires_grad_() for k, v in _init_context(shapes, generator).items()}
+    optimizer = torch.optim.AdamW(weights.values(), lr=CONTEXT_LR, weight_decay=0.01)
+    losses = []
+    for _ in range(steps):
+        batch = torch.randint(len(corpus), (CONTEXT_BATCH,), generator=generator).to(device)
+        out = context_vectors(weights, rows[batch], known[batch], context.layers, context.heads)
+        loss = (1 - (out * targets[batch]).sum(-1)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    knowledge.load_context({k: v.detach() for k, v in weights.items()})
+    return float(np.mean(losses[-100:])), len(corpus)
+
+
 @dataclass
 class KnowledgeFit:
     teacher: str
@@ -206,6 +284,9 @@ class KnowledgeFit:
     train_tasks: int
     capability_phrases: int
     train_top1: float
+    context_layers: int = 0
+    context_corpus: int = 0
+    context_loss: float | None = None
 
     def metadata(self) -> dict[str, Any]:
         return {f"knowledge_{k}": v for k, v in self.__dict__.items()}
@@ -226,11 +307,19 @@ def install_knowledge(
     static_scale: float = 1.0,
     phrase_weight: float = 1.0,
     words: bool = False,
+    context_layers: int = 0,
+    context_steps: int = 3000,
+    context_texts: Sequence[str] = (),
+    seed: int = 0,
 ) -> KnowledgeFit:
     """Distil the table (over whole words when `words`, else over the model's tokens), fit the
     classifier on the model's own task vectors (scaled by `static_scale` next to the token TF-IDF
     vectors when `token_tfidf`), install both. The capability phrases count `phrase_weight` each
-    in the fit (0: left out)."""
+    in the fit (0: left out). With `context_layers` (needs `words`), the task vectors come from a
+    contextual encoder distilled for `context_steps` steps on the train tasks, the phrases and
+    `context_texts` (unlabelled: subtasks, captions) before the classifier is fitted."""
+    if context_layers and not words:
+        raise ValueError("training.knowledge_context_layers needs training.knowledge_table: words")
     strings = token_strings(tokenizer)
     if len(strings) != model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(strings)} tokens, the model {model.config.vocab_size}")
@@ -245,11 +334,15 @@ def install_knowledge(
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
         static = {"table": table, "token_weights": torch.from_numpy(sif_weights(prompts, len(strings), strings))}
     rows = static["word_table"].shape[0] if words else 0
+    width = teacher.encode(texts[:1]).shape[1] if context_layers else 0
     if not model.config.knowledge_dim:
-        model.add_knowledge(dim, token_tfidf, rows)
+        model.add_knowledge(dim, token_tfidf, rows, context_layers, width)
     knowledge = model.knowledge
-    if knowledge.words != rows:
-        raise ValueError(f"install_knowledge: the model's knowledge has {knowledge.words} word rows, this fit {rows}")
+    if knowledge.words != rows or model.config.knowledge_context_layers != context_layers:
+        raise ValueError(
+            f"install_knowledge: the model's knowledge has {knowledge.words} word rows and "
+            f"{model.config.knowledge_context_layers} context layers, this fit {rows} and {context_layers}"
+        )
     ids, mask = ids.to(knowledge.classifier_bias.device), mask.to(knowledge.classifier_bias.device)
     knowledge.load_static(**static)
     if words:
@@ -257,7 +350,12 @@ def install_knowledge(
     classes = NUM_ROBOT_CLASSES
     idf = torch.from_numpy(smooth_idf(token_counts(ids, mask, len(strings)).cpu().numpy()))
     tfidf = (idf, torch.zeros(classes, len(strings))) if token_tfidf else (None, None)
-    knowledge.load_fitted(torch.zeros(classes, dim), torch.zeros(classes), 0.0, *tfidf)
+    knowledge.load_fitted(torch.zeros_like(knowledge.classifier_weight), torch.zeros(classes), 0.0, *tfidf)
+    context_loss, corpus_size = None, 0
+    if context_layers:
+        context_loss, corpus_size = distil_context(
+            knowledge, tokenizer, teacher, texts + list(context_texts), context_steps, seed, model.config.max_seq_len
+        )
     with torch.no_grad():
         vectors = knowledge.task_vectors(ids, mask).cpu().numpy()
         features = vectors * static_scale
@@ -265,14 +363,16 @@ def install_knowledge(
             features = np.concatenate([features, knowledge.tfidf_vectors(ids, mask).cpu().numpy()], axis=1)
     sample_weight = np.r_[np.ones(len(train_texts)), np.full(len(phrases), phrase_weight)]
     w, b = fit_one_vs_rest(features, gold, c, sample_weight)
-    tfidf = (idf, torch.from_numpy(w[:, dim:])) if token_tfidf else (None, None)
-    knowledge.load_fitted(torch.from_numpy(w[:, :dim] * static_scale), torch.from_numpy(b), weight, *tfidf)
+    width = knowledge.classifier_weight.shape[1]
+    tfidf = (idf, torch.from_numpy(w[:, width:])) if token_tfidf else (None, None)
+    knowledge.load_fitted(torch.from_numpy(w[:, :width] * static_scale), torch.from_numpy(b), weight, *tfidf)
     n_train = len(train_texts)
     logits = features[:n_train] @ w.T + b
     hits = gold[np.arange(n_train), logits.argmax(1)]
     return KnowledgeFit(
         teacher.name, dim, knowledge.words, token_tfidf, static_scale, phrase_weight, weight, n_train, len(phrases),
-        round(float(hits.mean()), 4),
+        round(float(hits.mean()), 4), context_layers, corpus_size,
+        None if context_loss is None else round(context_loss, 4),
     )
 
 

@@ -393,7 +393,9 @@ def run_reasoning_sft(
         return StageResult(
             SFT, model_dir(storage, SFT), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started
         )
-    knowledge = _install_knowledge(model, tokenizer, tasks, capabilities, training)
+    caption_ids = captions.train.caption_ids if training.caption_rehearsal_weight > 0 else []
+    context_texts = _context_texts(subtasks, caption_ids, tokenizer, training.knowledge_context_captions)
+    knowledge = _install_knowledge(model, tokenizer, tasks, capabilities, training, context_texts, config.seed)
     evaluation = evaluate_reasoning(
         model, tokenizer, tasks, "validation", max_new_tokens=config.grpo_reasoning.max_new_tokens
     )
@@ -414,12 +416,24 @@ def run_reasoning_sft(
     )
 
 
+def _context_texts(
+    subtasks: pd.DataFrame, caption_ids: Sequence[list[int]], tokenizer: Any, captions: int
+) -> list[str]:
+    """Unlabelled text for the knowledge's context encoder: the train split's subtasks (never the
+    held-out tasks' plans) and up to `captions` distinct training captions (the teacher labels each;
+    a real COCO run has far more than it needs)."""
+    texts = dict.fromkeys(tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in caption_ids)
+    train = subtasks[subtasks["split"] == "train"]["subtask_text"]
+    return list(dict.fromkeys(train)) + [t for t in texts if t][:captions]
+
+
 def _install_knowledge(
-    model: BitMarModel, tokenizer: Any, tasks: pd.DataFrame, capabilities: Profiles, training: TrainingConfig
+    model: BitMarModel, tokenizer: Any, tasks: pd.DataFrame, capabilities: Profiles, training: TrainingConfig,
+    context_texts: Sequence[str] = (), seed: int = 0,
 ) -> dict[str, Any]:
     """With training.knowledge_teacher: distil it into the model's knowledge table (fitted on the
-    train split's tasks and the fleet's capability phrases); returns the stage metadata naming
-    the knowledge source either way."""
+    train split's tasks and the fleet's capability phrases; its context encoder also reads the
+    unlabelled `context_texts`); returns the stage metadata naming the knowledge source either way."""
     if not training.knowledge_teacher:
         return {"knowledge_source": "robot labels only (training.knowledge_teacher is not set)"}
     train = tasks[tasks["split"] == "train"].drop_duplicates("task_key")
@@ -429,10 +443,15 @@ def _install_knowledge(
         dim=training.knowledge_dim, c=training.knowledge_c, token_tfidf=training.knowledge_token_tfidf,
         static_scale=training.knowledge_static_scale, phrase_weight=training.knowledge_phrase_weight,
         weight=training.knowledge_weights[0], words=training.knowledge_table == "words",
+        context_layers=training.knowledge_context_layers if training.knowledge_table == "words" else 0,
+        context_steps=training.knowledge_context_steps, context_texts=context_texts, seed=seed,
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
     rows = f"{fit.words}-word" if fit.words else "token"
-    metadata = {"knowledge_source": f"teacher {fit.teacher} distilled into a {fit.dim}-wide {rows} table{view}"}
+    reader = f", read by a {fit.context_layers}-layer context encoder" if fit.context_layers else ""
+    metadata = {
+        "knowledge_source": f"teacher {fit.teacher} distilled into a {fit.dim}-wide {rows} table{reader}{view}"
+    }
     if len(training.knowledge_weights) > 1:
         validation = tasks[tasks["split"] == "validation"].drop_duplicates("task_key")
         fit.weight, scores = choose_knowledge_weight(
