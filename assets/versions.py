@@ -39,8 +39,9 @@ TEXT_TOKENIZER = 2
 # reasoning_sft 2: installs the teacher-distilled selection knowledge (training.knowledge_teacher).
 # reasoning_sft 3: ... next to a token TF-IDF view (training.knowledge_token_tfidf).
 # reasoning_sft 4: ... over a table of whole words found by hash (training.knowledge_table).
+# reasoning_sft 5: ... read by a context encoder distilled from the teacher (training.knowledge_context_layers).
 # multimodal_pretrain 2: the cell reader's warm-up and bag-of-words loss (model.cell_words).
-STAGE_CODE = {"multimodal_pretrain": 2, "reasoning_sft": 4, "grpo_policy": 2}
+STAGE_CODE = {"multimodal_pretrain": 2, "reasoning_sft": 5, "grpo_policy": 2}
 # Report and release stages.
 # 2: texts guided by the fleet's profiles; the report records the fleet; 3: task cues; 4: the Platt fit
 # no longer diverges (halved Newton steps, l2 1) and the guided "Goal:" line is the task
