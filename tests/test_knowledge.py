@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -337,8 +338,6 @@ def test_install_knowledge_over_words_finds_them_in_any_casing(setup, tmp_path: 
 def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
     """What reasoning_sft runs after training: the configured teacher, the word table by default,
     the blend weight chosen on the validation split, the source named in the metadata."""
-    import pandas as pd
-
     from bitmar_pipeline.config import TrainingConfig
     from bitmar_pipeline.training.stages import _install_knowledge
 
@@ -349,18 +348,29 @@ def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
         {"task_text": [t for t, _, _ in rows], "robots": [r for _, r, _ in rows], "split": [s for _, _, s in rows],
          "task_key": [f"{s}:{t}" for t, _, s in rows]}
     )
+    subtasks = pd.DataFrame({"subtask_text": ["dive below the hull", "a held-out plan"], "split": ["train", "test"]})
     training = TrainingConfig(knowledge_teacher=teacher.name, knowledge_dim=16, knowledge_context_steps=20)
-    metadata = _install_knowledge(fitted, tokenizer, tasks, PROFILES, training, ["a subtask to read"])
+    metadata = _install_knowledge(fitted, tokenizer, tasks, PROFILES, training, subtasks)
     source = f"{fitted.knowledge.words}-word table, read by a 2-layer context encoder next to a token TF-IDF view"
     assert source in metadata["knowledge_source"]
     assert metadata["knowledge_context_layers"] == fitted.config.knowledge_context_layers == 2
     assert metadata["knowledge_context_corpus"] > len(TASKS) + 1
+
     assert metadata["knowledge_words"] == fitted.config.knowledge_words > 20
     assert float(metadata["knowledge_weight"]) == fitted.knowledge.weight.item() in training.knowledge_weights
     tokens = _copy(model)
     by_tokens = training.model_copy(update={"knowledge_table": "tokens"})
-    metadata = _install_knowledge(tokens, tokenizer, tasks, PROFILES, by_tokens)
+    metadata = _install_knowledge(tokens, tokenizer, tasks, PROFILES, by_tokens, subtasks)
     assert "token table" in metadata["knowledge_source"] and tokens.config.knowledge_words == 0
+
+
+def test_the_context_corpus_reads_only_the_train_split_and_the_captions(setup) -> None:
+    from bitmar_pipeline.training.stages import _context_texts
+
+    tokenizer, _, _ = setup
+    subtasks = pd.DataFrame({"subtask_text": ["dive", "dive", "climb", "fly"], "split": ["train"] * 3 + ["test"]})
+    captions = [tokenizer("a boat on the ocean")["input_ids"]] * 2 + [tokenizer("stairs")["input_ids"]]
+    assert _context_texts(subtasks, captions, tokenizer, captions=1) == ["dive", "climb", "a boat on the ocean"]
 
 
 # --- the context encoder over the words ---------------------------------------------------

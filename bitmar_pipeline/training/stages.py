@@ -394,8 +394,7 @@ def run_reasoning_sft(
             SFT, model_dir(storage, SFT), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started
         )
     caption_ids = captions.train.caption_ids if training.caption_rehearsal_weight > 0 else []
-    context_texts = _context_texts(subtasks, caption_ids, tokenizer, training.knowledge_context_captions)
-    knowledge = _install_knowledge(model, tokenizer, tasks, capabilities, training, context_texts, config.seed)
+    knowledge = _install_knowledge(model, tokenizer, tasks, capabilities, training, subtasks, caption_ids)
     evaluation = evaluate_reasoning(
         model, tokenizer, tasks, "validation", max_new_tokens=config.grpo_reasoning.max_new_tokens
     )
@@ -429,11 +428,12 @@ def _context_texts(
 
 def _install_knowledge(
     model: BitMarModel, tokenizer: Any, tasks: pd.DataFrame, capabilities: Profiles, training: TrainingConfig,
-    context_texts: Sequence[str] = (), seed: int = 0,
+    subtasks: pd.DataFrame, caption_ids: Sequence[list[int]] = (),
 ) -> dict[str, Any]:
     """With training.knowledge_teacher: distil it into the model's knowledge table (fitted on the
     train split's tasks and the fleet's capability phrases; its context encoder also reads the
-    unlabelled `context_texts`); returns the stage metadata naming the knowledge source either way."""
+    train split's subtasks and captions, unlabelled); returns the stage metadata naming the
+    knowledge source either way."""
     if not training.knowledge_teacher:
         return {"knowledge_source": "robot labels only (training.knowledge_teacher is not set)"}
     train = tasks[tasks["split"] == "train"].drop_duplicates("task_key")
@@ -444,7 +444,8 @@ def _install_knowledge(
         static_scale=training.knowledge_static_scale, phrase_weight=training.knowledge_phrase_weight,
         weight=training.knowledge_weights[0], words=training.knowledge_table == "words",
         context_layers=training.knowledge_context_layers if training.knowledge_table == "words" else 0,
-        context_steps=training.knowledge_context_steps, context_texts=context_texts, seed=seed,
+        context_steps=training.knowledge_context_steps, seed=training.seed,
+        context_texts=_context_texts(subtasks, caption_ids, tokenizer, training.knowledge_context_captions),
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
     rows = f"{fit.words}-word" if fit.words else "token"
