@@ -35,8 +35,9 @@ next to "hull" reads differently from "inspect" next to "roof", which no bag of 
 
     v(x) = normalize( P mean_{w known} Enc(E[w] + pos_w) ).
 
-Nothing here is trained by the optimiser: the table, the token weights and the classifier are
-fitted in the pipeline (closed form / logistic regression) and stored as buffers, so the
+Nothing here is trained by the model's optimiser: the table, the token weights, the encoder and the
+classifier are fitted in the pipeline (closed form / its own distillation loop / logistic regression)
+and stored as buffers, so the
 release carries them and never needs the teacher.
 """
 
@@ -239,11 +240,7 @@ class TaskKnowledge(nn.Module):
         """Install the distilled context encoder (exactly its tensors, shapes as the module's)."""
         if self.context is None or set(weights) != set(self.context.weights()):
             raise ValueError("load_context: the module has no context encoder, or the tensors' names differ")
-        for name, value in weights.items():
-            buffer = getattr(self.context, name)
-            if tuple(value.shape) != tuple(buffer.shape):
-                raise ValueError(f"context {name}: expected shape {tuple(buffer.shape)}, received {tuple(value.shape)}")
-            buffer.copy_(value.to(buffer.dtype))
+        self._install(weights.items(), self.context)
 
     @torch.no_grad()
     def load_fitted(
@@ -264,9 +261,9 @@ class TaskKnowledge(nn.Module):
         self._install(fitted)
         self.weight.fill_(float(weight))
 
-    def _install(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def _install(self, named: Iterable[tuple[str, torch.Tensor]], owner: nn.Module | None = None) -> None:
         for name, value in named:
-            buffer = getattr(self, name)
+            buffer = getattr(owner or self, name)
             if tuple(value.shape) != tuple(buffer.shape):
                 raise ValueError(f"{name}: expected shape {tuple(buffer.shape)}, received {tuple(value.shape)}")
             buffer.copy_(value.to(buffer.dtype))
