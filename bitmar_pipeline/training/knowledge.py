@@ -58,6 +58,11 @@ class SentenceTeacher:
         self.name = name_or_path
         self.device = device
 
+    @property
+    def width(self) -> int:
+        """The sentence vectors' width (the encoder's hidden size)."""
+        return self.model.config.hidden_size
+
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 256, max_length: int = 32) -> np.ndarray:
         out = []
@@ -334,9 +339,8 @@ def install_knowledge(
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
         static = {"table": table, "token_weights": torch.from_numpy(sif_weights(prompts, len(strings), strings))}
     rows = static["word_table"].shape[0] if words else 0
-    width = teacher.encode(texts[:1]).shape[1] if context_layers else 0
     if not model.config.knowledge_dim:
-        model.add_knowledge(dim, token_tfidf, rows, context_layers, width)
+        model.add_knowledge(dim, token_tfidf, rows, context_layers, teacher.width if context_layers else 0)
     knowledge = model.knowledge
     if knowledge.words != rows or model.config.knowledge_context_layers != context_layers:
         raise ValueError(
