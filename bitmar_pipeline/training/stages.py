@@ -421,9 +421,14 @@ def _context_texts(
     """Unlabelled text for the knowledge's context encoder: the train split's subtasks (never the
     held-out tasks' plans) and up to `captions` distinct training captions (the teacher labels each;
     a real COCO run has far more than it needs)."""
-    texts = dict.fromkeys(tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in caption_ids)
+    texts: dict[str, None] = {}
+    for ids in caption_ids:  # decode only until enough: a real COCO run has ~590k captions
+        if len(texts) >= captions:
+            break
+        if text := tokenizer.decode(ids, skip_special_tokens=True).strip():
+            texts[text] = None
     train = subtasks[subtasks["split"] == "train"]["subtask_text"]
-    return list(dict.fromkeys(train)) + [t for t in texts if t][:captions]
+    return list(dict.fromkeys(train)) + list(texts)
 
 
 def _install_knowledge(
