@@ -70,6 +70,11 @@ def context_parameter_shapes(dim: int, out: int, layers: int, positions: int) ->
     return shapes | {"proj_weight": (out, dim), "proj_bias": (out,)}
 
 
+def known_width(known: torch.Tensor) -> int:
+    """Slots up to the last known word of the longest row (at least 1): the rest is padding."""
+    return max(1, int(known.cumsum(1).argmax(1).max()) + 1)
+
+
 def context_vectors(
     weights: dict[str, torch.Tensor], rows: torch.Tensor, known: torch.Tensor, layers: int, heads: int
 ) -> torch.Tensor:
@@ -206,7 +211,7 @@ class TaskKnowledge(nn.Module):
         """(rows [B, W, dim], known [B, W]): each word's dequantised table row in order, W = the
         most words in a row (capped at the encoder's positions), and whether the table knows it."""
         index, found = self.word_rows_of(input_ids, attention_mask)
-        width = max(1, min(int(found.cumsum(1).argmax(1).max()) + 1, self.context.position.shape[0]))
+        width = min(known_width(found), self.context.position.shape[0])
         index, found = index[:, :width], found[:, :width]
         return self.word_table[index].float() * self.word_scale[index, None] * found[..., None], found
 

