@@ -67,7 +67,14 @@ class CocoConfig(_Section):
 
 
 class RobotDataConfig(_Section):
-    source: Literal["sample", "local", "url"] = "sample"
+    source: Literal["bundled", "sample", "local", "url"] = Field(
+        default="bundled",
+        description=(
+            "bundled: the public robot selection files shipped with the package (MIT, 250 tasks); "
+            "sample: generated template tasks (sample_num_tasks, for tests); local: single_path/multi_path; "
+            "url: downloads verified by SHA-256."
+        ),
+    )
     single_path: str | None = None
     multi_path: str | None = None
     single_sha256: str | None = Field(
@@ -101,7 +108,7 @@ class RobotDataConfig(_Section):
 
     @model_validator(mode="after")
     def _paths_for_real_sources(self) -> RobotDataConfig:
-        if self.source != "sample" and not (self.single_path or self.multi_path):
+        if self.source in ("local", "url") and not (self.single_path or self.multi_path):
             raise ValueError(f"source '{self.source}' needs data.robot.single_path and/or data.robot.multi_path")
         if self.source == "url":
             for kind in ("single", "multi"):

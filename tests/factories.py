@@ -35,6 +35,7 @@ IN_PROCESS = {"execution": {"config": {"in_process": {}}}}  # one process per ru
 TINY = {
     "data.coco.sample_num_images": 60,
     "data.coco.shard_size": 30,
+    "data.robot.source": "sample",
     "data.robot.sample_num_tasks": 60,
     "tokenizer.vocab_size": 600,
     "model.hidden_size": 32,
@@ -171,6 +172,7 @@ def settings_for(storage: Storage, **overrides) -> BitmarSettings:
             "storage.root": str(storage.root),
             "vision.model": vision_spec(storage).source,
             "vision.patch_grid": PATCH_GRID,
+            "data.robot.source": "sample",  # the factories' robot tables are generated, not the public files
             **overrides,
         }
     )

@@ -29,6 +29,7 @@ from bitmar_pipeline.training.stages import GRPO, HISTORY_FILE, PRETRAIN, StageR
 TINY = {
     "data.coco.sample_num_images": 60,
     "data.coco.shard_size": 60,
+    "data.robot.source": "sample",
     "data.robot.sample_num_tasks": 40,
     "tokenizer.vocab_size": 600,
     "model.hidden_size": 32,

@@ -113,7 +113,10 @@ def test_cli_local_source_with_bad_rows(tmp_path, coco_mini, capsys):
     assert code == 0, capsys.readouterr()
     with duckdb.connect(str(tmp_path / "store" / "catalog.duckdb"), read_only=True) as con:
         reasons = dict(con.execute("select reason, count(*) from quarantine group by reason").fetchall())
-        assert reasons == {"empty_file": 1, "image_empty_file": 5, "empty_caption": 1, "unknown_image_id": 1}
+        # the 12 duplicates are the bundled public robot files' own (exact repeats of earlier rows)
+        assert reasons == {
+            "empty_file": 1, "image_empty_file": 5, "empty_caption": 1, "unknown_image_id": 1, "duplicate": 12
+        }
         assert con.execute("select count(*) from image_caption_pairs").fetchone()[0] == 395
         assert con.execute("select count(*) from vision_features").fetchone()[0] == 79
 
@@ -130,8 +133,6 @@ def test_cli_sample_profile_offline(tmp_path, monkeypatch, capsys):
             "data.coco.sample_num_images=120",
             "--set",
             "data.coco.shard_size=50",
-            "--set",
-            "data.robot.sample_num_tasks=60",
         ]
     )
     out = capsys.readouterr().out
@@ -140,7 +141,9 @@ def test_cli_sample_profile_offline(tmp_path, monkeypatch, capsys):
     with duckdb.connect(str(tmp_path / ".bitmar" / "catalog.duckdb"), read_only=True) as con:
         assert con.execute("select count(*) from vision_features").fetchone()[0] == 120
         assert con.execute("select count(*) from image_caption_pairs").fetchone()[0] == 600
-        assert con.execute("select count(*) from quarantine").fetchone()[0] == 0
+        # the bundled public robot files: 500 rows, 12 exact duplicates quarantined, nothing else
+        assert con.execute("select reason, count(*) from quarantine group by reason").fetchall() == [("duplicate", 12)]
+        assert con.execute("select count(distinct task_key) from robot_tasks").fetchone()[0] == 244
     assert (tmp_path / ".bitmar" / "tokenizer" / "tokenizer.json").is_file()
 
 

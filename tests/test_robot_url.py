@@ -97,3 +97,26 @@ def _served_single(server: ServerState, robot: dict, body: bytes) -> dict:
 def test_coco_profile_loads():
     config = load_config(REPO / "configs" / "coco.yaml")
     assert config.data.robot.source == "url"
+
+
+def test_the_sample_profile_ingests_the_bundled_public_files(tmp_path: Path):
+    """data.robot.source: bundled (the sample profile): the shipped gzip files decompress to the
+    pinned public files (the same digests the coco profile downloads), ingested with no network."""
+    from bitmar_pipeline.data.robot_sources import BUNDLED_DIR, BUNDLED_SHA256
+
+    config = load_config(None, {"storage.root": str(tmp_path)})
+    assert config.data.robot.source == "bundled"
+    robot = _coco_robot_settings()
+    assert sorted(BUNDLED_SHA256.values()) == sorted((robot["single_sha256"], robot["multi_sha256"]))
+    result, files = load_robot_tables(config, Storage(tmp_path))
+    # 500 rows read; 12 exact duplicates quarantined; 244 distinct tasks, as in ../shared/data
+    assert sum(result.input_rows.values()) == 500 == len(result.tasks) + len(result.quarantine)
+    assert set(result.quarantine["reason"]) == {"duplicate"} and result.tasks["task_key"].nunique() == 244
+    assert set(result.tasks["split"]) == {"train", "validation", "test"}
+    single = Path(files["single"])
+    assert hashlib.sha256(single.read_bytes()).hexdigest() == BUNDLED_SHA256[single.name]
+    assert (BUNDLED_DIR / "LICENSE").read_text().startswith("MIT License")
+
+    single.write_text("[]")  # a damaged copy is replaced from the package, not ingested
+    again, _ = load_robot_tables(config, Storage(tmp_path))
+    assert again.tasks.equals(result.tasks)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 from urllib.parse import urlparse
 
-from bitmar_model.io import sha256_file
+from bitmar_model.io import atomic_write_bytes, sha256_file
 from bitmar_pipeline.config import ConfigError, PipelineConfig
 from bitmar_pipeline.data.coco_download import VerificationError, download_file
 from bitmar_pipeline.data.robot_sample import generate_sample_robot_datasets
@@ -14,6 +15,31 @@ from bitmar_pipeline.storage import Storage
 
 ROBOT_TASKS_TABLE = "robot_tasks"
 ROBOT_SUBTASKS_TABLE = "robot_subtasks"
+BUNDLED_DIR = Path(__file__).resolve().parent / "robot_selection"
+# The public files as pinned in robot_selection/SOURCE.md; a bundled copy that differs is refused.
+BUNDLED_SHA256 = {
+    "single_robot_selection.json": "eb3eebd3140e3067cd49f334a5f969ce5ca47c5ad5b84a43381fe5770110158a",
+    "multi_robot_selection_dataset.json": "fa951f8d837ea19ed642d7a666cfdae26ef5262fce84bd7e4d9629a0853a55e4",
+}
+
+
+def bundled_robot_files(folder: Path) -> tuple[Path, Path]:
+    """(single file, multi file): the public robot data shipped with the package (MIT, gzip),
+    decompressed into `folder` once; each file's SHA-256 is checked against the pinned one."""
+    paths = []
+    for name, digest in BUNDLED_SHA256.items():
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != digest:
+            archive = BUNDLED_DIR / f"{name}.gz"
+            try:
+                atomic_write_bytes(path, gzip.decompress(archive.read_bytes()))
+            except (OSError, EOFError) as error:
+                raise ConfigError(f"data.robot.source bundled: cannot read {archive}: {error}") from error
+            if (actual := sha256_file(path)) != digest:
+                path.unlink()
+                raise VerificationError(f"{archive}: SHA-256 {actual}, expected {digest}; not ingested")
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 def robot_files(config: PipelineConfig, storage: Storage) -> tuple[Path | None, Path | None]:
@@ -23,6 +49,8 @@ def robot_files(config: PipelineConfig, storage: Storage) -> tuple[Path | None, 
         return generate_sample_robot_datasets(
             storage.path("raw", "robots-sample"), num_tasks=robot.sample_num_tasks, seed=robot.sample_seed
         )
+    if robot.source == "bundled":
+        return bundled_robot_files(storage.path("raw", "robots-bundled"))
     paths: list[Path | None] = []
     for key, value in (("single_path", robot.single_path), ("multi_path", robot.multi_path)):
         if value is None:
