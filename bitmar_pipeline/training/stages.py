@@ -442,9 +442,9 @@ def _install_knowledge(
     if not training.knowledge_teacher:
         return {"knowledge_source": "robot labels only (training.knowledge_teacher is not set)"}
     train = tasks[tasks["split"] == "train"].drop_duplicates("task_key")
+    teacher = SentenceTeacher(training.knowledge_teacher, threads=os.cpu_count())
     fit = install_knowledge(
-        model, tokenizer, SentenceTeacher(training.knowledge_teacher), train["task_text"].tolist(),
-        train["robots"].tolist(), capabilities,
+        model, tokenizer, teacher, train["task_text"].tolist(), train["robots"].tolist(), capabilities,
         dim=training.knowledge_dim, c=training.knowledge_c, token_tfidf=training.knowledge_token_tfidf,
         static_scale=training.knowledge_static_scale, phrase_weight=training.knowledge_phrase_weight,
         weight=training.knowledge_weights[0], words=training.knowledge_table == "words",
