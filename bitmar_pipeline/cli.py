@@ -52,7 +52,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. vision.model=facebook/dinov2-base")
-        overrides[key.strip()] = yaml.safe_load(value)
+        # KEY= passes "" (e.g. training.knowledge_teacher= turns the teacher off), not YAML's null.
+        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
         if overrides[key.strip()] is None:
             # Dagster's run config cannot carry a null map value (its config processing fails deep inside).
             raise ConfigError(f"--set {pair!r}: null cannot be passed on the command line; use a --config YAML file")

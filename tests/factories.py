@@ -48,7 +48,7 @@ TINY = {
     "model.memory_slots": 8,
     "model.num_vision_tokens": 2,
     "model.projection_dim": 32,
-    "training.knowledge_teacher": None,  # the teacher's distillation has its own tests (test_knowledge.py)
+    "training.knowledge_teacher": "",  # the teacher's distillation has its own tests (test_knowledge.py)
     "training.pretrain.max_steps": 6,
     "training.pretrain.warmup_steps": 1,
     "training.pretrain.batch_size": 8,

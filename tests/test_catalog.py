@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 SMALL = {
     "data.coco.sample_num_images": 6,
     "data.coco.shard_size": 3,
+    "data.robot.source": "sample",
     "data.robot.sample_num_tasks": 20,
     "vision.batch_size": 4,
 }

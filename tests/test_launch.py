@@ -41,7 +41,7 @@ TINY = {
     "model.memory_slots": 8,
     "model.num_vision_tokens": 2,
     "model.projection_dim": 32,
-    "training.knowledge_teacher": None,  # the teacher's distillation has its own tests (test_knowledge.py)
+    "training.knowledge_teacher": "",  # the teacher's distillation has its own tests (test_knowledge.py)
     "training.pretrain.max_steps": 4,
     "training.pretrain.warmup_steps": 1,
     "training.pretrain.batch_size": 4,
@@ -127,8 +127,10 @@ def test_pretrain_under_torchrun_reports_through_pipes(tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # both ranks share the machine with whatever else runs
-    sets = [a for k, v in TINY.items() if v is not None for a in ("--set", f"{k}={json.dumps(v)}")]
-    assert main(["run", "--select", DATA_ASSETS, *sets]) == 0
+    assert (
+        main(["run", "--select", DATA_ASSETS, *[a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]])
+        == 0
+    )
 
     settings = BitmarSettings(overrides={**TINY, "compute.nproc_per_node": 2})
     with dg.instance_for_test() as instance:

@@ -47,6 +47,7 @@ RETRAIN = {
 SMALL = {
     "data.coco.sample_num_images": 12,
     "data.coco.shard_size": 3,
+    "data.robot.source": "sample",
     "data.robot.sample_num_tasks": 20,
     "vision.batch_size": 4,
 }

@@ -47,6 +47,7 @@ AUTOMATION_NAMES = ["retrain_schedule", "bitmar_automation"]
 SAMPLE = {
     "data.coco.sample_num_images": 6,
     "data.coco.shard_size": 3,
+    "data.robot.source": "sample",
     "data.robot.sample_num_tasks": 20,
     "vision.batch_size": 4,
 }
