@@ -279,11 +279,6 @@ class TrainingConfig(_Section):
         ),
     )
 
-    @field_validator("knowledge_teacher")
-    @classmethod
-    def _empty_teacher_is_none(cls, value: str | None) -> str | None:
-        # "" turns the teacher off where null cannot be written (--set, Dagster run config maps).
-        return value or None
     knowledge_dim: int = Field(default=128, gt=0, description="Width of the distilled table (PCA components).")
     knowledge_table: Literal["words", "tokens"] = Field(
         default="words",
@@ -339,6 +334,12 @@ class TrainingConfig(_Section):
     # 1e-3: at 2e-3 the contrastive loss stays at chance on the sample data (docs/decisions.md).
     pretrain: StageSchedule = StageSchedule(max_steps=200, batch_size=32, learning_rate=1e-3)
     sft: StageSchedule = StageSchedule(max_steps=160, batch_size=16, learning_rate=2e-3)
+
+    @field_validator("knowledge_teacher")
+    @classmethod
+    def _empty_teacher_is_none(cls, value: str | None) -> str | None:
+        # "" turns the teacher off where null cannot be written (--set, Dagster run config maps).
+        return value or None
 
 
 class GrpoTrainingConfig(_Section):

@@ -35,9 +35,7 @@ def bundled_robot_files(folder: Path) -> tuple[Path, Path]:
                 atomic_write_bytes(path, gzip.decompress(archive.read_bytes()))
             except (OSError, EOFError) as error:
                 raise ConfigError(f"data.robot.source bundled: cannot read {archive}: {error}") from error
-            if (actual := sha256_file(path)) != digest:
-                path.unlink()
-                raise VerificationError(f"{archive}: SHA-256 {actual}, expected {digest}; not ingested")
+            _check_sha256(path, digest, f"data.robot.source bundled: {archive}")
         paths.append(path)
     return paths[0], paths[1]
 
@@ -79,14 +77,17 @@ def fetch_verified(url: str, sha256: str | None, storage: Storage, *, label: str
         dest.unlink()
     path = download_file(url, dest, expected_size=None, expected_md5=None)
     if sha256:
-        actual = sha256_file(path)
-        if actual != sha256.lower():
-            path.unlink()
-            raise VerificationError(
-                f"{label}: {name} from {url}: SHA-256 mismatch: expected {sha256.lower()}, got {actual}; "
-                "the download was deleted and not ingested"
-            )
+        _check_sha256(path, sha256.lower(), f"{label}: {name} from {url}")
     return path
+
+
+def _check_sha256(path: Path, expected: str, what: str) -> None:
+    """Delete `path` and raise VerificationError naming `what` when its SHA-256 is not `expected`."""
+    if (actual := sha256_file(path)) != expected:
+        path.unlink()
+        raise VerificationError(
+            f"{what}: SHA-256 mismatch: expected {expected}, got {actual}; the file was deleted and not ingested"
+        )
 
 
 def load_robot_tables(config: PipelineConfig, storage: Storage) -> tuple[RobotIngestResult, dict[str, str]]:

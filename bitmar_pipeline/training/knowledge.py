@@ -96,6 +96,8 @@ class SentenceTeacher:
     def encode(self, texts: Sequence[str], batch_size: int = 256, max_length: int = 32) -> np.ndarray:
         """[N, width] sentence vectors in the order of `texts`. Batches are formed by length so they
         pad little (25% faster on the distillation corpus; the vectors agree to 2e-7)."""
+        if not texts:
+            return np.empty((0, self.width), np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")
         out = []
         previous = torch.get_num_threads()
@@ -113,7 +115,7 @@ class SentenceTeacher:
         finally:
             torch.set_num_threads(previous)
         vectors = np.empty((len(texts), self.width), np.float32)
-        vectors[order] = np.concatenate(out) if out else vectors
+        vectors[order] = np.concatenate(out)
         return vectors
 
 
