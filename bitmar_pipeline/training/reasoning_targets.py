@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -316,6 +316,18 @@ def build_sft_examples(
 
 
 _CAPABILITY_TEMPLATES = (("capabilities", "a task that needs {}"), ("environments", "a task in {}"))
+
+
+def profile_phrase_forms(profile: Mapping[str, Sequence[str]]) -> list[tuple[str, str]]:
+    """(phrase, the text the task knowledge reads for it) of each reason a robot's profile offers
+    for selecting it, in the guided decoder's order: its capabilities and environments, worded as
+    the capability phrases the knowledge is fitted on ("a task that needs X", "a task in X")."""
+    return [
+        (p.strip(), template.format(p.strip().lower()))
+        for field, template in _CAPABILITY_TEMPLATES
+        for p in profile.get(field, ())
+        if p.strip()
+    ]
 
 
 def capability_phrase_owners(capabilities: Profiles, bare_items: bool = False) -> dict[str, set[str]]:
