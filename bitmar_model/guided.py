@@ -143,7 +143,9 @@ def _analysis(cues: Sequence[str]) -> list[str | Choice | None]:
 def reasoning_skeleton(decision: HeadDecision, profiles: Profiles | None = None) -> list[str | Choice | None]:
     """The guided text as forced strings, the model's choices and FREE model lines, in order."""
     evaluation: list[str | Choice | None] = []
-    for i, robot in enumerate(EVALUATED):
+    # Robots described only in the fleet (selected zero-shot) are evaluated after the trained ones.
+    evaluated = EVALUATED + tuple(r for r in (profiles or {}) if r not in ROBOT_CLASSES)
+    for i, robot in enumerate(evaluated):
         opening = "</environment_analysis>\n<robot_evaluation>\n" if i == 0 else ""
         suitable = robot in decision.robots
         verdict = "suitable" if suitable else "unsuitable"

@@ -272,3 +272,25 @@ class TaskKnowledge(nn.Module):
             if tuple(value.shape) != tuple(buffer.shape):
                 raise ValueError(f"{name}: expected shape {tuple(buffer.shape)}, received {tuple(value.shape)}")
             buffer.copy_(value.to(buffer.dtype))
+
+
+def fleet_fit_scores(
+    task_vectors: torch.Tensor, phrase_vectors: torch.Tensor, owners: torch.Tensor, robots: int, top_k: int = 2
+) -> torch.Tensor:
+    """How much better each task matches each robot's own description than the fleet's average,
+    [B, d] x [P, d] -> [B, robots]:
+
+        s_r(x) = mean of the top_k largest cos(v(x), p_j) over r's phrases j (owners[j] == r),
+        score_r(x) = s_r(x) - mean over the fleet's robots of s(x).
+
+    Nothing here depends on which robots were trained, so a robot described only by its phrases
+    scores like any other (zero-shot); every robot needs at least one phrase."""
+    cosine = task_vectors @ phrase_vectors.T
+    per_robot = []
+    for robot in range(robots):
+        own = cosine[:, owners == robot]
+        if own.shape[1] == 0:
+            raise ValueError(f"fleet_fit_scores: robot {robot} has no phrase")
+        per_robot.append(own.topk(min(top_k, own.shape[1]), dim=1).values.mean(dim=1))
+    scores = torch.stack(per_robot, dim=1)
+    return scores - scores.mean(dim=1, keepdim=True)

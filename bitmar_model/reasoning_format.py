@@ -124,11 +124,11 @@ def format_robot_evaluation(evaluation: Mapping[str, tuple[bool, str]]) -> str:
     return "\n".join(lines)
 
 
-def robots_mentioned_positively(robot_evaluation_text: str) -> set[str]:
-    """Canonical names of robots whose evaluation line reads `<robot>: suitable ...`."""
+def robots_mentioned_positively(robot_evaluation_text: str, fleet: Iterable[str] = ()) -> set[str]:
+    """Canonical names of robots (or of the `fleet`'s own) whose evaluation line reads `<robot>: suitable ...`."""
     positive = set()
     for name, verdict in _EVALUATION_RE.findall(robot_evaluation_text):
-        canonical = normalize_robot_name(name)
+        canonical = normalize_robot_name(name, fleet)
         if canonical is not None and verdict.lower() == "suitable":
             positive.add(canonical)
     return positive
@@ -178,7 +178,9 @@ def _parse_confidence(value: str, errors: list[str]) -> float | None:
     return confidence
 
 
-def _parse_selection(body: str, errors: list[str]) -> tuple[list[str], float | None, str | None]:
+def _parse_selection(
+    body: str, errors: list[str], fleet: Iterable[str] = ()
+) -> tuple[list[str], float | None, str | None]:
     fields: dict[str, str] = {}
     current: str | None = None
     for line in body.splitlines():
@@ -205,7 +207,7 @@ def _parse_selection(body: str, errors: list[str]) -> tuple[list[str], float | N
         if not names:
             errors.append("no robot selected")
         for name in names:
-            canonical = normalize_robot_name(name)
+            canonical = normalize_robot_name(name, fleet)
             if canonical is None:
                 errors.append(f"unknown robot name {name!r}")
             elif canonical not in robots:
@@ -229,8 +231,9 @@ def _parse_selection(body: str, errors: list[str]) -> tuple[list[str], float | N
     return robots, confidence, justification
 
 
-def parse_reasoning(text: str) -> ParsedReasoning:
-    """Parse a (possibly broken) trace. Never raises; every problem is listed in `errors`."""
+def parse_reasoning(text: str, fleet: Iterable[str] = ()) -> ParsedReasoning:
+    """Parse a (possibly broken) trace. Never raises; every problem is listed in `errors`. Robots
+    described only in the `fleet` are known by their own names."""
     if not isinstance(text, str):
         return ParsedReasoning({}, [], None, None, [f"expected a string, got {type(text).__name__}"], False)
     errors: list[str] = []
@@ -270,5 +273,5 @@ def parse_reasoning(text: str) -> ParsedReasoning:
     robots: list[str] = []
     confidence = justification = None
     if "robot_selection" in sections:
-        robots, confidence, justification = _parse_selection(sections["robot_selection"], errors)
+        robots, confidence, justification = _parse_selection(sections["robot_selection"], errors, fleet)
     return ParsedReasoning(sections, robots, confidence, justification, errors, tags_in_order)

@@ -9,6 +9,7 @@ return None: callers quarantine or report them; nothing is guessed.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -50,10 +51,11 @@ _ALIASES: dict[str, str] = {
 }
 
 
-def normalize_robot_name(name: str) -> str | None:
-    """Map a robot name or alias to its canonical class, or None when it is unknown."""
+def normalize_robot_name(name: str, fleet: Iterable[str] = ()) -> str | None:
+    """Map a robot name or alias to its canonical class, or to the `fleet` robot it names (a robot
+    described only in the fleet, matched by its own name), or None when it is unknown."""
     key = re.sub(r"\s+", " ", str(name)).strip().strip(".").lower()
-    return _ALIASES.get(key)
+    return _ALIASES.get(key) or next((f for f in fleet if f.lower() == key), None)
 
 
 def split_robot_list(text: str) -> list[str]:

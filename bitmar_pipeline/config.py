@@ -19,10 +19,11 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from bitmar_model.config import BitMarConfig
 from bitmar_model.deprecation import DeprecatedNameWarning
+from bitmar_model.robots import normalize_robot_name, split_robot_list
 
 CONFIG_ENV_VAR = "BITMAR_CONFIG"
 # The model section's defaults are BitMarConfig's, so the pipeline and the library agree.
@@ -509,6 +510,34 @@ class ScheduleConfig(_Section):
         return value
 
 
+class RobotProfile(_Section):
+    """A robot of the user's fleet that the data does not label: selected zero-shot by how well a
+    task matches its capabilities and environments (bitmar_pipeline.evaluation.zero_shot)."""
+
+    capabilities: list[str] = []
+    limitations: list[str] = []
+    environments: list[str] = []
+
+    @model_validator(mode="after")
+    def _describes_what_it_can_do(self) -> RobotProfile:
+        if not [p for p in self.capabilities + self.environments if p.strip()]:
+            raise ValueError("a robot needs at least one capability or environment to be matched against tasks")
+        return self
+
+
+def check_fleet_names(robots: dict[str, RobotProfile]) -> dict[str, RobotProfile]:
+    """A fleet robot is a new robot (not one the data labels) whose name the reasoning parser reads back."""
+    for name in robots:
+        if normalize_robot_name(name) is not None:
+            raise ValueError(f"{name!r} is a robot of the data, whose profile comes from its instruction")
+        if split_robot_list(name) != [name.strip()] or not name.strip():
+            raise ValueError(f"{name!r}: a robot name cannot be empty or hold ',', ';', '/', '&' or 'and'")
+    return robots
+
+
+FLEET = TypeAdapter(dict[str, RobotProfile])  # a `robots:` section, or a `bitmar predict --fleet` file
+
+
 class PipelineConfig(_Section):
     storage: StorageConfig = StorageConfig()
     data: DataConfig = DataConfig()
@@ -523,6 +552,15 @@ class PipelineConfig(_Section):
     carbon_tracking: CarbonConfig = CarbonConfig()
     huggingface_hub: HubConfig = HubConfig()
     schedules: ScheduleConfig = ScheduleConfig()
+    robots: dict[str, RobotProfile] = Field(
+        default={},
+        description="Robots described only here, added to the data's fleet in the release and selected zero-shot.",
+    )
+
+    @field_validator("robots")
+    @classmethod
+    def _robots_are_new_and_parseable(cls, value: dict[str, RobotProfile]) -> dict[str, RobotProfile]:
+        return check_fleet_names(value)
 
     def resolved_coco_root(self) -> Path:
         """Where the COCO-layout directory is (or will be, for sample/download)."""

@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 
 from assets.definitions import ALL_ASSETS, default_resources
-from bitmar_pipeline.config import PipelineConfig
+from bitmar_pipeline.config import ConfigError, PipelineConfig
 from bitmar_pipeline.resources.settings import BitmarSettings
 
 ROBOTS = ["robot_selection_tasks"]
@@ -78,3 +78,13 @@ def test_typed_fields_lie_over_the_config_file(tmp_path):
     settings = BitmarSettings(config_file=str(profile_file), profile={"data": {"robot": {"sample_num_tasks": 12}}})
     assert (settings.config.data.robot.sample_num_tasks, settings.config.data.robot.sample_seed) == (12, 3)
     assert (tmp_path / "store" / "tables" / "robot_tasks" / "all.parquet").is_file()
+
+
+def test_the_launchpad_describes_the_users_own_robots(tmp_path):
+    """The `robots:` map of sections crosses the launchpad as one value and is validated there."""
+    robots = {"Window Cleaner": {"capabilities": ["window cleaning"], "environments": ["glass facades"]}}
+    settings = BitmarSettings(profile={"storage": {"root": str(tmp_path)}, "robots": robots})
+    assert settings.config.robots["Window Cleaner"].model_dump() == {**robots["Window Cleaner"], "limitations": []}
+    bad = BitmarSettings(profile={"robots": {"Drone": {"capabilities": ["flying"]}}})
+    with pytest.raises(ConfigError, match="robots: got .*'Drone' is a robot of the data"):
+        _ = bad.config

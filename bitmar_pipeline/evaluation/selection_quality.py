@@ -77,6 +77,14 @@ def encode_prompts(
 
 
 @torch.no_grad()
+def knowledge_vectors(model: BitMarModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> torch.Tensor:
+    """[N, d] on the CPU: the model's task-knowledge vector of each text read as a prompt."""
+    device = model.knowledge.classifier_bias.device
+    ids, mask = encode_prompts(tokenizer, list(texts), model.config.max_seq_len)
+    return model.knowledge.task_vectors(ids.to(device), mask.to(device)).float().cpu()
+
+
+@torch.no_grad()
 def profile_reasons(
     model: BitMarModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], profiles: Profiles
 ) -> list[dict[str, str]]:
@@ -84,17 +92,10 @@ def profile_reasons(
     lies nearest the task's (cosine; the first phrase when the knowledge knows none of the task's
     words). Left to choose, the decoder (trained on 173 tasks) picked the phrase all-MiniLM-L6-v2
     ranks first 13% of the time; this picks it 71% of the time (docs/decisions.md)."""
-    knowledge = model.knowledge
-    device = knowledge.classifier_bias.device
-
-    def vectors(texts: Sequence[str]) -> torch.Tensor:
-        ids, mask = encode_prompts(tokenizer, list(texts), model.config.max_seq_len)
-        return knowledge.task_vectors(ids.to(device), mask.to(device)).float()
-
     forms = {robot: pairs for robot, profile in profiles.items() if (pairs := profile_phrase_forms(profile))}
     texts = sorted({form for pairs in forms.values() for _, form in pairs})
     index = {text: i for i, text in enumerate(texts)}
-    similarity = (vectors(tasks) @ vectors(texts).T).cpu()  # [tasks, phrases]
+    similarity = knowledge_vectors(model, tokenizer, tasks) @ knowledge_vectors(model, tokenizer, texts).T
     rows: list[dict[str, str]] = [{} for _ in tasks]
     for robot, pairs in forms.items():
         best = similarity[:, [index[form] for _, form in pairs]].argmax(dim=1)
@@ -110,15 +111,20 @@ def head_guidance(
     profiles: Profiles | None = None,
     tasks: Sequence[str] | None = None,
     model: BitMarModel | None = None,
+    robot_names: Sequence[str] = ROBOT_CLASSES,
+    shown: Sequence[float] | None = None,
 ) -> HeadGuidedDecoding:
     """Guided decoding that states, per row, the head's selection and the probability shown for
     its top robot (calibrated when `calibration` is given); with the fleet's `profiles`, each
     robot's reason is one of its own profile phrases, and with the `model` (when it has task
     knowledge) and the rows' `tasks`, a selected robot's is the one `profile_reasons` ranks nearest
     the task; with the `tasks`, the "Cues:" line is one of the task's own phrases
-    (`task_cue_phrases`) and the "Goal:" line is the task."""
-    top = head_probs.max(axis=1)
-    shown = calibration(top) if calibration is not None else top
+    (`task_cue_phrases`) and the "Goal:" line is the task. `robot_names` names `head_probs`'
+    columns ("No Robot" 6th; fleet robots scored zero-shot after it); `shown` overrides the stated
+    confidences."""
+    if shown is None:
+        top = head_probs.max(axis=1)
+        shown = calibration(top) if calibration is not None else top
     cues = [task_cue_phrases(t) for t in tasks] if tasks is not None else [[] for _ in shown]
     goals = [task_goal(t) for t in tasks] if tasks is not None else [None for _ in shown]
     ranked: list[dict[str, str]] = [{} for _ in shown]
@@ -126,7 +132,7 @@ def head_guidance(
         ranked = profile_reasons(model, tokenizer, tasks, profiles)
     decisions = []
     for row, conf, row_cues, goal, reasons in zip(select_robots(head_probs), shown, cues, goals, ranked, strict=True):
-        robots = [ROBOT_CLASSES[i] for i in np.flatnonzero(row)]
+        robots = [robot_names[i] for i in np.flatnonzero(row)]
         fits = {robot: reasons[robot] for robot in robots if robot in reasons}
         decisions.append(HeadDecision(robots, float(conf), row_cues, goal, fits))
     return HeadGuidedDecoding(

@@ -38,6 +38,7 @@ from bitmar_model.io import atomic_directory, atomic_write_json, read_json, sha2
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.packing import save_packed
 from bitmar_pipeline.config import PipelineConfig
+from bitmar_pipeline.evaluation.zero_shot import ZeroShotCalibration
 from bitmar_pipeline.markdown import markdown_table
 from bitmar_pipeline.release.quantization import REPORT_FILE as QUANTIZATION_REPORT
 from bitmar_pipeline.release.quantization import REPORTS_DIR
@@ -505,6 +506,19 @@ def _calibration_entry(evaluation: dict[str, Any]) -> dict[str, Any] | None:
     return None if fitted is None else PlattCalibration.from_dict(fitted).to_dict()
 
 
+def _fleet_entry(evaluation: dict[str, Any], config: PipelineConfig) -> dict[str, Any] | None:
+    """The data's fleet as the report drew its reasons from, plus the config's own `robots:`."""
+    fleet = evaluation.get("fleet")
+    if fleet is None or not config.robots:
+        return fleet
+    return {**fleet, **{name: profile.model_dump() for name, profile in config.robots.items()}}
+
+
+def _zero_shot_entry(evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    fitted = evaluation.get("zero_shot")
+    return None if fitted is None else ZeroShotCalibration.from_dict(fitted).to_dict()
+
+
 def build_release(
     storage: Storage, config: PipelineConfig, vision: VisionSpec, created: datetime | None = None
 ) -> Release:
@@ -540,7 +554,10 @@ def build_release(
             "calibration": _calibration_entry(evaluation),
             # The robots' profiles (capabilities, limitations, environments) the report's texts
             # drew their reasons from; `bitmar predict` guides its texts with the same.
-            "fleet": evaluation.get("fleet"),
+            "fleet": _fleet_entry(evaluation, config),
+            # Fit score -> probability for robots described only in the fleet (evaluation.zero_shot),
+            # fitted on validation; null when the model has no task knowledge to score them with.
+            "zero_shot": _zero_shot_entry(evaluation),
         }
         card = render_card(
             manifest, evaluation, quantization, training_data_markdown(storage, config), emissions_table(storage),

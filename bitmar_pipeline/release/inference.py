@@ -28,12 +28,15 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
+import yaml
 from huggingface_hub import snapshot_download
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -45,9 +48,11 @@ from bitmar_model.io import read_json, sha256_file
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.packing import load_packed_into, packed_skeleton, read_packed_config
 from bitmar_model.reasoning_format import parse_reasoning
-from bitmar_pipeline.config import ConfigError, DataConfig, load_config
+from bitmar_model.robots import ROBOT_CLASSES, normalize_robot_name, select_robots
+from bitmar_pipeline.config import FLEET, ConfigError, DataConfig, check_fleet_names, load_config
 from bitmar_pipeline.data.images import open_rgb
 from bitmar_pipeline.evaluation.selection_quality import head_guidance
+from bitmar_pipeline.evaluation.zero_shot import ZeroShotCalibration, fleet_scores
 from bitmar_pipeline.features.vision_encoder import VisionEncoder, VisionModelError
 from bitmar_pipeline.release.folder import (
     FORMAT_NAME,
@@ -135,6 +140,7 @@ class Predictor:
         model: BitMarModel,
         tokenizer: PreTrainedTokenizerBase,
         vision_model: str | None = None,
+        fleet: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     ) -> None:
         self.folder = folder
         self.manifest = manifest
@@ -144,14 +150,36 @@ class Predictor:
         self._vision: VisionEncoder | None = None
         fitted = manifest.get("calibration")
         self.calibration = None if fitted is None else PlattCalibration.from_dict(fitted)
-        self.profiles = manifest.get("fleet")  # None for a release built before the fleet was recorded
+        # The release's fleet (None for a release built before it was recorded) and `fleet`'s robots.
+        self.profiles = {**manifest["fleet"], **(fleet or {})} if manifest.get("fleet") or fleet else None
+        # Robots no data labelled (the config's `robots:`, --fleet): scored zero-shot (evaluation.zero_shot).
+        self.described_robots = [r for r in (self.profiles or {}) if normalize_robot_name(r) is None]
+        fitted = manifest.get("zero_shot")
+        self.zero_shot = None if fitted is None else ZeroShotCalibration.from_dict(fitted)
+        if self.described_robots and (self.zero_shot is None or not model.config.knowledge_dim):
+            raise PredictionError(
+                f"{folder}: {', '.join(self.described_robots)} are described only in the fleet; selecting them "
+                "zero-shot needs a release with task knowledge (training.knowledge_teacher) and its fitted "
+                "zero-shot map (manifest 'zero_shot'), and this release has none"
+            )
 
-    def shown_confidence(self, top_probability: float) -> float:
+    def shown_confidence(self, top_probability: float, robot: str | None = None) -> float:
         """The head's top-choice probability as users see it: calibrated on validation when the
-        release says how (manifest "calibration"), else as the head gives it."""
-        if self.calibration is None:
+        release says how (manifest "calibration"), else as the head gives it. A robot described
+        only in the fleet has its zero-shot probability, calibrated already."""
+        if self.calibration is None or robot in self.described_robots:
             return float(top_probability)
         return float(self.calibration(top_probability))
+
+    def _fleet_probabilities(self, task: str, head_probs: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """(names, [1, 6 + described robots]): the head's classes, then each robot described only in
+        the fleet with its zero-shot probability (its fit score among the whole fleet's)."""
+        names = list(ROBOT_CLASSES)
+        if not self.described_robots:
+            return names, head_probs
+        scores = fleet_scores(self.model, self.tokenizer, [task], self.profiles, self.zero_shot.top_k)
+        columns = [list(self.profiles).index(r) for r in self.described_robots]
+        return names + self.described_robots, np.concatenate([head_probs, self.zero_shot(scores[:, columns])], axis=1)
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -205,17 +233,20 @@ class Predictor:
         vision = self._image_features(Path(image)) if image is not None else None
         out = self.model(ids, vision_features=vision)
         analysis = BitMarModel.get_reasoning_analysis(out)
+        names, probs = self._fleet_probabilities(task, out.robot_probs.float().numpy())
+        robots = [names[i] for i in np.flatnonzero(select_robots(probs)[0])]
+        shown = self.shown_confidence(float(probs[0].max()), names[int(probs[0].argmax())])
         # The text states the head's selection and the confidence shown here (bitmar_model.guided).
         guidance = head_guidance(
-            self.tokenizer, out.robot_probs.float().numpy(), self.calibration, self.profiles, [task], self.model
+            self.tokenizer, probs, self.calibration, self.profiles, [task], self.model, names, [shown]
         )
         generated = self.model.generate(
             ids, vision_features=vision, max_new_tokens=max_new_tokens, logits_processor=guidance
         )
         tokens = generated.new_tokens.masked_fill(generated.new_token_mask == 0, self.tokenizer.pad_token_id)
         text = self.tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
-        parsed = parse_reasoning(text)
-        probabilities = analysis["robot_probabilities"][0]
+        parsed = parse_reasoning(text, self.described_robots)
+        probabilities = {name: float(p) for name, p in zip(names, probs[0], strict=True)}
         notes = []
         if truncated:
             notes.append(
@@ -223,9 +254,9 @@ class Predictor:
             )
         return Prediction(
             task=task,
-            robots=analysis["selections"][0],
+            robots=robots,
             probabilities=probabilities,
-            confidence=self.shown_confidence(max(probabilities.values())),
+            confidence=shown,
             confidence_calibrated=self.calibration is not None,
             reasoning=text,
             reasoning_well_formed=parsed.well_formed,
@@ -296,13 +327,21 @@ def load_network(folder: Path, reference: bool = False) -> BitMarModel:
     return network
 
 
-def load_predictor(model: str | Path, vision_model: str | None = None, *, reference: bool = False) -> Predictor:
+def load_predictor(
+    model: str | Path,
+    vision_model: str | None = None,
+    *,
+    reference: bool = False,
+    fleet: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+) -> Predictor:
     """Load a release folder (or download a Hub repo `owner/name`) for prediction.
 
     vision_model: a DINOv2 Hub id or directory replacing the release's encoder (it must give
     features of the width the model was trained on).
     reference: predict with the fake-quant fp32 model (`model.safetensors`) instead of the
     integer model built from `model.packed.safetensors`.
+    fleet: robots described only by their profiles (`read_fleet`), added to the release's fleet
+    and selected zero-shot.
     """
     folder = _resolve_folder(model)
     manifest = _read_manifest(folder)
@@ -318,7 +357,17 @@ def load_predictor(model: str | Path, vision_model: str | None = None, *, refere
         raise PredictionError(
             f"{folder}: the tokenizer has {len(tokenizer)} tokens, the model {network.config.vocab_size}"
         )
-    return Predictor(folder, manifest, network, tokenizer, vision_model)
+    return Predictor(folder, manifest, network, tokenizer, vision_model, fleet)
+
+
+def read_fleet(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A YAML or JSON file of robots described only by their profiles, as the config's `robots:`
+    section: name -> {capabilities, limitations, environments}."""
+    try:
+        robots = check_fleet_names(FLEET.validate_python(yaml.safe_load(Path(path).read_text())))
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        raise PredictionError(f"fleet file {path}: {exc}") from None
+    return {name: profile.model_dump() for name, profile in robots.items()}
 
 
 # ---------------------------------------------------------------- CLI
@@ -342,6 +391,9 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200, help="reasoning length limit (default 200)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument(
+        "--fleet", help="a YAML/JSON file of your own robots' profiles (as the config's robots:), selected zero-shot"
+    )
+    parser.add_argument(
         "--reference",
         action="store_true",
         help="predict with the fake-quant fp32 model (model.safetensors), not the integer one (model.packed.*)",
@@ -363,7 +415,8 @@ def predict_main(args: argparse.Namespace) -> int:
         if args.batch is not None and args.image is not None:
             raise PredictionError("--image applies to a single TASK; put images in the batch file's 'image' column")
         model = args.model or load_config().storage.root / RELEASE_DIR
-        predictor = load_predictor(model, args.vision_model, reference=args.reference)
+        fleet = read_fleet(Path(args.fleet)) if args.fleet else None
+        predictor = load_predictor(model, args.vision_model, reference=args.reference, fleet=fleet)
         if args.batch is not None:
             predictions = predictor.predict_batch(args.batch, args.max_new_tokens)
         else:

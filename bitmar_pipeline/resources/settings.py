@@ -30,6 +30,8 @@ def _launch_type(annotation: Any, name: str) -> Any:
         return list[_launch_type(args[0], name)]
     if origin is list:
         return list[_launch_type(args[0], name)]
+    if origin is dict:
+        return dict[str, _launch_type(args[1], name)]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return _launch_section(annotation, name)
     return str if annotation is Path else annotation
@@ -63,6 +65,8 @@ def profile_overrides(profile: dg.Config, prefix: str = "") -> dict[str, Any]:
         value = getattr(profile, key)
         if isinstance(value, dg.Config):
             overrides.update(profile_overrides(value, f"{prefix}{key}."))
+        elif isinstance(value, dict):  # a map of sections (robots: name -> profile) is one value
+            overrides[f"{prefix}{key}"] = {k: profile_overrides(v) for k, v in value.items()}
         elif value is not None:
             overrides[f"{prefix}{key}"] = value.value if isinstance(value, enum.Enum) else value
     return overrides
