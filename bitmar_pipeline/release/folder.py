@@ -414,6 +414,11 @@ predictor = load_predictor("{repo_id}")
 print(predictor.predict("Inspect underwater pipelines").robots)
 ```
 
+Your own robots, described only by their profiles, are selected zero-shot next to the five:
+`load_predictor("{repo_id}", fleet={{"Window Cleaner": {{"capabilities": ["window cleaning"],
+"environments": ["glass facades"]}}}})` (or `bitmar predict --fleet robots.yaml`); the release's
+`zero_shot` map, fitted on validation, turns the task's match with a profile into a probability.
+
 `load_predictor` also takes a local copy of this folder. The model alone:
 `BitMarModel.from_pretrained("{repo_id}")` (`from bitmar_model import BitMarModel`).
 
@@ -458,6 +463,8 @@ person to check.
   before and after); the confidence stated in the text is not calibrated (its ECE is above).
 - Image features must come from the encoder named in `bitmar_release.json`; another encoder
   gives features the model was not trained on.
+- A robot described only by its profile is found about as well as a trained one when its
+  description has words of its own (underwater), far less when its tasks overlap other robots'.
 - Not for safety-critical decisions.
 """
     # ModelCard parses the header back (a malformed model-index fails here, not on the Hub).
