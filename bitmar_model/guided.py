@@ -109,15 +109,19 @@ def _justification(
     return [*parts, ".\n"]
 
 
-def _confidence_check(robots: list[str], profiles: Profiles | None) -> list[str | Choice | None]:
+def _confidence_check(
+    robots: list[str], profiles: Profiles | None, all_cued: bool | None
+) -> list[str | Choice | None]:
     """With profiles the robot count is forced ("One robot needed," as the targets word it), so the
-    check cannot contradict the selection; the model chooses whether the task cued them all (the
-    targets' two endings: free, the line ran on into profile words)."""
+    check cannot contradict the selection; whether the task cued them all is stated when the decision
+    knows it, else the model chooses between the targets' two endings (free, the line ran on into
+    profile words)."""
     opening = "</selection_reasoning>\n<confidence_check>\n"
     if not profiles or robots == [NO_ROBOT]:
         return [opening, FREE]
     count = "One robot" if len(robots) == 1 else f"{len(robots)} robots"
-    return [f"{opening}{count} needed,", Choice((" all cued by the task.\n", " not all cued by the task.\n"))]
+    endings = (" all cued by the task.\n", " not all cued by the task.\n")
+    return [f"{opening}{count} needed,", Choice(endings) if all_cued is None else endings[0 if all_cued else 1]]
 
 
 @dataclass
@@ -129,6 +133,9 @@ class HeadDecision:
     # selected robot -> its reason, the capability or environment of its profile that the model's
     # task knowledge ranks nearest the task; a robot not in it: the decoder chooses among its phrases
     reasons: Mapping[str, str] = field(default_factory=dict)
+    # whether the task names a capability or environment of every selected robot (the targets' rule);
+    # None: the decoder chooses the check's ending
+    all_cued: bool | None = None
 
 
 def _analysis(cues: Sequence[str]) -> list[str | Choice | None]:
@@ -159,7 +166,7 @@ def reasoning_skeleton(decision: HeadDecision, profiles: Profiles | None = None)
         *_analysis(decision.cues),
         *evaluation,
         *_selection_reasoning(decision.robots, profiles, decision.reasons),
-        *_confidence_check(decision.robots, profiles),
+        *_confidence_check(decision.robots, profiles, decision.all_cued),
         f"</confidence_check>\n<robot_selection>\nSelected Robot: {robots}\n"
         f"Confidence: {decision.confidence:.2f}\n",
         *_justification(decision.robots, profiles, decision.reasons),

@@ -209,3 +209,16 @@ def test_a_ranked_reason_is_stated_for_each_selected_robot_and_the_rest_stay_the
     # Without ranked reasons the decoder picks its favourite phrase ("deep diving", the first).
     free = parse_reasoning(guided_text(HeadDecision(["Underwater Robot"], 0.5), profiles=PROFILES))
     assert free.sections["selection_reasoning"] == "Underwater Robot fits: deep diving."
+
+
+def test_the_check_states_whether_the_task_names_each_selected_robots_profile():
+    """"all cued by the task" is the targets' rule applied to the task (a content word of it names a
+    capability or environment of every selected robot), not the decoder's guess."""
+    from bitmar_pipeline.evaluation.selection_quality import cued_by
+
+    assert cued_by("Inspect underwater pipelines", ["Underwater Robot"], PROFILES) is True
+    assert cued_by("Map the sea floor with sonar", ["Underwater Robot", "Robot with Legs"], PROFILES) is False
+    assert cued_by("Search a shipwreck", ["No Robot"], PROFILES) is None and cued_by(None, ["Drone"], PROFILES) is None
+    # The scripted decoder wants "all cued by the task"; the decision says not.
+    text = guided_text(HeadDecision(["Underwater Robot"], 0.9, all_cued=False), profiles=PROFILES)
+    assert parse_reasoning(text).sections["confidence_check"] == "One robot needed, not all cued by the task."

@@ -26,6 +26,7 @@ from bitmar_model.reasoning_format import ParsedReasoning, parse_reasoning
 from bitmar_model.robots import ROBOT_CLASSES, select_robots
 from bitmar_pipeline.training.reasoning_targets import (
     format_prompt,
+    profile_cues,
     profile_phrase_forms,
     task_cue_phrases,
     task_goal,
@@ -104,6 +105,14 @@ def profile_reasons(
     return rows
 
 
+def cued_by(task: str | None, robots: Sequence[str], profiles: Profiles | None) -> bool | None:
+    """Whether the task names a capability or environment of each selected robot (`profile_cues`, the
+    targets' rule for "all cued by the task"); None without the task or a selected robot's profile."""
+    if task is None or not profiles or not all(robot in profiles for robot in robots):
+        return None
+    return all(profile_cues(task, profiles[robot]) for robot in robots)
+
+
 def head_guidance(
     tokenizer: PreTrainedTokenizerBase,
     head_probs: np.ndarray,
@@ -131,10 +140,12 @@ def head_guidance(
     if profiles and tasks is not None and model is not None and model.config.knowledge_dim:
         ranked = profile_reasons(model, tokenizer, tasks, profiles)
     decisions = []
-    for row, conf, row_cues, goal, reasons in zip(select_robots(head_probs), shown, cues, goals, ranked, strict=True):
+    texts = tasks if tasks is not None else [None for _ in shown]
+    rows = zip(select_robots(head_probs), shown, cues, goals, ranked, texts, strict=True)
+    for row, conf, row_cues, goal, reasons, task in rows:
         robots = [robot_names[i] for i in np.flatnonzero(row)]
         fits = {robot: reasons[robot] for robot in robots if robot in reasons}
-        decisions.append(HeadDecision(robots, float(conf), row_cues, goal, fits))
+        decisions.append(HeadDecision(robots, float(conf), row_cues, goal, fits, cued_by(task, robots, profiles)))
     return HeadGuidedDecoding(
         decisions,
         encode=lambda text: tokenizer.encode(text, add_special_tokens=False),

@@ -105,6 +105,13 @@ def _cued(phrases: Sequence[str], task_stems: set[str]) -> list[str]:
     ]
 
 
+def profile_cues(task_text: str, profile: Mapping[str, Sequence[str]]) -> list[str]:
+    """The robot's capabilities, then environments, that a content word of the task names (stem match):
+    the targets' reason when there is one, and what "all cued by the task" checks."""
+    stems = _stems(task_goal(task_text))
+    return _cued(profile.get("capabilities", ()), stems) + _cued(profile.get("environments", ()), stems)
+
+
 def _check_profiles(capabilities: Profiles) -> None:
     missing = [robot for robot in EVALUATED_ROBOTS if robot not in capabilities]
     if missing:
@@ -162,9 +169,7 @@ def build_reasoning_target(
     for robot in EVALUATED_ROBOTS:
         profile = capabilities[robot]
         if robot in gold:
-            matched = _cued(profile["capabilities"], task_stems) + _cued(
-                profile.get("environments", ()), task_stems
-            )
+            matched = profile_cues(task_text, profile)
             all_cued = all_cued and bool(matched)
             reasons[robot] = matched[0] if matched else profile["capabilities"][0]
             evaluation[robot] = (True, reasons[robot])
