@@ -217,6 +217,10 @@ def test_the_check_states_whether_the_task_names_each_selected_robots_profile():
     from bitmar_pipeline.evaluation.selection_quality import cued_by
 
     assert cued_by("Inspect underwater pipelines", ["Underwater Robot"], PROFILES) is True
+    # With a stated reason, that reason must be the cued phrase ("underwater", not "sonar mapping").
+    assert cued_by("Inspect underwater pipelines", ["Underwater Robot"], PROFILES, {"Underwater Robot": "underwater"})
+    sonar = {"Underwater Robot": "sonar mapping"}
+    assert not cued_by("Inspect underwater pipes", ["Underwater Robot"], PROFILES, sonar)
     assert cued_by("Map the sea floor with sonar", ["Underwater Robot", "Robot with Legs"], PROFILES) is False
     assert cued_by("Search a shipwreck", ["No Robot"], PROFILES) is None and cued_by(None, ["Drone"], PROFILES) is None
     # The scripted decoder wants "all cued by the task"; the decision says not.

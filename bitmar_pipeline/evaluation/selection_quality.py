@@ -3,7 +3,7 @@ parsed from the reasoning text it generates (greedy decoding, so results are rep
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,12 +105,17 @@ def profile_reasons(
     return rows
 
 
-def cued_by(task: str | None, robots: Sequence[str], profiles: Profiles | None) -> bool | None:
-    """Whether the task names a capability or environment of each selected robot (`profile_cues`, the
-    targets' rule for "all cued by the task"); None without the task or a selected robot's profile."""
+def cued_by(
+    task: str | None, robots: Sequence[str], profiles: Profiles | None, reasons: Mapping[str, str] | None = None
+) -> bool | None:
+    """"All cued by the task", the targets' rule (`profile_cues`): a word of the task names each selected
+    robot's stated reason (its `reasons` entry), or with none stated, one of its capabilities or
+    environments. None without the task or a selected robot's profile."""
     if task is None or not profiles or not all(robot in profiles for robot in robots):
         return None
-    return all(profile_cues(task, profiles[robot]) for robot in robots)
+    reasons = reasons or {}
+    cues = {robot: profile_cues(task, profiles[robot]) for robot in robots}
+    return all(reasons[robot] in cues[robot] if robot in reasons else bool(cues[robot]) for robot in robots)
 
 
 def head_guidance(
@@ -145,7 +150,7 @@ def head_guidance(
     for row, conf, row_cues, goal, reasons, task in rows:
         robots = [robot_names[i] for i in np.flatnonzero(row)]
         fits = {robot: reasons[robot] for robot in robots if robot in reasons}
-        decisions.append(HeadDecision(robots, float(conf), row_cues, goal, fits, cued_by(task, robots, profiles)))
+        decisions.append(HeadDecision(robots, float(conf), row_cues, goal, fits, cued_by(task, robots, profiles, fits)))
     return HeadGuidedDecoding(
         decisions,
         encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
