@@ -22,7 +22,8 @@ the fixed parts are forced, each free part is the model's own text up to its end
     </confidence_check>\\n<robot_selection>\\nSelected Robot: <the head's selection>
     Confidence: <the shown confidence, 2 decimals>\\nJustification:   [model: the justification]
     (with profiles, the selection reasoning, the check's robot count and the justification
-    "Best match: ..." are built the same way: the model chooses each selected robot's phrase)
+    "Best match: ..." are built the same way, each selected robot's phrase as its evaluation line's;
+    the check ends "all cued by the task" or "not all ..." as the decision states, else by the model)
     </robot_selection>, then the end of the text
 """
 
