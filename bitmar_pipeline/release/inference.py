@@ -73,7 +73,7 @@ class PredictionError(ValueError):
 class Prediction:
     task: str
     robots: list[str]  # selection head (select_robots): >= 0.5 and the best, or "No Robot" alone
-    probabilities: dict[str, float]  # per robot class (independent sigmoids)
+    probabilities: dict[str, float]  # per robot class (independent sigmoids), then each fleet-only robot's zero-shot
     confidence: float  # probability of the most probable robot, calibrated when the release is
     confidence_calibrated: bool  # the release holds a calibration fitted on validation (manifest)
     reasoning: str  # generated tagged reasoning
