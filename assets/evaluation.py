@@ -98,6 +98,8 @@ def _report_metadata(result: EvaluationResult, path: Path, flat: dict[str, float
         "readme_examples": dg.MetadataValue.json(report["user_phrased"]["readme_examples"]["examples"]),
         **{key: dg.MetadataValue.json(report[key]) for key in JSON_SECTIONS},
     }
+    if report.get("zero_shot"):  # the map that scores robots described only in the fleet
+        metadata["zero_shot"] = dg.MetadataValue.json(report["zero_shot"])
     for figure in result.figures.values():
         metadata.update(image_metadata(figure))
     return metadata
