@@ -120,6 +120,8 @@ def test_a_described_robot_needs_a_release_that_can_score_it(knowing_model, tmp_
     model, tokenizer, _ = knowing_model
     with pytest.raises(PredictionError, match="Diving Robot are described only in the fleet"):
         Predictor(tmp_path, {"fleet": TRAINED}, model, tokenizer, fleet=HELD_OUT)
+    with pytest.raises(PredictionError, match="fleet: .*'Drone' is a robot of the data"):
+        Predictor(tmp_path, {"fleet": TRAINED}, model, tokenizer, fleet={"Drone": {"capabilities": ["flying"]}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("Drone:\n  capabilities: [flying]\n")
     with pytest.raises(PredictionError, match=r"fleet file .*bad.yaml: 'Drone' is a robot of the data"):

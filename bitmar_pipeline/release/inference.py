@@ -151,7 +151,8 @@ class Predictor:
         fitted = manifest.get("calibration")
         self.calibration = None if fitted is None else PlattCalibration.from_dict(fitted)
         # The release's fleet (None for a release built before it was recorded) and `fleet`'s robots.
-        self.profiles = {**manifest["fleet"], **(fleet or {})} if manifest.get("fleet") or fleet else None
+        fleet = validated_fleet(fleet, "fleet") if fleet else {}
+        self.profiles = {**manifest["fleet"], **fleet} if manifest.get("fleet") or fleet else None
         # Robots no data labelled (the config's `robots:`, --fleet): scored zero-shot (evaluation.zero_shot).
         self.described_robots = [r for r in (self.profiles or {}) if normalize_robot_name(r) is None]
         fitted = manifest.get("zero_shot")
@@ -360,14 +361,24 @@ def load_predictor(
     return Predictor(folder, manifest, network, tokenizer, vision_model, fleet)
 
 
+def validated_fleet(robots: Any, source: str) -> dict[str, dict[str, list[str]]]:
+    """Robots described only by their profiles, checked as the config's `robots:` section is (new
+    names the parser reads back, a capability or environment each); PredictionError names `source`."""
+    try:
+        fleet = check_fleet_names(FLEET.validate_python(robots))
+    except ValueError as exc:
+        raise PredictionError(f"{source}: {exc}") from None
+    return {name: profile.model_dump() for name, profile in fleet.items()}
+
+
 def read_fleet(path: Path) -> dict[str, dict[str, list[str]]]:
     """A YAML or JSON file of robots described only by their profiles, as the config's `robots:`
     section: name -> {capabilities, limitations, environments}."""
     try:
-        robots = check_fleet_names(FLEET.validate_python(yaml.safe_load(Path(path).read_text())))
-    except (OSError, yaml.YAMLError, ValueError) as exc:
+        robots = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
         raise PredictionError(f"fleet file {path}: {exc}") from None
-    return {name: profile.model_dump() for name, profile in robots.items()}
+    return validated_fleet(robots, f"fleet file {path}")
 
 
 # ---------------------------------------------------------------- CLI
