@@ -134,8 +134,8 @@ class HeadDecision:
     # selected robot -> its reason, the capability or environment of its profile that the model's
     # task knowledge ranks nearest the task; a robot not in it: the decoder chooses among its phrases
     reasons: Mapping[str, str] = field(default_factory=dict)
-    # whether the task names a capability or environment of every selected robot (the targets' rule);
-    # None: the decoder chooses the check's ending
+    # whether a word of the task names every selected robot's reason (the targets' "all cued by the
+    # task"); None: the decoder chooses the check's ending
     all_cued: bool | None = None
 
 
