@@ -69,6 +69,9 @@ def compare(predictor: Predictor, teacher: SentenceTeacher, tasks: Sequence[str]
                     rows[variant].append((pick == phrases[best], float(cosine[best] - cosine[phrases.index(pick)])))
             examples.append({"task": task, "robot": robot.strip(), "teacher": phrases[best], **picks})
     for variant, pairs in rows.items():
+        if not pairs:
+            result[variant] = {"n": 0}
+            continue
         agree, gap = np.array(pairs, dtype=float).reshape(-1, 2).T
         result[variant] = {"n": len(pairs), "agrees_with_teacher": round(float(agree.mean()), 3),
                            "mean_cosine_below_best": round(float(gap.mean()), 3)}

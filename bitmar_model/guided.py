@@ -63,7 +63,7 @@ def _reason(
     profile = (profiles or {}).get(robot)
     if not profile:
         return FREE
-    if ranked is not None:
+    if ranked is not None and suitable:
         return f" {ranked}{end}"
     fields = ("capabilities", "environments") if suitable else ("limitations",)
     phrases = [p.strip() for f in fields for p in profile.get(f, ()) if p.strip()]
@@ -76,7 +76,7 @@ def _fit_choices(
     """One in-line fitting phrase (ranked, else a Choice) per selected robot, or None when a robot
     has none (no profiles, or "No Robot"): then the model writes that line itself."""
     choices = [_reason(robot, True, profiles, "", ranked.get(robot)) for robot in robots]
-    return choices if all(c is not FREE for c in choices) else None
+    return [c for c in choices if c is not FREE] if all(c is not FREE for c in choices) else None
 
 
 def _selection_reasoning(

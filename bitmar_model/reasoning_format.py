@@ -124,11 +124,11 @@ def format_robot_evaluation(evaluation: Mapping[str, tuple[bool, str]]) -> str:
     return "\n".join(lines)
 
 
-def robots_mentioned_positively(robot_evaluation_text: str, fleet: Iterable[str] = ()) -> set[str]:
-    """Canonical names of robots (or of the `fleet`'s own) whose evaluation line reads `<robot>: suitable ...`."""
+def robots_mentioned_positively(robot_evaluation_text: str) -> set[str]:
+    """Canonical names of robots whose evaluation line reads `<robot>: suitable ...`."""
     positive = set()
     for name, verdict in _EVALUATION_RE.findall(robot_evaluation_text):
-        canonical = normalize_robot_name(name, fleet)
+        canonical = normalize_robot_name(name)
         if canonical is not None and verdict.lower() == "suitable":
             positive.add(canonical)
     return positive

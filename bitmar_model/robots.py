@@ -54,8 +54,12 @@ _ALIASES: dict[str, str] = {
 def normalize_robot_name(name: str, fleet: Iterable[str] = ()) -> str | None:
     """Map a robot name or alias to its canonical class, or to the `fleet` robot it names (a robot
     described only in the fleet, matched by its own name), or None when it is unknown."""
-    key = re.sub(r"\s+", " ", str(name)).strip().strip(".").lower()
-    return _ALIASES.get(key) or next((f for f in fleet if f.lower() == key), None)
+    key = _key(name)
+    return _ALIASES.get(key) or next((f for f in fleet if _key(f) == key), None)
+
+
+def _key(name: str) -> str:
+    return re.sub(r"\s+", " ", str(name)).strip().strip(".").lower()
 
 
 def split_robot_list(text: str) -> list[str]:

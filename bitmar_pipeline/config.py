@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -525,13 +526,22 @@ class RobotProfile(_Section):
         return self
 
 
-def check_fleet_names(robots: dict[str, RobotProfile]) -> dict[str, RobotProfile]:
-    """A fleet robot is a new robot (not one the data labels) whose name the reasoning parser reads back."""
+def check_fleet_names(robots: Mapping[str, Any], known: Iterable[str] = ()) -> Mapping[str, Any]:
+    """A fleet robot is a new robot (not one the data labels, nor one of `known`, in any casing) whose
+    name the reasoning parser reads back exactly."""
+    seen = {name.lower() for name in known}
     for name in robots:
         if normalize_robot_name(name) is not None:
             raise ValueError(f"{name!r} is a robot of the data, whose profile comes from its instruction")
-        if split_robot_list(name) != [name.strip()] or not name.strip():
-            raise ValueError(f"{name!r}: a robot name cannot be empty or hold ',', ';', '/', '&' or 'and'")
+        tidy = " ".join(name.split()).strip(".")
+        if not tidy or tidy != name or split_robot_list(name) != [name] or ":" in name:
+            raise ValueError(
+                f"{name!r}: a robot name is words separated by single spaces, with no ':', ',', ';', '/', "
+                "'&' or 'and' and no final '.'"
+            )
+        if name.lower() in seen:
+            raise ValueError(f"{name!r}: the fleet already has a robot of that name")
+        seen.add(name.lower())
     return robots
 
 
@@ -560,7 +570,17 @@ class PipelineConfig(_Section):
     @field_validator("robots")
     @classmethod
     def _robots_are_new_and_parseable(cls, value: dict[str, RobotProfile]) -> dict[str, RobotProfile]:
-        return check_fleet_names(value)
+        check_fleet_names(value)
+        return value
+
+    @model_validator(mode="after")
+    def _own_robots_need_the_teacher(self) -> PipelineConfig:
+        if self.robots and not self.training.knowledge_teacher:
+            raise ValueError(
+                "robots: robots described only here are selected by the model's task knowledge, which "
+                "training.knowledge_teacher distils; it is off"
+            )
+        return self
 
     def resolved_coco_root(self) -> Path:
         """Where the COCO-layout directory is (or will be, for sample/download)."""

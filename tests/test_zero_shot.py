@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from bitmar_model.calibration import PlattCalibration
 from bitmar_model.config import BitMarConfig
 from bitmar_model.knowledge import fleet_fit_scores
 from bitmar_model.modeling import BitMarModel
@@ -98,8 +99,9 @@ def test_predict_selects_and_explains_a_robot_described_only_in_the_fleet(knowin
     # Robot's is the data's, though no task here trained it.
     underwater = {"capabilities": ["underwater navigation"], "limitations": ["water environments only"],
                   "environments": ["underwater"]}
+    platt = PlattCalibration(0.5, 1.0)  # the head's; a fleet-only robot's probability is calibrated already
     manifest = {"fleet": {**TRAINED, "Underwater Robot": underwater}, "zero_shot": calibration.to_dict(),
-                "calibration": None}
+                "calibration": platt.to_dict()}
     predictor = Predictor(tmp_path, manifest, model, tokenizer, fleet=read_fleet(fleet_file))
     assert predictor.described_robots == ["Diving Robot"]
     prediction = predictor.predict("dive to a shipwreck", max_new_tokens=400)
@@ -117,9 +119,20 @@ def test_predict_selects_and_explains_a_robot_described_only_in_the_fleet(knowin
 
 
 def test_a_described_robot_needs_a_release_that_can_score_it(knowing_model, tmp_path: Path) -> None:
-    model, tokenizer, _ = knowing_model
+    model, tokenizer, calibration = knowing_model
     with pytest.raises(PredictionError, match="Diving Robot are described only in the fleet"):
         Predictor(tmp_path, {"fleet": TRAINED}, model, tokenizer, fleet=HELD_OUT)
+    with pytest.raises(PredictionError, match="Diving Robot are described only in the fleet"):
+        Predictor(tmp_path, {}, model, tokenizer, fleet=HELD_OUT)  # a release from before the fleet was recorded
+    released = {"fleet": TRAINED, "zero_shot": calibration.to_dict()}
+    with pytest.raises(PredictionError, match="knows no word of its capabilities"):
+        Predictor(tmp_path, released, model, tokenizer, fleet={"Gizmo": {"capabilities": ["xyzzy frobnication"]}})
+    partly = {"Gizmo": {"capabilities": ["diving", "xyzzy frobnication"]}}
+    assert Predictor(tmp_path, released, model, tokenizer, fleet=partly).fleet_notes == [
+        "fleet robot 'Gizmo': the model knows no word of 'xyzzy frobnication'; they do not count"
+    ]
+    with pytest.raises(PredictionError, match="'drone' is a robot of the data"):
+        Predictor(tmp_path, released, model, tokenizer, fleet={"drone": {"capabilities": ["flying"]}})
     with pytest.raises(PredictionError, match="fleet: .*'Drone' is a robot of the data"):
         Predictor(tmp_path, {"fleet": TRAINED}, model, tokenizer, fleet={"Drone": {"capabilities": ["flying"]}})
     bad = tmp_path / "bad.yaml"
@@ -136,3 +149,22 @@ def test_the_zero_shot_map_round_trips_and_is_monotone() -> None:
     assert ZeroShotCalibration.from_dict(json.loads(json.dumps(calibration.to_dict()))) == calibration
     probabilities = calibration(np.array([-0.2, 0.0, 0.2]))
     assert np.all(np.diff(probabilities) > 0) and probabilities[1] == pytest.approx(1 / (1 + np.exp(2.0)))
+
+
+def test_the_config_describes_new_robots_by_readable_names_and_needs_the_teacher() -> None:
+    from bitmar_pipeline.config import PipelineConfig
+    from bitmar_pipeline.release.folder import _fleet_entry
+
+    robot = {"capabilities": ["window cleaning"]}
+    for name in (" Window Cleaner", "Bot Inc.", "Window  Cleaner", "A: B", "Cleaner and Mopper"):
+        with pytest.raises(ValueError, match="words separated by single spaces"):
+            PipelineConfig(robots={name: robot})
+    with pytest.raises(ValueError, match="already has a robot of that name"):
+        PipelineConfig(robots={"Cleaner": robot, "cleaner": robot})
+    with pytest.raises(ValueError, match="training.knowledge_teacher distils; it is off"):
+        PipelineConfig(robots={"Cleaner": robot}, training={"knowledge_teacher": ""})
+    config = PipelineConfig(robots={"Cleaner": robot})
+    with pytest.raises(ValueError, match="no fleet or no zero-shot map"):
+        _fleet_entry({"fleet": TRAINED, "zero_shot": None}, config)
+    fleet = _fleet_entry({"fleet": TRAINED, "zero_shot": {"scale": 1.0, "bias": 0.0}}, config)
+    assert fleet["Cleaner"] == {"capabilities": ["window cleaning"], "limitations": [], "environments": []}

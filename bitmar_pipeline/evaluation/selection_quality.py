@@ -114,7 +114,7 @@ def cued_by(
     if task is None or not profiles or not all(robot in profiles for robot in robots):
         return None
     reasons = reasons or {}
-    cues = {robot: profile_cues(task, profiles[robot]) for robot in robots}
+    cues = {robot: [cue.strip() for cue in profile_cues(task, profiles[robot])] for robot in robots}
     return all(reasons[robot] in cues[robot] if robot in reasons else bool(cues[robot]) for robot in robots)
 
 

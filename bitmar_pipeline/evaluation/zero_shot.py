@@ -15,7 +15,7 @@ robots whose truth is known. The same map then serves a robot none of those task
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -86,3 +86,20 @@ def fit_zero_shot(
     # penalty flattened the slope so far that no held-out robot reached 0.5 (docs/decisions.md).
     fit = LogisticRegression(C=ZERO_SHOT_C).fit(scores.reshape(-1, 1), gold.reshape(-1))
     return ZeroShotCalibration(float(fit.coef_[0, 0]), float(fit.intercept_[0])), int(gold.size)
+
+
+@torch.no_grad()
+def unknown_phrases(
+    model: BitMarModel, tokenizer: PreTrainedTokenizerBase, profile: Mapping[str, Sequence[str]]
+) -> list[str]:
+    """The capabilities and environments of a profile of which the knowledge's word table knows no
+    word: read as "a task that needs <phrase>", such a phrase is the template alone, and every robot
+    described that way would score alike. Empty for a token table (every token has a row)."""
+    knowledge = model.knowledge
+    if not knowledge.words:
+        return []
+    phrases = [phrase for phrase, _ in profile_phrase_forms(profile)]
+    encoded = tokenizer(phrases, add_special_tokens=False, padding=True, return_tensors="pt")
+    device = knowledge.classifier_bias.device
+    _, found = knowledge.word_rows_of(encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
+    return [phrase for phrase, known in zip(phrases, found.any(dim=1).tolist(), strict=True) if not known]

@@ -378,6 +378,16 @@ def card_data(
     )
 
 
+def _own_robots_paragraph(repo_id: str) -> str:
+    fleet = '{"Window Cleaner": {"capabilities": ["window cleaning"], "environments": ["glass facades"]}}'
+    return (
+        "Your own robots, described only by their profiles, are selected zero-shot next to the five:\n"
+        f'`load_predictor("{repo_id}", fleet={fleet})` (or `bitmar predict --fleet robots.yaml`); the\n'
+        "release's `zero_shot` map, fitted on validation, turns the task's match with a profile into a\n"
+        "probability.\n\n"
+    )
+
+
 def render_card(
     manifest: dict[str, Any],
     evaluation: dict[str, Any],
@@ -388,6 +398,7 @@ def render_card(
     datasets: CardDatasets | None = None,
 ) -> str:
     metadata = card_data(manifest, evaluation, repo_id, datasets or CardDatasets())
+    own_robots = _own_robots_paragraph(repo_id) if manifest.get("zero_shot") else ""
     source = manifest["source"]
     vision = manifest["vision"]
     emitted = _emissions_section(emissions)
@@ -414,12 +425,7 @@ predictor = load_predictor("{repo_id}")
 print(predictor.predict("Inspect underwater pipelines").robots)
 ```
 
-Your own robots, described only by their profiles, are selected zero-shot next to the five:
-`load_predictor("{repo_id}", fleet={{"Window Cleaner": {{"capabilities": ["window cleaning"],
-"environments": ["glass facades"]}}}})` (or `bitmar predict --fleet robots.yaml`); the release's
-`zero_shot` map, fitted on validation, turns the task's match with a profile into a probability.
-
-`load_predictor` also takes a local copy of this folder. The model alone:
+{own_robots}`load_predictor` also takes a local copy of this folder. The model alone:
 `BitMarModel.from_pretrained("{repo_id}")` (`from bitmar_model import BitMarModel`).
 
 Files: `model.safetensors` + `config.json` hold the trained latent weights, which BitLinear
@@ -516,8 +522,13 @@ def _calibration_entry(evaluation: dict[str, Any]) -> dict[str, Any] | None:
 def _fleet_entry(evaluation: dict[str, Any], config: PipelineConfig) -> dict[str, Any] | None:
     """The data's fleet as the report drew its reasons from, plus the config's own `robots:`."""
     fleet = evaluation.get("fleet")
-    if fleet is None or not config.robots:
+    if not config.robots:
         return fleet
+    if fleet is None or evaluation.get("zero_shot") is None:
+        raise ValueError(
+            "robots: the config describes robots of its own, but the evaluation report has no fleet or no "
+            "zero-shot map to select them with (training.knowledge_teacher set? re-run evaluation_report)"
+        )
     return {**fleet, **{name: profile.model_dump() for name, profile in config.robots.items()}}
 
 
@@ -559,8 +570,9 @@ def build_release(
             # Platt scaling of the head's top-choice probability, fitted on validation by
             # evaluation_report; null for a report that has none (shown uncalibrated).
             "calibration": _calibration_entry(evaluation),
-            # The robots' profiles (capabilities, limitations, environments) the report's texts
-            # drew their reasons from; `bitmar predict` guides its texts with the same.
+            # The robots' profiles (capabilities, limitations, environments): the data's, which the
+            # report's texts drew their reasons from, then the config's `robots:`; `bitmar predict`
+            # guides its texts with them.
             "fleet": _fleet_entry(evaluation, config),
             # Fit score -> probability for robots described only in the fleet (evaluation.zero_shot),
             # fitted on validation; null when the model has no task knowledge to score them with.

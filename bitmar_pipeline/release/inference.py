@@ -28,7 +28,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,14 +52,14 @@ from bitmar_model.robots import ROBOT_CLASSES, normalize_robot_name, select_robo
 from bitmar_pipeline.config import FLEET, ConfigError, DataConfig, check_fleet_names, load_config
 from bitmar_pipeline.data.images import open_rgb
 from bitmar_pipeline.evaluation.selection_quality import head_guidance
-from bitmar_pipeline.evaluation.zero_shot import ZeroShotCalibration, fleet_scores
+from bitmar_pipeline.evaluation.zero_shot import ZeroShotCalibration, fleet_scores, unknown_phrases
 from bitmar_pipeline.features.vision_encoder import VisionEncoder, VisionModelError
 from bitmar_pipeline.release.folder import (
     FORMAT_NAME,
     MANIFEST_FILE,
     RELEASE_DIR,
 )
-from bitmar_pipeline.training.reasoning_targets import format_prompt
+from bitmar_pipeline.training.reasoning_targets import format_prompt, profile_phrase_forms
 
 MAX_IMAGE_PIXELS = DataConfig().max_image_pixels
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -151,8 +151,9 @@ class Predictor:
         fitted = manifest.get("calibration")
         self.calibration = None if fitted is None else PlattCalibration.from_dict(fitted)
         # The release's fleet (None for a release built before it was recorded) and `fleet`'s robots.
-        fleet = validated_fleet(fleet, "fleet") if fleet else {}
-        self.profiles = {**manifest["fleet"], **fleet} if manifest.get("fleet") or fleet else None
+        released = manifest.get("fleet") or {}
+        fleet = validated_fleet(fleet, "fleet", released) if fleet else {}
+        self.profiles = {**released, **fleet} or None
         # Robots no data labelled (the config's `robots:`, --fleet): scored zero-shot (evaluation.zero_shot).
         self.described_robots = [r for r in (self.profiles or {}) if normalize_robot_name(r) is None]
         fitted = manifest.get("zero_shot")
@@ -163,6 +164,18 @@ class Predictor:
                 "zero-shot needs a release with task knowledge (training.knowledge_teacher) and its fitted "
                 "zero-shot map (manifest 'zero_shot'), and this release has none"
             )
+        self.fleet_notes = [self._unknown_words_note(robot) for robot in self.described_robots]
+        self.fleet_notes = [note for note in self.fleet_notes if note]
+
+    def _unknown_words_note(self, robot: str) -> str | None:
+        """None when the model knows a word of each of the robot's phrases; a note naming the unknown
+        ones; PredictionError when it knows none (the robot would score like any other so described)."""
+        unknown = unknown_phrases(self.model, self.tokenizer, self.profiles[robot])
+        if not unknown:
+            return None
+        if len(unknown) == len(profile_phrase_forms(self.profiles[robot])):
+            raise PredictionError(f"fleet robot {robot!r}: the model knows no word of its capabilities or environments")
+        return f"fleet robot {robot!r}: the model knows no word of {', '.join(map(repr, unknown))}; they do not count"
 
     def shown_confidence(self, top_probability: float, robot: str | None = None) -> float:
         """The head's top-choice probability as users see it: calibrated on validation when the
@@ -248,7 +261,7 @@ class Predictor:
         text = self.tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
         parsed = parse_reasoning(text, self.described_robots)
         probabilities = {name: float(p) for name, p in zip(names, probs[0], strict=True)}
-        notes = []
+        notes = list(self.fleet_notes)
         if truncated:
             notes.append(
                 f"task truncated: its prompt has {length} tokens, the model reads the first {self.max_prompt_tokens}"
@@ -361,11 +374,12 @@ def load_predictor(
     return Predictor(folder, manifest, network, tokenizer, vision_model, fleet)
 
 
-def validated_fleet(robots: Any, source: str) -> dict[str, dict[str, list[str]]]:
+def validated_fleet(robots: Any, source: str, released: Iterable[str] = ()) -> dict[str, dict[str, list[str]]]:
     """Robots described only by their profiles, checked as the config's `robots:` section is (new
-    names the parser reads back, a capability or environment each); PredictionError names `source`."""
+    names the parser reads back, none already `released`, a capability or environment each);
+    PredictionError names `source`."""
     try:
-        fleet = check_fleet_names(FLEET.validate_python(robots))
+        fleet = check_fleet_names(FLEET.validate_python(robots), released)
     except ValueError as exc:
         raise PredictionError(f"{source}: {exc}") from None
     return {name: profile.model_dump() for name, profile in fleet.items()}
