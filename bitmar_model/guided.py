@@ -76,7 +76,8 @@ def _fit_choices(
     """One in-line fitting phrase (ranked, else a Choice) per selected robot, or None when a robot
     has none (no profiles, or "No Robot"): then the model writes that line itself."""
     choices = [_reason(robot, True, profiles, "", ranked.get(robot)) for robot in robots]
-    return [c for c in choices if c is not FREE] if all(c is not FREE for c in choices) else None
+    fitting = [c for c in choices if c is not FREE]
+    return fitting if len(fitting) == len(choices) else None
 
 
 def _selection_reasoning(

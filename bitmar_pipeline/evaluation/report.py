@@ -65,7 +65,7 @@ from bitmar_pipeline.evaluation.figures import (
 )
 from bitmar_pipeline.evaluation.robustness import user_phrased_section
 from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, encode_prompts, evaluate_reasoning
-from bitmar_pipeline.evaluation.zero_shot import ZeroShotCalibration, fit_zero_shot
+from bitmar_pipeline.evaluation.zero_shot import fit_zero_shot
 from bitmar_pipeline.features.probe import caption_names_object
 from bitmar_pipeline.storage import Storage
 from bitmar_pipeline.training.datasets import CaptionSet, load_caption_data, load_pipeline_tokenizer
@@ -85,7 +85,6 @@ class EvaluationResult:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
     calibration: PlattCalibration = field(default_factory=PlattCalibration)  # fitted on validation
-    zero_shot: ZeroShotCalibration | None = None  # fitted on validation when the model has task knowledge
 
 
 def reasoning_quality(parsed: ParsedReasoning, task_text: str, gold: set[str]) -> dict[str, float]:
@@ -409,10 +408,10 @@ def evaluate_splits(
     result.calibration = PlattCalibration.fit(*top_choice(validation_head))
     if model.config.knowledge_dim:
         validation = tasks[tasks["split"] == "validation"].drop_duplicates("task_key")
-        result.zero_shot, pairs = fit_zero_shot(
+        zero_shot, pairs = fit_zero_shot(
             model, tokenizer, validation["task_text"].tolist(), [list(r) for r in validation["robots"]], profiles
         )
-        result.report["zero_shot"] = {**result.zero_shot.to_dict(), "fitted_on": "validation", "n_pairs": pairs}
+        result.report["zero_shot"] = {**zero_shot.to_dict(), "fitted_on": "validation", "n_pairs": pairs}
     tables, top_choices = [], {}
     for split in ("validation", "test"):
         model_eval = evaluate_reasoning(

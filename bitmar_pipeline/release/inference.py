@@ -164,8 +164,7 @@ class Predictor:
                 "zero-shot needs a release with task knowledge (training.knowledge_teacher) and its fitted "
                 "zero-shot map (manifest 'zero_shot'), and this release has none"
             )
-        self.fleet_notes = [self._unknown_words_note(robot) for robot in self.described_robots]
-        self.fleet_notes = [note for note in self.fleet_notes if note]
+        self.fleet_notes = [note for robot in self.described_robots if (note := self._unknown_words_note(robot))]
 
     def _unknown_words_note(self, robot: str) -> str | None:
         """None when the model knows a word of each of the robot's phrases; a note naming the unknown
