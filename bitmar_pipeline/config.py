@@ -327,6 +327,15 @@ class TrainingConfig(_Section):
     knowledge_context_captions: int = Field(
         default=2000, ge=0, description="Distinct training captions in that encoder's distillation corpus."
     )
+    knowledge_context_sentences: int = Field(
+        default=5000,
+        ge=0,
+        le=42369,
+        description=(
+            "WordNet 3.0 usage examples (bundled, general English) in that encoder's distillation corpus, "
+            "so it reads word combinations no robot task has."
+        ),
+    )
     caption_rehearsal_batch_size: int = Field(
         default=8, gt=0, description="Caption pairs joined to each reasoning_sft batch."
     )

@@ -354,12 +354,15 @@ def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
          "task_key": [f"{s}:{t}" for t, _, s in rows]}
     )
     subtasks = pd.DataFrame({"subtask_text": ["dive below the hull", "a held-out plan"], "split": ["train", "test"]})
-    training = TrainingConfig(knowledge_teacher=teacher.name, knowledge_dim=16, knowledge_context_steps=20)
+    training = TrainingConfig(
+        knowledge_teacher=teacher.name, knowledge_dim=16, knowledge_context_steps=20, knowledge_context_sentences=30
+    )
     metadata = _install_knowledge(fitted, tokenizer, tasks, PROFILES, training, subtasks)
     source = f"{fitted.knowledge.words}-word table, read by a 2-layer context encoder next to a token TF-IDF view"
     assert source in metadata["knowledge_source"]
     assert metadata["knowledge_context_layers"] == fitted.config.knowledge_context_layers == 2
-    assert metadata["knowledge_context_corpus"] > len(TASKS) + 1
+    assert metadata["knowledge_context_corpus"] > len(TASKS) + 1 + 30
+    assert metadata["knowledge_context_wordnet_examples"] == 30
 
     assert metadata["knowledge_words"] == fitted.config.knowledge_words > 20
     assert float(metadata["knowledge_weight"]) == fitted.knowledge.weight.item() in training.knowledge_weights
@@ -369,13 +372,20 @@ def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
     assert "token table" in metadata["knowledge_source"] and tokens.config.knowledge_words == 0
 
 
-def test_the_context_corpus_reads_only_the_train_split_and_the_captions(setup) -> None:
+def test_the_context_corpus_reads_only_the_train_split_captions_and_wordnet(setup) -> None:
+    """Unlabelled text only: the train split's subtasks (a held-out task's plan never), captions up to
+    their cap, and the configured number of WordNet usage examples."""
+    from bitmar_pipeline.config import TrainingConfig
+    from bitmar_pipeline.data.wordnet_text import bundled_examples
     from bitmar_pipeline.training.stages import _context_texts
 
     tokenizer, _, _ = setup
     subtasks = pd.DataFrame({"subtask_text": ["dive", "dive", "climb", "fly"], "split": ["train"] * 3 + ["test"]})
     captions = [tokenizer("a boat on the ocean")["input_ids"]] * 2 + [tokenizer("stairs")["input_ids"]]
-    assert _context_texts(subtasks, captions, tokenizer, captions=1) == ["dive", "climb", "a boat on the ocean"]
+    training = TrainingConfig(knowledge_context_captions=1, knowledge_context_sentences=7, seed=3)
+    texts = _context_texts(subtasks, captions, tokenizer, training)
+    assert texts == ["dive", "climb", "a boat on the ocean", *bundled_examples(7, seed=3)]
+    assert len(set(texts[3:])) == 7
 
 
 # --- the context encoder over the words ---------------------------------------------------
@@ -465,3 +475,4 @@ def test_a_selected_robots_reason_is_its_profile_phrase_nearest_the_task(tmp_pat
     probs[np.arange(len(tasks)), [ROBOT_INDEX[r] for r in queries.values()]] = 0.9
     guide = head_guidance(tokenizer, probs, profiles=PROFILES, tasks=tasks, model=model)
     assert [d.reasons for d in guide.decisions] == [{r: p} for r, p in zip(queries.values(), picked, strict=True)]
+

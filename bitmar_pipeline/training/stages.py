@@ -44,6 +44,7 @@ from bitmar_model.rewards import RewardWeights
 from bitmar_model.trainer import Trainer, TrainerConfig
 from bitmar_pipeline.config import PipelineConfig, StageSchedule, TrainingConfig
 from bitmar_pipeline.data.robot_tasks import fleet_profiles
+from bitmar_pipeline.data.wordnet_text import bundled_examples
 from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, evaluate_reasoning
 from bitmar_pipeline.features.vision_encoder import resolve_device
 from bitmar_pipeline.storage import Storage
@@ -416,11 +417,13 @@ def run_reasoning_sft(
 
 
 def _context_texts(
-    subtasks: pd.DataFrame, caption_ids: Sequence[list[int]], tokenizer: Any, captions: int
+    subtasks: pd.DataFrame, caption_ids: Sequence[list[int]], tokenizer: Any, training: TrainingConfig
 ) -> list[str]:
     """Unlabelled text for the knowledge's context encoder: the train split's subtasks (never the
-    held-out tasks' plans) and up to `captions` distinct training captions (the teacher labels each;
-    a real COCO run has far more than it needs)."""
+    held-out tasks' plans), up to `knowledge_context_captions` distinct training captions (the
+    teacher labels each; a real COCO run has far more than it needs) and
+    `knowledge_context_sentences` WordNet usage examples."""
+    captions = training.knowledge_context_captions
     texts: dict[str, None] = {}
     for ids in caption_ids:  # decode only until enough: a real COCO run has ~590k captions
         if len(texts) >= captions:
@@ -428,7 +431,8 @@ def _context_texts(
         if text := tokenizer.decode(ids, skip_special_tokens=True).strip():
             texts[text] = None
     train = subtasks[subtasks["split"] == "train"]["subtask_text"]
-    return list(dict.fromkeys(train)) + list(texts)
+    general = bundled_examples(training.knowledge_context_sentences, training.seed)
+    return list(dict.fromkeys(train)) + list(texts) + general
 
 
 def _install_knowledge(
@@ -450,7 +454,7 @@ def _install_knowledge(
         weight=training.knowledge_weights[0], words=training.knowledge_table == "words",
         context_layers=training.knowledge_context_layers if training.knowledge_table == "words" else 0,
         context_steps=training.knowledge_context_steps, seed=training.seed,
-        context_texts=_context_texts(subtasks, caption_ids, tokenizer, training.knowledge_context_captions),
+        context_texts=_context_texts(subtasks, caption_ids, tokenizer, training),
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
     rows = f"{fit.words}-word" if fit.words else "token"
@@ -458,6 +462,8 @@ def _install_knowledge(
     metadata = {
         "knowledge_source": f"teacher {fit.teacher} distilled into a {fit.dim}-wide {rows} table{reader}{view}"
     }
+    if fit.context_layers:
+        metadata["knowledge_context_wordnet_examples"] = training.knowledge_context_sentences
     if len(training.knowledge_weights) > 1:
         validation = tasks[tasks["split"] == "validation"].drop_duplicates("task_key")
         fit.weight, scores = choose_knowledge_weight(
