@@ -15,6 +15,7 @@ from bitmar_model.robots import ROBOT_CLASSES, normalize_robot_name
 from bitmar_pipeline.evaluation.robustness import (
     README_EXAMPLES_FILE,
     USER_PHRASED_FILE,
+    USER_PHRASED_VALIDATION_FILE,
     evaluation_contradictions,
     headline_metadata,
     load_eval_set,
@@ -31,8 +32,9 @@ README = {
 }
 
 
-def test_user_set_parses_and_covers_every_robot() -> None:
-    tasks = load_eval_set(USER_PHRASED_FILE)
+@pytest.mark.parametrize("path", [USER_PHRASED_FILE, USER_PHRASED_VALIDATION_FILE], ids=["test", "validation"])
+def test_user_set_parses_and_covers_every_robot(path) -> None:
+    tasks = load_eval_set(path)
     assert len(tasks) == 56
     assert len({t.task.casefold() for t in tasks}) == len(tasks)
     per_robot = Counter(robot for t in tasks for robot in t.robots)
@@ -42,13 +44,19 @@ def test_user_set_parses_and_covers_every_robot() -> None:
     assert all(len(t.robots) == 1 for t in tasks if "No Robot" in t.robots)
 
 
+def test_the_user_validation_set_shares_no_task_with_the_test_set_or_the_readme_five() -> None:
+    validation = {t.task.casefold() for t in load_eval_set(USER_PHRASED_VALIDATION_FILE)}
+    others = {t.task.casefold() for path in (USER_PHRASED_FILE, README_EXAMPLES_FILE) for t in load_eval_set(path)}
+    assert not validation & others
+
+
 def test_readme_examples_are_the_seed_five() -> None:
     tasks = load_eval_set(README_EXAMPLES_FILE)
     assert {t.task: t.robots for t in tasks} == {task: (robot,) for task, robot in README.items()}
 
 
 def test_every_gold_name_is_canonical() -> None:
-    for path in (USER_PHRASED_FILE, README_EXAMPLES_FILE):
+    for path in (USER_PHRASED_FILE, USER_PHRASED_VALIDATION_FILE, README_EXAMPLES_FILE):
         for task in load_eval_set(path):
             assert all(normalize_robot_name(r) == r for r in task.robots)
 

@@ -39,6 +39,9 @@ from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, ev
 
 EVAL_SETS_DIR = Path(__file__).resolve().parent / "eval_sets"
 USER_PHRASED_FILE = EVAL_SETS_DIR / "user_phrased_robot_tasks.json"
+# Same conventions, other tasks: for decisions the dataset's validation tasks cannot make (how a user's
+# wording shifts the selection), so that the set above stays an untouched test set. Never trained on.
+USER_PHRASED_VALIDATION_FILE = EVAL_SETS_DIR / "user_phrased_robot_tasks_validation.json"
 README_EXAMPLES_FILE = EVAL_SETS_DIR / "readme_examples.json"
 CONTRADICTION_RULE = (
     "a parsed selection holding a robot that <robot_evaluation> names without calling it suitable "
