@@ -84,6 +84,8 @@ def fold_numbers(report: dict[str, Any]) -> dict[str, float | None]:
     if user:
         numbers["user_head_top1"] = user["head_top1"]["value"]
         numbers["user_text_hit"] = user["text_hit"]["value"]
+    if user_validation := report.get("user_phrased", {}).get("user_validation_set"):
+        numbers["user_validation_head_top1"] = user_validation["head_top1"]["value"]
     return numbers
 
 

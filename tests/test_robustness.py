@@ -115,6 +115,9 @@ def test_section_on_a_tiny_untrained_model(tiny) -> None:
     head_hits = sum(r["head_hits"] for r in user["per_robot"].values())
     assert head_hits >= round(user["head_top1"]["value"] * 56)
     assert isinstance(user["robot_evaluation_contradictions"], int)
+    validation = section["user_validation_set"]
+    assert (validation["file"], validation["n"]) == (USER_PHRASED_VALIDATION_FILE.name, 56)
+    assert sum(r["n"] for r in validation["per_robot"].values()) == 58  # two tasks have two gold robots
     examples = readme["examples"]
     assert [e["task"] for e in examples] == list(README)
     assert all(e["head_pick"] in ROBOT_CLASSES and 0.0 <= e["head_probability"] <= 1.0 for e in examples)
@@ -122,4 +125,5 @@ def test_section_on_a_tiny_untrained_model(tiny) -> None:
     headline = headline_metadata(section)
     assert headline["user_phrased_head_top1"] == user["head_top1"]["value"]
     assert headline["readme_examples_head_hits"] == readme["head_hits"]
+    assert headline["user_phrased_validation_head_top1"] == validation["head_top1"]["value"]
     assert np.isfinite(list(headline.values())).all()

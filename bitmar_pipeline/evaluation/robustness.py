@@ -1,8 +1,10 @@
 """The user-phrased robustness part of evaluation_report: does the model hold up on a user's words?
 
-Two committed sets, never trained on (`eval_sets/`):
+Three committed sets, never trained on (`eval_sets/`):
 - `user_phrased_robot_tasks.json`: short tasks written the way people type them, each with
   its gold robot set ("No Robot" where no robot of the fleet should do it);
+- `user_phrased_robot_tasks_validation.json`: other tasks of the same kind, the one to decide
+  settings on (the set above stays a test set);
 - `readme_examples.json`: the seed README's five examples, a test every release should pass.
 
 Each is scored like a split (`evaluate_reasoning`: the head's probabilities and the greedy
@@ -182,14 +184,19 @@ def user_phrased_section(
     n_resamples: int,
     user_set: Path = USER_PHRASED_FILE,
     readme_set: Path = README_EXAMPLES_FILE,
+    user_validation_set: Path = USER_PHRASED_VALIDATION_FILE,
     calibration: PlattCalibration | None = None,
     profiles: Profiles | None = None,
 ) -> dict[str, Any]:
-    """The report's `user_phrased` section: the robustness set and the README examples, with
+    """The report's `user_phrased` section: the robustness set, its validation twin and the README examples, with
     head-guided texts stating the (calibrated) head confidence and, with the fleet's `profiles`,
     each robot's reason from its own profile, as the release shows them."""
     user_eval, user_texts = _evaluate_set(
         model, tokenizer, user_set, "user_phrased", max_new_tokens, n_resamples, calibration, profiles
+    )
+    validation_eval, validation_texts = _evaluate_set(
+        model, tokenizer, user_validation_set, "user_phrased_validation", max_new_tokens, n_resamples, calibration,
+        profiles,
     )
     readme_eval, readme_texts = _evaluate_set(
         model, tokenizer, readme_set, "readme_examples", max_new_tokens, n_resamples, calibration, profiles
@@ -198,6 +205,9 @@ def user_phrased_section(
     examples = example_outcomes(readme_eval, readme_texts)
     return {
         "user_set": {"file": user_set.name, **score_set(user_eval, user_texts, n_resamples)},
+        "user_validation_set": {
+            "file": user_validation_set.name, **score_set(validation_eval, validation_texts, n_resamples)
+        },
         "readme_examples": {
             "file": readme_set.name,
             "n": readme["n"],
@@ -217,6 +227,7 @@ def headline_metadata(section: dict[str, Any]) -> dict[str, float | int]:
         "user_phrased_head_top1_ci95_low": user["head_top1"]["ci95_low"],
         "user_phrased_head_top1_ci95_high": user["head_top1"]["ci95_high"],
         "user_phrased_text_hit": user["text_hit"]["value"],
+        "user_phrased_validation_head_top1": section["user_validation_set"]["head_top1"]["value"],
         "readme_examples_head_hits": readme["head_hits"],
         "readme_examples_text_hits": readme["text_hits"],
     }
