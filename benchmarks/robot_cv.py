@@ -80,11 +80,12 @@ def fold_numbers(report: dict[str, Any]) -> dict[str, float | None]:
         "report_tfidf_sample_f1": test["tfidf_logreg"]["sample_f1"]["value"],
         "report_tfidf_exact_set": test["tfidf_logreg"]["exact_set"]["value"],
     }
-    user = report.get("user_phrased", {}).get("user_set")
+    phrased = report.get("user_phrased", {})
+    user = phrased.get("user_set")
     if user:
         numbers["user_head_top1"] = user["head_top1"]["value"]
         numbers["user_text_hit"] = user["text_hit"]["value"]
-    if user_validation := report.get("user_phrased", {}).get("user_validation_set"):
+    if user_validation := phrased.get("user_validation_set"):
         numbers["user_validation_head_top1"] = user_validation["head_top1"]["value"]
     return numbers
 

@@ -441,20 +441,22 @@ def _install_knowledge(
 ) -> dict[str, Any]:
     """With training.knowledge_teacher: distil it into the model's knowledge table (fitted on the
     train split's tasks and the fleet's capability phrases; its context encoder also reads the
-    train split's subtasks and captions, unlabelled); returns the stage metadata naming the
+    train split's subtasks, captions and WordNet examples, unlabelled); returns the stage metadata naming the
     knowledge source either way."""
     if not training.knowledge_teacher:
         return {"knowledge_source": "robot labels only (training.knowledge_teacher is not set)"}
     train = tasks[tasks["split"] == "train"].drop_duplicates("task_key")
     teacher = SentenceTeacher(training.knowledge_teacher, threads=os.cpu_count())
+    context_layers = training.knowledge_context_layers if training.knowledge_table == "words" else 0
+    # Only a context encoder reads the unlabelled texts: without one, neither decode captions nor draw examples.
+    context_texts = _context_texts(subtasks, caption_ids, tokenizer, training) if context_layers else ()
     fit = install_knowledge(
         model, tokenizer, teacher, train["task_text"].tolist(), train["robots"].tolist(), capabilities,
         dim=training.knowledge_dim, c=training.knowledge_c, token_tfidf=training.knowledge_token_tfidf,
         static_scale=training.knowledge_static_scale, phrase_weight=training.knowledge_phrase_weight,
         weight=training.knowledge_weights[0], words=training.knowledge_table == "words",
-        context_layers=training.knowledge_context_layers if training.knowledge_table == "words" else 0,
-        context_steps=training.knowledge_context_steps, seed=training.seed,
-        context_texts=_context_texts(subtasks, caption_ids, tokenizer, training),
+        context_layers=context_layers, context_steps=training.knowledge_context_steps, seed=training.seed,
+        context_texts=context_texts,
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
     rows = f"{fit.words}-word" if fit.words else "token"
