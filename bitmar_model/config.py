@@ -69,6 +69,8 @@ class BitMarConfig:
     # (needs knowledge_words), and its output width (the teacher's); 0: the SIF mean of static rows.
     knowledge_context_layers: int = 0
     knowledge_context_out: int = 0
+    # Trained robots' capability/environment phrase vectors whose fit margins join the knowledge logits; 0: none.
+    knowledge_fleet_phrases: int = 0
     # Decoder attention: StreamingLLM-style sinks + sliding window bound the KV cache.
     attention_sink_tokens: int = 4
     sliding_window: int = 256
@@ -215,7 +217,10 @@ class BitMarConfig:
             )
         if not isinstance(self.quantized, bool):
             raise ValueError(f"BitMarConfig.quantized must be a bool, got {self.quantized!r}")
-        counts = ("knowledge_dim", "knowledge_words", "knowledge_context_layers", "knowledge_context_out", "cell_words")
+        counts = (
+            "knowledge_dim", "knowledge_words", "knowledge_context_layers", "knowledge_context_out",
+            "knowledge_fleet_phrases", "cell_words",
+        )
         for key in counts:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

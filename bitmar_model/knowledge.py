@@ -27,6 +27,15 @@ so the release needs no second tokenizer:
 with every casing of a word ("hull", " hull", "Hull", " Hull") stored under its own key.
 Words not in the table add nothing.
 
+With `fleet_phrases` > 0 the module also stores the vectors of the trained robots' own capability
+and environment phrases, and adds how well the task fits each robot's description next to how well
+it fits the best-fitting robot's (`fleet_fit_margins`; "No Robot" has no description and gets 0):
+
+    robot_logits += fit_weight * (score_r(x) - max_r' score_r'(x)),
+
+the zero-shot signal the fleet-only robots are selected by (evaluation.zero_shot), given to the
+trained ones too: it reads a user's short wording where the labelled tasks' classifier has no cue.
+
 With `context_layers` > 0 a task's vector is contextual: a small pre-norm transformer encoder reads
 the task's known words in order (their table rows plus learned positions; unknown words masked),
 mean-pools them and projects to the teacher's width. It is distilled in the pipeline to regress the
@@ -53,6 +62,7 @@ from torch import nn
 _MOD = 2**31 - 1  # Mersenne prime: each h_j < 2^31, so id * base^k mod p and sums of them fit in int64
 _BASES = (1_000_003, 999_983)
 WORD_FORMS = 4  # " word", " Word", "word", "Word": the forms a word takes in a prompt
+FIT_TOP_K = 2  # phrases averaged per robot: a task rarely matches more than two of a profile's items
 
 
 def context_parameter_shapes(dim: int, out: int, layers: int, positions: int) -> dict[str, tuple[int, ...]]:
@@ -156,7 +166,7 @@ class TaskKnowledge(nn.Module):
 
     def __init__(
         self, vocab_size: int, dim: int, num_classes: int, token_tfidf: bool = False, words: int = 0,
-        context_layers: int = 0, context_out: int = 0, max_words: int = 0,
+        context_layers: int = 0, context_out: int = 0, max_words: int = 0, fleet_phrases: int = 0,
     ) -> None:
         super().__init__()
         self.token_tfidf = token_tfidf
@@ -184,6 +194,11 @@ class TaskKnowledge(nn.Module):
         if token_tfidf:
             self.register_buffer("token_idf", torch.zeros(vocab_size))
             self.register_buffer("tfidf_classifier", torch.zeros(num_classes, vocab_size, dtype=torch.float16))
+        self.fleet_phrases = fleet_phrases
+        if fleet_phrases:
+            self.register_buffer("fleet_vectors", torch.zeros(fleet_phrases, width))
+            self.register_buffer("fleet_owners", torch.zeros(fleet_phrases, dtype=torch.int64))  # robot columns
+            self.register_buffer("fit_weight", torch.zeros(()))
 
     def word_rows_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [B, T], found [B, T]): the word table row of each row's w-th word, and whether
@@ -225,7 +240,20 @@ class TaskKnowledge(nn.Module):
         logits = v @ self.classifier_weight.T + self.classifier_bias
         if self.token_tfidf:
             logits = logits + self.tfidf_vectors(input_ids, attention_mask) @ self.tfidf_classifier.float().T
-        return self.weight * logits
+        if not self.fleet_phrases:
+            return self.weight * logits
+        return self.weight * logits + self.fit_weight * self.fit_margins(v)
+
+    def fit_margins(self, task_vectors: torch.Tensor) -> torch.Tensor:
+        """[B, classes]: each trained robot's fleet fit minus the best one's (<= 0), 0 for "No Robot"."""
+        return fleet_fit_margins(task_vectors, self.fleet_vectors, self.fleet_owners, self.classifier_bias.shape[0])
+
+    @torch.no_grad()
+    def load_fleet(self, vectors: torch.Tensor, owners: torch.Tensor) -> None:
+        """Install the trained robots' phrase vectors [P, width] and their robot columns [P]."""
+        if not self.fleet_phrases:
+            raise ValueError("load_fleet: the module stores no fleet phrases (fleet_phrases 0)")
+        self._install([("fleet_vectors", vectors), ("fleet_owners", owners)])
 
     def static_buffer_names(self) -> tuple[str, ...]:
         if self.words:
@@ -275,7 +303,8 @@ class TaskKnowledge(nn.Module):
 
 
 def fleet_fit_scores(
-    task_vectors: torch.Tensor, phrase_vectors: torch.Tensor, owners: torch.Tensor, robots: int, top_k: int = 2
+    task_vectors: torch.Tensor, phrase_vectors: torch.Tensor, owners: torch.Tensor, robots: int,
+    top_k: int = FIT_TOP_K,
 ) -> torch.Tensor:
     """How much better each task matches each robot's own description than the fleet's average,
     [B, d] x [P, d] -> [B, robots]:
@@ -294,3 +323,18 @@ def fleet_fit_scores(
         per_robot.append(own.topk(min(top_k, own.shape[1]), dim=1).values.mean(dim=1))
     scores = torch.stack(per_robot, dim=1)
     return scores - scores.mean(dim=1, keepdim=True)
+
+
+def fleet_fit_margins(
+    task_vectors: torch.Tensor, phrase_vectors: torch.Tensor, owners: torch.Tensor, columns: int,
+    top_k: int = FIT_TOP_K,
+) -> torch.Tensor:
+    """[B, columns]: `fleet_fit_scores` over the columns that own a phrase, minus the best of them
+    (so the best-fitting robot keeps its logit and the rest lose); 0 in a column without phrases.
+    A margin, not the centred score: measured on the CV folds, adding the centred score also raised
+    the runner-up robots past 0.5 and cost exact-set accuracy (docs/decisions.md)."""
+    present = torch.unique(owners)
+    scores = fleet_fit_scores(task_vectors, phrase_vectors, torch.searchsorted(present, owners), len(present), top_k)
+    margins = task_vectors.new_zeros(task_vectors.shape[0], columns)
+    margins[:, present] = scores - scores.max(dim=1, keepdim=True).values
+    return margins

@@ -297,6 +297,23 @@ class TrainingConfig(_Section):
             "(the best top-1 + sample-F1 + exact-set is kept; one value: that scale)."
         ),
     )
+    knowledge_fit_weights: list[Annotated[float, Field(ge=0.0)]] = Field(
+        default=[0.0, 0.5, 1.0, 2.0, 4.0],
+        min_length=1,
+        description=(
+            "Multiples of the zero-shot slope for the fleet fit (how much better a task matches a trained robot's "
+            "capabilities and environments than the best-fitting robot's) added to the selection logits; tried on "
+            "the validation tasks plus the user-phrased validation set, the best kept. [0]: no fleet fit."
+        ),
+    )
+    knowledge_fit_user_validation: bool = Field(
+        default=True,
+        description=(
+            "Choose that multiple on the bundled user-phrased validation set (56 short tasks for the dataset's five "
+            "robots) too, not only on the dataset's validation tasks. Never trained on; the user-phrased test set "
+            "stays untouched."
+        ),
+    )
     knowledge_c: float = Field(
         default=10.0, gt=0.0, description="Inverse L2 strength of the knowledge classifier's logistic regression."
     )

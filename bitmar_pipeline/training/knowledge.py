@@ -17,7 +17,7 @@ import importlib
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +37,15 @@ from bitmar_model.knowledge import (
 )
 from bitmar_model.metrics import exact_set_accuracy, label_matrix, sample_f1, top1_accuracy
 from bitmar_model.modeling import BitMarModel
-from bitmar_model.robots import NUM_ROBOT_CLASSES, select_robots
+from bitmar_model.robots import NUM_ROBOT_CLASSES, ROBOT_INDEX, select_robots
 from bitmar_pipeline.evaluation.selection_quality import encode_prompts
-from bitmar_pipeline.training.reasoning_targets import Profiles, capability_phrase_owners, short_form
+from bitmar_pipeline.evaluation.zero_shot import fit_zero_shot
+from bitmar_pipeline.training.reasoning_targets import (
+    Profiles,
+    capability_phrase_owners,
+    profile_phrase_forms,
+    short_form,
+)
 
 SIF_A = 1e-3  # the SIF paper's a: a token seen in 1 of 1,000 corpus tokens gets weight 0.5
 _NEVER = -8.0  # bias of a class no training row has ("No Robot" in the public data)
@@ -336,6 +342,7 @@ class KnowledgeFit:
     context_layers: int = 0
     context_corpus: int = 0
     context_loss: float | None = None
+    fleet_phrases: int = 0
 
     def metadata(self) -> dict[str, Any]:
         return {f"knowledge_{k}": v for k, v in self.__dict__.items()}
@@ -360,13 +367,16 @@ def install_knowledge(
     context_steps: int = 3000,
     context_texts: Sequence[str] = (),
     seed: int = 0,
+    fleet_fit: bool = False,
 ) -> KnowledgeFit:
     """Distil the table (over whole words when `words`, else over the model's tokens), fit the
     classifier on the model's own task vectors (scaled by `static_scale` next to the token TF-IDF
     vectors when `token_tfidf`), install both. The capability phrases count `phrase_weight` each
     in the fit (0: left out). With `context_layers` (needs `words`), the task vectors come from a
     contextual encoder distilled for `context_steps` steps on the train tasks, the phrases and
-    `context_texts` (unlabelled: subtasks, captions) before the classifier is fitted."""
+    `context_texts` (unlabelled: subtasks, captions) before the classifier is fitted. With
+    `fleet_fit`, the vectors of the trained robots' profile phrases are stored for the fleet fit
+    (its weight stays 0 until `choose_fit_weight`)."""
     if context_layers and not words:
         raise ValueError("training.knowledge_context_layers needs training.knowledge_table: words")
     strings = token_strings(tokenizer)
@@ -383,13 +393,16 @@ def install_knowledge(
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
         static = {"table": table, "token_weights": torch.from_numpy(sif_weights(prompts, len(strings), strings))}
     rows = static["word_table"].shape[0] if words else 0
+    fleet_texts, fleet_owners = fleet_phrase_forms(capabilities) if fleet_fit else ([], [])
     if not model.config.knowledge_dim:
-        model.add_knowledge(dim, token_tfidf, rows, context_layers, teacher.width if context_layers else 0)
+        width = teacher.width if context_layers else 0
+        model.add_knowledge(dim, token_tfidf, rows, context_layers, width, len(fleet_texts))
     knowledge = model.knowledge
-    if knowledge.words != rows or model.config.knowledge_context_layers != context_layers:
+    shape = (knowledge.words, model.config.knowledge_context_layers, knowledge.fleet_phrases)
+    if shape != (rows, context_layers, len(fleet_texts)):
         raise ValueError(
-            f"install_knowledge: the model's knowledge has {knowledge.words} word rows and "
-            f"{model.config.knowledge_context_layers} context layers, this fit {rows} and {context_layers}"
+            f"install_knowledge: the model's knowledge has (word rows, context layers, fleet phrases) {shape}, "
+            f"this fit {(rows, context_layers, len(fleet_texts))}"
         )
     ids, mask = ids.to(knowledge.classifier_bias.device), mask.to(knowledge.classifier_bias.device)
     knowledge.load_static(**static)
@@ -414,17 +427,72 @@ def install_knowledge(
     width = knowledge.classifier_weight.shape[1]
     tfidf = (idf, torch.from_numpy(w[:, width:])) if token_tfidf else (None, None)
     knowledge.load_fitted(torch.from_numpy(w[:, :width] * static_scale), torch.from_numpy(b), weight, *tfidf)
+    if fleet_texts:
+        fleet_ids, fleet_mask = encode_prompts(tokenizer, fleet_texts, model.config.max_seq_len)
+        with torch.no_grad():
+            vectors = knowledge.task_vectors(fleet_ids.to(ids.device), fleet_mask.to(ids.device))
+        knowledge.load_fleet(vectors, torch.tensor(fleet_owners))
     n_train = len(train_texts)
     logits = features[:n_train] @ w.T + b
     hits = gold[np.arange(n_train), logits.argmax(1)]
     return KnowledgeFit(
         teacher.name, dim, knowledge.words, token_tfidf, static_scale, phrase_weight, weight, n_train, len(phrases),
         round(float(hits.mean()), 4), context_layers, corpus_size,
-        None if context_loss is None else round(context_loss, 4),
+        None if context_loss is None else round(context_loss, 4), len(fleet_texts),
     )
 
 
+def fleet_phrase_forms(capabilities: Profiles) -> tuple[list[str], list[int]]:
+    """(texts, robot columns): each trained robot's capabilities and environments as the knowledge
+    reads them ("a task that needs aerial inspection"), the phrases its fleet fit is scored on."""
+    texts, owners = [], []
+    for robot, profile in capabilities.items():
+        if robot not in ROBOT_INDEX:
+            raise ValueError(f"fleet fit: {robot!r} is not one of the model's robot classes")
+        forms = [form for _, form in profile_phrase_forms(profile)]
+        texts += forms
+        owners += [ROBOT_INDEX[robot]] * len(forms)
+    return texts, owners
+
+
+LabelledTexts = tuple[Sequence[str], Sequence[Sequence[str]]]  # task texts and each one's gold robots
+
+
 @torch.no_grad()
+def choose_weight(
+    model: BitMarModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: Sequence[LabelledTexts],
+    candidates: Sequence[float],
+    apply: Callable[[float], None],
+) -> tuple[float, dict[float, float]]:
+    """Apply and return the candidate whose selection scores best on these (validation) sets by
+    top-1 + sample-F1 + exact-set, summed over the sets, ties to the smaller; also every
+    candidate's score. `apply(candidate)` installs a candidate in the model."""
+    if not sets or any(not texts for texts, _ in sets):
+        raise ValueError("choose_weight: no validation tasks to choose the weight on")
+    device = model.knowledge.classifier_bias.device
+    encoded = [
+        (*encode_prompts(tokenizer, list(texts), model.config.max_seq_len), label_matrix([list(r) for r in robots]))
+        for texts, robots in sets
+    ]
+    scores = {}
+    was_training = model.training
+    model.eval()  # no dropout in the forwards that are compared
+    for candidate in candidates:
+        apply(float(candidate))
+        total = 0.0
+        for ids, mask, gold in encoded:
+            probs = model(ids.to(device), mask.to(device)).robot_probs.float().cpu().numpy()
+            chosen = select_robots(probs).astype(int)
+            total += top1_accuracy(probs, gold) + sample_f1(chosen, gold) + exact_set_accuracy(chosen, gold)
+        scores[float(candidate)] = round(total, 4)
+    best = max(scores, key=lambda w: (scores[w], -w))
+    apply(best)
+    model.train(was_training)
+    return best, scores
+
+
 def choose_knowledge_weight(
     model: BitMarModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -433,23 +501,36 @@ def choose_knowledge_weight(
     candidates: Sequence[float],
 ) -> tuple[float, dict[float, float]]:
     """Set and return the knowledge weight whose blended selection scores best on these
-    (validation) tasks by top-1 + sample-F1 + exact-set, ties to the smaller weight; also every
-    candidate's score."""
+    (validation) tasks (`choose_weight`); also every candidate's score."""
+    return choose_weight(model, tokenizer, [(texts, robots)], candidates, model.knowledge.weight.fill_)
+
+
+@dataclass(frozen=True)
+class FleetFitChoice:
+    multiple: float  # of the zero-shot slope: the installed fit_weight is multiple * slope
+    slope: float
+    scores: dict[float, float]
+
+
+def choose_fit_weight(
+    model: BitMarModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: Sequence[LabelledTexts],
+    capabilities: Profiles,
+    multiples: Sequence[float],
+) -> FleetFitChoice:
+    """Install the fleet fit's weight: `fit_zero_shot`'s slope on the first set (the dataset's
+    validation tasks) puts the fit margins on the logit scale, and the multiple of it that scores
+    best over all `sets` (`choose_weight`) is kept."""
+    if not model.config.knowledge_fleet_phrases:
+        raise ValueError("choose_fit_weight: the model stores no fleet phrases (install_knowledge fleet_fit)")
+    texts, robots = sets[0] if sets else ((), ())
     if not texts:
-        raise ValueError("choose_knowledge_weight: no validation tasks to choose the knowledge weight on")
-    device = model.knowledge.classifier_bias.device
-    ids, mask = encode_prompts(tokenizer, list(texts), model.config.max_seq_len)
-    gold = label_matrix([list(r) for r in robots])
-    scores = {}
-    was_training = model.training
-    model.eval()  # no dropout in the forwards that are compared
-    for weight in candidates:
-        model.knowledge.weight.fill_(float(weight))
-        probs = model(ids.to(device), mask.to(device)).robot_probs.float().cpu().numpy()
-        chosen = select_robots(probs).astype(int)
-        total = top1_accuracy(probs, gold) + sample_f1(chosen, gold) + exact_set_accuracy(chosen, gold)
-        scores[float(weight)] = round(total, 4)
-    best = max(scores, key=lambda w: (scores[w], -w))
-    model.knowledge.weight.fill_(best)
-    model.train(was_training)
-    return best, scores
+        raise ValueError("choose_fit_weight: no validation tasks to choose the weight on")
+    slope = fit_zero_shot(model, tokenizer, texts, robots, capabilities)[0].scale
+    # A slope <= 0 says the fit does not rise with the gold robots: only "off" is worth trying.
+    candidates = multiples if slope > 0 else [0.0]
+    multiple, scores = choose_weight(
+        model, tokenizer, sets, candidates, lambda m: model.knowledge.fit_weight.fill_(m * slope)
+    )
+    return FleetFitChoice(multiple, round(slope, 4), scores)

@@ -45,6 +45,7 @@ from bitmar_model.trainer import Trainer, TrainerConfig
 from bitmar_pipeline.config import PipelineConfig, StageSchedule, TrainingConfig
 from bitmar_pipeline.data.robot_tasks import fleet_profiles
 from bitmar_pipeline.data.wordnet_text import bundled_examples
+from bitmar_pipeline.evaluation.robustness import USER_PHRASED_VALIDATION_FILE, load_eval_set
 from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, evaluate_reasoning
 from bitmar_pipeline.features.vision_encoder import resolve_device
 from bitmar_pipeline.storage import Storage
@@ -62,7 +63,13 @@ from bitmar_pipeline.training.datasets import (
     load_pipeline_tokenizer,
     robot_multi_hot,
 )
-from bitmar_pipeline.training.knowledge import SentenceTeacher, choose_knowledge_weight, install_knowledge
+from bitmar_pipeline.training.knowledge import (
+    LabelledTexts,
+    SentenceTeacher,
+    choose_fit_weight,
+    choose_knowledge_weight,
+    install_knowledge,
+)
 from bitmar_pipeline.training.reasoning_targets import (
     Profiles,
     build_sft_examples,
@@ -456,7 +463,7 @@ def _install_knowledge(
         static_scale=training.knowledge_static_scale, phrase_weight=training.knowledge_phrase_weight,
         weight=training.knowledge_weights[0], words=training.knowledge_table == "words",
         context_layers=context_layers, context_steps=training.knowledge_context_steps, seed=training.seed,
-        context_texts=context_texts,
+        context_texts=context_texts, fleet_fit=any(training.knowledge_fit_weights),
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
     rows = f"{fit.words}-word" if fit.words else "token"
@@ -466,14 +473,33 @@ def _install_knowledge(
     }
     if fit.context_layers:
         metadata["knowledge_context_wordnet_examples"] = training.knowledge_context_sentences
+    validation = tasks[tasks["split"] == "validation"].drop_duplicates("task_key")
+    validation_set = (validation["task_text"].tolist(), validation["robots"].tolist())
     if len(training.knowledge_weights) > 1:
-        validation = tasks[tasks["split"] == "validation"].drop_duplicates("task_key")
-        fit.weight, scores = choose_knowledge_weight(
-            model, tokenizer, validation["task_text"].tolist(), validation["robots"].tolist(),
-            training.knowledge_weights,
-        )
+        fit.weight, scores = choose_knowledge_weight(model, tokenizer, *validation_set, training.knowledge_weights)
         metadata["knowledge_weight_validation_scores"] = {str(w): v for w, v in scores.items()}
+    if fit.fleet_phrases:
+        metadata |= _choose_fleet_fit(model, tokenizer, validation_set, capabilities, training)
     return {**metadata, **fit.metadata()}
+
+
+def _choose_fleet_fit(
+    model: BitMarModel, tokenizer: Any, validation: LabelledTexts, capabilities: Profiles, training: TrainingConfig
+) -> dict[str, Any]:
+    """Choose the fleet fit's weight on the dataset's validation tasks and, by default, the bundled
+    user-phrased validation set (the only tasks worded as users type them); the stage metadata."""
+    sets, names = [validation], [f"dataset validation ({len(validation[0])} tasks)"]
+    if training.knowledge_fit_user_validation:
+        user = load_eval_set(USER_PHRASED_VALIDATION_FILE)
+        sets.append(([t.task for t in user], [list(t.robots) for t in user]))
+        names.append(f"user-phrased validation set ({len(user)} tasks, {USER_PHRASED_VALIDATION_FILE.name})")
+    choice = choose_fit_weight(model, tokenizer, sets, capabilities, training.knowledge_fit_weights)
+    return {
+        "knowledge_fit_multiple": choice.multiple,
+        "knowledge_fit_slope": choice.slope,
+        "knowledge_fit_scores": {str(m): v for m, v in choice.scores.items()},
+        "knowledge_fit_chosen_on": " + ".join(names),
+    }
 
 
 def knowledge_source(storage: Storage) -> str:
