@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bitmar_model.config import BitMarConfig
-from bitmar_model.knowledge import TaskKnowledge
+from bitmar_model.knowledge import TaskKnowledge, fleet_fit_margins
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.robots import ROBOT_INDEX
 from bitmar_pipeline.evaluation.selection_quality import encode_prompts
@@ -20,8 +20,10 @@ from bitmar_pipeline.text.tokenizer import train_bpe_tokenizer
 from bitmar_pipeline.training.knowledge import (
     SentenceTeacher,
     capability_phrases,
+    choose_fit_weight,
     choose_knowledge_weight,
     distil_token_table,
+    fleet_phrase_forms,
     install_knowledge,
     token_strings,
 )
@@ -260,6 +262,60 @@ def test_the_blend_weight_is_chosen_on_validation(setup) -> None:
         choose_knowledge_weight(fitted, tokenizer, [], [], WEIGHTS)
 
 
+# --- the fleet fit: the trained robots' own descriptions in the selection ------------------
+
+
+def test_fleet_fit_margins_leave_the_best_robot_and_no_robot_untouched() -> None:
+    """Two robots (columns 0 and 2) of four columns, two phrases each: the margin is the top-2
+    mean cosine minus the best robot's, 0 for the best and for columns without phrases."""
+    phrases = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
+    owners = torch.tensor([0, 0, 2, 2])
+    tasks = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    margins = fleet_fit_margins(tasks, phrases, owners, columns=4)
+    # task 0: robot 0 (1.0 + 0.8) / 2 = 0.9, robot 2 (0.0 + 0.6) / 2 = 0.3; task 1 mirrored.
+    torch.testing.assert_close(margins, torch.tensor([[0.0, 0.0, -0.6, 0.0], [-0.6, 0.0, 0.0, 0.0]]))
+
+
+def test_fleet_phrases_are_the_trained_robots_profile_forms() -> None:
+    texts, owners = fleet_phrase_forms(PROFILES)
+    drone = ["a task that needs aerial flight", "a task that needs photos from the sky", "a task in open air"]
+    assert texts[:3] == drone
+    assert owners.count(ROBOT_INDEX["Underwater Robot"]) == 4 and ROBOT_INDEX["No Robot"] not in owners
+    with pytest.raises(ValueError, match="'Submarine' is not one of the model's robot classes"):
+        fleet_phrase_forms({"Submarine": {"capabilities": ["diving"]}})
+
+
+def test_the_fleet_fit_is_stored_chosen_on_validation_and_round_trips(setup, tmp_path: Path) -> None:
+    """Installed at weight 0 the fleet fit changes nothing; a head that always answers "Robot with
+    Legs" is overruled only by a fit weight > 0, which is chosen, installed as multiple x slope, and
+    survives save/load and the packed release."""
+    tokenizer, _, _ = setup
+    plain, _ = _fitted(setup, token_tfidf=True, static_scale=0.5)
+    fitted, fit = _fitted(setup, token_tfidf=True, static_scale=0.5, fleet_fit=True)
+    assert fit.fleet_phrases == fitted.config.knowledge_fleet_phrases == len(fleet_phrase_forms(PROFILES)[0])
+    texts, robots = [t for t, _ in TASKS], [r for _, r in TASKS]
+    ids, mask = encode_prompts(tokenizer, texts, fitted.config.max_seq_len)
+    with torch.no_grad():
+        torch.testing.assert_close(fitted(ids, mask).robot_logits, plain(ids, mask).robot_logits)
+        head = fitted.reasoning.policy_head
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[ROBOT_INDEX["Robot with Legs"]] = 1.0
+        fitted.knowledge.weight.zero_()
+    choice = choose_fit_weight(fitted, tokenizer, [(texts, robots)], PROFILES, [0.0, 4.0, 16.0, 64.0])
+    assert choice.slope > 0 and choice.multiple > 0
+    assert choice.scores[choice.multiple] > choice.scores[0.0]
+    assert fitted.knowledge.fit_weight.item() == pytest.approx(choice.multiple * choice.slope, rel=1e-5)
+    packed = _saved_and_packed(fitted, tokenizer, tmp_path)
+    assert packed.knowledge.fleet_owners.tolist() == fleet_phrase_forms(PROFILES)[1]
+    with pytest.raises(ValueError, match="no validation tasks"):
+        choose_fit_weight(fitted, tokenizer, [([], [])], PROFILES, [1.0])
+    with pytest.raises(ValueError, match="stores no fleet phrases"):
+        choose_fit_weight(plain, tokenizer, [(texts, robots)], PROFILES, [1.0])
+    with pytest.raises(ValueError, match="fleet phrases"):
+        plain.knowledge.load_fleet(torch.zeros(2, 16), torch.zeros(2, dtype=torch.int64))
+
+
 def test_an_unloadable_teacher_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="training.knowledge_teacher"):
         SentenceTeacher(str(tmp_path / "missing"))
@@ -366,10 +422,18 @@ def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
 
     assert metadata["knowledge_words"] == fitted.config.knowledge_words > 20
     assert float(metadata["knowledge_weight"]) == fitted.knowledge.weight.item() in training.knowledge_weights
+    # The fleet fit: chosen on both validation sets, installed as the chosen multiple of the slope.
+    assert metadata["knowledge_fleet_phrases"] == fitted.config.knowledge_fleet_phrases > 0
+    assert metadata["knowledge_fit_multiple"] in training.knowledge_fit_weights
+    assert set(metadata["knowledge_fit_scores"]) <= {str(m) for m in training.knowledge_fit_weights}
+    assert "dataset validation (5 tasks) + user-phrased validation set (56 tasks" in metadata["knowledge_fit_chosen_on"]
+    installed = metadata["knowledge_fit_multiple"] * metadata["knowledge_fit_slope"]
+    assert fitted.knowledge.fit_weight.item() == pytest.approx(installed, rel=1e-3, abs=1e-6)
     tokens = _copy(model)
-    by_tokens = training.model_copy(update={"knowledge_table": "tokens"})
+    by_tokens = training.model_copy(update={"knowledge_table": "tokens", "knowledge_fit_weights": [0.0]})
     metadata = _install_knowledge(tokens, tokenizer, tasks, PROFILES, by_tokens, subtasks)
     assert "token table" in metadata["knowledge_source"] and tokens.config.knowledge_words == 0
+    assert tokens.config.knowledge_fleet_phrases == 0 and "knowledge_fit_multiple" not in metadata
 
 
 def test_the_context_corpus_reads_only_the_train_split_captions_and_wordnet(setup) -> None:

@@ -127,3 +127,13 @@ def test_section_on_a_tiny_untrained_model(tiny) -> None:
     assert headline["readme_examples_head_hits"] == readme["head_hits"]
     assert headline["user_phrased_validation_head_top1"] == validation["head_top1"]["value"]
     assert np.isfinite(list(headline.values())).all()
+
+
+def test_the_report_says_when_the_user_validation_set_chose_the_fleet_fit() -> None:
+    from bitmar_pipeline.evaluation.robustness import user_validation_use
+
+    chosen = {"knowledge_fit_multiple": 2.0, "knowledge_fit_chosen_on": "dataset validation (34 tasks) + "
+              "user-phrased validation set (56 tasks, user_phrased_robot_tasks_validation.json)"}
+    assert "multiple 2.0" in user_validation_use(chosen) and "not a held-out one" in user_validation_use(chosen)
+    assert user_validation_use({**chosen, "knowledge_fit_chosen_on": "dataset validation (34 tasks)"}) is None
+    assert user_validation_use({"knowledge_source": "robot labels only"}) is None

@@ -63,14 +63,14 @@ from bitmar_pipeline.evaluation.figures import (
     memory_usage_heatmap,
     reliability_diagram,
 )
-from bitmar_pipeline.evaluation.robustness import user_phrased_section
+from bitmar_pipeline.evaluation.robustness import user_phrased_section, user_validation_use
 from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, encode_prompts, evaluate_reasoning
 from bitmar_pipeline.evaluation.zero_shot import fit_zero_shot
 from bitmar_pipeline.features.probe import caption_names_object
 from bitmar_pipeline.storage import Storage
 from bitmar_pipeline.training.datasets import CaptionSet, load_caption_data, load_pipeline_tokenizer
 from bitmar_pipeline.training.reasoning_targets import evaluable_subtasks, format_prompt
-from bitmar_pipeline.training.stages import GRPO, PRETRAIN, knowledge_source, load_stage_model, retrieval_metrics
+from bitmar_pipeline.training.stages import GRPO, PRETRAIN, knowledge_metadata, load_stage_model, retrieval_metrics
 
 EVALUATED_ROBOTS = [r for r in ROBOT_CLASSES if r != "No Robot"]
 _STOP_WORDS = frozenset(
@@ -530,6 +530,9 @@ def build_evaluation_report(
         calibration=result.calibration,
         profiles=result.report["fleet"],
     )
+    knowledge = knowledge_metadata(storage)
+    if use := user_validation_use(knowledge):
+        result.report["user_phrased"]["user_validation_set"]["used_for"] = use
     captions = load_caption_data(
         storage,
         manifest_shards(storage),
@@ -557,7 +560,8 @@ def build_evaluation_report(
     result.report["model"] = {
         "stage": GRPO,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "knowledge_source": knowledge_source(storage),
+        "knowledge_source": knowledge.get("knowledge_source", "unknown (reasoning_sft predates knowledge_source)"),
+        **{k: knowledge[k] for k in ("knowledge_fit_multiple", "knowledge_fit_chosen_on") if k in knowledge},
     }
     write_report(result.report, report_path)
     return result

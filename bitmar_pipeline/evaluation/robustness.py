@@ -219,6 +219,17 @@ def user_phrased_section(
     }
 
 
+def user_validation_use(knowledge: dict[str, Any]) -> str | None:
+    """What the reasoning_sft stage's knowledge metadata says the user-phrased validation set chose
+    (None: nothing), for the report: a score on tasks that chose a setting is not a held-out one."""
+    if "user-phrased" not in knowledge.get("knowledge_fit_chosen_on", ""):
+        return None
+    return (
+        f"choosing the fleet fit's weight (multiple {knowledge['knowledge_fit_multiple']} of the zero-shot slope): "
+        "a validation score, not a held-out one; never trained on"
+    )
+
+
 def headline_metadata(section: dict[str, Any]) -> dict[str, float | int]:
     """The few numbers the evaluation_report asset shows in its metadata."""
     user, readme = section["user_set"], section["readme_examples"]

@@ -533,4 +533,4 @@ def choose_fit_weight(
     multiple, scores = choose_weight(
         model, tokenizer, sets, candidates, lambda m: model.knowledge.fit_weight.fill_(m * slope)
     )
-    return FleetFitChoice(multiple, round(slope, 4), scores)
+    return FleetFitChoice(multiple, slope, scores)

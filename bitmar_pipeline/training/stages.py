@@ -496,16 +496,16 @@ def _choose_fleet_fit(
     choice = choose_fit_weight(model, tokenizer, sets, capabilities, training.knowledge_fit_weights)
     return {
         "knowledge_fit_multiple": choice.multiple,
-        "knowledge_fit_slope": choice.slope,
+        "knowledge_fit_slope": round(choice.slope, 4),
         "knowledge_fit_scores": {str(m): v for m, v in choice.scores.items()},
         "knowledge_fit_chosen_on": " + ".join(names),
     }
 
 
-def knowledge_source(storage: Storage) -> str:
-    """What the published reasoning_sft model's selection knowledge came from (its stage info)."""
+def knowledge_metadata(storage: Storage) -> dict[str, Any]:
+    """The published reasoning_sft model's knowledge metadata (its stage info's knowledge_* metrics)."""
     info = json.loads((model_dir(storage, SFT) / STAGE_INFO_FILE).read_text())
-    return info.get("metrics", {}).get("knowledge_source", "unknown (reasoning_sft predates knowledge_source)")
+    return {k: v for k, v in info.get("metrics", {}).items() if k.startswith("knowledge_")}
 
 
 def grpo_settings(config: PipelineConfig) -> GRPOSettings:
