@@ -69,8 +69,8 @@ class BitMarConfig:
     # (needs knowledge_words), and its output width (the teacher's); 0: the SIF mean of static rows.
     knowledge_context_layers: int = 0
     knowledge_context_out: int = 0
-    # Trained robots' capability/environment phrase vectors whose fit margins join the knowledge logits; 0: none.
-    knowledge_fleet_phrases: int = 0
+    # Trained robots' description vectors whose fit margins join the knowledge logits; 0: none.
+    knowledge_fleet_texts: int = 0
     # Decoder attention: StreamingLLM-style sinks + sliding window bound the KV cache.
     attention_sink_tokens: int = 4
     sliding_window: int = 256
@@ -219,7 +219,7 @@ class BitMarConfig:
             raise ValueError(f"BitMarConfig.quantized must be a bool, got {self.quantized!r}")
         counts = (
             "knowledge_dim", "knowledge_words", "knowledge_context_layers", "knowledge_context_out",
-            "knowledge_fleet_phrases", "cell_words",
+            "knowledge_fleet_texts", "cell_words",
         )
         for key in counts:
             value = getattr(self, key)

@@ -27,11 +27,12 @@ so the release needs no second tokenizer:
 with every casing of a word ("hull", " hull", "Hull", " Hull") stored under its own key.
 Words not in the table add nothing.
 
-With `fleet_phrases` > 0 the module also stores the vectors of the trained robots' own capability
-and environment phrases, and adds how well the task fits each robot's description next to how well
-it fits the best-fitting robot's (`fleet_fit_margins`; "No Robot" has no description and gets 0):
+With `fleet_texts` > 0 the module also stores the vectors of the trained robots' own descriptions
+(name, capabilities, environments: one text a robot), and adds how well the task fits each robot's
+description next to how well it fits the best-fitting robot's (`fleet_fit_margins`; "No Robot"
+has no description and gets 0):
 
-    robot_logits += fit_weight * (score_r(x) - max_r' score_r'(x)),
+    robot_logits += fit_weight * (cos(v(x), d_r) - max_r' cos(v(x), d_r')),
 
 the zero-shot signal the fleet-only robots are selected by (evaluation.zero_shot), given to the
 trained ones too: it reads a user's short wording where the labelled tasks' classifier has no cue.
@@ -166,7 +167,7 @@ class TaskKnowledge(nn.Module):
 
     def __init__(
         self, vocab_size: int, dim: int, num_classes: int, token_tfidf: bool = False, words: int = 0,
-        context_layers: int = 0, context_out: int = 0, max_words: int = 0, fleet_phrases: int = 0,
+        context_layers: int = 0, context_out: int = 0, max_words: int = 0, fleet_texts: int = 0,
     ) -> None:
         super().__init__()
         self.token_tfidf = token_tfidf
@@ -194,10 +195,10 @@ class TaskKnowledge(nn.Module):
         if token_tfidf:
             self.register_buffer("token_idf", torch.zeros(vocab_size))
             self.register_buffer("tfidf_classifier", torch.zeros(num_classes, vocab_size, dtype=torch.float16))
-        self.fleet_phrases = fleet_phrases
-        if fleet_phrases:
-            self.register_buffer("fleet_vectors", torch.zeros(fleet_phrases, width))
-            self.register_buffer("fleet_owners", torch.zeros(fleet_phrases, dtype=torch.int64))  # robot columns
+        self.fleet_texts = fleet_texts
+        if fleet_texts:
+            self.register_buffer("fleet_vectors", torch.zeros(fleet_texts, width))
+            self.register_buffer("fleet_owners", torch.zeros(fleet_texts, dtype=torch.int64))  # robot columns
             self.register_buffer("fit_weight", torch.zeros(()))
 
     def word_rows_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +241,7 @@ class TaskKnowledge(nn.Module):
         logits = v @ self.classifier_weight.T + self.classifier_bias
         if self.token_tfidf:
             logits = logits + self.tfidf_vectors(input_ids, attention_mask) @ self.tfidf_classifier.float().T
-        if not self.fleet_phrases:
+        if not self.fleet_texts:
             return self.weight * logits
         return self.weight * logits + self.fit_weight * self.fit_margins(v)
 
@@ -250,9 +251,9 @@ class TaskKnowledge(nn.Module):
 
     @torch.no_grad()
     def load_fleet(self, vectors: torch.Tensor, owners: torch.Tensor) -> None:
-        """Install the trained robots' phrase vectors [P, width] and their robot columns [P]."""
-        if not self.fleet_phrases:
-            raise ValueError("load_fleet: the module stores no fleet phrases (fleet_phrases 0)")
+        """Install the trained robots' description vectors [P, width] and their robot columns [P]."""
+        if not self.fleet_texts:
+            raise ValueError("load_fleet: the module stores no fleet texts (fleet_texts 0)")
         self._install([("fleet_vectors", vectors), ("fleet_owners", owners)])
 
     def static_buffer_names(self) -> tuple[str, ...]:

@@ -201,16 +201,16 @@ class BitMarModel(
         return TaskKnowledge(
             config.vocab_size, config.knowledge_dim, config.num_robot_classes, config.knowledge_token_tfidf,
             config.knowledge_words, config.knowledge_context_layers, config.knowledge_context_out, config.max_seq_len,
-            config.knowledge_fleet_phrases,
+            config.knowledge_fleet_texts,
         )
 
     def add_knowledge(
         self, dim: int, token_tfidf: bool = False, words: int = 0, context_layers: int = 0, context_out: int = 0,
-        fleet_phrases: int = 0,
+        fleet_texts: int = 0,
     ) -> TaskKnowledge:
         """Give a trained model an (empty) knowledge table of width `dim` (with a token TF-IDF
         view if asked; over `words` whole words if > 0, read by a `context_layers`-layer encoder
-        of output width `context_out` if > 0; storing `fleet_phrases` robot phrase vectors for the
+        of output width `context_out` if > 0; storing `fleet_texts` robot description vectors for the
         fleet fit if > 0) and record it in the config, so save/load round-trips it; the caller
         installs the fitted tensors (`TaskKnowledge.load_fitted`, `load_fleet`). Until then its
         weights are 0 and the outputs are unchanged."""
@@ -220,7 +220,7 @@ class BitMarModel(
         self.config = replace(
             self.config, knowledge_dim=dim, knowledge_token_tfidf=token_tfidf, knowledge_words=words,
             knowledge_context_layers=context_layers, knowledge_context_out=context_out,
-            knowledge_fleet_phrases=fleet_phrases,
+            knowledge_fleet_texts=fleet_texts,
         )
         self._hub_mixin_config = self.config.to_dict()
         self.knowledge = self._new_knowledge(self.config).to(self.embed_tokens.weight.device)

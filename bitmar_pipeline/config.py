@@ -298,7 +298,7 @@ class TrainingConfig(_Section):
         ),
     )
     knowledge_fit_weights: list[Annotated[float, Field(ge=0.0)]] = Field(
-        default=[0.0, 0.5, 1.0, 2.0, 4.0],
+        default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
         min_length=1,
         description=(
             "Multiples of the zero-shot slope for the fleet fit (how much better a task matches a trained robot's "

@@ -23,7 +23,7 @@ from bitmar_pipeline.training.knowledge import (
     choose_fit_weight,
     choose_knowledge_weight,
     distil_token_table,
-    fleet_phrase_forms,
+    fleet_descriptions,
     install_knowledge,
     token_strings,
 )
@@ -276,23 +276,22 @@ def test_fleet_fit_margins_leave_the_best_robot_and_no_robot_untouched() -> None
     torch.testing.assert_close(margins, torch.tensor([[0.0, 0.0, -0.6, 0.0], [-0.6, 0.0, 0.0, 0.0]]))
 
 
-def test_fleet_phrases_are_the_trained_robots_profile_forms() -> None:
-    texts, owners = fleet_phrase_forms(PROFILES)
-    drone = ["a task that needs aerial flight", "a task that needs photos from the sky", "a task in open air"]
-    assert texts[:3] == drone
-    assert owners.count(ROBOT_INDEX["Underwater Robot"]) == 4 and ROBOT_INDEX["No Robot"] not in owners
+def test_the_fleet_fit_reads_each_trained_robots_description() -> None:
+    texts, owners = fleet_descriptions(PROFILES)
+    assert texts[0] == "Drone. capabilities: aerial flight, photos from the sky. environments: open air."
+    assert owners == [ROBOT_INDEX[robot] for robot in PROFILES] and ROBOT_INDEX["No Robot"] not in owners
     with pytest.raises(ValueError, match="'Submarine' is not one of the model's robot classes"):
-        fleet_phrase_forms({"Submarine": {"capabilities": ["diving"]}})
+        fleet_descriptions({"Submarine": {"capabilities": ["diving"]}})
 
 
 def test_the_fleet_fit_is_stored_chosen_on_validation_and_round_trips(setup, tmp_path: Path) -> None:
-    """Installed at weight 0 the fleet fit changes nothing; a head that always answers "Robot with
-    Legs" is overruled only by a fit weight > 0, which is chosen, installed as multiple x slope, and
-    survives save/load and the packed release."""
+    """Installed at weight 0 the fleet fit changes nothing; against a head leaning to "Robot with
+    Legs" a fit weight > 0 scores better, is chosen, installed as multiple x slope, and survives
+    save/load and the packed release."""
     tokenizer, _, _ = setup
     plain, _ = _fitted(setup, token_tfidf=True, static_scale=0.5)
     fitted, fit = _fitted(setup, token_tfidf=True, static_scale=0.5, fleet_fit=True)
-    assert fit.fleet_phrases == fitted.config.knowledge_fleet_phrases == len(fleet_phrase_forms(PROFILES)[0])
+    assert fit.fleet_texts == fitted.config.knowledge_fleet_texts == len(PROFILES)
     texts, robots = [t for t, _ in TASKS], [r for _, r in TASKS]
     ids, mask = encode_prompts(tokenizer, texts, fitted.config.max_seq_len)
     with torch.no_grad():
@@ -302,17 +301,21 @@ def test_the_fleet_fit_is_stored_chosen_on_validation_and_round_trips(setup, tmp
         head.bias.zero_()
         head.bias[ROBOT_INDEX["Robot with Legs"]] = 1.0
         fitted.knowledge.weight.zero_()
-    choice = choose_fit_weight(fitted, tokenizer, [(texts, robots)], PROFILES, [0.0, 4.0, 16.0, 64.0])
+        # Each robot described by its own task's vector: the fit is exact, whatever the random teacher knows.
+        owners = torch.tensor([ROBOT_INDEX[r[0]] for r in robots])
+        fitted.knowledge.load_fleet(fitted.knowledge.task_vectors(ids, mask), owners)
+    choice = choose_fit_weight(fitted, tokenizer, [(texts, robots)], [0.0, 4.0, 16.0, 64.0])
     assert choice.slope > 0 and choice.multiple > 0
     assert choice.scores[choice.multiple] > choice.scores[0.0]
     assert fitted.knowledge.fit_weight.item() == pytest.approx(choice.multiple * choice.slope, rel=1e-5)
+    assert choice.scores[choice.multiple] == 3.0  # every task right: top-1, F1 and exact-set 1
     packed = _saved_and_packed(fitted, tokenizer, tmp_path)
-    assert packed.knowledge.fleet_owners.tolist() == fleet_phrase_forms(PROFILES)[1]
+    assert packed.knowledge.fleet_owners.tolist() == owners.tolist()
     with pytest.raises(ValueError, match="no validation tasks"):
-        choose_fit_weight(fitted, tokenizer, [([], [])], PROFILES, [1.0])
-    with pytest.raises(ValueError, match="stores no fleet phrases"):
-        choose_fit_weight(plain, tokenizer, [(texts, robots)], PROFILES, [1.0])
-    with pytest.raises(ValueError, match="fleet phrases"):
+        choose_fit_weight(fitted, tokenizer, [([], [])], [1.0])
+    with pytest.raises(ValueError, match="stores no fleet texts"):
+        choose_fit_weight(plain, tokenizer, [(texts, robots)], [1.0])
+    with pytest.raises(ValueError, match="no fleet texts"):
         plain.knowledge.load_fleet(torch.zeros(2, 16), torch.zeros(2, dtype=torch.int64))
 
 
@@ -423,7 +426,7 @@ def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
     assert metadata["knowledge_words"] == fitted.config.knowledge_words > 20
     assert float(metadata["knowledge_weight"]) == fitted.knowledge.weight.item() in training.knowledge_weights
     # The fleet fit: chosen on both validation sets, installed as the chosen multiple of the slope.
-    assert metadata["knowledge_fleet_phrases"] == fitted.config.knowledge_fleet_phrases > 0
+    assert metadata["knowledge_fleet_texts"] == fitted.config.knowledge_fleet_texts > 0
     assert metadata["knowledge_fit_multiple"] in training.knowledge_fit_weights
     assert set(metadata["knowledge_fit_scores"]) <= {str(m) for m in training.knowledge_fit_weights}
     assert "dataset validation (5 tasks) + user-phrased validation set (56 tasks" in metadata["knowledge_fit_chosen_on"]
@@ -433,7 +436,7 @@ def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
     by_tokens = training.model_copy(update={"knowledge_table": "tokens", "knowledge_fit_weights": [0.0]})
     metadata = _install_knowledge(tokens, tokenizer, tasks, PROFILES, by_tokens, subtasks)
     assert "token table" in metadata["knowledge_source"] and tokens.config.knowledge_words == 0
-    assert tokens.config.knowledge_fleet_phrases == 0 and "knowledge_fit_multiple" not in metadata
+    assert tokens.config.knowledge_fleet_texts == 0 and "knowledge_fit_multiple" not in metadata
 
 
 def test_the_context_corpus_reads_only_the_train_split_captions_and_wordnet(setup) -> None:

@@ -80,12 +80,17 @@ def fit_zero_shot(
         raise ValueError("fit_zero_shot: no validation tasks to fit the zero-shot map on")
     scores = fleet_scores(model, tokenizer, tasks, profiles)
     gold = np.array([[name in row for name in profiles] for row in robots], dtype=int)
+    return fit_score_map(scores, gold), int(gold.size)
+
+
+def fit_score_map(scores: np.ndarray, gold: np.ndarray) -> ZeroShotCalibration:
+    """The logistic map from fit scores [tasks, robots] to the chance that each robot is gold."""
     if gold.min() == gold.max():
         raise ValueError("fit_zero_shot: the validation tasks need both selected and unselected robots")
     # Two parameters on ~200 pairs need no shrinkage, and the scores span only ~+-0.2: at C 1 the
     # penalty flattened the slope so far that no held-out robot reached 0.5 (docs/decisions.md).
-    fit = LogisticRegression(C=ZERO_SHOT_C).fit(scores.reshape(-1, 1), gold.reshape(-1))
-    return ZeroShotCalibration(float(fit.coef_[0, 0]), float(fit.intercept_[0])), int(gold.size)
+    fit = LogisticRegression(C=ZERO_SHOT_C).fit(np.reshape(scores, (-1, 1)), np.reshape(gold, -1))
+    return ZeroShotCalibration(float(fit.coef_[0, 0]), float(fit.intercept_[0]))
 
 
 @torch.no_grad()

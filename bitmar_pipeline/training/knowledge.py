@@ -39,11 +39,11 @@ from bitmar_model.metrics import exact_set_accuracy, label_matrix, sample_f1, to
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.robots import NUM_ROBOT_CLASSES, ROBOT_INDEX, select_robots
 from bitmar_pipeline.evaluation.selection_quality import encode_prompts
-from bitmar_pipeline.evaluation.zero_shot import fit_zero_shot
+from bitmar_pipeline.evaluation.zero_shot import fit_score_map
 from bitmar_pipeline.training.reasoning_targets import (
     Profiles,
     capability_phrase_owners,
-    profile_phrase_forms,
+    profile_description,
     short_form,
 )
 
@@ -342,7 +342,7 @@ class KnowledgeFit:
     context_layers: int = 0
     context_corpus: int = 0
     context_loss: float | None = None
-    fleet_phrases: int = 0
+    fleet_texts: int = 0
 
     def metadata(self) -> dict[str, Any]:
         return {f"knowledge_{k}": v for k, v in self.__dict__.items()}
@@ -375,7 +375,7 @@ def install_knowledge(
     in the fit (0: left out). With `context_layers` (needs `words`), the task vectors come from a
     contextual encoder distilled for `context_steps` steps on the train tasks, the phrases and
     `context_texts` (unlabelled: subtasks, captions) before the classifier is fitted. With
-    `fleet_fit`, the vectors of the trained robots' profile phrases are stored for the fleet fit
+    `fleet_fit`, the vectors of the trained robots' descriptions are stored for the fleet fit
     (its weight stays 0 until `choose_fit_weight`)."""
     if context_layers and not words:
         raise ValueError("training.knowledge_context_layers needs training.knowledge_table: words")
@@ -393,15 +393,15 @@ def install_knowledge(
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
         static = {"table": table, "token_weights": torch.from_numpy(sif_weights(prompts, len(strings), strings))}
     rows = static["word_table"].shape[0] if words else 0
-    fleet_texts, fleet_owners = fleet_phrase_forms(capabilities) if fleet_fit else ([], [])
+    fleet_texts, fleet_owners = fleet_descriptions(capabilities) if fleet_fit else ([], [])
     if not model.config.knowledge_dim:
         width = teacher.width if context_layers else 0
         model.add_knowledge(dim, token_tfidf, rows, context_layers, width, len(fleet_texts))
     knowledge = model.knowledge
-    shape = (knowledge.words, model.config.knowledge_context_layers, knowledge.fleet_phrases)
+    shape = (knowledge.words, model.config.knowledge_context_layers, knowledge.fleet_texts)
     if shape != (rows, context_layers, len(fleet_texts)):
         raise ValueError(
-            f"install_knowledge: the model's knowledge has (word rows, context layers, fleet phrases) {shape}, "
+            f"install_knowledge: the model's knowledge has (word rows, context layers, fleet texts) {shape}, "
             f"this fit {(rows, context_layers, len(fleet_texts))}"
         )
     ids, mask = ids.to(knowledge.classifier_bias.device), mask.to(knowledge.classifier_bias.device)
@@ -442,17 +442,17 @@ def install_knowledge(
     )
 
 
-def fleet_phrase_forms(capabilities: Profiles) -> tuple[list[str], list[int]]:
-    """(texts, robot columns): each trained robot's capabilities and environments as the knowledge
-    reads them ("a task that needs aerial inspection"), the phrases its fleet fit is scored on."""
-    texts, owners = [], []
-    for robot, profile in capabilities.items():
+def fleet_descriptions(capabilities: Profiles) -> tuple[list[str], list[int]]:
+    """(texts, robot columns): each trained robot's `profile_description`, which its fleet fit is
+    scored on. One text per robot, not its phrases: on the CV folds the whole description read
+    user wording better than the mean of the two nearest phrases (docs/decisions.md)."""
+    for robot in capabilities:
         if robot not in ROBOT_INDEX:
             raise ValueError(f"fleet fit: {robot!r} is not one of the model's robot classes")
-        forms = [form for _, form in profile_phrase_forms(profile)]
-        texts += forms
-        owners += [ROBOT_INDEX[robot]] * len(forms)
-    return texts, owners
+    return (
+        [profile_description(robot, profile) for robot, profile in capabilities.items()],
+        [ROBOT_INDEX[robot] for robot in capabilities],
+    )
 
 
 LabelledTexts = tuple[Sequence[str], Sequence[Sequence[str]]]  # task texts and each one's gold robots
@@ -516,18 +516,23 @@ def choose_fit_weight(
     model: BitMarModel,
     tokenizer: PreTrainedTokenizerBase,
     sets: Sequence[LabelledTexts],
-    capabilities: Profiles,
     multiples: Sequence[float],
 ) -> FleetFitChoice:
-    """Install the fleet fit's weight: `fit_zero_shot`'s slope on the first set (the dataset's
-    validation tasks) puts the fit margins on the logit scale, and the multiple of it that scores
-    best over all `sets` (`choose_weight`) is kept."""
-    if not model.config.knowledge_fleet_phrases:
-        raise ValueError("choose_fit_weight: the model stores no fleet phrases (install_knowledge fleet_fit)")
+    """Install the fleet fit's weight: the logistic slope of the gold robots on the fit margins of
+    the first set (the dataset's validation tasks) puts the margins on the logit scale, and the
+    multiple of it that scores best over all `sets` (`choose_weight`) is kept."""
+    knowledge = model.knowledge if model.config.knowledge_fleet_texts else None
+    if knowledge is None:
+        raise ValueError("choose_fit_weight: the model stores no fleet texts (install_knowledge fleet_fit)")
     texts, robots = sets[0] if sets else ((), ())
     if not texts:
         raise ValueError("choose_fit_weight: no validation tasks to choose the weight on")
-    slope = fit_zero_shot(model, tokenizer, texts, robots, capabilities)[0].scale
+    device = knowledge.classifier_bias.device
+    ids, mask = encode_prompts(tokenizer, list(texts), model.config.max_seq_len)
+    with torch.no_grad():
+        margins = knowledge.fit_margins(knowledge.task_vectors(ids.to(device), mask.to(device))).cpu().numpy()
+    columns = torch.unique(knowledge.fleet_owners).cpu().numpy()
+    slope = fit_score_map(margins[:, columns], label_matrix([list(r) for r in robots])[:, columns]).scale
     # A slope <= 0 says the fit does not rise with the gold robots: only "off" is worth trying.
     candidates = multiples if slope > 0 else [0.0]
     multiple, scores = choose_weight(

@@ -335,6 +335,17 @@ def profile_phrase_forms(profile: Mapping[str, Sequence[str]]) -> list[tuple[str
     ]
 
 
+def profile_description(robot: str, profile: Mapping[str, Sequence[str]]) -> str:
+    """A robot's name, capabilities and environments as one text ("Drone. capabilities: aerial
+    navigation, surveillance. environments: outdoor."): what the knowledge's fleet fit reads."""
+    parts = [f"{robot}."] + [
+        f"{field}: {', '.join(items)}."
+        for field, _ in _CAPABILITY_TEMPLATES
+        if (items := [p.strip() for p in profile.get(field, ()) if p.strip()])
+    ]
+    return " ".join(parts)
+
+
 def capability_phrase_owners(capabilities: Profiles, bare_items: bool = False) -> dict[str, set[str]]:
     """Short tasks built from the fleet's own descriptions ("a task that needs aerial inspection",
     "a task in uneven terrain"; with `bare_items` also the items alone), each mapped to every robot

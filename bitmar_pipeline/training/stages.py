@@ -478,13 +478,13 @@ def _install_knowledge(
     if len(training.knowledge_weights) > 1:
         fit.weight, scores = choose_knowledge_weight(model, tokenizer, *validation_set, training.knowledge_weights)
         metadata["knowledge_weight_validation_scores"] = {str(w): v for w, v in scores.items()}
-    if fit.fleet_phrases:
-        metadata |= _choose_fleet_fit(model, tokenizer, validation_set, capabilities, training)
+    if fit.fleet_texts:
+        metadata |= _choose_fleet_fit(model, tokenizer, validation_set, training)
     return {**metadata, **fit.metadata()}
 
 
 def _choose_fleet_fit(
-    model: BitMarModel, tokenizer: Any, validation: LabelledTexts, capabilities: Profiles, training: TrainingConfig
+    model: BitMarModel, tokenizer: Any, validation: LabelledTexts, training: TrainingConfig
 ) -> dict[str, Any]:
     """Choose the fleet fit's weight on the dataset's validation tasks and, by default, the bundled
     user-phrased validation set (the only tasks worded as users type them); the stage metadata."""
@@ -493,7 +493,7 @@ def _choose_fleet_fit(
         user = load_eval_set(USER_PHRASED_VALIDATION_FILE)
         sets.append(([t.task for t in user], [list(t.robots) for t in user]))
         names.append(f"user-phrased validation set ({len(user)} tasks, {USER_PHRASED_VALIDATION_FILE.name})")
-    choice = choose_fit_weight(model, tokenizer, sets, capabilities, training.knowledge_fit_weights)
+    choice = choose_fit_weight(model, tokenizer, sets, training.knowledge_fit_weights)
     return {
         "knowledge_fit_multiple": choice.multiple,
         "knowledge_fit_slope": round(choice.slope, 4),
