@@ -225,7 +225,7 @@ def user_validation_use(knowledge: dict[str, Any]) -> str | None:
     if "user-phrased" not in knowledge.get("knowledge_fit_chosen_on", ""):
         return None
     return (
-        f"choosing the fleet fit's weight (multiple {knowledge['knowledge_fit_multiple']} of the zero-shot slope): "
+        f"choosing the fleet fit's weight (multiple {knowledge['knowledge_fit_multiple']} of the fit margin's slope): "
         "a validation score, not a held-out one; never trained on"
     )
 
