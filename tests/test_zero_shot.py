@@ -168,3 +168,14 @@ def test_the_config_describes_new_robots_by_readable_names_and_needs_the_teacher
         _fleet_entry({"fleet": TRAINED, "zero_shot": None}, config)
     fleet = _fleet_entry({"fleet": TRAINED, "zero_shot": {"scale": 1.0, "bias": 0.0}}, config)
     assert fleet["Cleaner"] == {"capabilities": ["window cleaning"], "limitations": [], "environments": []}
+
+
+def test_the_fit_score_map_needs_both_outcomes() -> None:
+    """The slope both the zero-shot map and the fleet fit's weight read: rising scores for gold robots."""
+    from bitmar_pipeline.evaluation.zero_shot import fit_score_map
+
+    scores = np.array([[0.2, -0.1], [-0.2, 0.1], [0.1, -0.3]])
+    fitted = fit_score_map(scores, (scores > 0).astype(int))
+    assert fitted.scale > 0 and fitted(np.array([0.2]))[0] > 0.5 > fitted(np.array([-0.2]))[0]
+    with pytest.raises(ValueError, match="both selected and unselected"):
+        fit_score_map(scores, np.ones_like(scores, dtype=int))

@@ -86,7 +86,7 @@ def fit_zero_shot(
 def fit_score_map(scores: np.ndarray, gold: np.ndarray) -> ZeroShotCalibration:
     """The logistic map from fit scores [tasks, robots] to the chance that each robot is gold."""
     if gold.min() == gold.max():
-        raise ValueError("fit_zero_shot: the validation tasks need both selected and unselected robots")
+        raise ValueError("fit score map: the validation tasks need both selected and unselected robots")
     # Two parameters on ~200 pairs need no shrinkage, and the scores span only ~+-0.2: at C 1 the
     # penalty flattened the slope so far that no held-out robot reached 0.5 (docs/decisions.md).
     fit = LogisticRegression(C=ZERO_SHOT_C).fit(np.reshape(scores, (-1, 1)), np.reshape(gold, -1))

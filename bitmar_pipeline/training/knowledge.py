@@ -507,7 +507,7 @@ def choose_knowledge_weight(
 
 @dataclass(frozen=True)
 class FleetFitChoice:
-    multiple: float  # of the zero-shot slope: the installed fit_weight is multiple * slope
+    multiple: float  # of the fit margin's slope: the installed fit_weight is multiple * slope
     slope: float
     scores: dict[float, float]
 
