@@ -34,8 +34,9 @@ has no description and gets 0):
 
     robot_logits += fit_weight * (cos(v(x), d_r) - max_r' cos(v(x), d_r')),
 
-the zero-shot signal the fleet-only robots are selected by (evaluation.zero_shot), given to the
-trained ones too: it reads a user's short wording where the labelled tasks' classifier has no cue.
+the kind of fit the fleet-only robots are selected by (evaluation.zero_shot, over their phrases),
+given to the trained ones: it reads a user's short wording where the labelled tasks' classifier has
+no cue.
 
 With `context_layers` > 0 a task's vector is contextual: a small pre-norm transformer encoder reads
 the task's known words in order (their table rows plus learned positions; unknown words masked),
@@ -63,7 +64,6 @@ from torch import nn
 _MOD = 2**31 - 1  # Mersenne prime: each h_j < 2^31, so id * base^k mod p and sums of them fit in int64
 _BASES = (1_000_003, 999_983)
 WORD_FORMS = 4  # " word", " Word", "word", "Word": the forms a word takes in a prompt
-FIT_TOP_K = 2  # phrases averaged per robot: a task rarely matches more than two of a profile's items
 
 
 def context_parameter_shapes(dim: int, out: int, layers: int, positions: int) -> dict[str, tuple[int, ...]]:
@@ -304,8 +304,7 @@ class TaskKnowledge(nn.Module):
 
 
 def fleet_fit_scores(
-    task_vectors: torch.Tensor, phrase_vectors: torch.Tensor, owners: torch.Tensor, robots: int,
-    top_k: int = FIT_TOP_K,
+    task_vectors: torch.Tensor, phrase_vectors: torch.Tensor, owners: torch.Tensor, robots: int, top_k: int = 2
 ) -> torch.Tensor:
     """How much better each task matches each robot's own description than the fleet's average,
     [B, d] x [P, d] -> [B, robots]:
@@ -327,15 +326,14 @@ def fleet_fit_scores(
 
 
 def fleet_fit_margins(
-    task_vectors: torch.Tensor, phrase_vectors: torch.Tensor, owners: torch.Tensor, columns: int,
-    top_k: int = FIT_TOP_K,
+    task_vectors: torch.Tensor, phrase_vectors: torch.Tensor, owners: torch.Tensor, columns: int
 ) -> torch.Tensor:
     """[B, columns]: `fleet_fit_scores` over the columns that own a phrase, minus the best of them
     (so the best-fitting robot keeps its logit and the rest lose); 0 in a column without phrases.
     A margin, not the centred score: measured on the CV folds, adding the centred score also raised
     the runner-up robots past 0.5 and cost exact-set accuracy (docs/decisions.md)."""
     present = torch.unique(owners)
-    scores = fleet_fit_scores(task_vectors, phrase_vectors, torch.searchsorted(present, owners), len(present), top_k)
+    scores = fleet_fit_scores(task_vectors, phrase_vectors, torch.searchsorted(present, owners), len(present))
     margins = task_vectors.new_zeros(task_vectors.shape[0], columns)
     margins[:, present] = scores - scores.max(dim=1, keepdim=True).values
     return margins

@@ -301,9 +301,10 @@ class TrainingConfig(_Section):
         default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
         min_length=1,
         description=(
-            "Multiples of the zero-shot slope for the fleet fit (how much better a task matches a trained robot's "
-            "capabilities and environments than the best-fitting robot's) added to the selection logits; tried on "
-            "the validation tasks plus the user-phrased validation set, the best kept. [0]: no fleet fit."
+            "Multiples of the fit margin's logistic slope on the validation tasks for the fleet fit (how much worse "
+            "a task matches a trained robot's description than the best-fitting robot's) added to the selection "
+            "logits; tried on the validation tasks plus the user-phrased validation set, the best kept. [0]: no "
+            "fleet fit."
         ),
     )
     knowledge_fit_user_validation: bool = Field(

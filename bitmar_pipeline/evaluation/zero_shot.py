@@ -25,12 +25,12 @@ from sklearn.linear_model import LogisticRegression
 from transformers import PreTrainedTokenizerBase
 
 from bitmar_model.guided import Profiles
-from bitmar_model.knowledge import FIT_TOP_K, fleet_fit_scores
+from bitmar_model.knowledge import fleet_fit_scores
 from bitmar_model.modeling import BitMarModel
 from bitmar_pipeline.evaluation.selection_quality import knowledge_vectors
 from bitmar_pipeline.training.reasoning_targets import profile_phrase_forms
 
-TOP_K = FIT_TOP_K
+TOP_K = 2  # phrases averaged per robot: a task rarely matches more than two of a profile's items
 ZERO_SHOT_C = 100.0
 
 

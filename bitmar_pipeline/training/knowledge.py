@@ -521,9 +521,9 @@ def choose_fit_weight(
     """Install the fleet fit's weight: the logistic slope of the gold robots on the fit margins of
     the first set (the dataset's validation tasks) puts the margins on the logit scale, and the
     multiple of it that scores best over all `sets` (`choose_weight`) is kept."""
-    knowledge = model.knowledge if model.config.knowledge_fleet_texts else None
-    if knowledge is None:
+    if not model.config.knowledge_fleet_texts:
         raise ValueError("choose_fit_weight: the model stores no fleet texts (install_knowledge fleet_fit)")
+    knowledge = model.knowledge
     texts, robots = sets[0] if sets else ((), ())
     if not texts:
         raise ValueError("choose_fit_weight: no validation tasks to choose the weight on")
@@ -536,6 +536,6 @@ def choose_fit_weight(
     # A slope <= 0 says the fit does not rise with the gold robots: only "off" is worth trying.
     candidates = multiples if slope > 0 else [0.0]
     multiple, scores = choose_weight(
-        model, tokenizer, sets, candidates, lambda m: model.knowledge.fit_weight.fill_(m * slope)
+        model, tokenizer, sets, candidates, lambda m: knowledge.fit_weight.fill_(m * slope)
     )
     return FleetFitChoice(multiple, slope, scores)
