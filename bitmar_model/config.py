@@ -71,6 +71,8 @@ class BitMarConfig:
     knowledge_context_out: int = 0
     # Trained robots' description vectors whose fit margins join the knowledge logits; 0: none.
     knowledge_fleet_texts: int = 0
+    # A no-robot gate over the task vector (logistic regression on labelled non-robot tasks) decides "No Robot".
+    knowledge_no_robot_gate: bool = False
     # Decoder attention: StreamingLLM-style sinks + sliding window bound the KV cache.
     attention_sink_tokens: int = 4
     sliding_window: int = 256
@@ -215,8 +217,9 @@ class BitMarConfig:
                 f"BitMarConfig.logit_scale_init must be in [0, log(logit_scale_max)] = "
                 f"[0, {math.log(self.logit_scale_max):.3f}], got {self.logit_scale_init!r}"
             )
-        if not isinstance(self.quantized, bool):
-            raise ValueError(f"BitMarConfig.quantized must be a bool, got {self.quantized!r}")
+        for key in ("quantized", "knowledge_no_robot_gate"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"BitMarConfig.{key} must be a bool, got {getattr(self, key)!r}")
         counts = (
             "knowledge_dim", "knowledge_words", "knowledge_context_layers", "knowledge_context_out",
             "knowledge_fleet_texts", "cell_words",

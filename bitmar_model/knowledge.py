@@ -38,6 +38,15 @@ the kind of fit the fleet-only robots are selected by (evaluation.zero_shot, ove
 given to the trained ones: it reads a user's short wording where the labelled tasks' classifier has
 no cue.
 
+With `no_robot_gate` the module also holds a logistic regression over the task vector, fitted on
+labelled non-robot tasks against the robot tasks ("Draft a cover letter" vs "Inspect a ship hull"),
+and a threshold t on its log-odds g(x) chosen on validation. The public data has no "No Robot" task,
+so neither the head nor the classifier can learn that class; the gate decides it instead:
+
+    robot_logits[No Robot] = max_r robot_logits[r] + (g(x) - t),
+
+so `select_robots` ("No Robot" when it beats the best robot) picks it exactly when g(x) > t.
+
 With `context_layers` > 0 a task's vector is contextual: a small pre-norm transformer encoder reads
 the task's known words in order (their table rows plus learned positions; unknown words masked),
 mean-pools them and projects to the teacher's width. It is distilled in the pipeline to regress the
@@ -61,9 +70,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitmar_model.robots import ROBOT_INDEX
+
 _MOD = 2**31 - 1  # Mersenne prime: each h_j < 2^31, so id * base^k mod p and sums of them fit in int64
 _BASES = (1_000_003, 999_983)
 WORD_FORMS = 4  # " word", " Word", "word", "Word": the forms a word takes in a prompt
+NO_ROBOT_COLUMN = ROBOT_INDEX["No Robot"]
 
 
 def context_parameter_shapes(dim: int, out: int, layers: int, positions: int) -> dict[str, tuple[int, ...]]:
@@ -168,6 +180,7 @@ class TaskKnowledge(nn.Module):
     def __init__(
         self, vocab_size: int, dim: int, num_classes: int, token_tfidf: bool = False, words: int = 0,
         context_layers: int = 0, context_out: int = 0, max_words: int = 0, fleet_texts: int = 0,
+        no_robot_gate: bool = False,
     ) -> None:
         super().__init__()
         self.token_tfidf = token_tfidf
@@ -200,6 +213,12 @@ class TaskKnowledge(nn.Module):
             self.register_buffer("fleet_vectors", torch.zeros(fleet_texts, width))
             self.register_buffer("fleet_owners", torch.zeros(fleet_texts, dtype=torch.int64))  # robot columns
             self.register_buffer("fit_weight", torch.zeros(()))
+        self.no_robot_gate = no_robot_gate
+        if no_robot_gate:
+            self.register_buffer("gate_weight", torch.zeros(width))
+            self.register_buffer("gate_bias", torch.zeros(()))
+            # +inf: the gate never fires (not fitted, or "off" chosen on validation).
+            self.register_buffer("gate_threshold", torch.full((), float("inf")))
 
     def word_rows_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [B, T], found [B, T]): the word table row of each row's w-th word, and whether
@@ -237,7 +256,24 @@ class TaskKnowledge(nn.Module):
         return F.normalize(counts * self.token_idf, dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, classes]: the knowledge logits added to the head's."""
+        return self.logits_of(self.task_vectors(input_ids, attention_mask), input_ids, attention_mask)
+
+    def selection_logits(
+        self, head_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, classes]: the head's logits plus the knowledge's, "No Robot" decided by the gate if any."""
         v = self.task_vectors(input_ids, attention_mask)
+        logits = head_logits + self.logits_of(v, input_ids, attention_mask)
+        if not self.no_robot_gate:
+            return logits
+        return gate_no_robot(logits, self.no_robot_gap(v))
+
+    def no_robot_gap(self, task_vectors: torch.Tensor) -> torch.Tensor:
+        """[B]: the gate's log-odds that no robot is for the task, minus its threshold (> 0: "No Robot")."""
+        return task_vectors @ self.gate_weight + self.gate_bias - self.gate_threshold
+
+    def logits_of(self, v: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         logits = v @ self.classifier_weight.T + self.classifier_bias
         if self.token_tfidf:
             logits = logits + self.tfidf_vectors(input_ids, attention_mask) @ self.tfidf_classifier.float().T
@@ -255,6 +291,14 @@ class TaskKnowledge(nn.Module):
         if not self.fleet_texts:
             raise ValueError("load_fleet: the module stores no fleet texts (fleet_texts 0)")
         self._install([("fleet_vectors", vectors), ("fleet_owners", owners)])
+
+    @torch.no_grad()
+    def load_gate(self, weight: torch.Tensor, bias: float) -> None:
+        """Install the fitted no-robot gate [width] and bias; its threshold stays as it is."""
+        if not self.no_robot_gate:
+            raise ValueError("load_gate: the module has no no-robot gate (no_robot_gate False)")
+        self._install([("gate_weight", weight)])
+        self.gate_bias.fill_(float(bias))
 
     def static_buffer_names(self) -> tuple[str, ...]:
         if self.words:
@@ -337,3 +381,13 @@ def fleet_fit_margins(
     margins = task_vectors.new_zeros(task_vectors.shape[0], columns)
     margins[:, present] = scores - scores.max(dim=1, keepdim=True).values
     return margins
+
+
+def gate_no_robot(logits: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+    """`logits` [B, classes] with "No Robot" set to the best robot's logit plus the gate's `gap` [B],
+    so it beats the best robot exactly when gap > 0; unchanged where the gate is off (gap -inf).
+    The best robot's logit is detached: a loss on "No Robot" must not move the robots."""
+    robots = torch.cat((logits[:, :NO_ROBOT_COLUMN], logits[:, NO_ROBOT_COLUMN + 1 :]), dim=1)
+    gated = robots.max(dim=1).values.detach() + gap
+    column = torch.where(torch.isfinite(gap), gated, logits[:, NO_ROBOT_COLUMN])
+    return torch.cat((logits[:, :NO_ROBOT_COLUMN], column[:, None], logits[:, NO_ROBOT_COLUMN + 1 :]), dim=1)

@@ -201,26 +201,26 @@ class BitMarModel(
         return TaskKnowledge(
             config.vocab_size, config.knowledge_dim, config.num_robot_classes, config.knowledge_token_tfidf,
             config.knowledge_words, config.knowledge_context_layers, config.knowledge_context_out, config.max_seq_len,
-            config.knowledge_fleet_texts,
+            config.knowledge_fleet_texts, config.knowledge_no_robot_gate,
         )
 
     def add_knowledge(
         self, dim: int, token_tfidf: bool = False, words: int = 0, context_layers: int = 0, context_out: int = 0,
-        fleet_texts: int = 0,
+        fleet_texts: int = 0, no_robot_gate: bool = False,
     ) -> TaskKnowledge:
         """Give a trained model an (empty) knowledge table of width `dim` (with a token TF-IDF
         view if asked; over `words` whole words if > 0, read by a `context_layers`-layer encoder
         of output width `context_out` if > 0; storing `fleet_texts` robot description vectors for the
-        fleet fit if > 0) and record it in the config, so save/load round-trips it; the caller
-        installs the fitted tensors (`TaskKnowledge.load_fitted`, `load_fleet`). Until then its
-        weights are 0 and the outputs are unchanged."""
+        fleet fit if > 0; with a no-robot gate if asked) and record it in the config, so save/load
+        round-trips it; the caller installs the fitted tensors (`TaskKnowledge.load_fitted`,
+        `load_fleet`, `load_gate`). Until then its weights are 0 and the outputs are unchanged."""
         if self.config.knowledge_dim:
             raise ValueError(f"add_knowledge: already has one (knowledge_dim {self.config.knowledge_dim})")
         # replace() validates the values
         self.config = replace(
             self.config, knowledge_dim=dim, knowledge_token_tfidf=token_tfidf, knowledge_words=words,
             knowledge_context_layers=context_layers, knowledge_context_out=context_out,
-            knowledge_fleet_texts=fleet_texts,
+            knowledge_fleet_texts=fleet_texts, knowledge_no_robot_gate=no_robot_gate,
         )
         self._hub_mixin_config = self.config.to_dict()
         self.knowledge = self._new_knowledge(self.config).to(self.embed_tokens.weight.device)
@@ -323,7 +323,7 @@ class BitMarModel(
             reasoning_context, reasoning_mask, fused.joint_embedding, bag_of_words, output_attentions
         )
         if self.config.knowledge_dim:
-            logits = reasoning.robot_logits + self.knowledge(input_ids, attention_mask)
+            logits = self.knowledge.selection_logits(reasoning.robot_logits, input_ids, attention_mask)
             reasoning = replace(reasoning, robot_logits=logits, robot_probs=torch.sigmoid(logits))
         selection_token = self.selection_norm(self.selection_embed(reasoning.robot_probs.detach()))
         decoder_context = torch.cat(

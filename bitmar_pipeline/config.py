@@ -315,6 +315,22 @@ class TrainingConfig(_Section):
             "stays untouched."
         ),
     )
+    knowledge_no_robot_tasks: str | None = Field(
+        default="bundled",
+        description=(
+            "Labelled non-robot tasks for the knowledge's no-robot gate, which decides \"No Robot\" (the public "
+            "data has none): 'bundled' (100 written for BitMar, bitmar_pipeline/data/no_robot_tasks.json), a path "
+            "to a JSON file {\"tasks\": [...]}, or null/'' for no gate."
+        ),
+    )
+    knowledge_no_robot_thresholds: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0],
+        min_length=1,
+        description=(
+            "The gate's probability thresholds tried on the same validation sets as the fleet fit (ties to the "
+            "larger); 1.0: never \"No Robot\"."
+        ),
+    )
     knowledge_c: float = Field(
         default=10.0, gt=0.0, description="Inverse L2 strength of the knowledge classifier's logistic regression."
     )
@@ -364,10 +380,10 @@ class TrainingConfig(_Section):
     pretrain: StageSchedule = StageSchedule(max_steps=200, batch_size=32, learning_rate=1e-3)
     sft: StageSchedule = StageSchedule(max_steps=160, batch_size=16, learning_rate=2e-3)
 
-    @field_validator("knowledge_teacher")
+    @field_validator("knowledge_teacher", "knowledge_no_robot_tasks")
     @classmethod
-    def _empty_teacher_is_none(cls, value: str | None) -> str | None:
-        # "" turns the teacher off where null cannot be written (--set, Dagster run config maps).
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        # "" turns it off where null cannot be written (--set, Dagster run config maps).
         return value or None
 
 

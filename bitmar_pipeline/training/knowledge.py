@@ -368,6 +368,7 @@ def install_knowledge(
     context_texts: Sequence[str] = (),
     seed: int = 0,
     fleet_fit: bool = False,
+    no_robot_gate: bool = False,
 ) -> KnowledgeFit:
     """Distil the table (over whole words when `words`, else over the model's tokens), fit the
     classifier on the model's own task vectors (scaled by `static_scale` next to the token TF-IDF
@@ -376,7 +377,8 @@ def install_knowledge(
     contextual encoder distilled for `context_steps` steps on the train tasks, the phrases and
     `context_texts` (unlabelled: subtasks, captions) before the classifier is fitted. With
     `fleet_fit`, the vectors of the trained robots' descriptions are stored for the fleet fit
-    (its weight stays 0 until `choose_fit_weight`)."""
+    (its weight stays 0 until `choose_fit_weight`). With `no_robot_gate` the module gets an (empty)
+    no-robot gate for `fit_no_robot_gate`."""
     if context_layers and not words:
         raise ValueError("training.knowledge_context_layers needs training.knowledge_table: words")
     strings = token_strings(tokenizer)
@@ -396,13 +398,13 @@ def install_knowledge(
     fleet_texts, fleet_owners = fleet_descriptions(capabilities) if fleet_fit else ([], [])
     if not model.config.knowledge_dim:
         width = teacher.width if context_layers else 0
-        model.add_knowledge(dim, token_tfidf, rows, context_layers, width, len(fleet_texts))
+        model.add_knowledge(dim, token_tfidf, rows, context_layers, width, len(fleet_texts), no_robot_gate)
     knowledge = model.knowledge
-    shape = (knowledge.words, model.config.knowledge_context_layers, knowledge.fleet_texts)
-    if shape != (rows, context_layers, len(fleet_texts)):
+    shape = (knowledge.words, model.config.knowledge_context_layers, knowledge.fleet_texts, knowledge.no_robot_gate)
+    if shape != (rows, context_layers, len(fleet_texts), no_robot_gate):
         raise ValueError(
-            f"install_knowledge: the model's knowledge has (word rows, context layers, fleet texts) {shape}, "
-            f"this fit {(rows, context_layers, len(fleet_texts))}"
+            "install_knowledge: the model's knowledge has (word rows, context layers, fleet texts, no-robot gate) "
+            f"{shape}, this fit {(rows, context_layers, len(fleet_texts), no_robot_gate)}"
         )
     ids, mask = ids.to(knowledge.classifier_bias.device), mask.to(knowledge.classifier_bias.device)
     knowledge.load_static(**static)
@@ -465,10 +467,11 @@ def choose_weight(
     sets: Sequence[LabelledTexts],
     candidates: Sequence[float],
     apply: Callable[[float], None],
+    ties_to_larger: bool = False,
 ) -> tuple[float, dict[float, float]]:
     """Apply and return the candidate whose selection scores best on these (validation) sets by
-    top-1 + sample-F1 + exact-set, summed over the sets, ties to the smaller; also every
-    candidate's score. `apply(candidate)` installs a candidate in the model."""
+    top-1 + sample-F1 + exact-set, summed over the sets, ties to the smaller (the larger with
+    `ties_to_larger`); also every candidate's score. `apply(candidate)` installs a candidate."""
     if not sets or any(not texts for texts, _ in sets):
         raise ValueError("choose_weight: no validation tasks to choose the weight on")
     device = model.knowledge.classifier_bias.device
@@ -487,7 +490,7 @@ def choose_weight(
             chosen = select_robots(probs).astype(int)
             total += top1_accuracy(probs, gold) + sample_f1(chosen, gold) + exact_set_accuracy(chosen, gold)
         scores[float(candidate)] = round(total, 4)
-    best = max(scores, key=lambda w: (scores[w], -w))
+    best = max(scores, key=lambda w: (scores[w], w if ties_to_larger else -w))
     apply(best)
     model.train(was_training)
     return best, scores
@@ -539,3 +542,62 @@ def choose_fit_weight(
         model, tokenizer, sets, candidates, lambda m: knowledge.fit_weight.fill_(m * slope)
     )
     return FleetFitChoice(multiple, slope, scores)
+
+
+# --- the no-robot gate: "No Robot" learned from labelled non-robot tasks ----------------------
+
+
+@dataclass(frozen=True)
+class NoRobotGateFit:
+    robot_rows: int  # the train tasks and one short form of each
+    no_robot_rows: int
+    train_accuracy: float  # of the gate at its own 0.5 on those rows
+
+
+def fit_no_robot_gate(
+    model: BitMarModel,
+    tokenizer: PreTrainedTokenizerBase,
+    robot_texts: Sequence[str],
+    no_robot_texts: Sequence[str],
+    c: float,
+    seed: int,
+) -> NoRobotGateFit:
+    """Fit the model's no-robot gate: a class-balanced logistic regression on the knowledge's task
+    vectors of non-robot tasks against the robot tasks and one short form of each (so a short
+    text alone does not read as "no robot"); its threshold stays until `choose_no_robot_threshold`.
+    Only the task vector, no TF-IDF: the gate must read what a task is about, not the dataset's words."""
+    knowledge = model.knowledge
+    if not model.config.knowledge_no_robot_gate:
+        raise ValueError("fit_no_robot_gate: the model has no no-robot gate (install_knowledge no_robot_gate)")
+    if not robot_texts or not no_robot_texts:
+        raise ValueError("fit_no_robot_gate: needs robot tasks and non-robot tasks")
+    rng = random.Random(seed)
+    robots = list(robot_texts) + [f for t in robot_texts if (f := short_form(t, rng))]
+    texts = robots + list(no_robot_texts)
+    device = knowledge.classifier_bias.device
+    ids, mask = encode_prompts(tokenizer, texts, model.config.max_seq_len)
+    with torch.no_grad():
+        vectors = knowledge.task_vectors(ids.to(device), mask.to(device)).cpu().numpy()
+    is_no_robot = np.r_[np.zeros(len(robots)), np.ones(len(no_robot_texts))]
+    lr = LogisticRegression(C=c, class_weight="balanced", max_iter=3000).fit(vectors, is_no_robot)
+    knowledge.load_gate(torch.from_numpy(lr.coef_[0]).float(), float(lr.intercept_[0]))
+    return NoRobotGateFit(len(robots), len(no_robot_texts), round(float(lr.score(vectors, is_no_robot)), 4))
+
+
+def choose_no_robot_threshold(
+    model: BitMarModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: Sequence[LabelledTexts],
+    probabilities: Sequence[float],
+) -> tuple[float, dict[float, float]]:
+    """Install and return the gate's probability threshold that scores best over `sets`
+    (`choose_weight`); ties go to the larger, more cautious one, and 1.0 is "never" (+inf
+    log-odds), so with no "No Robot" task to reward it the gate stays off."""
+    knowledge = model.knowledge
+    if not model.config.knowledge_no_robot_gate:
+        raise ValueError("choose_no_robot_threshold: the model has no no-robot gate")
+
+    def apply(p: float) -> None:
+        knowledge.gate_threshold.fill_(math.log(p / (1 - p)) if p < 1 else math.inf)
+
+    return choose_weight(model, tokenizer, sets, probabilities, apply, ties_to_larger=True)

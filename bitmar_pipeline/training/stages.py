@@ -43,6 +43,7 @@ from bitmar_model.modeling import MODEL_REVISION, BitMarModel
 from bitmar_model.rewards import RewardWeights
 from bitmar_model.trainer import Trainer, TrainerConfig
 from bitmar_pipeline.config import PipelineConfig, StageSchedule, TrainingConfig
+from bitmar_pipeline.data.no_robot import load_no_robot_tasks
 from bitmar_pipeline.data.robot_tasks import fleet_profiles
 from bitmar_pipeline.data.wordnet_text import bundled_examples
 from bitmar_pipeline.evaluation.robustness import USER_PHRASED_VALIDATION_FILE, load_eval_set
@@ -68,6 +69,8 @@ from bitmar_pipeline.training.knowledge import (
     SentenceTeacher,
     choose_fit_weight,
     choose_knowledge_weight,
+    choose_no_robot_threshold,
+    fit_no_robot_gate,
     install_knowledge,
 )
 from bitmar_pipeline.training.reasoning_targets import (
@@ -456,14 +459,15 @@ def _install_knowledge(
     teacher = SentenceTeacher(training.knowledge_teacher, threads=os.cpu_count())
     context_layers = training.knowledge_context_layers if training.knowledge_table == "words" else 0
     # Only a context encoder reads the unlabelled texts: without one, neither decode captions nor draw examples.
-    context_texts = _context_texts(subtasks, caption_ids, tokenizer, training) if context_layers else ()
+    no_robot = load_no_robot_tasks(training.knowledge_no_robot_tasks) if training.knowledge_no_robot_tasks else []
+    context_texts = [*_context_texts(subtasks, caption_ids, tokenizer, training), *no_robot] if context_layers else ()
     fit = install_knowledge(
         model, tokenizer, teacher, train["task_text"].tolist(), train["robots"].tolist(), capabilities,
         dim=training.knowledge_dim, c=training.knowledge_c, token_tfidf=training.knowledge_token_tfidf,
         static_scale=training.knowledge_static_scale, phrase_weight=training.knowledge_phrase_weight,
         weight=training.knowledge_weights[0], words=training.knowledge_table == "words",
         context_layers=context_layers, context_steps=training.knowledge_context_steps, seed=training.seed,
-        context_texts=context_texts, fleet_fit=any(training.knowledge_fit_weights),
+        context_texts=context_texts, fleet_fit=any(training.knowledge_fit_weights), no_robot_gate=bool(no_robot),
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
     rows = f"{fit.words}-word" if fit.words else "token"
@@ -478,28 +482,48 @@ def _install_knowledge(
     if len(training.knowledge_weights) > 1:
         fit.weight, scores = choose_knowledge_weight(model, tokenizer, *validation_set, training.knowledge_weights)
         metadata["knowledge_weight_validation_scores"] = {str(w): v for w, v in scores.items()}
+    sets, names = _choice_sets(validation_set, training)
     if fit.fleet_texts:
-        metadata |= _choose_fleet_fit(model, tokenizer, validation_set, training)
+        choice = choose_fit_weight(model, tokenizer, sets, training.knowledge_fit_weights)
+        metadata |= {
+            "knowledge_fit_multiple": choice.multiple,
+            "knowledge_fit_slope": round(choice.slope, 4),
+            "knowledge_fit_scores": {str(m): v for m, v in choice.scores.items()},
+            "knowledge_fit_chosen_on": names,
+        }
+    if no_robot:
+        metadata |= _fit_no_robot_gate(model, tokenizer, train["task_text"].tolist(), no_robot, sets, training)
+        metadata["knowledge_no_robot_chosen_on"] = names
     return {**metadata, **fit.metadata()}
 
 
-def _choose_fleet_fit(
-    model: BitMarModel, tokenizer: Any, validation: LabelledTexts, training: TrainingConfig
+def _fit_no_robot_gate(
+    model: BitMarModel, tokenizer: Any, robot_texts: list[str], no_robot: list[str],
+    sets: list[LabelledTexts], training: TrainingConfig,
 ) -> dict[str, Any]:
-    """Choose the fleet fit's weight on the dataset's validation tasks and, by default, the bundled
-    user-phrased validation set (the only tasks worded as users type them); the stage metadata."""
+    """Fit the no-robot gate on the train tasks against the non-robot tasks, choose its threshold on
+    `sets`; the stage metadata."""
+    gate = fit_no_robot_gate(model, tokenizer, robot_texts, no_robot, training.knowledge_c, training.seed)
+    threshold, scores = choose_no_robot_threshold(model, tokenizer, sets, training.knowledge_no_robot_thresholds)
+    return {
+        "knowledge_no_robot_tasks": gate.no_robot_rows,
+        "knowledge_no_robot_robot_rows": gate.robot_rows,
+        "knowledge_no_robot_train_accuracy": gate.train_accuracy,
+        "knowledge_no_robot_threshold": threshold,
+        "knowledge_no_robot_scores": {str(p): v for p, v in scores.items()},
+    }
+
+
+def _choice_sets(validation: LabelledTexts, training: TrainingConfig) -> tuple[list[LabelledTexts], str]:
+    """The sets the fleet fit's weight and the no-robot gate's threshold are chosen on: the dataset's
+    validation tasks and, by default, the bundled user-phrased validation set (the only tasks worded
+    as users type them, and the only ones labelled "No Robot"); and their names for the metadata."""
     sets, names = [validation], [f"dataset validation ({len(validation[0])} tasks)"]
     if training.knowledge_fit_user_validation:
         user = load_eval_set(USER_PHRASED_VALIDATION_FILE)
         sets.append(([t.task for t in user], [list(t.robots) for t in user]))
         names.append(f"user-phrased validation set ({len(user)} tasks, {USER_PHRASED_VALIDATION_FILE.name})")
-    choice = choose_fit_weight(model, tokenizer, sets, training.knowledge_fit_weights)
-    return {
-        "knowledge_fit_multiple": choice.multiple,
-        "knowledge_fit_slope": round(choice.slope, 4),
-        "knowledge_fit_scores": {str(m): v for m, v in choice.scores.items()},
-        "knowledge_fit_chosen_on": " + ".join(names),
-    }
+    return sets, " + ".join(names)
 
 
 def knowledge_metadata(storage: Storage) -> dict[str, Any]:
