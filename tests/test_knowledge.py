@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from bitmar_model.config import BitMarConfig
-from bitmar_model.knowledge import TaskKnowledge, fleet_fit_margins
+from bitmar_model.knowledge import TaskKnowledge, fleet_fit_margins, gate_no_robot
 from bitmar_model.modeling import BitMarModel
-from bitmar_model.robots import ROBOT_INDEX
+from bitmar_model.robots import ROBOT_INDEX, select_robots
 from bitmar_pipeline.evaluation.selection_quality import encode_prompts
 from bitmar_pipeline.text.tokenizer import train_bpe_tokenizer
 from bitmar_pipeline.training.knowledge import (
@@ -22,7 +22,9 @@ from bitmar_pipeline.training.knowledge import (
     capability_phrases,
     choose_fit_weight,
     choose_knowledge_weight,
+    choose_no_robot_threshold,
     distil_token_table,
+    fit_no_robot_gate,
     fleet_descriptions,
     install_knowledge,
     token_strings,
@@ -319,6 +321,62 @@ def test_the_fleet_fit_is_stored_chosen_on_validation_and_round_trips(setup, tmp
         plain.knowledge.load_fleet(torch.zeros(2, 16), torch.zeros(2, dtype=torch.int64))
 
 
+# --- the no-robot gate: "No Robot" from labelled non-robot tasks ---------------------------
+
+NO_ROBOT_TASKS = ["write a poem for my aunt", "pay the phone bill online", "pick a name for the baby", "vote today"]
+
+
+def test_the_gate_picks_no_robot_exactly_when_its_gap_is_positive() -> None:
+    """"No Robot" becomes the best robot's logit plus the gap: it wins select_robots at gap > 0,
+    loses below, keeps its own logit where the gate is off (-inf), and moves no robot's logit."""
+    logits = torch.tensor([[1.0, 3.0, 0.0, 0.0, 0.0, -9.0]] * 3, requires_grad=True)
+    gated = gate_no_robot(logits, torch.tensor([0.5, -1.0, -torch.inf]))
+    assert gated[:, ROBOT_INDEX["No Robot"]].tolist() == [3.5, 2.0, -9.0]
+    assert torch.equal(gated[:, :5], logits[:, :5])
+    chosen = select_robots(torch.sigmoid(gated).detach().numpy())
+    assert chosen[:, ROBOT_INDEX["No Robot"]].tolist() == [True, False, False]
+    assert chosen[1:, 1].all() and chosen[0].sum() == 1
+    gated[:, ROBOT_INDEX["No Robot"]].sum().backward()
+    assert logits.grad[:, :5].abs().sum() == 0
+
+
+def test_the_gate_is_fitted_chosen_on_validation_and_round_trips(setup, tmp_path: Path) -> None:
+    """Installed but not chosen the gate changes nothing; fitted on TASKS against non-robot tasks,
+    it stays off when validation has no "No Robot" task (ties go to 1.0, never), fires past the
+    threshold chosen when it has some, and keeps its decisions through save/load and packing."""
+    tokenizer, _, _ = setup
+    plain, _ = _fitted(setup, token_tfidf=True, static_scale=0.5)
+    fitted, _ = _fitted(setup, token_tfidf=True, static_scale=0.5, no_robot_gate=True)
+    assert fitted.config.knowledge_no_robot_gate and not plain.config.knowledge_no_robot_gate
+    texts, robots = [t for t, _ in TASKS], [r for _, r in TASKS]
+    ids, mask = encode_prompts(tokenizer, texts + NO_ROBOT_TASKS, fitted.config.max_seq_len)
+    with torch.no_grad():
+        torch.testing.assert_close(fitted(ids, mask).robot_logits, plain(ids, mask).robot_logits)
+    gate = fit_no_robot_gate(fitted, tokenizer, texts, NO_ROBOT_TASKS, c=10.0, seed=0)
+    # Better than calling every row a robot task, from a random tiny teacher.
+    assert gate.no_robot_rows == 4 and gate.train_accuracy > gate.robot_rows / (gate.robot_rows + 4)
+    off, _ = choose_no_robot_threshold(fitted, tokenizer, [(texts, robots)], [0.5, 0.9, 1.0])
+    assert off == 1.0 and fitted.knowledge.gate_threshold.item() == float("inf")
+    sets = [(texts, robots), (NO_ROBOT_TASKS, [["No Robot"]] * 4)]
+    chosen, scores = choose_no_robot_threshold(fitted, tokenizer, sets, [0.5, 0.9, 1.0])
+    assert chosen < 1.0 and scores[chosen] > scores[1.0]
+    assert fitted.knowledge.gate_threshold.item() == pytest.approx(np.log(chosen / (1 - chosen)))
+    with torch.no_grad():
+        picks = select_robots(fitted(ids, mask).robot_probs.numpy())[:, ROBOT_INDEX["No Robot"]]
+        gap = fitted.knowledge.no_robot_gap(fitted.knowledge.task_vectors(ids, mask))
+    assert picks.tolist() == (gap > 0).tolist() and picks[len(TASKS) :].sum() >= 3
+    packed = _saved_and_packed(fitted, tokenizer, tmp_path)
+    with torch.no_grad():
+        packed_picks = select_robots(packed(ids, mask).robot_probs.numpy())[:, ROBOT_INDEX["No Robot"]]
+    assert packed_picks.tolist() == picks.tolist()
+    with pytest.raises(ValueError, match="no no-robot gate"):
+        fit_no_robot_gate(plain, tokenizer, texts, NO_ROBOT_TASKS, c=10.0, seed=0)
+    with pytest.raises(ValueError, match="no no-robot gate"):
+        plain.knowledge.load_gate(torch.zeros(16), 0.0)
+    with pytest.raises(ValueError, match="needs robot tasks and non-robot tasks"):
+        fit_no_robot_gate(fitted, tokenizer, texts, [], c=10.0, seed=0)
+
+
 def test_an_unloadable_teacher_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="training.knowledge_teacher"):
         SentenceTeacher(str(tmp_path / "missing"))
@@ -432,11 +490,19 @@ def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
     assert "dataset validation (5 tasks) + user-phrased validation set (56 tasks" in metadata["knowledge_fit_chosen_on"]
     installed = metadata["knowledge_fit_multiple"] * metadata["knowledge_fit_slope"]
     assert fitted.knowledge.fit_weight.item() == pytest.approx(installed, rel=1e-3, abs=1e-6)
+    # The no-robot gate: the bundled 100 tasks against the train tasks, its threshold chosen on the same sets.
+    assert fitted.config.knowledge_no_robot_gate and metadata["knowledge_no_robot_tasks"] == 100
+    assert metadata["knowledge_no_robot_threshold"] in training.knowledge_no_robot_thresholds
+    assert metadata["knowledge_no_robot_chosen_on"] == metadata["knowledge_fit_chosen_on"]
+    assert set(metadata["knowledge_no_robot_scores"]) == {str(p) for p in training.knowledge_no_robot_thresholds}
     tokens = _copy(model)
-    by_tokens = training.model_copy(update={"knowledge_table": "tokens", "knowledge_fit_weights": [0.0]})
+    by_tokens = training.model_copy(
+        update={"knowledge_table": "tokens", "knowledge_fit_weights": [0.0], "knowledge_no_robot_tasks": None}
+    )
     metadata = _install_knowledge(tokens, tokenizer, tasks, PROFILES, by_tokens, subtasks)
     assert "token table" in metadata["knowledge_source"] and tokens.config.knowledge_words == 0
     assert tokens.config.knowledge_fleet_texts == 0 and "knowledge_fit_multiple" not in metadata
+    assert not tokens.config.knowledge_no_robot_gate and "knowledge_no_robot_threshold" not in metadata
 
 
 def test_the_context_corpus_reads_only_the_train_split_captions_and_wordnet(setup) -> None:

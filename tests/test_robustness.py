@@ -129,7 +129,7 @@ def test_section_on_a_tiny_untrained_model(tiny) -> None:
     assert np.isfinite(list(headline.values())).all()
 
 
-def test_the_report_says_when_the_user_validation_set_chose_the_fleet_fit() -> None:
+def test_the_report_says_when_the_user_validation_set_chose_a_setting() -> None:
     from bitmar_pipeline.evaluation.robustness import user_validation_use
 
     chosen = {"knowledge_fit_multiple": 2.0, "knowledge_fit_chosen_on": "dataset validation (34 tasks) + "
@@ -137,3 +137,8 @@ def test_the_report_says_when_the_user_validation_set_chose_the_fleet_fit() -> N
     assert "multiple 2.0" in user_validation_use(chosen) and "not a held-out one" in user_validation_use(chosen)
     assert user_validation_use({**chosen, "knowledge_fit_chosen_on": "dataset validation (34 tasks)"}) is None
     assert user_validation_use({"knowledge_source": "robot labels only"}) is None
+    gated = {
+        **chosen, "knowledge_no_robot_threshold": 0.9, "knowledge_no_robot_chosen_on": chosen["knowledge_fit_chosen_on"]
+    }
+    use = user_validation_use(gated)
+    assert "multiple 2.0" in use and "the no-robot gate's threshold (0.9)" in use

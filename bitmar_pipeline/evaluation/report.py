@@ -72,6 +72,11 @@ from bitmar_pipeline.training.datasets import CaptionSet, load_caption_data, loa
 from bitmar_pipeline.training.reasoning_targets import evaluable_subtasks, format_prompt
 from bitmar_pipeline.training.stages import GRPO, PRETRAIN, knowledge_metadata, load_stage_model, retrieval_metrics
 
+# The knowledge settings chosen on validation that the report's `model` section names.
+REPORTED_KNOWLEDGE = (
+    "knowledge_fit_multiple", "knowledge_fit_chosen_on", "knowledge_no_robot_tasks", "knowledge_no_robot_threshold",
+    "knowledge_no_robot_chosen_on",
+)
 EVALUATED_ROBOTS = [r for r in ROBOT_CLASSES if r != "No Robot"]
 _STOP_WORDS = frozenset(
     "that this with from into over under their there have will your what when where which about while".split()
@@ -561,7 +566,7 @@ def build_evaluation_report(
         "stage": GRPO,
         "parameters": sum(p.numel() for p in model.parameters()),
         "knowledge_source": knowledge.get("knowledge_source", "unknown (reasoning_sft predates knowledge_source)"),
-        **{k: knowledge[k] for k in ("knowledge_fit_multiple", "knowledge_fit_chosen_on") if k in knowledge},
+        **{k: knowledge[k] for k in REPORTED_KNOWLEDGE if k in knowledge},
     }
     write_report(result.report, report_path)
     return result

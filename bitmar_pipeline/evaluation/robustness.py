@@ -222,12 +222,15 @@ def user_phrased_section(
 def user_validation_use(knowledge: dict[str, Any]) -> str | None:
     """What the reasoning_sft stage's knowledge metadata says the user-phrased validation set chose
     (None: nothing), for the report: a score on tasks that chose a setting is not a held-out one."""
-    if "user-phrased" not in knowledge.get("knowledge_fit_chosen_on", ""):
+    uses = []
+    if "user-phrased" in knowledge.get("knowledge_fit_chosen_on", ""):
+        multiple = knowledge["knowledge_fit_multiple"]
+        uses.append(f"the fleet fit's weight (multiple {multiple} of the fit margin's slope)")
+    if "user-phrased" in knowledge.get("knowledge_no_robot_chosen_on", ""):
+        uses.append(f"the no-robot gate's threshold ({knowledge['knowledge_no_robot_threshold']})")
+    if not uses:
         return None
-    return (
-        f"choosing the fleet fit's weight (multiple {knowledge['knowledge_fit_multiple']} of the fit margin's slope): "
-        "a validation score, not a held-out one; never trained on"
-    )
+    return f"choosing {' and '.join(uses)}: a validation score, not a held-out one; never trained on"
 
 
 def headline_metadata(section: dict[str, Any]) -> dict[str, float | int]:
