@@ -41,7 +41,10 @@ Encode = Callable[[str], list[int]]
 Decode = Callable[[list[int]], str]
 
 EVALUATED = tuple(r for r in ROBOT_CLASSES if r != NO_ROBOT)
-NO_ROBOT_REASON = "No robot's profile fits this task."  # as the SFT targets word it
+# A "No Robot" selection's lines, as the SFT targets word them (reasoning_targets uses these).
+NO_ROBOT_REASON = "No robot's profile fits this task."
+NO_ROBOT_CHECK = "No robot needed, none is cued by the task."
+NO_ROBOT_JUSTIFICATION = "No listed robot is suited to the task."
 FREE = None  # a skeleton part the model writes, up to and including its newline
 Profiles = Mapping[str, Mapping[str, Sequence[str]]]  # robot -> capabilities / limitations / environments
 
@@ -100,8 +103,10 @@ def _selection_reasoning(
 def _justification(
     robots: list[str], profiles: Profiles | None, ranked: Mapping[str, str]
 ) -> list[str | Choice | None]:
-    """"Best match: <a phrase of each selected robot>." with profiles (the targets' wording), else the
-    model's line after "Justification:"."""
+    """"Best match: <a phrase of each selected robot>." with profiles (the targets' wording), the
+    targets' fixed line for "No Robot", else the model's line after "Justification:"."""
+    if robots == [NO_ROBOT]:
+        return [f"Justification: {NO_ROBOT_JUSTIFICATION}\n"]
     choices = _fit_choices(robots, profiles, ranked)
     if choices is None:
         return ["Justification:", FREE]
@@ -119,7 +124,9 @@ def _confidence_check(
     knows it, else the model chooses between the targets' two endings (free, the line ran on into
     profile words)."""
     opening = "</selection_reasoning>\n<confidence_check>\n"
-    if not profiles or robots == [NO_ROBOT]:
+    if robots == [NO_ROBOT]:
+        return [f"{opening}{NO_ROBOT_CHECK}\n"]
+    if not profiles:
         return [opening, FREE]
     count = "One robot" if len(robots) == 1 else f"{len(robots)} robots"
     endings = (" all cued by the task.\n", " not all cued by the task.\n")

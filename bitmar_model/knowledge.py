@@ -41,11 +41,13 @@ no cue.
 With `no_robot_gate` the module also holds a logistic regression over the task vector, fitted on
 labelled non-robot tasks against the robot tasks ("Draft a cover letter" vs "Inspect a ship hull"),
 and a threshold t on its log-odds g(x) chosen on validation. The public data has no "No Robot" task,
-so neither the head nor the classifier can learn that class; the gate decides it instead:
+so neither the head nor the classifier can learn that class; the gate decides it instead. With
+b = max_r robot_logits[r] (the best robot),
 
-    robot_logits[No Robot] = max_r robot_logits[r] + (g(x) - t),
+    robot_logits[No Robot] = max(g, b + g - t)  if g > t,   min(g, b + g - t)  otherwise,
 
-so `select_robots` ("No Robot" when it beats the best robot) picks it exactly when g(x) > t.
+so `select_robots` ("No Robot" when it beats the best robot) picks it exactly when g(x) > t, and the
+probability shown for a "No Robot" pick is the gate's own where that is the larger.
 
 With `context_layers` > 0 a task's vector is contextual: a small pre-norm transformer encoder reads
 the task's known words in order (their table rows plus learned positions; unknown words masked),
@@ -267,11 +269,11 @@ class TaskKnowledge(nn.Module):
         logits = head_logits + self.logits_of(v, input_ids, attention_mask)
         if not self.no_robot_gate:
             return logits
-        return gate_no_robot(logits, self.no_robot_gap(v))
+        return gate_no_robot(logits, self.no_robot_log_odds(v), self.gate_threshold)
 
-    def no_robot_gap(self, task_vectors: torch.Tensor) -> torch.Tensor:
-        """[B]: the gate's log-odds that no robot is for the task, minus its threshold (> 0: "No Robot")."""
-        return task_vectors @ self.gate_weight + self.gate_bias - self.gate_threshold
+    def no_robot_log_odds(self, task_vectors: torch.Tensor) -> torch.Tensor:
+        """[B]: the gate's log-odds that no robot is for the task ("No Robot" past `gate_threshold`)."""
+        return task_vectors @ self.gate_weight + self.gate_bias
 
     def logits_of(self, v: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         logits = v @ self.classifier_weight.T + self.classifier_bias
@@ -383,11 +385,14 @@ def fleet_fit_margins(
     return margins
 
 
-def gate_no_robot(logits: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
-    """`logits` [B, classes] with "No Robot" set to the best robot's logit plus the gate's `gap` [B],
-    so it beats the best robot exactly when gap > 0; unchanged where the gate is off (gap -inf).
+def gate_no_robot(logits: torch.Tensor, log_odds: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """`logits` [B, classes] with "No Robot" set from the gate's `log_odds` [B]: just past the best
+    robot's logit (b + gap, gap = log_odds - threshold) when gap > 0, at or below it otherwise, the
+    gate's own log-odds where that lies on the same side; unchanged when the threshold is +inf (off).
     The best robot's logit is detached: a loss on "No Robot" must not move the robots."""
     robots = torch.cat((logits[:, :NO_ROBOT_COLUMN], logits[:, NO_ROBOT_COLUMN + 1 :]), dim=1)
-    gated = robots.max(dim=1).values.detach() + gap
-    column = torch.where(torch.isfinite(gap), gated, logits[:, NO_ROBOT_COLUMN])
+    gap = log_odds - threshold
+    bound = robots.max(dim=1).values.detach() + gap
+    gated = torch.where(gap > 0, torch.maximum(log_odds, bound), torch.minimum(log_odds, bound))
+    column = torch.where(torch.isfinite(threshold), gated, logits[:, NO_ROBOT_COLUMN])
     return torch.cat((logits[:, :NO_ROBOT_COLUMN], column[:, None], logits[:, NO_ROBOT_COLUMN + 1 :]), dim=1)

@@ -10,7 +10,8 @@ Data flow of `forward`:
     joint embedding -> episodic memory read -> memory token
     [memory token, fused text, fused vision] -> reasoning -> robot logits, value, thought scores
                       (the selection head also reads the input's mean token embedding;
-                      with config.knowledge_dim, teacher-distilled knowledge logits are added)
+                      with config.knowledge_dim, teacher-distilled knowledge logits are added;
+                      with knowledge_no_robot_gate, its gate decides "No Robot")
     decoder_input_ids -> decoder (cross-attends to [memory token, reasoning state, selection
                       token, fused vision, task tokens]) -> tied LM head -> logits
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from bitmar_model.guided import FREE, HeadDecision, HeadGuidedDecoding, reasoning_skeleton, repeated_ngram_tokens
+from bitmar_model.guided import (
+    FREE,
+    Choice,
+    HeadDecision,
+    HeadGuidedDecoding,
+    reasoning_skeleton,
+    repeated_ngram_tokens,
+)
 from bitmar_model.reasoning_format import ReasoningTrace, format_reasoning, parse_reasoning, robots_mentioned_positively
 
 # What an unguided decoder wants to write: it picks the Drone, the head picked the Underwater Robot.
@@ -92,10 +99,22 @@ def test_skeleton_forces_verdicts_selection_and_confidence_and_leaves_free_lines
 
 
 def test_no_robot_skeleton_calls_every_robot_unsuitable():
-    parts = reasoning_skeleton(HeadDecision(["No Robot"], 0.9))
-    filled = parse_reasoning("".join(" text.\n" if p is FREE else p for p in parts))
-    assert filled.well_formed and filled.robots == ["No Robot"]
-    assert robots_mentioned_positively(filled.sections["robot_evaluation"]) == set()
+    """"No Robot" is never trained on the public data, so none of its lines is left to the model:
+    the selection reasoning, the check and the justification are the targets' own (the same
+    constants build them), with or without the fleet's profiles."""
+    from bitmar_pipeline.training.reasoning_targets import build_reasoning_target
+
+    for profiles in (None, PROFILES):
+        parts = reasoning_skeleton(HeadDecision(["No Robot"], 0.9), profiles)
+        assert parts.count(FREE) == 2 + (0 if profiles else 5)  # goal and cues; the reasons without profiles
+        text = "".join(" text.\n" if p is FREE else p.options[0] if isinstance(p, Choice) else p for p in parts)
+        filled = parse_reasoning(text)
+        assert filled.well_formed and filled.robots == ["No Robot"]
+        assert robots_mentioned_positively(filled.sections["robot_evaluation"]) == set()
+    target = parse_reasoning(build_reasoning_target("Write a poem", ["No Robot"], PROFILES, None))
+    for tag in ("selection_reasoning", "confidence_check"):
+        assert filled.sections[tag] == target.sections[tag]
+    assert filled.justification == target.justification
 
 
 def test_repeated_ngram_tokens_are_those_completing_an_earlier_ngram():

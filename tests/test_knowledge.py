@@ -326,16 +326,21 @@ def test_the_fleet_fit_is_stored_chosen_on_validation_and_round_trips(setup, tmp
 NO_ROBOT_TASKS = ["write a poem for my aunt", "pay the phone bill online", "pick a name for the baby", "vote today"]
 
 
-def test_the_gate_picks_no_robot_exactly_when_its_gap_is_positive() -> None:
-    """"No Robot" becomes the best robot's logit plus the gap: it wins select_robots at gap > 0,
-    loses below, keeps its own logit where the gate is off (-inf), and moves no robot's logit."""
-    logits = torch.tensor([[1.0, 3.0, 0.0, 0.0, 0.0, -9.0]] * 3, requires_grad=True)
-    gated = gate_no_robot(logits, torch.tensor([0.5, -1.0, -torch.inf]))
-    assert gated[:, ROBOT_INDEX["No Robot"]].tolist() == [3.5, 2.0, -9.0]
+def test_the_gate_picks_no_robot_exactly_when_it_passes_its_threshold() -> None:
+    """Best robot 3, threshold 4: "No Robot" lies just past the best robot (3 + gap) or at the gate's
+    own log-odds when that is further on the same side; it wins select_robots exactly at log-odds > 4,
+    keeps its own logit while the gate is off (threshold +inf), and moves no robot's logit."""
+    logits = torch.tensor([[1.0, 3.0, 0.0, 0.0, 0.0, -9.0]] * 4, requires_grad=True)
+    log_odds = torch.tensor([4.5, 9.0, 1.0, 3.5])
+    gated = gate_no_robot(logits, log_odds, torch.tensor(4.0))
+    # gap .5: max(4.5, 3.5); gap 5: max(9, 8); gap -3: min(1, 0); gap -.5: min(3.5, 2.5)
+    assert gated[:, ROBOT_INDEX["No Robot"]].tolist() == [4.5, 9.0, 0.0, 2.5]
     assert torch.equal(gated[:, :5], logits[:, :5])
     chosen = select_robots(torch.sigmoid(gated).detach().numpy())
-    assert chosen[:, ROBOT_INDEX["No Robot"]].tolist() == [True, False, False]
-    assert chosen[1:, 1].all() and chosen[0].sum() == 1
+    assert chosen[:, ROBOT_INDEX["No Robot"]].tolist() == [True, True, False, False]
+    assert chosen[2:, 1].all() and (chosen[:2].sum(1) == 1).all()
+    off = gate_no_robot(logits, log_odds, torch.tensor(float("inf")))
+    assert torch.equal(off, logits)
     gated[:, ROBOT_INDEX["No Robot"]].sum().backward()
     assert logits.grad[:, :5].abs().sum() == 0
 
@@ -363,8 +368,8 @@ def test_the_gate_is_fitted_chosen_on_validation_and_round_trips(setup, tmp_path
     assert fitted.knowledge.gate_threshold.item() == pytest.approx(np.log(chosen / (1 - chosen)))
     with torch.no_grad():
         picks = select_robots(fitted(ids, mask).robot_probs.numpy())[:, ROBOT_INDEX["No Robot"]]
-        gap = fitted.knowledge.no_robot_gap(fitted.knowledge.task_vectors(ids, mask))
-    assert picks.tolist() == (gap > 0).tolist() and picks[len(TASKS) :].sum() >= 3
+        log_odds = fitted.knowledge.no_robot_log_odds(fitted.knowledge.task_vectors(ids, mask))
+    assert picks.tolist() == (log_odds > fitted.knowledge.gate_threshold).tolist() and picks[len(TASKS) :].sum() >= 3
     packed = _saved_and_packed(fitted, tokenizer, tmp_path)
     with torch.no_grad():
         packed_picks = select_robots(packed(ids, mask).robot_probs.numpy())[:, ROBOT_INDEX["No Robot"]]

@@ -31,7 +31,12 @@ from typing import Literal
 
 import pandas as pd
 
-from bitmar_model.guided import Profiles  # robot -> capabilities / limitations / environments
+from bitmar_model.guided import (  # Profiles: robot -> capabilities / limitations / environments
+    NO_ROBOT_CHECK,
+    NO_ROBOT_JUSTIFICATION,
+    NO_ROBOT_REASON,
+    Profiles,
+)
 from bitmar_model.reasoning_format import (
     NO_ROBOT,
     ReasoningTrace,
@@ -178,9 +183,7 @@ def build_reasoning_target(
             evaluation[robot] = (False, limits[0])
 
     if gold == [NO_ROBOT]:
-        selection = "No robot's profile fits this task."
-        justification = "No listed robot is suited to the task."
-        check = "No robot needed, none is cued by the task."
+        selection, justification, check = NO_ROBOT_REASON, NO_ROBOT_JUSTIFICATION, NO_ROBOT_CHECK
     else:
         selection = "; ".join(f"{robot} fits: {reasons[robot]}" for robot in gold) + "."
         justification = f"Best match: {', '.join(reasons[robot] for robot in gold)}."
