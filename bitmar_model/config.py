@@ -157,7 +157,13 @@ class BitMarConfig:
 
     def fingerprint(self) -> str:
         """Stable short hash of the config (the same dict always gives the same string)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return self.fingerprint_of(self.to_dict())
+
+    @staticmethod
+    def fingerprint_of(values: dict[str, Any]) -> str:
+        """`fingerprint` of a config dict as stored: a release saved before a key existed hashes
+        without it, and its stored dict still matches its manifest."""
+        canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def validate(self) -> None:

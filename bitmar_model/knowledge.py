@@ -41,13 +41,14 @@ no cue.
 With `no_robot_gate` the module also holds a logistic regression over the task vector, fitted on
 labelled non-robot tasks against the robot tasks ("Draft a cover letter" vs "Inspect a ship hull"),
 and a threshold t on its log-odds g(x) chosen on validation. The public data has no "No Robot" task,
-so neither the head nor the classifier can learn that class; the gate decides it instead. With
-b = max_r robot_logits[r] (the best robot),
+so neither the head nor the classifier can learn that class; the gate decides it instead:
 
-    robot_logits[No Robot] = max(g, b + g - t)  if g > t,   min(g, b + g - t)  otherwise,
+    past its threshold (g > t):  robot_logits[No Robot] = g,  robot_logits[r] = min(robot_logits[r], -g)
+    otherwise:                   robot_logits[No Robot] = min(g, max_r robot_logits[r]),
 
-so `select_robots` ("No Robot" when it beats the best robot) picks it exactly when g(x) > t, and the
-probability shown for a "No Robot" pick is the gate's own where that is the larger.
+so `select_robots` ("No Robot" when it beats the best robot) picks it exactly when g(x) > t (t > 0:
+then sigmoid(g) > 1/2 > sigmoid(-g), whatever the robots' logits, even saturated ones), a "No Robot"
+pick shows the gate's own probability, and no robot claims more than 1 - P(no robot).
 
 With `context_layers` > 0 a task's vector is contextual: a small pre-norm transformer encoder reads
 the task's known words in order (their table rows plus learned positions; unknown words masked),
@@ -386,13 +387,16 @@ def fleet_fit_margins(
 
 
 def gate_no_robot(logits: torch.Tensor, log_odds: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """`logits` [B, classes] with "No Robot" set from the gate's `log_odds` [B]: just past the best
-    robot's logit (b + gap, gap = log_odds - threshold) when gap > 0, at or below it otherwise, the
-    gate's own log-odds where that lies on the same side; unchanged when the threshold is +inf (off).
-    The best robot's logit is detached: a loss on "No Robot" must not move the robots."""
-    robots = torch.cat((logits[:, :NO_ROBOT_COLUMN], logits[:, NO_ROBOT_COLUMN + 1 :]), dim=1)
-    gap = log_odds - threshold
-    bound = robots.max(dim=1).values.detach() + gap
-    gated = torch.where(gap > 0, torch.maximum(log_odds, bound), torch.minimum(log_odds, bound))
-    column = torch.where(torch.isfinite(threshold), gated, logits[:, NO_ROBOT_COLUMN])
-    return torch.cat((logits[:, :NO_ROBOT_COLUMN], column[:, None], logits[:, NO_ROBOT_COLUMN + 1 :]), dim=1)
+    """`logits` [B, classes] with "No Robot" decided by the gate's `log_odds` [B]: where they pass
+    `threshold` (> 0), "No Robot" is the gate's log-odds and every robot at most their negative; else
+    "No Robot" is at most the best robot's logit (select_robots' strict ">" then keeps the robot).
+    Unchanged when the threshold is +inf (off). The best robot's logit is detached: a loss on "No
+    Robot" must not move the robots."""
+    before, column, after = logits[:, :NO_ROBOT_COLUMN], logits[:, NO_ROBOT_COLUMN], logits[:, NO_ROBOT_COLUMN + 1 :]
+    best = torch.cat((before, after), dim=1).max(dim=1).values.detach()
+    fired = (log_odds > threshold)[:, None]
+    cap = -log_odds[:, None]
+    before, after = torch.where(fired, before.minimum(cap), before), torch.where(fired, after.minimum(cap), after)
+    gated = torch.where(fired[:, 0], log_odds, log_odds.minimum(best))
+    column = torch.where(torch.isfinite(threshold), gated, column)
+    return torch.cat((before, column[:, None], after), dim=1)

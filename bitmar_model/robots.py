@@ -86,3 +86,14 @@ def select_robots(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     selected[no_robot] = False
     selected[no_robot, _NO_ROBOT] = True
     return selected
+
+
+def with_fleet_robots(head_probs: np.ndarray, fleet_probs: np.ndarray) -> np.ndarray:
+    """[N, classes + F]: the head's columns, then robots described only in the fleet (scored
+    zero-shot). Where the head selects "No Robot" (a no-robot gate's decision), no fleet robot
+    claims more than 1 - P(no robot) either, as no trained one does, so it stays the selection."""
+    head_probs, fleet_probs = np.asarray(head_probs, dtype=np.float64), np.asarray(fleet_probs, dtype=np.float64)
+    no_robot = select_robots(head_probs)[:, _NO_ROBOT]
+    ceiling = 1.0 - head_probs[:, _NO_ROBOT : _NO_ROBOT + 1]
+    fleet_probs = np.where(no_robot[:, None], np.minimum(fleet_probs, ceiling), fleet_probs)
+    return np.concatenate([head_probs, fleet_probs], axis=1)

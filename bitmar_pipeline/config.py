@@ -323,12 +323,12 @@ class TrainingConfig(_Section):
             "to a JSON file {\"tasks\": [...]}, or null/'' for no gate."
         ),
     )
-    knowledge_no_robot_thresholds: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
-        default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0],
+    knowledge_no_robot_thresholds: list[Annotated[float, Field(gt=0.5, le=1.0)]] = Field(
+        default=[0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0],
         min_length=1,
         description=(
-            "The gate's probability thresholds tried on the same validation sets as the fleet fit (ties to the "
-            "larger); 1.0: never \"No Robot\"."
+            "The gate's probability thresholds (above 0.5) tried on the same validation sets as the fleet fit "
+            "(ties to the larger); 1.0: never \"No Robot\"."
         ),
     )
     knowledge_c: float = Field(

@@ -104,6 +104,7 @@ def test_no_robot_skeleton_calls_every_robot_unsuitable():
     constants build them), with or without the fleet's profiles."""
     from bitmar_pipeline.training.reasoning_targets import build_reasoning_target
 
+    target = parse_reasoning(build_reasoning_target("Write a poem", ["No Robot"], PROFILES, None))
     for profiles in (None, PROFILES):
         parts = reasoning_skeleton(HeadDecision(["No Robot"], 0.9), profiles)
         assert parts.count(FREE) == 2 + (0 if profiles else 5)  # goal and cues; the reasons without profiles
@@ -111,10 +112,9 @@ def test_no_robot_skeleton_calls_every_robot_unsuitable():
         filled = parse_reasoning(text)
         assert filled.well_formed and filled.robots == ["No Robot"]
         assert robots_mentioned_positively(filled.sections["robot_evaluation"]) == set()
-    target = parse_reasoning(build_reasoning_target("Write a poem", ["No Robot"], PROFILES, None))
-    for tag in ("selection_reasoning", "confidence_check"):
-        assert filled.sections[tag] == target.sections[tag]
-    assert filled.justification == target.justification
+        for tag in ("selection_reasoning", "confidence_check"):
+            assert filled.sections[tag] == target.sections[tag]
+        assert filled.justification == target.justification
 
 
 def test_repeated_ngram_tokens_are_those_completing_an_earlier_ngram():

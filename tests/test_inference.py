@@ -4,6 +4,7 @@ three lines, batches, bad input and damaged folders."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +25,7 @@ from bitmar_pipeline.release.inference import (
     PredictionError,
     Predictor,
     add_predict_parser,
+    load_network,
     load_predictor,
     predict_main,
 )
@@ -181,6 +183,39 @@ def test_cli_text_json_and_errors(released: Storage, image: Path, capsys: pytest
         assert captured.out == ""
 
 
+def test_a_release_saved_before_a_config_key_existed_still_loads(released: Storage, tmp_path: Path) -> None:
+    """Its config.json, packed config and manifest were written without `knowledge_no_robot_gate`
+    (added later, default off): the stored dicts still match the manifest, and the model loads."""
+    from bitmar_model.config import BitMarConfig
+    from bitmar_model.io import sha256_file
+
+    copy = tmp_path / "release"
+    shutil.copytree(released.path("release"), copy)
+    config = json.loads((copy / "config.json").read_text())
+    assert config.pop("knowledge_no_robot_gate") is False
+    packed = json.loads((copy / "packed_config.json").read_text())
+    del packed["config"]["knowledge_no_robot_gate"]
+    (copy / "config.json").write_text(json.dumps(config))
+    (copy / "packed_config.json").write_text(json.dumps(packed))
+    # The memory file names the model it was saved with: the fingerprint of that older config.
+    memory = load_network(copy, reference=True).memory
+    memory.load_into(copy / "memory.safetensors")
+    memory.save(copy / "memory.safetensors", fingerprint=BitMarConfig.fingerprint_of(config))
+    manifest = json.loads((copy / "bitmar_release.json").read_text())
+    manifest["model_fingerprint"] = BitMarConfig.fingerprint_of(config)
+    rewritten = ("config.json", "packed_config.json", "memory.safetensors")
+    manifest["files"] |= {name: sha256_file(copy / name) for name in rewritten}
+    (copy / "bitmar_release.json").write_text(json.dumps(manifest))
+    for reference in (False, True):
+        assert not load_predictor(copy, reference=reference).model.config.knowledge_no_robot_gate
+    config["dropout"] += 0.1  # a stored config that differs from the manifest is still refused
+    (copy / "config.json").write_text(json.dumps(config))
+    manifest["files"]["config.json"] = sha256_file(copy / "config.json")
+    (copy / "bitmar_release.json").write_text(json.dumps(manifest))
+    with pytest.raises(PredictionError, match="config.json does not match"):
+        load_predictor(copy, reference=True)
+
+
 def test_shown_confidence_is_the_release_calibration_of_the_head_probability(predictor: Predictor):
     assert predictor.manifest["calibration"]["method"] == "platt"
     assert predictor.calibration == PlattCalibration(a=0.5, b=0.2)
@@ -189,6 +224,19 @@ def test_shown_confidence_is_the_release_calibration_of_the_head_probability(pre
     assert prediction.confidence_calibrated
     assert prediction.confidence == pytest.approx(float(PlattCalibration(a=0.5, b=0.2)(top)))
     assert prediction.confidence != pytest.approx(top)
+
+
+def test_a_no_robot_pick_of_a_gated_model_shows_the_gates_own_probability(
+    predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No validation task calibrates "No Robot": with a no-robot gate its pick shows the gate's
+    probability; a robot's is calibrated as before, and so is a gateless head's "No Robot"."""
+    calibrated = float(PlattCalibration(a=0.5, b=0.2)(0.9))
+    assert predictor.shown_confidence(0.9, "No Robot") == pytest.approx(calibrated)
+    gated = dataclasses.replace(predictor.model.config, knowledge_no_robot_gate=True)
+    monkeypatch.setattr(predictor.model, "config", gated)
+    assert predictor.shown_confidence(0.9, "No Robot") == 0.9
+    assert predictor.shown_confidence(0.9, "Drone") == pytest.approx(calibrated)
 
 
 def test_the_release_guides_reasons_with_the_fleet_the_report_used(predictor: Predictor):

@@ -327,22 +327,24 @@ NO_ROBOT_TASKS = ["write a poem for my aunt", "pay the phone bill online", "pick
 
 
 def test_the_gate_picks_no_robot_exactly_when_it_passes_its_threshold() -> None:
-    """Best robot 3, threshold 4: "No Robot" lies just past the best robot (3 + gap) or at the gate's
-    own log-odds when that is further on the same side; it wins select_robots exactly at log-odds > 4,
-    keeps its own logit while the gate is off (threshold +inf), and moves no robot's logit."""
-    logits = torch.tensor([[1.0, 3.0, 0.0, 0.0, 0.0, -9.0]] * 4, requires_grad=True)
-    log_odds = torch.tensor([4.5, 9.0, 1.0, 3.5])
+    """Threshold 4, best robot 3 (40 in the last row, a saturated sigmoid): past the threshold "No
+    Robot" is the gate's log-odds and every robot at most their negative, so it wins select_robots
+    even against the saturated robot; below it "No Robot" is at most the best robot's logit and
+    loses, also on a tie. Off (threshold +inf) nothing changes; no loss on "No Robot" moves a robot."""
+    rows = [[-1.0, 3.0, -1.0, -1.0, -1.0, -9.0]] * 4 + [[40.0, 3.0, -1.0, -1.0, -1.0, -9.0]]
+    logits = torch.tensor(rows, requires_grad=True)
+    log_odds = torch.tensor([4.5, 9.0, 1.0, 3.5, 4.5])
     gated = gate_no_robot(logits, log_odds, torch.tensor(4.0))
-    # gap .5: max(4.5, 3.5); gap 5: max(9, 8); gap -3: min(1, 0); gap -.5: min(3.5, 2.5)
-    assert gated[:, ROBOT_INDEX["No Robot"]].tolist() == [4.5, 9.0, 0.0, 2.5]
-    assert torch.equal(gated[:, :5], logits[:, :5])
+    assert gated[:, ROBOT_INDEX["No Robot"]].tolist() == [4.5, 9.0, 1.0, 3.0, 4.5]
+    assert gated[0, :5].tolist() == [-4.5] * 5 and gated[1, :5].tolist() == [-9.0] * 5
+    assert torch.equal(gated[2:4, :5], logits[2:4, :5]) and gated[4, 0] == -4.5
     chosen = select_robots(torch.sigmoid(gated).detach().numpy())
-    assert chosen[:, ROBOT_INDEX["No Robot"]].tolist() == [True, True, False, False]
-    assert chosen[2:, 1].all() and (chosen[:2].sum(1) == 1).all()
+    assert chosen[:, ROBOT_INDEX["No Robot"]].tolist() == [True, True, False, False, True]
+    assert chosen[2:4, 1].all() and (chosen.sum(1) == 1).all()
     off = gate_no_robot(logits, log_odds, torch.tensor(float("inf")))
     assert torch.equal(off, logits)
     gated[:, ROBOT_INDEX["No Robot"]].sum().backward()
-    assert logits.grad[:, :5].abs().sum() == 0
+    assert logits.grad.abs().sum() == 0
 
 
 def test_the_gate_is_fitted_chosen_on_validation_and_round_trips(setup, tmp_path: Path) -> None:
@@ -360,10 +362,10 @@ def test_the_gate_is_fitted_chosen_on_validation_and_round_trips(setup, tmp_path
     gate = fit_no_robot_gate(fitted, tokenizer, texts, NO_ROBOT_TASKS, c=10.0, seed=0)
     # Better than calling every row a robot task, from a random tiny teacher.
     assert gate.no_robot_rows == 4 and gate.train_accuracy > gate.robot_rows / (gate.robot_rows + 4)
-    off, _ = choose_no_robot_threshold(fitted, tokenizer, [(texts, robots)], [0.5, 0.9, 1.0])
+    off, _ = choose_no_robot_threshold(fitted, tokenizer, [(texts, robots)], [0.6, 0.9, 1.0])
     assert off == 1.0 and fitted.knowledge.gate_threshold.item() == float("inf")
     sets = [(texts, robots), (NO_ROBOT_TASKS, [["No Robot"]] * 4)]
-    chosen, scores = choose_no_robot_threshold(fitted, tokenizer, sets, [0.5, 0.9, 1.0])
+    chosen, scores = choose_no_robot_threshold(fitted, tokenizer, sets, [0.6, 0.9, 1.0])
     assert chosen < 1.0 and scores[chosen] > scores[1.0]
     assert fitted.knowledge.gate_threshold.item() == pytest.approx(np.log(chosen / (1 - chosen)))
     with torch.no_grad():

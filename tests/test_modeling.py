@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,6 +166,20 @@ def test_robot_selection_and_reasoning_analysis() -> None:
     assert len(analysis["reasoning_quality"]) == 3
     assert 0.0 < analysis["mean_reasoning_quality"] < 1.0
     assert analysis["selections"] == model.extract_robot_selections(out)
+
+
+def test_a_fleet_robot_does_not_overrule_no_robot() -> None:
+    """Fleet robots (scored zero-shot, after the head's columns) keep their probability unless the head
+    chose "No Robot"; then none claims more than 1 - P(no robot), and "No Robot" stays the selection."""
+    from bitmar_model.robots import select_robots, with_fleet_robots
+
+    head = np.array([[0.01, 0.02, 0.01, 0.01, 0.01, 0.9], [0.8, 0.1, 0.1, 0.1, 0.1, 0.01]])
+    fleet = np.array([[0.95], [0.95]])
+    probs = with_fleet_robots(head, fleet)
+    np.testing.assert_allclose(probs[:, 6], [0.1, 0.95])
+    np.testing.assert_array_equal(probs[:, :6], head)
+    chosen = select_robots(probs)
+    assert chosen[0].tolist() == [False] * 5 + [True, False] and chosen[1, [0, 6]].all()
 
 
 def test_no_robot_is_exclusive_and_decided_against_the_best_robot() -> None:

@@ -58,4 +58,4 @@ def test_an_empty_setting_turns_the_gate_off() -> None:
     assert TrainingConfig(knowledge_no_robot_tasks="").knowledge_no_robot_tasks is None
     assert TrainingConfig().knowledge_no_robot_tasks == "bundled"
     with pytest.raises(ValueError, match="knowledge_no_robot_thresholds"):
-        TrainingConfig(knowledge_no_robot_thresholds=[0.0])
+        TrainingConfig(knowledge_no_robot_thresholds=[0.5])

@@ -22,8 +22,8 @@ from bitmar_model.metrics import (
     top1_accuracy,
 )
 from bitmar_model.modeling import BitMarModel
-from bitmar_model.reasoning_format import ParsedReasoning, parse_reasoning
-from bitmar_model.robots import ROBOT_CLASSES, select_robots
+from bitmar_model.reasoning_format import NO_ROBOT, ParsedReasoning, parse_reasoning
+from bitmar_model.robots import ROBOT_CLASSES, ROBOT_INDEX, select_robots
 from bitmar_pipeline.training.reasoning_targets import (
     format_prompt,
     profile_cues,
@@ -139,6 +139,9 @@ def head_guidance(
     if shown is None:
         top = head_probs.max(axis=1)
         shown = calibration(top) if calibration is not None else top
+        if calibration is not None and model is not None and model.config.knowledge_no_robot_gate:
+            # "No Robot" shows its no-robot gate's probability: no validation task calibrates it.
+            shown = np.where(select_robots(head_probs)[:, ROBOT_INDEX[NO_ROBOT]], top, shown)
     cues = [task_cue_phrases(t) for t in tasks] if tasks is not None else [[] for _ in shown]
     goals = [task_goal(t) for t in tasks] if tasks is not None else [None for _ in shown]
     ranked: list[dict[str, str]] = [{} for _ in shown]

@@ -47,8 +47,8 @@ from bitmar_model.config import BitMarConfig
 from bitmar_model.io import read_json, sha256_file
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.packing import load_packed_into, packed_skeleton, read_packed_config
-from bitmar_model.reasoning_format import parse_reasoning
-from bitmar_model.robots import ROBOT_CLASSES, normalize_robot_name, select_robots
+from bitmar_model.reasoning_format import NO_ROBOT, parse_reasoning
+from bitmar_model.robots import ROBOT_CLASSES, normalize_robot_name, select_robots, with_fleet_robots
 from bitmar_pipeline.config import FLEET, ConfigError, DataConfig, check_fleet_names, load_config
 from bitmar_pipeline.data.images import open_rgb
 from bitmar_pipeline.evaluation.selection_quality import head_guidance
@@ -179,8 +179,10 @@ class Predictor:
     def shown_confidence(self, top_probability: float, robot: str | None = None) -> float:
         """The head's top-choice probability as users see it: calibrated on validation when the
         release says how (manifest "calibration"), else as the head gives it. A robot described
-        only in the fleet has its zero-shot probability, calibrated already."""
-        if self.calibration is None or robot in self.described_robots:
+        only in the fleet has its zero-shot probability, calibrated already; "No Robot", when a no-robot
+        gate decided it, the gate's (no validation task of the public data is "No Robot" to calibrate it on)."""
+        gated = robot == NO_ROBOT and self.model.config.knowledge_no_robot_gate
+        if self.calibration is None or robot in self.described_robots or gated:
             return float(top_probability)
         return float(self.calibration(top_probability))
 
@@ -192,7 +194,7 @@ class Predictor:
             return names, head_probs
         scores = fleet_scores(self.model, self.tokenizer, [task], self.profiles, self.zero_shot.top_k)
         columns = [list(self.profiles).index(r) for r in self.described_robots]
-        return names + self.described_robots, np.concatenate([head_probs, self.zero_shot(scores[:, columns])], axis=1)
+        return names + self.described_robots, with_fleet_robots(head_probs, self.zero_shot(scores[:, columns]))
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -364,7 +366,13 @@ def load_predictor(
         network.memory.load_into(folder / manifest["memory"], expected_fingerprint=manifest["model_fingerprint"])
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise PredictionError(f"{folder}: cannot load the release ({type(exc).__name__}: {exc})") from None
-    if network.config.fingerprint() != manifest["model_fingerprint"]:
+    # The config as stored, not as loaded: a release saved before a config key existed lacks it.
+    config_file = folder / "config.json"
+    if reference:
+        stored = read_json(config_file, lambda e: PredictionError(f"{config_file}: unreadable ({e})"))
+    else:
+        stored = read_packed_config(folder)
+    if BitMarConfig.fingerprint_of(stored) != manifest["model_fingerprint"]:
         raise PredictionError(f"{folder}: config.json does not match {MANIFEST_FILE} (model_fingerprint)")
     if len(tokenizer) != network.config.vocab_size:
         raise PredictionError(

@@ -29,7 +29,7 @@ import torch
 
 from bitmar_model.cell_words import fit_cell_reader
 from bitmar_model.grpo import GroupBatch, GRPOSettings, train_grpo
-from bitmar_model.io import atomic_directory, sha256_file
+from bitmar_model.io import atomic_directory
 from bitmar_model.loop import LoopSettings
 from bitmar_model.losses import (
     PretrainWeights,
@@ -43,7 +43,7 @@ from bitmar_model.modeling import MODEL_REVISION, BitMarModel
 from bitmar_model.rewards import RewardWeights
 from bitmar_model.trainer import Trainer, TrainerConfig
 from bitmar_pipeline.config import PipelineConfig, StageSchedule, TrainingConfig
-from bitmar_pipeline.data.no_robot import load_no_robot_tasks, no_robot_tasks_path
+from bitmar_pipeline.data.no_robot import load_no_robot_tasks
 from bitmar_pipeline.data.robot_tasks import fleet_profiles
 from bitmar_pipeline.data.wordnet_text import bundled_examples
 from bitmar_pipeline.evaluation.robustness import USER_PHRASED_VALIDATION_FILE, load_eval_set
@@ -367,8 +367,9 @@ def run_reasoning_sft(
     model = load_stage_model(storage, PRETRAIN)
     check_compatible(model.config, tokenizer)
     inputs = {"model": _upstream_digest(storage, PRETRAIN)}
-    if training.knowledge_teacher and training.knowledge_no_robot_tasks:  # the file's content, not only its name
-        inputs["no_robot_tasks"] = sha256_file(no_robot_tasks_path(training.knowledge_no_robot_tasks))
+    if training.knowledge_teacher and training.knowledge_no_robot_tasks:
+        # Read (and a bad file refused) before training; its tasks, not only its name, are an input.
+        inputs["no_robot_tasks"] = _fingerprint({"tasks": load_no_robot_tasks(training.knowledge_no_robot_tasks)})
     if training.caption_rehearsal_weight > 0:
         captions = load_caption_data(
             storage, shards, encoder_fingerprint, tokenizer, config.model.max_seq_len, training.heldout_fraction
