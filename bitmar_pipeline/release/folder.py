@@ -471,6 +471,9 @@ person to check.
   gives features the model was not trained on.
 - A robot described only by its profile is found about as well as a trained one when its
   description has words of its own (underwater), far less when its tasks overlap other robots'.
+- The public robot data has no "No Robot" task: when the model has a no-robot gate, "No Robot"
+  is learned from 100 non-robot tasks written for BitMar (`bitmar_pipeline/data/no_robot_tasks.json`),
+  and the probability shown for it is the gate's own, not calibrated.
 - Not for safety-critical decisions.
 """
     # ModelCard parses the header back (a malformed model-index fails here, not on the Hub).
