@@ -392,11 +392,11 @@ def gate_no_robot(logits: torch.Tensor, log_odds: torch.Tensor, threshold: torch
     "No Robot" is at most the best robot's logit (select_robots' strict ">" then keeps the robot).
     Unchanged when the threshold is +inf (off). The best robot's logit is detached: a loss on "No
     Robot" must not move the robots."""
-    before, column, after = logits[:, :NO_ROBOT_COLUMN], logits[:, NO_ROBOT_COLUMN], logits[:, NO_ROBOT_COLUMN + 1 :]
-    best = torch.cat((before, after), dim=1).max(dim=1).values.detach()
-    fired = (log_odds > threshold)[:, None]
-    cap = -log_odds[:, None]
-    before, after = torch.where(fired, before.minimum(cap), before), torch.where(fired, after.minimum(cap), after)
-    gated = torch.where(fired[:, 0], log_odds, log_odds.minimum(best))
-    column = torch.where(torch.isfinite(threshold), gated, column)
-    return torch.cat((before, column[:, None], after), dim=1)
+    robots = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+    robots[NO_ROBOT_COLUMN] = False
+    best = logits[:, robots].max(dim=1).values.detach()
+    fired = log_odds > threshold
+    gated = torch.where(fired[:, None], logits.minimum(-log_odds[:, None]), logits).clone()
+    column = torch.where(fired, log_odds, log_odds.minimum(best))
+    gated[:, NO_ROBOT_COLUMN] = torch.where(torch.isfinite(threshold), column, logits[:, NO_ROBOT_COLUMN])
+    return gated

@@ -17,18 +17,12 @@ BUNDLED_NO_ROBOT_TASKS = Path(__file__).resolve().parent / "no_robot_tasks.json"
 BUNDLED = "bundled"
 
 
-def no_robot_tasks_path(source: str | Path) -> Path:
-    """The file a `training.knowledge_no_robot_tasks` setting names ("bundled": the committed one)."""
+def load_no_robot_tasks(source: str | Path) -> list[str]:
+    """The task texts of a no-robot task file ("bundled": the committed one); ValueError naming the
+    file and the entry on anything but a non-empty list of distinct, non-empty strings."""
     path = BUNDLED_NO_ROBOT_TASKS if str(source) == BUNDLED else Path(source)
     if not path.is_file():
         raise ValueError(f"training.knowledge_no_robot_tasks: {path} is not a file")
-    return path
-
-
-def load_no_robot_tasks(source: str | Path) -> list[str]:
-    """The task texts of a no-robot task file (`no_robot_tasks_path`); ValueError naming the file
-    and the entry on anything but a non-empty list of distinct, non-empty strings."""
-    path = no_robot_tasks_path(source)
     try:
         tasks = json.loads(path.read_text(encoding="utf-8"))["tasks"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:

@@ -136,12 +136,13 @@ def head_guidance(
     (`task_cue_phrases`) and the "Goal:" line is the task. `robot_names` names `head_probs`'
     columns ("No Robot" 6th; fleet robots scored zero-shot after it); `shown` overrides the stated
     confidences."""
+    selected = select_robots(head_probs)
     if shown is None:
         top = head_probs.max(axis=1)
         shown = calibration(top) if calibration is not None else top
         if calibration is not None and model is not None and model.config.knowledge_no_robot_gate:
             # "No Robot" shows its no-robot gate's probability: no validation task calibrates it.
-            shown = np.where(select_robots(head_probs)[:, ROBOT_INDEX[NO_ROBOT]], top, shown)
+            shown = np.where(selected[:, ROBOT_INDEX[NO_ROBOT]], top, shown)
     cues = [task_cue_phrases(t) for t in tasks] if tasks is not None else [[] for _ in shown]
     goals = [task_goal(t) for t in tasks] if tasks is not None else [None for _ in shown]
     ranked: list[dict[str, str]] = [{} for _ in shown]
@@ -149,7 +150,7 @@ def head_guidance(
         ranked = profile_reasons(model, tokenizer, tasks, profiles)
     decisions = []
     texts = tasks if tasks is not None else [None for _ in shown]
-    rows = zip(select_robots(head_probs), shown, cues, goals, ranked, texts, strict=True)
+    rows = zip(selected, shown, cues, goals, ranked, texts, strict=True)
     for row, conf, row_cues, goal, reasons, task in rows:
         robots = [robot_names[i] for i in np.flatnonzero(row)]
         fits = {robot: reasons[robot] for robot in robots if robot in reasons}

@@ -38,7 +38,7 @@ from bitmar_model.knowledge import (
 from bitmar_model.metrics import exact_set_accuracy, label_matrix, sample_f1, top1_accuracy
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.robots import NUM_ROBOT_CLASSES, ROBOT_INDEX, select_robots
-from bitmar_pipeline.evaluation.selection_quality import encode_prompts
+from bitmar_pipeline.evaluation.selection_quality import encode_prompts, knowledge_vectors
 from bitmar_pipeline.evaluation.zero_shot import fit_score_map
 from bitmar_pipeline.training.reasoning_targets import (
     Profiles,
@@ -430,10 +430,7 @@ def install_knowledge(
     tfidf = (idf, torch.from_numpy(w[:, width:])) if token_tfidf else (None, None)
     knowledge.load_fitted(torch.from_numpy(w[:, :width] * static_scale), torch.from_numpy(b), weight, *tfidf)
     if fleet_texts:
-        fleet_ids, fleet_mask = encode_prompts(tokenizer, fleet_texts, model.config.max_seq_len)
-        with torch.no_grad():
-            vectors = knowledge.task_vectors(fleet_ids.to(ids.device), fleet_mask.to(ids.device))
-        knowledge.load_fleet(vectors, torch.tensor(fleet_owners))
+        knowledge.load_fleet(knowledge_vectors(model, tokenizer, fleet_texts), torch.tensor(fleet_owners))
     n_train = len(train_texts)
     logits = features[:n_train] @ w.T + b
     hits = gold[np.arange(n_train), logits.argmax(1)]
@@ -530,10 +527,9 @@ def choose_fit_weight(
     texts, robots = sets[0] if sets else ((), ())
     if not texts:
         raise ValueError("choose_fit_weight: no validation tasks to choose the weight on")
-    device = knowledge.classifier_bias.device
-    ids, mask = encode_prompts(tokenizer, list(texts), model.config.max_seq_len)
+    vectors = knowledge_vectors(model, tokenizer, texts).to(knowledge.fleet_vectors)
     with torch.no_grad():
-        margins = knowledge.fit_margins(knowledge.task_vectors(ids.to(device), mask.to(device))).cpu().numpy()
+        margins = knowledge.fit_margins(vectors).cpu().numpy()
     columns = torch.unique(knowledge.fleet_owners).cpu().numpy()
     slope = fit_score_map(margins[:, columns], label_matrix([list(r) for r in robots])[:, columns]).scale
     # A slope <= 0 says the fit does not rise with the gold robots: only "off" is worth trying.
@@ -573,11 +569,7 @@ def fit_no_robot_gate(
         raise ValueError("fit_no_robot_gate: needs robot tasks and non-robot tasks")
     rng = random.Random(seed)
     robots = list(robot_texts) + [f for t in robot_texts if (f := short_form(t, rng))]
-    texts = robots + list(no_robot_texts)
-    device = knowledge.classifier_bias.device
-    ids, mask = encode_prompts(tokenizer, texts, model.config.max_seq_len)
-    with torch.no_grad():
-        vectors = knowledge.task_vectors(ids.to(device), mask.to(device)).cpu().numpy()
+    vectors = knowledge_vectors(model, tokenizer, robots + list(no_robot_texts)).numpy()
     is_no_robot = np.r_[np.zeros(len(robots)), np.ones(len(no_robot_texts))]
     lr = LogisticRegression(C=c, class_weight="balanced", max_iter=3000).fit(vectors, is_no_robot)
     knowledge.load_gate(torch.from_numpy(lr.coef_[0]).float(), float(lr.intercept_[0]))

@@ -367,9 +367,11 @@ def run_reasoning_sft(
     model = load_stage_model(storage, PRETRAIN)
     check_compatible(model.config, tokenizer)
     inputs = {"model": _upstream_digest(storage, PRETRAIN)}
+    no_robot: list[str] = []
     if training.knowledge_teacher and training.knowledge_no_robot_tasks:
         # Read (and a bad file refused) before training; its tasks, not only its name, are an input.
-        inputs["no_robot_tasks"] = _fingerprint({"tasks": load_no_robot_tasks(training.knowledge_no_robot_tasks)})
+        no_robot = load_no_robot_tasks(training.knowledge_no_robot_tasks)
+        inputs["no_robot_tasks"] = _fingerprint({"tasks": no_robot})
     if training.caption_rehearsal_weight > 0:
         captions = load_caption_data(
             storage, shards, encoder_fingerprint, tokenizer, config.model.max_seq_len, training.heldout_fraction
@@ -408,7 +410,7 @@ def run_reasoning_sft(
             SFT, model_dir(storage, SFT), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started
         )
     caption_ids = captions.train.caption_ids if training.caption_rehearsal_weight > 0 else []
-    knowledge = _install_knowledge(model, tokenizer, tasks, capabilities, training, subtasks, caption_ids)
+    knowledge = _install_knowledge(model, tokenizer, tasks, capabilities, training, subtasks, caption_ids, no_robot)
     evaluation = evaluate_reasoning(
         model, tokenizer, tasks, "validation", max_new_tokens=config.grpo_reasoning.max_new_tokens
     )
@@ -450,19 +452,21 @@ def _context_texts(
 
 def _install_knowledge(
     model: BitMarModel, tokenizer: Any, tasks: pd.DataFrame, capabilities: Profiles, training: TrainingConfig,
-    subtasks: pd.DataFrame, caption_ids: Sequence[list[int]] = (),
+    subtasks: pd.DataFrame, caption_ids: Sequence[list[int]] = (), no_robot: list[str] | None = None,
 ) -> dict[str, Any]:
     """With training.knowledge_teacher: distil it into the model's knowledge table (fitted on the
     train split's tasks and the fleet's capability phrases; its context encoder also reads the
     train split's subtasks, captions and WordNet examples, unlabelled); returns the stage metadata naming the
-    knowledge source either way."""
+    knowledge source either way. `no_robot`: the no-robot gate's tasks when the caller has read them
+    (None: read `training.knowledge_no_robot_tasks`)."""
     if not training.knowledge_teacher:
         return {"knowledge_source": "robot labels only (training.knowledge_teacher is not set)"}
     train = tasks[tasks["split"] == "train"].drop_duplicates("task_key")
     teacher = SentenceTeacher(training.knowledge_teacher, threads=os.cpu_count())
     context_layers = training.knowledge_context_layers if training.knowledge_table == "words" else 0
     # Only a context encoder reads the unlabelled texts: without one, neither decode captions nor draw examples.
-    no_robot = load_no_robot_tasks(training.knowledge_no_robot_tasks) if training.knowledge_no_robot_tasks else []
+    if no_robot is None:
+        no_robot = load_no_robot_tasks(training.knowledge_no_robot_tasks) if training.knowledge_no_robot_tasks else []
     context_texts = [*_context_texts(subtasks, caption_ids, tokenizer, training), *no_robot] if context_layers else ()
     fit = install_knowledge(
         model, tokenizer, teacher, train["task_text"].tolist(), train["robots"].tolist(), capabilities,
