@@ -71,6 +71,11 @@ class BitMarConfig:
     knowledge_context_out: int = 0
     # Trained robots' description vectors whose fit margins join the knowledge logits; 0: none.
     knowledge_fleet_texts: int = 0
+    # Vectors of the labelled train tasks kept so the fleet fit counts (1 - the task's best cosine to them)
+    # ^ knowledge_fit_novelty_power: in full on wording unlike the labelled tasks, little on wording like
+    # them, where the classifier has learned the cues; 0 tasks: the fit counts in full everywhere.
+    knowledge_known_tasks: int = 0
+    knowledge_fit_novelty_power: float = 0.0
     # A no-robot gate over the task vector (logistic regression on labelled non-robot tasks) decides "No Robot".
     knowledge_no_robot_gate: bool = False
     # Decoder attention: StreamingLLM-style sinks + sliding window bound the KV cache.
@@ -228,12 +233,17 @@ class BitMarConfig:
                 raise ValueError(f"BitMarConfig.{key} must be a bool, got {getattr(self, key)!r}")
         counts = (
             "knowledge_dim", "knowledge_words", "knowledge_context_layers", "knowledge_context_out",
-            "knowledge_fleet_texts", "cell_words",
+            "knowledge_fleet_texts", "knowledge_known_tasks", "cell_words",
         )
         for key in counts:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"BitMarConfig.{key} must be an integer >= 0, got {value!r}")
+        power = self.knowledge_fit_novelty_power
+        if not isinstance(power, (int, float)) or isinstance(power, bool) or not 0 <= power < math.inf:
+            raise ValueError(f"BitMarConfig.knowledge_fit_novelty_power must be a number >= 0, got {power!r}")
+        if self.knowledge_known_tasks and not self.knowledge_fleet_texts:
+            raise ValueError("BitMarConfig.knowledge_known_tasks needs knowledge_fleet_texts > 0: they weight its fit")
         if self.decoder_copies_task and not self.decoder_reads_task:
             raise ValueError(
                 "BitMarConfig.decoder_copies_task needs decoder_reads_task=True: it copies from the task tokens "

@@ -36,7 +36,13 @@ has no description and gets 0):
 
 the kind of fit the fleet-only robots are selected by (evaluation.zero_shot, over their phrases),
 given to the trained ones: it reads a user's short wording where the labelled tasks' classifier has
-no cue.
+no cue. With `known_tasks` > 0 the module also keeps the train tasks' vectors k_j, and the fit counts
+by how unlike them the task is worded,
+
+    robot_logits += fit_weight * (1 - max_j cos(v(x), k_j))^p * (cos(v(x), d_r) - max_r' cos(v(x), d_r')),
+
+so a task worded like the labelled ones is left to the classifier that learned their cues, and a
+short task in a user's own words is read by its fit (measured in docs/decisions.md).
 
 With `no_robot_gate` the module also holds a logistic regression over the task vector, fitted on
 labelled non-robot tasks against the robot tasks ("Draft a cover letter" vs "Inspect a ship hull"),
@@ -183,7 +189,7 @@ class TaskKnowledge(nn.Module):
     def __init__(
         self, vocab_size: int, dim: int, num_classes: int, token_tfidf: bool = False, words: int = 0,
         context_layers: int = 0, context_out: int = 0, max_words: int = 0, fleet_texts: int = 0,
-        no_robot_gate: bool = False,
+        no_robot_gate: bool = False, known_tasks: int = 0, novelty_power: float = 0.0,
     ) -> None:
         super().__init__()
         self.token_tfidf = token_tfidf
@@ -216,6 +222,13 @@ class TaskKnowledge(nn.Module):
             self.register_buffer("fleet_vectors", torch.zeros(fleet_texts, width))
             self.register_buffer("fleet_owners", torch.zeros(fleet_texts, dtype=torch.int64))  # robot columns
             self.register_buffer("fit_weight", torch.zeros(()))
+        if known_tasks and not fleet_texts:
+            raise ValueError("knowledge known_tasks: they weight the fleet fit, which needs fleet_texts > 0")
+        self.known_tasks = known_tasks
+        self.novelty_power = float(novelty_power)
+        if known_tasks:
+            # fp16 like the table: the vectors only rank a task's nearest train task.
+            self.register_buffer("known_vectors", torch.zeros(known_tasks, width, dtype=torch.float16))
         self.no_robot_gate = no_robot_gate
         if no_robot_gate:
             self.register_buffer("gate_weight", torch.zeros(width))
@@ -282,7 +295,14 @@ class TaskKnowledge(nn.Module):
             logits = logits + self.tfidf_vectors(input_ids, attention_mask) @ self.tfidf_classifier.float().T
         if not self.fleet_texts:
             return self.weight * logits
-        return self.weight * logits + self.fit_weight * self.fit_margins(v)
+        return self.weight * logits + self.fit_weight * self.fit_novelty(v)[:, None] * self.fit_margins(v)
+
+    def fit_novelty(self, task_vectors: torch.Tensor) -> torch.Tensor:
+        """[B]: (1 - the task's best cosine to a known train task)^p, in [0, 1]; 1 without known tasks."""
+        if not self.known_tasks:
+            return task_vectors.new_ones(task_vectors.shape[0])
+        nearest = (task_vectors @ self.known_vectors.float().T).max(dim=1).values
+        return (1 - nearest).clamp(0, 1) ** self.novelty_power
 
     def fit_margins(self, task_vectors: torch.Tensor) -> torch.Tensor:
         """[B, classes]: each trained robot's fleet fit minus the best one's (<= 0), 0 for "No Robot"."""
@@ -294,6 +314,13 @@ class TaskKnowledge(nn.Module):
         if not self.fleet_texts:
             raise ValueError("load_fleet: the module stores no fleet texts (fleet_texts 0)")
         self._install([("fleet_vectors", vectors), ("fleet_owners", owners)])
+
+    @torch.no_grad()
+    def load_known(self, vectors: torch.Tensor) -> None:
+        """Install the train tasks' task vectors [known_tasks, width] (L2-normalised, as task_vectors gives)."""
+        if not self.known_tasks:
+            raise ValueError("load_known: the module keeps no known tasks (known_tasks 0)")
+        self._install([("known_vectors", vectors)])
 
     @torch.no_grad()
     def load_gate(self, weight: torch.Tensor, bias: float) -> None:

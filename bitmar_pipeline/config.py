@@ -298,13 +298,23 @@ class TrainingConfig(_Section):
         ),
     )
     knowledge_fit_weights: list[Annotated[float, Field(ge=0.0)]] = Field(
-        default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
+        default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
         min_length=1,
         description=(
             "Multiples of the fit margin's logistic slope on the validation tasks for the fleet fit (how much worse "
             "a task matches a trained robot's description than the best-fitting robot's) added to the selection "
             "logits; tried on the validation tasks plus the user-phrased validation set, the best kept. [0]: no "
             "fleet fit."
+        ),
+    )
+    knowledge_fit_novelty_power: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=16.0,
+        description=(
+            "p of the fleet fit's novelty weight, (1 - a task's best cosine to the train tasks' task vectors)^p: the "
+            "fit counts on wording unlike the labelled tasks and little on wording like them, where the classifier "
+            "learned the cues (the train tasks' vectors are kept in the model). 0: the fit counts in full everywhere."
         ),
     )
     knowledge_fit_user_validation: bool = Field(

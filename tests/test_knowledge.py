@@ -321,6 +321,57 @@ def test_the_fleet_fit_is_stored_chosen_on_validation_and_round_trips(setup, tmp
         plain.knowledge.load_fleet(torch.zeros(2, 16), torch.zeros(2, dtype=torch.int64))
 
 
+def test_the_fleet_fit_counts_by_how_unlike_the_known_tasks_a_task_is() -> None:
+    """(1 - best cosine to a known task)^p scales the fit: nothing on a known task's own vector,
+    in full on one orthogonal to them all, (1 - cos)^2 between; 1 without known tasks."""
+    knowledge = TaskKnowledge(vocab_size=6, dim=2, num_classes=6, fleet_texts=2, known_tasks=1, novelty_power=2.0)
+    knowledge.load_static(table=torch.eye(6, 2), token_weights=torch.ones(6))
+    knowledge.load_fitted(torch.zeros(6, 2), torch.zeros(6), 0.0)
+    knowledge.load_fleet(torch.eye(2), torch.tensor([0, 1]))
+    knowledge.load_known(torch.tensor([[1.0, 0.0]]))
+    knowledge.fit_weight.fill_(10.0)
+    tasks = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    novelty = knowledge.fit_novelty(tasks)
+    torch.testing.assert_close(novelty, torch.tensor([0.0, 1.0, (1 - 0.5**0.5) ** 2]))
+    # Task 1 fits robot 1 (margin 0) and robot 0 by 1 less; task 2 fits both alike (margins 0).
+    ids, mask = torch.tensor([[0, 0], [1, 1], [0, 1]]), torch.ones(3, 2, dtype=torch.long)
+    expected = torch.zeros(3, 6)
+    expected[1, 0] = -10.0
+    torch.testing.assert_close(knowledge(ids, mask), expected)
+    unweighted = TaskKnowledge(vocab_size=6, dim=2, num_classes=6, fleet_texts=2)
+    assert torch.equal(unweighted.fit_novelty(tasks), torch.ones(3))
+    with pytest.raises(ValueError, match="keeps no known tasks"):
+        unweighted.load_known(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="needs fleet_texts > 0"):
+        TaskKnowledge(vocab_size=6, dim=2, num_classes=6, known_tasks=1, novelty_power=2.0)
+    with pytest.raises(ValueError, match="knowledge_known_tasks needs knowledge_fleet_texts"):
+        BitMarConfig(knowledge_dim=2, knowledge_known_tasks=3)
+    with pytest.raises(ValueError, match="knowledge_fit_novelty_power must be a number >= 0"):
+        BitMarConfig(knowledge_fit_novelty_power=-1.0)
+
+
+def test_the_known_tasks_are_the_train_tasks_and_round_trip(setup, tmp_path: Path) -> None:
+    """With a novelty power the train tasks' own vectors are kept (so the fit adds nothing to a
+    train task), the model's config records both, and save/load and the packed release keep them."""
+    tokenizer, _, _ = setup
+    fitted, fit = _fitted(setup, token_tfidf=True, fleet_fit=True, novelty_power=2.0)
+    assert fit.fit_novelty_power == fitted.config.knowledge_fit_novelty_power == 2.0
+    assert fitted.config.knowledge_known_tasks == len(TASKS)
+    texts = [t for t, _ in TASKS]
+    ids, mask = encode_prompts(tokenizer, texts + ["Photograph a roof from the sky"], fitted.config.max_seq_len)
+    with torch.no_grad():
+        vectors = fitted.knowledge.task_vectors(ids, mask)
+        torch.testing.assert_close(fitted.knowledge.known_vectors.float(), vectors[: len(TASKS)].half().float())
+        novelty = fitted.knowledge.fit_novelty(vectors)
+    assert novelty[: len(TASKS)].max() < 1e-6 < 1e-4 < novelty[-1]
+    fitted.knowledge.fit_weight.fill_(5.0)
+    packed = _saved_and_packed(fitted, tokenizer, tmp_path)
+    assert torch.equal(packed.knowledge.known_vectors, fitted.knowledge.known_vectors)
+    assert packed.config.knowledge_fit_novelty_power == 2.0
+    _, without = _fitted(setup, fleet_fit=True)
+    assert without.fit_novelty_power == 0.0
+
+
 # --- the no-robot gate: "No Robot" from labelled non-robot tasks ---------------------------
 
 NO_ROBOT_TASKS = ["write a poem for my aunt", "pay the phone bill online", "pick a name for the baby", "vote today"]

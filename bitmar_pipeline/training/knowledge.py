@@ -343,6 +343,7 @@ class KnowledgeFit:
     context_corpus: int = 0
     context_loss: float | None = None
     fleet_texts: int = 0
+    fit_novelty_power: float = 0.0  # > 0: the fleet fit weighted by novelty against the train tasks
 
     def metadata(self) -> dict[str, Any]:
         return {f"knowledge_{k}": v for k, v in self.__dict__.items()}
@@ -368,6 +369,7 @@ def install_knowledge(
     context_texts: Sequence[str] = (),
     seed: int = 0,
     fleet_fit: bool = False,
+    novelty_power: float = 0.0,
     no_robot_gate: bool = False,
 ) -> KnowledgeFit:
     """Distil the table (over whole words when `words`, else over the model's tokens), fit the
@@ -377,8 +379,9 @@ def install_knowledge(
     contextual encoder distilled for `context_steps` steps on the train tasks, the phrases and
     `context_texts` (unlabelled: subtasks, captions) before the classifier is fitted. With
     `fleet_fit`, the vectors of the trained robots' descriptions are stored for the fleet fit
-    (its weight stays 0 until `choose_fit_weight`). With `no_robot_gate` the module gets an (empty)
-    no-robot gate for `fit_no_robot_gate`."""
+    (its weight stays 0 until `choose_fit_weight`); with `novelty_power` > 0 also the train tasks'
+    vectors, so the fit counts (1 - a task's best cosine to them)^novelty_power. With `no_robot_gate`
+    the module gets an (empty) no-robot gate for `fit_no_robot_gate`."""
     if context_layers and not words:
         raise ValueError("training.knowledge_context_layers needs training.knowledge_table: words")
     strings = token_strings(tokenizer)
@@ -396,15 +399,23 @@ def install_knowledge(
         static = {"table": table, "token_weights": torch.from_numpy(sif_weights(prompts, len(strings), strings))}
     rows = static["word_table"].shape[0] if words else 0
     fleet_texts, fleet_owners = fleet_descriptions(capabilities) if fleet_fit else ([], [])
+    n_train = len(train_texts)
+    known = n_train if fleet_texts and novelty_power > 0 else 0
     if not model.config.knowledge_dim:
         width = teacher.width if context_layers else 0
-        model.add_knowledge(dim, token_tfidf, rows, context_layers, width, len(fleet_texts), no_robot_gate)
+        model.add_knowledge(
+            dim, token_tfidf, rows, context_layers, width, len(fleet_texts), no_robot_gate, known, novelty_power
+        )
     knowledge = model.knowledge
-    shape = (knowledge.words, model.config.knowledge_context_layers, knowledge.fleet_texts, knowledge.no_robot_gate)
-    if shape != (rows, context_layers, len(fleet_texts), no_robot_gate):
+    shape = (
+        knowledge.words, model.config.knowledge_context_layers, knowledge.fleet_texts, knowledge.no_robot_gate,
+        knowledge.known_tasks, knowledge.novelty_power if knowledge.known_tasks else 0.0,
+    )
+    wanted = (rows, context_layers, len(fleet_texts), no_robot_gate, known, float(novelty_power) if known else 0.0)
+    if shape != wanted:
         raise ValueError(
-            "install_knowledge: the model's knowledge has (word rows, context layers, fleet texts, no-robot gate) "
-            f"{shape}, this fit {(rows, context_layers, len(fleet_texts), no_robot_gate)}"
+            "install_knowledge: the model's knowledge has (word rows, context layers, fleet texts, no-robot gate, "
+            f"known tasks, novelty power) {shape}, this fit {wanted}"
         )
     ids, mask = ids.to(knowledge.classifier_bias.device), mask.to(knowledge.classifier_bias.device)
     knowledge.load_static(**static)
@@ -431,13 +442,15 @@ def install_knowledge(
     knowledge.load_fitted(torch.from_numpy(w[:, :width] * static_scale), torch.from_numpy(b), weight, *tfidf)
     if fleet_texts:
         knowledge.load_fleet(knowledge_vectors(model, tokenizer, fleet_texts), torch.tensor(fleet_owners))
-    n_train = len(train_texts)
+    if known:
+        knowledge.load_known(torch.from_numpy(vectors[:n_train]))
     logits = features[:n_train] @ w.T + b
     hits = gold[np.arange(n_train), logits.argmax(1)]
     return KnowledgeFit(
         teacher.name, dim, knowledge.words, token_tfidf, static_scale, phrase_weight, weight, n_train, len(phrases),
         round(float(hits.mean()), 4), context_layers, corpus_size,
         None if context_loss is None else round(context_loss, 4), len(fleet_texts),
+        float(novelty_power) if known else 0.0,
     )
 
 

@@ -474,7 +474,8 @@ def _install_knowledge(
         static_scale=training.knowledge_static_scale, phrase_weight=training.knowledge_phrase_weight,
         weight=training.knowledge_weights[0], words=training.knowledge_table == "words",
         context_layers=context_layers, context_steps=training.knowledge_context_steps, seed=training.seed,
-        context_texts=context_texts, fleet_fit=any(training.knowledge_fit_weights), no_robot_gate=bool(no_robot),
+        context_texts=context_texts, fleet_fit=any(training.knowledge_fit_weights),
+        novelty_power=training.knowledge_fit_novelty_power, no_robot_gate=bool(no_robot),
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
     rows = f"{fit.words}-word" if fit.words else "token"
