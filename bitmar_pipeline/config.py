@@ -333,6 +333,18 @@ class TrainingConfig(_Section):
             "to a JSON file {\"tasks\": [...]}, or null/'' for no gate."
         ),
     )
+    knowledge_typed_tasks: str | None = Field(
+        default="bundled",
+        description=(
+            "Short labelled robot tasks typed as people type them, extra rows of the knowledge classifier "
+            "(label-balanced: the public data has 22 Humanoid train tasks): 'bundled' (108 written for BitMar, "
+            "bitmar_pipeline/data/typed_robot_tasks.json), a path to a JSON file {\"tasks\": [{\"task\": ..., "
+            "\"robots\": [...]}]}, or null/'' for none."
+        ),
+    )
+    knowledge_typed_weight: float = Field(
+        default=0.5, gt=0.0, description="Each typed task's weight in the knowledge classifier's fit (a train task: 1)."
+    )
     knowledge_no_robot_thresholds: list[Annotated[float, Field(gt=0.5, le=1.0)]] = Field(
         default=[0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0],
         min_length=1,
@@ -390,7 +402,7 @@ class TrainingConfig(_Section):
     pretrain: StageSchedule = StageSchedule(max_steps=200, batch_size=32, learning_rate=1e-3)
     sft: StageSchedule = StageSchedule(max_steps=160, batch_size=16, learning_rate=2e-3)
 
-    @field_validator("knowledge_teacher", "knowledge_no_robot_tasks")
+    @field_validator("knowledge_teacher", "knowledge_no_robot_tasks", "knowledge_typed_tasks")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         # "" turns it off where null cannot be written (--set, Dagster run config maps).

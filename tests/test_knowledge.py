@@ -372,6 +372,29 @@ def test_the_known_tasks_are_the_train_tasks_and_round_trip(setup, tmp_path: Pat
     assert without.fit_novelty_power == 0.0
 
 
+def test_typed_tasks_join_the_classifier_rows_and_the_known_tasks(setup) -> None:
+    """A typed task labelled Humanoid lifts Humanoid on its own text over the fit without it, at its
+    weight (the higher the weight, the more), and its vector joins the known tasks after the train tasks'."""
+    tokenizer, _, _ = setup
+    typed = (["haul a tray of sky photos"], [["Humanoid"]])
+    ids, mask = encode_prompts(tokenizer, typed[0], 64)
+    humanoid = ROBOT_INDEX["Humanoid"]
+    lifts = []
+    for weight in (0.5, 4.0):
+        fitted, fit = _fitted(setup, fleet_fit=True, novelty_power=2.0, typed_tasks=typed, typed_weight=weight)
+        assert (fit.typed_tasks, fit.typed_weight) == (1, weight)
+        assert fitted.config.knowledge_known_tasks == len(TASKS) + 1
+        with torch.no_grad():
+            vector = fitted.knowledge.task_vectors(ids, mask)
+            torch.testing.assert_close(fitted.knowledge.known_vectors[-1:].float(), vector.half().float())
+            lifts.append(fitted.knowledge(ids, mask)[0, humanoid].item())
+    plain, without = _fitted(setup, fleet_fit=True, novelty_power=2.0)
+    assert (without.typed_tasks, without.typed_weight) == (0, 0.0)
+    with torch.no_grad():
+        baseline = plain.knowledge(ids, mask)[0, humanoid].item()
+    assert baseline < lifts[0] < lifts[1]
+
+
 # --- the no-robot gate: "No Robot" from labelled non-robot tasks ---------------------------
 
 NO_ROBOT_TASKS = ["write a poem for my aunt", "pay the phone bill online", "pick a name for the baby", "vote today"]

@@ -52,6 +52,7 @@ _NEVER = -8.0  # bias of a class no training row has ("No Robot" in the public d
 
 
 PACKAGE_PREFIX = "package:"
+LabelledTexts = tuple[Sequence[str], Sequence[Sequence[str]]]  # task texts and each one's gold robots
 
 
 def teacher_location(name: str) -> str:
@@ -343,7 +344,9 @@ class KnowledgeFit:
     context_corpus: int = 0
     context_loss: float | None = None
     fleet_texts: int = 0
-    fit_novelty_power: float = 0.0  # > 0: the fleet fit weighted by novelty against the train tasks
+    fit_novelty_power: float = 0.0  # > 0: the fleet fit weighted by novelty against the train (and typed) tasks
+    typed_tasks: int = 0
+    typed_weight: float = 0.0
 
     def metadata(self) -> dict[str, Any]:
         return {f"knowledge_{k}": v for k, v in self.__dict__.items()}
@@ -371,6 +374,8 @@ def install_knowledge(
     fleet_fit: bool = False,
     novelty_power: float = 0.0,
     no_robot_gate: bool = False,
+    typed_tasks: LabelledTexts = ((), ()),
+    typed_weight: float = 1.0,
 ) -> KnowledgeFit:
     """Distil the table (over whole words when `words`, else over the model's tokens), fit the
     classifier on the model's own task vectors (scaled by `static_scale` next to the token TF-IDF
@@ -381,7 +386,9 @@ def install_knowledge(
     `fleet_fit`, the vectors of the trained robots' descriptions are stored for the fleet fit
     (its weight stays 0 until `choose_fit_weight`); with `novelty_power` > 0 also the train tasks'
     vectors, so the fit counts (1 - a task's best cosine to them)^novelty_power. With `no_robot_gate`
-    the module gets an (empty) no-robot gate for `fit_no_robot_gate`."""
+    the module gets an (empty) no-robot gate for `fit_no_robot_gate`. `typed_tasks` (texts, robots):
+    short labelled tasks that join the classifier's rows at `typed_weight` each (and the novelty's
+    known tasks), read by the table and encoder fitted without them."""
     if context_layers and not words:
         raise ValueError("training.knowledge_context_layers needs training.knowledge_table: words")
     strings = token_strings(tokenizer)
@@ -399,8 +406,8 @@ def install_knowledge(
         static = {"table": table, "token_weights": torch.from_numpy(sif_weights(prompts, len(strings), strings))}
     rows = static["word_table"].shape[0] if words else 0
     fleet_texts, fleet_owners = fleet_descriptions(capabilities) if fleet_fit else ([], [])
-    n_train = len(train_texts)
-    known = n_train if fleet_texts and novelty_power > 0 else 0
+    n_train, n_typed = len(train_texts), len(typed_tasks[0])
+    known = n_train + n_typed if fleet_texts and novelty_power > 0 else 0
     if not model.config.knowledge_dim:
         width = teacher.width if context_layers else 0
         model.add_knowledge(
@@ -430,28 +437,44 @@ def install_knowledge(
         context_loss, corpus_size = distil_context(
             knowledge, tokenizer, teacher, texts + list(context_texts), context_steps, seed, model.config.max_seq_len
         )
-    with torch.no_grad():
-        vectors = knowledge.task_vectors(ids, mask).cpu().numpy()
-        features = vectors * static_scale
-        if token_tfidf:
-            features = np.concatenate([features, knowledge.tfidf_vectors(ids, mask).cpu().numpy()], axis=1)
-    sample_weight = np.r_[np.ones(len(train_texts)), np.full(len(phrases), phrase_weight)]
-    w, b = fit_one_vs_rest(features, gold, c, sample_weight)
+    vectors, features = _classifier_rows(knowledge, ids, mask, static_scale)
+    typed_vectors, typed_features = np.empty((0, vectors.shape[1])), np.empty((0, features.shape[1]))
+    if n_typed:
+        typed_ids, typed_mask = encode_prompts(tokenizer, list(typed_tasks[0]), model.config.max_seq_len)
+        typed_vectors, typed_features = _classifier_rows(
+            knowledge, typed_ids.to(ids.device), typed_mask.to(ids.device), static_scale
+        )
+    sample_weight = np.r_[np.ones(n_train), np.full(len(phrases), phrase_weight), np.full(n_typed, typed_weight)]
+    typed_gold = label_matrix([list(r) for r in typed_tasks[1]]).astype(bool)
+    w, b = fit_one_vs_rest(np.r_[features, typed_features], np.r_[gold, typed_gold], c, sample_weight)
     width = knowledge.classifier_weight.shape[1]
     tfidf = (idf, torch.from_numpy(w[:, width:])) if token_tfidf else (None, None)
     knowledge.load_fitted(torch.from_numpy(w[:, :width] * static_scale), torch.from_numpy(b), weight, *tfidf)
     if fleet_texts:
         knowledge.load_fleet(knowledge_vectors(model, tokenizer, fleet_texts), torch.tensor(fleet_owners))
     if known:
-        knowledge.load_known(torch.from_numpy(vectors[:n_train]))
+        knowledge.load_known(torch.from_numpy(np.r_[vectors[:n_train], typed_vectors]))
     logits = features[:n_train] @ w.T + b
     hits = gold[np.arange(n_train), logits.argmax(1)]
     return KnowledgeFit(
         teacher.name, dim, knowledge.words, token_tfidf, static_scale, phrase_weight, weight, n_train, len(phrases),
         round(float(hits.mean()), 4), context_layers, corpus_size,
         None if context_loss is None else round(context_loss, 4), len(fleet_texts),
-        float(novelty_power) if known else 0.0,
+        float(novelty_power) if known else 0.0, n_typed, typed_weight if n_typed else 0.0,
     )
+
+
+@torch.no_grad()
+def _classifier_rows(
+    knowledge: TaskKnowledge, ids: torch.Tensor, mask: torch.Tensor, static_scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(task vectors [N, width], the classifier's features [N, width (+ vocab)]): the task vectors
+    times `static_scale`, next to the token TF-IDF vectors when the module has that view."""
+    vectors = knowledge.task_vectors(ids, mask).cpu().numpy()
+    features = vectors * static_scale
+    if knowledge.token_tfidf:
+        features = np.concatenate([features, knowledge.tfidf_vectors(ids, mask).cpu().numpy()], axis=1)
+    return vectors, features
 
 
 def fleet_descriptions(capabilities: Profiles) -> tuple[list[str], list[int]]:
@@ -465,9 +488,6 @@ def fleet_descriptions(capabilities: Profiles) -> tuple[list[str], list[int]]:
         [profile_description(robot, profile) for robot, profile in capabilities.items()],
         [ROBOT_INDEX[robot] for robot in capabilities],
     )
-
-
-LabelledTexts = tuple[Sequence[str], Sequence[Sequence[str]]]  # task texts and each one's gold robots
 
 
 @torch.no_grad()

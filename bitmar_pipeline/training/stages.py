@@ -45,6 +45,7 @@ from bitmar_model.trainer import Trainer, TrainerConfig
 from bitmar_pipeline.config import PipelineConfig, StageSchedule, TrainingConfig
 from bitmar_pipeline.data.no_robot import load_no_robot_tasks
 from bitmar_pipeline.data.robot_tasks import fleet_profiles
+from bitmar_pipeline.data.typed_tasks import load_typed_tasks
 from bitmar_pipeline.data.wordnet_text import bundled_examples
 from bitmar_pipeline.evaluation.robustness import USER_PHRASED_VALIDATION_FILE, load_eval_set
 from bitmar_pipeline.evaluation.selection_quality import ReasoningEvaluation, evaluate_reasoning
@@ -372,6 +373,10 @@ def run_reasoning_sft(
         # Read (and a bad file refused) before training; its tasks, not only its name, are an input.
         no_robot = load_no_robot_tasks(training.knowledge_no_robot_tasks)
         inputs["no_robot_tasks"] = _fingerprint({"tasks": no_robot})
+    typed: LabelledTexts = ((), ())
+    if training.knowledge_teacher and training.knowledge_typed_tasks:
+        typed = load_typed_tasks(training.knowledge_typed_tasks)
+        inputs["typed_tasks"] = _fingerprint({"tasks": typed})
     if training.caption_rehearsal_weight > 0:
         captions = load_caption_data(
             storage, shards, encoder_fingerprint, tokenizer, config.model.max_seq_len, training.heldout_fraction
@@ -410,7 +415,9 @@ def run_reasoning_sft(
             SFT, model_dir(storage, SFT), fingerprint, result.final_step, resumed, [], {}, time.perf_counter() - started
         )
     caption_ids = captions.train.caption_ids if training.caption_rehearsal_weight > 0 else []
-    knowledge = _install_knowledge(model, tokenizer, tasks, capabilities, training, subtasks, caption_ids, no_robot)
+    knowledge = _install_knowledge(
+        model, tokenizer, tasks, capabilities, training, subtasks, caption_ids, no_robot, typed
+    )
     evaluation = evaluate_reasoning(
         model, tokenizer, tasks, "validation", max_new_tokens=config.grpo_reasoning.max_new_tokens
     )
@@ -453,12 +460,13 @@ def _context_texts(
 def _install_knowledge(
     model: BitMarModel, tokenizer: Any, tasks: pd.DataFrame, capabilities: Profiles, training: TrainingConfig,
     subtasks: pd.DataFrame, caption_ids: Sequence[list[int]] = (), no_robot: list[str] | None = None,
+    typed: LabelledTexts | None = None,
 ) -> dict[str, Any]:
     """With training.knowledge_teacher: distil it into the model's knowledge table (fitted on the
     train split's tasks and the fleet's capability phrases; its context encoder also reads the
     train split's subtasks, captions and WordNet examples, unlabelled); returns the stage metadata naming the
-    knowledge source either way. `no_robot`: the no-robot gate's tasks when the caller has read them
-    (None: read `training.knowledge_no_robot_tasks`)."""
+    knowledge source either way. `no_robot` / `typed`: the no-robot gate's tasks and the typed tasks
+    when the caller has read them (None: read `training.knowledge_no_robot_tasks` / `knowledge_typed_tasks`)."""
     if not training.knowledge_teacher:
         return {"knowledge_source": "robot labels only (training.knowledge_teacher is not set)"}
     train = tasks[tasks["split"] == "train"].drop_duplicates("task_key")
@@ -467,6 +475,8 @@ def _install_knowledge(
     # Only a context encoder reads the unlabelled texts: without one, neither decode captions nor draw examples.
     if no_robot is None:
         no_robot = load_no_robot_tasks(training.knowledge_no_robot_tasks) if training.knowledge_no_robot_tasks else []
+    if typed is None:
+        typed = load_typed_tasks(training.knowledge_typed_tasks) if training.knowledge_typed_tasks else ((), ())
     context_texts = [*_context_texts(subtasks, caption_ids, tokenizer, training), *no_robot] if context_layers else ()
     fit = install_knowledge(
         model, tokenizer, teacher, train["task_text"].tolist(), train["robots"].tolist(), capabilities,
@@ -475,7 +485,8 @@ def _install_knowledge(
         weight=training.knowledge_weights[0], words=training.knowledge_table == "words",
         context_layers=context_layers, context_steps=training.knowledge_context_steps, seed=training.seed,
         context_texts=context_texts, fleet_fit=any(training.knowledge_fit_weights),
-        novelty_power=training.knowledge_fit_novelty_power, no_robot_gate=bool(no_robot),
+        novelty_power=training.knowledge_fit_novelty_power, no_robot_gate=bool(no_robot), typed_tasks=typed,
+        typed_weight=training.knowledge_typed_weight,
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
     rows = f"{fit.words}-word" if fit.words else "token"
