@@ -474,6 +474,10 @@ person to check.
 - The public robot data has no "No Robot" task: when the model has a no-robot gate, "No Robot"
   is learned from 100 non-robot tasks written for BitMar (`bitmar_pipeline/data/no_robot_tasks.json`),
   and the probability shown for it is the gate's own, not calibrated.
+- With `training.knowledge_typed_tasks` (the default) the task knowledge's classifier also trains
+  on 108 short robot tasks written for BitMar (`bitmar_pipeline/data/typed_robot_tasks.json`, kept
+  apart from every evaluation task); the user-phrased evaluation sets were written by the same
+  project, so their scores may read higher than a stranger's wording would.
 - Not for safety-critical decisions.
 """
     # ModelCard parses the header back (a malformed model-index fails here, not on the Hub).
