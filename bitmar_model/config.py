@@ -71,7 +71,7 @@ class BitMarConfig:
     knowledge_context_out: int = 0
     # Trained robots' description vectors whose fit margins join the knowledge logits; 0: none.
     knowledge_fleet_texts: int = 0
-    # Vectors of the labelled train tasks kept so the fleet fit counts (1 - the task's best cosine to them)
+    # Vectors of the labelled train (and typed) tasks kept so the fleet fit counts (1 - the task's best cosine to them)
     # ^ knowledge_fit_novelty_power: in full on wording unlike the labelled tasks, little on wording like
     # them, where the classifier has learned the cues; 0 tasks: the fit counts in full everywhere.
     knowledge_known_tasks: int = 0

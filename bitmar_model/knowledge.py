@@ -317,7 +317,8 @@ class TaskKnowledge(nn.Module):
 
     @torch.no_grad()
     def load_known(self, vectors: torch.Tensor) -> None:
-        """Install the train tasks' task vectors [known_tasks, width] (L2-normalised, as task_vectors gives)."""
+        """Install the labelled (train and typed) tasks' vectors [known_tasks, width], L2-normalised as
+        task_vectors gives them."""
         if not self.known_tasks:
             raise ValueError("load_known: the module keeps no known tasks (known_tasks 0)")
         self._install([("known_vectors", vectors)])

@@ -202,12 +202,12 @@ def test_the_tfidf_view_is_sklearns_tfidf_over_the_prompt_tokens(setup) -> None:
         torch.testing.assert_close(knowledge(ids, mask), 2.0 * (by_hand + knowledge.classifier_bias))
 
 
-def _saved_and_packed(fitted: BitMarModel, tokenizer, tmp_path: Path) -> BitMarModel:
+def _saved_and_packed(fitted: BitMarModel, tokenizer, tmp_path: Path, unseen: tuple[str, ...] = ()) -> BitMarModel:
     """Saves `fitted` (fp32 and the release's packed form), asserts both reload to the same
-    selection on TASKS (the packed one as the model with its floats rounded); the packed model."""
+    selection on TASKS and `unseen` texts (the packed one as the model with its floats rounded); the packed model."""
     from bitmar_model.packing import load_packed_into, pack_model, round_to_stored, save_packed
 
-    ids, mask = encode_prompts(tokenizer, [t for t, _ in TASKS], fitted.config.max_seq_len)
+    ids, mask = encode_prompts(tokenizer, [t for t, _ in TASKS] + list(unseen), fitted.config.max_seq_len)
     fitted.save_pretrained(tmp_path / "fp32")
     reloaded = BitMarModel.from_pretrained(tmp_path / "fp32").eval()
     save_packed(fitted, tmp_path / "packed", fitted.config.to_dict())
@@ -365,7 +365,8 @@ def test_the_known_tasks_are_the_train_tasks_and_round_trip(setup, tmp_path: Pat
         novelty = fitted.knowledge.fit_novelty(vectors)
     assert novelty[: len(TASKS)].max() < 1e-6 < 1e-4 < novelty[-1]
     fitted.knowledge.fit_weight.fill_(5.0)
-    packed = _saved_and_packed(fitted, tokenizer, tmp_path)
+    # The unseen task is where the novelty weight is not ~0, so the round trip checks it too.
+    packed = _saved_and_packed(fitted, tokenizer, tmp_path, unseen=("Photograph a roof from the sky",))
     assert torch.equal(packed.knowledge.known_vectors, fitted.knowledge.known_vectors)
     assert packed.config.knowledge_fit_novelty_power == 2.0
     _, without = _fitted(setup, fleet_fit=True)

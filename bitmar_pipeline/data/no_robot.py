@@ -39,7 +39,7 @@ def read_task_list(source: str | Path, bundled: Path, setting: str) -> tuple[Pat
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: expected a JSON object with a 'tasks' list ({error!r})") from error
     if not isinstance(tasks, list) or not tasks:
-        raise ValueError(f"{path}: 'tasks' must be a non-empty list of task texts")
+        raise ValueError(f"{path}: 'tasks' must be a non-empty list of tasks")
     return path, tasks
 
 

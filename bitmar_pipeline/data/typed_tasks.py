@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bitmar_model.reasoning_format import NO_ROBOT
 from bitmar_model.robots import normalize_robot_name
 from bitmar_pipeline.data.no_robot import read_task_list, refuse_repeats
 
-NO_ROBOT = "No Robot"
 BUNDLED_TYPED_TASKS = Path(__file__).resolve().parent / "typed_robot_tasks.json"
 
 

@@ -438,7 +438,7 @@ def install_knowledge(
             knowledge, tokenizer, teacher, texts + list(context_texts), context_steps, seed, model.config.max_seq_len
         )
     vectors, features = _classifier_rows(knowledge, ids, mask, static_scale)
-    typed_vectors, typed_features = np.empty((0, vectors.shape[1])), np.empty((0, features.shape[1]))
+    typed_vectors, typed_features = np.empty((0, vectors.shape[1]), vectors.dtype), features[:0]
     if n_typed:
         typed_ids, typed_mask = encode_prompts(tokenizer, list(typed_tasks[0]), model.config.max_seq_len)
         typed_vectors, typed_features = _classifier_rows(
@@ -553,7 +553,9 @@ def choose_fit_weight(
 ) -> FleetFitChoice:
     """Install the fleet fit's weight: the logistic slope of the gold robots on the fit margins of
     the first set (the dataset's validation tasks) puts the margins on the logit scale, and the
-    multiple of it that scores best over all `sets` (`choose_weight`) is kept."""
+    multiple of it that scores best over all `sets` (`choose_weight`) is kept. The slope is of the
+    raw margins: with a novelty weight (< 1, ~.1 on the dataset's own wording) the fit's scale is
+    multiple x slope x novelty, so the multiples chosen run larger (the default grid goes to 128)."""
     if not model.config.knowledge_fleet_texts:
         raise ValueError("choose_fit_weight: the model stores no fleet texts (install_knowledge fleet_fit)")
     knowledge = model.knowledge
