@@ -301,8 +301,8 @@ class TrainingConfig(_Section):
         default=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
         min_length=1,
         description=(
-            "Multiples of the (raw) fit margin's logistic slope on the validation tasks for the fleet fit (how much worse "
-            "a task matches a trained robot's description than the best-fitting robot's) added to the selection "
+            "Multiples of the (raw) fit margin's logistic slope on the validation tasks for the fleet fit (how much "
+            "worse a task matches a trained robot's description than the best-fitting robot's) added to the selection "
             "logits; tried on the validation tasks plus the user-phrased validation set, the best kept. [0]: no "
             "fleet fit."
         ),
