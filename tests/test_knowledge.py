@@ -437,6 +437,10 @@ def test_the_gate_is_fitted_chosen_on_validation_and_round_trips(setup, tmp_path
     gate = fit_no_robot_gate(fitted, tokenizer, texts, NO_ROBOT_TASKS, c=10.0, seed=0)
     # Better than calling every row a robot task, from a random tiny teacher.
     assert gate.no_robot_rows == 4 and gate.train_accuracy > gate.robot_rows / (gate.robot_rows + 4)
+    # Typed robot tasks join the robot rows as they are (no short form of them).
+    typed = ["haul a tray home", "dive to a reef"]
+    with_typed = fit_no_robot_gate(_copy(fitted), tokenizer, texts, NO_ROBOT_TASKS, c=10.0, seed=0, typed_texts=typed)
+    assert with_typed.robot_rows == gate.robot_rows + len(typed)
     off, _ = choose_no_robot_threshold(fitted, tokenizer, [(texts, robots)], [0.6, 0.9, 1.0])
     assert off == 1.0 and fitted.knowledge.gate_threshold.item() == float("inf")
     sets = [(texts, robots), (NO_ROBOT_TASKS, [["No Robot"]] * 4)]
@@ -577,14 +581,21 @@ def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
     assert metadata["knowledge_no_robot_threshold"] in training.knowledge_no_robot_thresholds
     assert metadata["knowledge_no_robot_chosen_on"] == metadata["knowledge_fit_chosen_on"]
     assert set(metadata["knowledge_no_robot_scores"]) == {str(p) for p in training.knowledge_no_robot_thresholds}
+    # The bundled typed tasks: classifier rows at their weight, known tasks for the fit's novelty, gate robot rows.
+    assert (metadata["knowledge_typed_tasks"], metadata["knowledge_typed_weight"]) == (108, 0.5)
+    assert fitted.config.knowledge_known_tasks == len(TASKS) + 108
+    assert metadata["knowledge_fit_novelty_power"] == fitted.config.knowledge_fit_novelty_power == 2.0
+    assert metadata["knowledge_no_robot_robot_rows"] >= len(TASKS) + 108
     tokens = _copy(model)
     by_tokens = training.model_copy(
-        update={"knowledge_table": "tokens", "knowledge_fit_weights": [0.0], "knowledge_no_robot_tasks": None}
+        update={"knowledge_table": "tokens", "knowledge_fit_weights": [0.0], "knowledge_no_robot_tasks": None,
+                "knowledge_typed_tasks": None}
     )
     metadata = _install_knowledge(tokens, tokenizer, tasks, PROFILES, by_tokens, subtasks)
     assert "token table" in metadata["knowledge_source"] and tokens.config.knowledge_words == 0
     assert tokens.config.knowledge_fleet_texts == 0 and "knowledge_fit_multiple" not in metadata
     assert not tokens.config.knowledge_no_robot_gate and "knowledge_no_robot_threshold" not in metadata
+    assert metadata["knowledge_typed_tasks"] == 0 and tokens.config.knowledge_known_tasks == 0
 
 
 def test_the_context_corpus_reads_only_the_train_split_captions_and_wordnet(setup) -> None:

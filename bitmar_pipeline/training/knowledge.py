@@ -592,10 +592,12 @@ def fit_no_robot_gate(
     no_robot_texts: Sequence[str],
     c: float,
     seed: int,
+    typed_texts: Sequence[str] = (),
 ) -> NoRobotGateFit:
     """Fit the model's no-robot gate: a class-balanced logistic regression on the knowledge's task
     vectors of non-robot tasks against the robot tasks and one short form of each (so a short
-    text alone does not read as "no robot"); its threshold stays until `choose_no_robot_threshold`.
+    text alone does not read as "no robot") and the typed robot tasks as they are (short already);
+    its threshold stays until `choose_no_robot_threshold`.
     Only the task vector, no TF-IDF: the gate must read what a task is about, not the dataset's words."""
     knowledge = model.knowledge
     if not model.config.knowledge_no_robot_gate:
@@ -603,7 +605,7 @@ def fit_no_robot_gate(
     if not robot_texts or not no_robot_texts:
         raise ValueError("fit_no_robot_gate: needs robot tasks and non-robot tasks")
     rng = random.Random(seed)
-    robots = list(robot_texts) + [f for t in robot_texts if (f := short_form(t, rng))]
+    robots = list(robot_texts) + [f for t in robot_texts if (f := short_form(t, rng))] + list(typed_texts)
     vectors = knowledge_vectors(model, tokenizer, robots + list(no_robot_texts)).numpy()
     is_no_robot = np.r_[np.zeros(len(robots)), np.ones(len(no_robot_texts))]
     lr = LogisticRegression(C=c, class_weight="balanced", max_iter=3000).fit(vectors, is_no_robot)

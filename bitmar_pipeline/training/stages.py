@@ -511,18 +511,20 @@ def _install_knowledge(
             "knowledge_fit_chosen_on": names,
         }
     if no_robot:
-        metadata |= _fit_no_robot_gate(model, tokenizer, train["task_text"].tolist(), no_robot, sets, training)
+        robot_texts = (train["task_text"].tolist(), list(typed[0]))
+        metadata |= _fit_no_robot_gate(model, tokenizer, robot_texts, no_robot, sets, training)
         metadata["knowledge_no_robot_chosen_on"] = names
     return {**metadata, **fit.metadata()}
 
 
 def _fit_no_robot_gate(
-    model: BitMarModel, tokenizer: Any, robot_texts: list[str], no_robot: list[str],
+    model: BitMarModel, tokenizer: Any, robot_texts: tuple[list[str], list[str]], no_robot: list[str],
     sets: list[LabelledTexts], training: TrainingConfig,
 ) -> dict[str, Any]:
-    """Fit the no-robot gate on the train tasks against the non-robot tasks, choose its threshold on
-    `sets`; the stage metadata."""
-    gate = fit_no_robot_gate(model, tokenizer, robot_texts, no_robot, training.knowledge_c, training.seed)
+    """Fit the no-robot gate on the (train, typed) robot tasks against the non-robot tasks, choose its
+    threshold on `sets`; the stage metadata."""
+    train, typed = robot_texts
+    gate = fit_no_robot_gate(model, tokenizer, train, no_robot, training.knowledge_c, training.seed, typed)
     threshold, scores = choose_no_robot_threshold(model, tokenizer, sets, training.knowledge_no_robot_thresholds)
     return {
         "knowledge_no_robot_tasks": gate.no_robot_rows,
