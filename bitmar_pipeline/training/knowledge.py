@@ -408,17 +408,17 @@ def install_knowledge(
     fleet_texts, fleet_owners = fleet_descriptions(capabilities) if fleet_fit else ([], [])
     n_train, n_typed = len(train_texts), len(typed_tasks[0])
     known = n_train + n_typed if fleet_texts and novelty_power > 0 else 0
+    power = float(novelty_power) if known else 0.0
     if not model.config.knowledge_dim:
         width = teacher.width if context_layers else 0
-        model.add_knowledge(
-            dim, token_tfidf, rows, context_layers, width, len(fleet_texts), no_robot_gate, known, novelty_power
-        )
+        fleet = len(fleet_texts)
+        model.add_knowledge(dim, token_tfidf, rows, context_layers, width, fleet, no_robot_gate, known, power)
     knowledge = model.knowledge
     shape = (
         knowledge.words, model.config.knowledge_context_layers, knowledge.fleet_texts, knowledge.no_robot_gate,
         knowledge.known_tasks, knowledge.novelty_power if knowledge.known_tasks else 0.0,
     )
-    wanted = (rows, context_layers, len(fleet_texts), no_robot_gate, known, float(novelty_power) if known else 0.0)
+    wanted = (rows, context_layers, len(fleet_texts), no_robot_gate, known, power)
     if shape != wanted:
         raise ValueError(
             "install_knowledge: the model's knowledge has (word rows, context layers, fleet texts, no-robot gate, "
@@ -438,7 +438,7 @@ def install_knowledge(
             knowledge, tokenizer, teacher, texts + list(context_texts), context_steps, seed, model.config.max_seq_len
         )
     vectors, features = _classifier_rows(knowledge, ids, mask, static_scale)
-    typed_vectors, typed_features = np.empty((0, vectors.shape[1]), vectors.dtype), features[:0]
+    typed_vectors, typed_features = vectors[:0], features[:0]
     if n_typed:
         typed_ids, typed_mask = encode_prompts(tokenizer, list(typed_tasks[0]), model.config.max_seq_len)
         typed_vectors, typed_features = _classifier_rows(
@@ -460,7 +460,7 @@ def install_knowledge(
         teacher.name, dim, knowledge.words, token_tfidf, static_scale, phrase_weight, weight, n_train, len(phrases),
         round(float(hits.mean()), 4), context_layers, corpus_size,
         None if context_loss is None else round(context_loss, 4), len(fleet_texts),
-        float(novelty_power) if known else 0.0, n_typed, typed_weight if n_typed else 0.0,
+        power, n_typed, typed_weight if n_typed else 0.0,
     )
 
 

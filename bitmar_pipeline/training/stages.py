@@ -368,14 +368,11 @@ def run_reasoning_sft(
     model = load_stage_model(storage, PRETRAIN)
     check_compatible(model.config, tokenizer)
     inputs = {"model": _upstream_digest(storage, PRETRAIN)}
-    no_robot: list[str] = []
-    if training.knowledge_teacher and training.knowledge_no_robot_tasks:
-        # Read (and a bad file refused) before training; its tasks, not only its name, are an input.
-        no_robot = load_no_robot_tasks(training.knowledge_no_robot_tasks)
+    # Read (and a bad file refused) before training; their tasks, not only their names, are inputs.
+    no_robot, typed = _written_tasks(training) if training.knowledge_teacher else ([], ((), ()))
+    if no_robot:
         inputs["no_robot_tasks"] = _fingerprint({"tasks": no_robot})
-    typed: LabelledTexts = ((), ())
-    if training.knowledge_teacher and training.knowledge_typed_tasks:
-        typed = load_typed_tasks(training.knowledge_typed_tasks)
+    if typed[0]:
         inputs["typed_tasks"] = _fingerprint({"tasks": typed})
     if training.caption_rehearsal_weight > 0:
         captions = load_caption_data(
@@ -457,6 +454,13 @@ def _context_texts(
     return list(dict.fromkeys(train)) + list(texts) + general
 
 
+def _written_tasks(training: TrainingConfig) -> tuple[list[str], LabelledTexts]:
+    """The no-robot gate's tasks and the typed robot tasks the config names (empty where it names none)."""
+    no_robot = load_no_robot_tasks(training.knowledge_no_robot_tasks) if training.knowledge_no_robot_tasks else []
+    typed = load_typed_tasks(training.knowledge_typed_tasks) if training.knowledge_typed_tasks else ((), ())
+    return no_robot, typed
+
+
 def _install_knowledge(
     model: BitMarModel, tokenizer: Any, tasks: pd.DataFrame, capabilities: Profiles, training: TrainingConfig,
     subtasks: pd.DataFrame, caption_ids: Sequence[list[int]] = (), no_robot: list[str] | None = None,
@@ -473,10 +477,8 @@ def _install_knowledge(
     teacher = SentenceTeacher(training.knowledge_teacher, threads=os.cpu_count())
     context_layers = training.knowledge_context_layers if training.knowledge_table == "words" else 0
     # Only a context encoder reads the unlabelled texts: without one, neither decode captions nor draw examples.
-    if no_robot is None:
-        no_robot = load_no_robot_tasks(training.knowledge_no_robot_tasks) if training.knowledge_no_robot_tasks else []
-    if typed is None:
-        typed = load_typed_tasks(training.knowledge_typed_tasks) if training.knowledge_typed_tasks else ((), ())
+    if no_robot is None or typed is None:
+        no_robot, typed = _written_tasks(training)
     context_texts = [*_context_texts(subtasks, caption_ids, tokenizer, training), *no_robot] if context_layers else ()
     fit = install_knowledge(
         model, tokenizer, teacher, train["task_text"].tolist(), train["robots"].tolist(), capabilities,
@@ -511,20 +513,20 @@ def _install_knowledge(
             "knowledge_fit_chosen_on": names,
         }
     if no_robot:
-        robot_texts = (train["task_text"].tolist(), list(typed[0]))
-        metadata |= _fit_no_robot_gate(model, tokenizer, robot_texts, no_robot, sets, training)
+        robot_texts = train["task_text"].tolist()
+        metadata |= _fit_no_robot_gate(model, tokenizer, robot_texts, list(typed[0]), no_robot, sets, training)
         metadata["knowledge_no_robot_chosen_on"] = names
     return {**metadata, **fit.metadata()}
 
 
 def _fit_no_robot_gate(
-    model: BitMarModel, tokenizer: Any, robot_texts: tuple[list[str], list[str]], no_robot: list[str],
+    model: BitMarModel, tokenizer: Any, robot_texts: list[str], typed_texts: list[str], no_robot: list[str],
     sets: list[LabelledTexts], training: TrainingConfig,
 ) -> dict[str, Any]:
-    """Fit the no-robot gate on the (train, typed) robot tasks against the non-robot tasks, choose its
-    threshold on `sets`; the stage metadata."""
-    train, typed = robot_texts
-    gate = fit_no_robot_gate(model, tokenizer, train, no_robot, training.knowledge_c, training.seed, typed)
+    """Fit the no-robot gate on the train and typed robot tasks against the non-robot tasks, choose
+    its threshold on `sets`; the stage metadata."""
+    c, seed = training.knowledge_c, training.seed
+    gate = fit_no_robot_gate(model, tokenizer, robot_texts, no_robot, c, seed, typed_texts)
     threshold, scores = choose_no_robot_threshold(model, tokenizer, sets, training.knowledge_no_robot_thresholds)
     return {
         "knowledge_no_robot_tasks": gate.no_robot_rows,
