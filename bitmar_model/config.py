@@ -76,6 +76,9 @@ class BitMarConfig:
     # them, where the classifier has learned the cues; 0 tasks: the fit counts in full everywhere.
     knowledge_known_tasks: int = 0
     knowledge_fit_novelty_power: float = 0.0
+    # Robot sets (label sets) scored by a classifier over the task: a selected robot's runners-up get
+    # P(in the set | the set holds the top robot) (bitmar_model.knowledge.secondary_from_sets); 0: none.
+    knowledge_label_sets: int = 0
     # A no-robot gate over the task vector (logistic regression on labelled non-robot tasks) decides "No Robot".
     knowledge_no_robot_gate: bool = False
     # Decoder attention: StreamingLLM-style sinks + sliding window bound the KV cache.
@@ -233,7 +236,7 @@ class BitMarConfig:
                 raise ValueError(f"BitMarConfig.{key} must be a bool, got {getattr(self, key)!r}")
         counts = (
             "knowledge_dim", "knowledge_words", "knowledge_context_layers", "knowledge_context_out",
-            "knowledge_fleet_texts", "knowledge_known_tasks", "cell_words",
+            "knowledge_fleet_texts", "knowledge_known_tasks", "knowledge_label_sets", "cell_words",
         )
         for key in counts:
             value = getattr(self, key)

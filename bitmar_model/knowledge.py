@@ -44,6 +44,18 @@ by how unlike them the task is worded,
 so a task worded like the labelled ones is left to the classifier that learned their cues, and a
 short task in a user's own words is read by its fit (measured in docs/decisions.md).
 
+With `label_sets` S > 0 the module also scores S robot sets (the label sets the labelled tasks
+have, e.g. {Drone, Robot with Legs}) with a softmax classifier over the task's features, and the
+robots other than the top one get the probability that the set holds them, given it holds the top
+robot t = argmax_r robot_logits[r]:
+
+    robot_logits[r] = logit( sum_{S: t, r in S} q_S(x) / sum_{S: t in S} q_S(x) ),   r != t,
+
+capped just below t's logit, so the top robot, its probability and "No Robot" stay as they were and
+`select_robots` (a robot at or above 0.5) takes a runner-up exactly when the sets say it goes with
+the top one. Per-robot scores cannot say which robots go together ("a climb and a view from above":
+Drone with Legs); one set classifier can (measured in docs/decisions.md).
+
 With `no_robot_gate` the module also holds a logistic regression over the task vector, fitted on
 labelled non-robot tasks against the robot tasks ("Draft a cover letter" vs "Inspect a ship hull"),
 and a threshold t on its log-odds g(x) chosen on validation. The public data has no "No Robot" task,
@@ -189,7 +201,7 @@ class TaskKnowledge(nn.Module):
     def __init__(
         self, vocab_size: int, dim: int, num_classes: int, token_tfidf: bool = False, words: int = 0,
         context_layers: int = 0, context_out: int = 0, max_words: int = 0, fleet_texts: int = 0,
-        no_robot_gate: bool = False, known_tasks: int = 0, novelty_power: float = 0.0,
+        no_robot_gate: bool = False, known_tasks: int = 0, novelty_power: float = 0.0, label_sets: int = 0,
     ) -> None:
         super().__init__()
         self.token_tfidf = token_tfidf
@@ -235,6 +247,13 @@ class TaskKnowledge(nn.Module):
             self.register_buffer("gate_bias", torch.zeros(()))
             # +inf: the gate never fires (not fitted, or "off" chosen on validation).
             self.register_buffer("gate_threshold", torch.full((), float("inf")))
+        self.label_sets = label_sets
+        if label_sets:
+            self.register_buffer("set_members", torch.zeros(label_sets, num_classes))  # 1: the set holds the robot
+            self.register_buffer("set_weight", torch.zeros(label_sets, width))
+            self.register_buffer("set_bias", torch.zeros(label_sets))
+            if token_tfidf:
+                self.register_buffer("set_tfidf", torch.zeros(label_sets, vocab_size, dtype=torch.float16))
 
     def word_rows_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [B, T], found [B, T]): the word table row of each row's w-th word, and whether
@@ -281,6 +300,8 @@ class TaskKnowledge(nn.Module):
         """[B, classes]: the head's logits plus the knowledge's, "No Robot" decided by the gate if any."""
         v = self.task_vectors(input_ids, attention_mask)
         logits = head_logits + self.logits_of(v, input_ids, attention_mask)
+        if self.label_sets:
+            logits = secondary_from_sets(logits, self.set_logits(v, input_ids, attention_mask), self.set_members)
         if not self.no_robot_gate:
             return logits
         return gate_no_robot(logits, self.no_robot_log_odds(v), self.gate_threshold)
@@ -296,6 +317,13 @@ class TaskKnowledge(nn.Module):
         if not self.fleet_texts:
             return self.weight * logits
         return self.weight * logits + self.fit_weight * self.fit_novelty(v)[:, None] * self.fit_margins(v)
+
+    def set_logits(self, v: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, label_sets]: the set classifier's logits over the same features as the robot classifier's."""
+        logits = v @ self.set_weight.T + self.set_bias
+        if self.token_tfidf:
+            logits = logits + self.tfidf_vectors(input_ids, attention_mask) @ self.set_tfidf.float().T
+        return logits
 
     def fit_novelty(self, task_vectors: torch.Tensor) -> torch.Tensor:
         """[B]: (1 - the task's best cosine to a known train task)^p, in [0, 1]; 1 without known tasks."""
@@ -330,6 +358,19 @@ class TaskKnowledge(nn.Module):
             raise ValueError("load_gate: the module has no no-robot gate (no_robot_gate False)")
         self._install([("gate_weight", weight)])
         self.gate_bias.fill_(float(bias))
+
+    @torch.no_grad()
+    def load_label_sets(
+        self, members: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tfidf: torch.Tensor | None = None
+    ) -> None:
+        """Install the robot sets [S, classes] (1 where a set holds the robot) and their classifier
+        (weight [S, width], bias [S], and the TF-IDF part [S, vocab] exactly when the module has that view)."""
+        if not self.label_sets:
+            raise ValueError("load_label_sets: the module scores no label sets (label_sets 0)")
+        if (tfidf is None) == self.token_tfidf:
+            raise ValueError(f"load_label_sets: tfidf is given exactly when token_tfidf is on ({self.token_tfidf})")
+        named = [("set_members", members), ("set_weight", weight), ("set_bias", bias)]
+        self._install(named + ([("set_tfidf", tfidf)] if self.token_tfidf else []))
 
     def static_buffer_names(self) -> tuple[str, ...]:
         if self.words:
@@ -412,6 +453,24 @@ def fleet_fit_margins(
     margins = task_vectors.new_zeros(task_vectors.shape[0], columns)
     margins[:, present] = scores - scores.max(dim=1, keepdim=True).values
     return margins
+
+
+def secondary_from_sets(logits: torch.Tensor, set_logits: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """`logits` [B, classes] with each robot but the top one (the best robot column) replaced by the
+    log-odds that the set holds it, given the set holds the top robot, under softmax(`set_logits`)
+    [B, S] over the sets `members` [S, classes]; capped just below the top robot's logit so it stays
+    on top. "No Robot" and a row whose top robot no set holds are left as they were."""
+    robots = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+    robots[NO_ROBOT_COLUMN] = False
+    top = logits.masked_fill(~robots, -torch.inf).argmax(dim=1)
+    holds_top = members[:, top].T > 0  # [B, S]
+    covered = holds_top.any(dim=1, keepdim=True)
+    weights = torch.softmax(set_logits.masked_fill(~holds_top, -torch.inf), dim=1).nan_to_num(0.0)
+    in_set = torch.logit(weights @ members, eps=1e-6)
+    top_logit = logits.gather(1, top[:, None]).detach()
+    below_top = torch.minimum(in_set, torch.nextafter(top_logit, torch.full_like(top_logit, -torch.inf)))
+    others = robots[None, :] & (torch.arange(logits.shape[1], device=logits.device)[None, :] != top[:, None])
+    return torch.where(others & covered, below_top, logits)
 
 
 def gate_no_robot(logits: torch.Tensor, log_odds: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

@@ -203,20 +203,22 @@ class BitMarModel(
             config.vocab_size, config.knowledge_dim, config.num_robot_classes, config.knowledge_token_tfidf,
             config.knowledge_words, config.knowledge_context_layers, config.knowledge_context_out, config.max_seq_len,
             config.knowledge_fleet_texts, config.knowledge_no_robot_gate, config.knowledge_known_tasks,
-            config.knowledge_fit_novelty_power,
+            config.knowledge_fit_novelty_power, config.knowledge_label_sets,
         )
 
     def add_knowledge(
         self, dim: int, token_tfidf: bool = False, words: int = 0, context_layers: int = 0, context_out: int = 0,
         fleet_texts: int = 0, no_robot_gate: bool = False, known_tasks: int = 0, novelty_power: float = 0.0,
+        label_sets: int = 0,
     ) -> TaskKnowledge:
         """Give a trained model an (empty) knowledge table of width `dim` (with a token TF-IDF
         view if asked; over `words` whole words if > 0, read by a `context_layers`-layer encoder
         of output width `context_out` if > 0; storing `fleet_texts` robot description vectors for the
         fleet fit if > 0, weighted by novelty against `known_tasks` train task vectors if > 0; with a
-        no-robot gate if asked) and record it in the config, so save/load
-        round-trips it; the caller installs the fitted tensors (`TaskKnowledge.load_fitted`,
-        `load_fleet`, `load_known`, `load_gate`). Until then its weights are 0 and the outputs are unchanged."""
+        no-robot gate if asked; scoring `label_sets` robot sets if > 0) and record it in the config, so
+        save/load round-trips it; the caller installs the fitted tensors (`TaskKnowledge.load_fitted`,
+        `load_fleet`, `load_known`, `load_gate`, `load_label_sets`). Until then its weights are 0 and the
+        outputs are unchanged."""
         if self.config.knowledge_dim:
             raise ValueError(f"add_knowledge: already has one (knowledge_dim {self.config.knowledge_dim})")
         # replace() validates the values
@@ -225,6 +227,7 @@ class BitMarModel(
             knowledge_context_layers=context_layers, knowledge_context_out=context_out,
             knowledge_fleet_texts=fleet_texts, knowledge_no_robot_gate=no_robot_gate,
             knowledge_known_tasks=known_tasks, knowledge_fit_novelty_power=novelty_power,
+            knowledge_label_sets=label_sets,
         )
         self._hub_mixin_config = self.config.to_dict()
         self.knowledge = self._new_knowledge(self.config).to(self.embed_tokens.weight.device)

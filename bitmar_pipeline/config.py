@@ -345,6 +345,14 @@ class TrainingConfig(_Section):
     knowledge_typed_weight: float = Field(
         default=0.5, gt=0.0, description="Each typed task's weight in the knowledge classifier's fit (a train task: 1)."
     )
+    knowledge_label_sets: bool = Field(
+        default=True,
+        description=(
+            "Score the robot sets the train and typed tasks are labelled with (a softmax classifier over the knowledge "
+            "features): the top robot's runners-up are selected when the sets say they go with it (Drone with Robot "
+            "with Legs). False: each robot on its own probability."
+        ),
+    )
     knowledge_no_robot_thresholds: list[Annotated[float, Field(gt=0.5, le=1.0)]] = Field(
         default=[0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0],
         min_length=1,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bitmar_model.config import BitMarConfig
-from bitmar_model.knowledge import TaskKnowledge, fleet_fit_margins, gate_no_robot
+from bitmar_model.knowledge import TaskKnowledge, fleet_fit_margins, gate_no_robot, secondary_from_sets
 from bitmar_model.modeling import BitMarModel
 from bitmar_model.robots import ROBOT_INDEX, select_robots
 from bitmar_pipeline.evaluation.selection_quality import encode_prompts
@@ -24,9 +24,11 @@ from bitmar_pipeline.training.knowledge import (
     choose_knowledge_weight,
     choose_no_robot_threshold,
     distil_token_table,
+    fit_label_sets,
     fit_no_robot_gate,
     fleet_descriptions,
     install_knowledge,
+    label_set_table,
     token_strings,
 )
 
@@ -396,6 +398,76 @@ def test_typed_tasks_join_the_classifier_rows_and_the_known_tasks(setup) -> None
     assert baseline < lifts[0] < lifts[1]
 
 
+# --- label sets: which robots go with the top one ----------------------------------------------
+
+def _robots(*names: str) -> list[float]:
+    return [1.0 if robot in names else 0.0 for robot in ROBOT_INDEX]
+
+
+def test_runners_up_get_the_sets_probability_given_the_top_robot() -> None:
+    """Drone on top, sets {Drone} and {Drone, Legs} at logits 0 and 1: Legs gets log-odds 1
+    (e/(1+e) of the mass holding Drone), the rest never go with Drone; a runner-up the sets put
+    past the top robot stays just below it; "No Robot" and a row whose top no set holds are kept."""
+    drone, wheels, legs = ROBOT_INDEX["Drone"], ROBOT_INDEX["Robot with Wheels"], ROBOT_INDEX["Robot with Legs"]
+    members = torch.tensor([_robots("Drone"), _robots("Drone", "Robot with Legs"), _robots("Robot with Wheels"),
+                            _robots("Robot with Wheels", "Robot with Legs")])
+    logits = torch.tensor([[2.0, -1, -3, 0.5, -2, -5], [-1, -2, -3, -0.5, -4, -5], [-1, -2, 3, -0.5, -4, -5]])
+    set_logits = torch.tensor([[0.0, 1, 0, 0], [0, 0, 0, 2], [0, 0, 0, 0]])
+    out = secondary_from_sets(logits, set_logits, members)
+    assert out[0, legs].item() == pytest.approx(1.0, abs=1e-5) and out[0, drone] == logits[0, drone]
+    assert (out[0, [1, 2, 3]] < -13).all() and out[0, 5] == logits[0, 5]
+    assert out[1, wheels] == logits[1, wheels] and -0.5 - 1e-6 < out[1, legs].item() < -0.5  # capped below the top
+    assert out.argmax(dim=1).tolist() == logits.argmax(dim=1).tolist()
+    assert torch.equal(out[2], logits[2])  # Humanoid on top: no set holds it
+    chosen = select_robots(torch.sigmoid(out).numpy())
+    assert chosen[0].tolist() == [r in (drone, legs) for r in range(6)]
+
+
+def test_label_sets_are_those_labelled_twice_and_their_classifier_is_sklearns() -> None:
+    gold = np.array([_robots("Drone"), _robots("Drone"), _robots("Drone", "Robot with Legs"),
+                     _robots("Drone", "Robot with Legs"), _robots("Humanoid")], dtype=bool)
+    members = label_set_table(gold)
+    assert members.tolist() == [_robots("Drone"), _robots("Drone", "Robot with Legs")]  # sorted, Humanoid once
+    assert label_set_table(gold, np.array([1, 0, 1, 1, 1.0])).tolist() == [_robots("Drone", "Robot with Legs")]
+    x = np.array([[0.0, 1], [0.1, 0.9], [1, 0], [0.9, 0.2], [0.5, 0.5]])
+    weight, bias = fit_label_sets(x, gold, members, c=10.0)
+    from sklearn.linear_model import LogisticRegression
+
+    by_hand = LogisticRegression(C=10.0, max_iter=3000).fit(x[:4], [0, 0, 1, 1])
+    scores = x @ weight.T + bias
+    np.testing.assert_allclose(scores[:, 1] - scores[:, 0], by_hand.decision_function(x), rtol=1e-4, atol=1e-5)
+    lone_weight, lone_bias = fit_label_sets(x, gold, members[1:], c=10.0)
+    assert not lone_weight.any() and not lone_bias.any()  # one set: nothing to score
+
+
+def test_label_sets_are_fitted_on_the_train_and_typed_tasks_and_round_trip(setup, tmp_path: Path) -> None:
+    """Typed tasks label {Drone, Legs} twice and {Drone} twice more: those two sets (the TASKS' own
+    sets are labelled once each) are installed, a Drone-topped task's Legs column is the sets' probability,
+    and the fp32 and packed releases reload it."""
+    tokenizer, _, _ = setup
+    typed = (["climb rubble for photos from the sky", "sky photos of rocky hills", "aerial photos of a roof",
+              "photos from the sky of the open air"],
+             [["Drone", "Robot with Legs"], ["Drone", "Robot with Legs"], ["Drone"], ["Drone"]])
+    fitted, fit = _fitted(setup, token_tfidf=True, static_scale=0.5, typed_tasks=typed, label_sets=True)
+    knowledge = fitted.knowledge
+    assert fit.label_sets == fitted.config.knowledge_label_sets == 2
+    assert knowledge.set_members.tolist() == [_robots("Drone"), _robots("Drone", "Robot with Legs")]
+    ids, mask = encode_prompts(tokenizer, typed[0], fitted.config.max_seq_len)
+    with torch.no_grad():
+        logits = fitted(ids, mask).robot_logits
+        sets = knowledge.set_logits(knowledge.task_vectors(ids, mask), ids, mask)
+    legs, drone = ROBOT_INDEX["Robot with Legs"], ROBOT_INDEX["Drone"]
+    on_drone = logits.argmax(dim=1) == drone
+    assert on_drone.any()
+    in_set = torch.sigmoid(sets[:, 1] - sets[:, 0])[on_drone]
+    expected = torch.minimum(torch.logit(in_set, eps=1e-6), logits[on_drone, drone])
+    torch.testing.assert_close(logits[on_drone, legs], expected, atol=1e-5, rtol=1e-5)
+    packed = _saved_and_packed(fitted, tokenizer, tmp_path, unseen=("photos of rubble",))
+    assert packed.knowledge.set_tfidf.abs().sum() > 0
+    plain, without = _fitted(setup, typed_tasks=typed)
+    assert without.label_sets == plain.config.knowledge_label_sets == 0
+
+
 # --- the no-robot gate: "No Robot" from labelled non-robot tasks ---------------------------
 
 NO_ROBOT_TASKS = ["write a poem for my aunt", "pay the phone bill online", "pick a name for the baby", "vote today"]
@@ -586,6 +658,8 @@ def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
     assert fitted.config.knowledge_known_tasks == len(TASKS) + 108
     assert metadata["knowledge_fit_novelty_power"] == fitted.config.knowledge_fit_novelty_power == 2.0
     assert metadata["knowledge_no_robot_robot_rows"] >= len(TASKS) + 108
+    # The label sets: the typed tasks label each robot alone often enough (the TASKS' sets once each).
+    assert metadata["knowledge_label_sets"] == fitted.config.knowledge_label_sets == 5
     tokens = _copy(model)
     by_tokens = training.model_copy(
         update={"knowledge_table": "tokens", "knowledge_fit_weights": [0.0], "knowledge_no_robot_tasks": None,
@@ -596,6 +670,7 @@ def test_the_sft_stage_installs_word_knowledge_and_says_so(setup) -> None:
     assert tokens.config.knowledge_fleet_texts == 0 and "knowledge_fit_multiple" not in metadata
     assert not tokens.config.knowledge_no_robot_gate and "knowledge_no_robot_threshold" not in metadata
     assert metadata["knowledge_typed_tasks"] == 0 and tokens.config.knowledge_known_tasks == 0
+    assert metadata["knowledge_label_sets"] == tokens.config.knowledge_label_sets == 0  # no set labelled twice
 
 
 def test_the_context_corpus_reads_only_the_train_split_captions_and_wordnet(setup) -> None:

@@ -76,6 +76,7 @@ from bitmar_pipeline.training.stages import GRPO, PRETRAIN, knowledge_metadata, 
 REPORTED_KNOWLEDGE = (
     "knowledge_fit_multiple", "knowledge_fit_novelty_power", "knowledge_fit_chosen_on", "knowledge_no_robot_tasks",
     "knowledge_no_robot_threshold", "knowledge_no_robot_chosen_on", "knowledge_typed_tasks", "knowledge_typed_weight",
+    "knowledge_label_sets",
 )
 EVALUATED_ROBOTS = [r for r in ROBOT_CLASSES if r != "No Robot"]
 _STOP_WORDS = frozenset(

@@ -255,6 +255,39 @@ def fit_one_vs_rest(
     return weight, bias
 
 
+LABEL_SET_MIN_ROWS = 2  # a set labelled on one task only is that task's label, not a convention of the data
+
+
+def label_set_table(gold: np.ndarray, sample_weight: np.ndarray | None = None) -> np.ndarray:
+    """[S, classes] float32: the robot sets labelled on at least LABEL_SET_MIN_ROWS of the rows
+    [N, classes] (counting only rows of positive weight), in a fixed (sorted) order."""
+    rows = gold if sample_weight is None else gold[np.asarray(sample_weight) > 0]
+    sets, counts = np.unique(rows.astype(np.int8), axis=0, return_counts=True)
+    return sets[counts >= LABEL_SET_MIN_ROWS].astype(np.float32)
+
+
+def fit_label_sets(
+    x: np.ndarray, gold: np.ndarray, members: np.ndarray, c: float, sample_weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(weight [S, d], bias [S]): a softmax (multinomial) logistic regression from the features to
+    the row's robot set among `members` [S, classes] (`label_set_table` of the same rows: every set
+    has a row); rows whose set is not among them are left out."""
+    index = {tuple(row): i for i, row in enumerate(members.astype(np.int8))}
+    target = np.array([index.get(tuple(row), -1) for row in gold.astype(np.int8)])
+    keep = target >= 0
+    weights = np.ones(len(x)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    weight, bias = np.zeros((len(members), x.shape[1]), np.float32), np.zeros(len(members), np.float32)
+    present = np.unique(target[keep])
+    if len(present) < 2:  # one set: it holds every robot it can, nothing to score
+        return weight, bias
+    lr = LogisticRegression(C=c, max_iter=3000).fit(x[keep], target[keep], weights[keep])
+    coef, intercept = lr.coef_, lr.intercept_
+    if len(present) == 2:  # sklearn's binary form: one row of log-odds for the second class
+        coef, intercept = np.r_[np.zeros_like(coef), coef], np.r_[0.0, intercept]
+    weight[present], bias[present] = coef, intercept
+    return weight, bias
+
+
 # --- the contextual encoder, distilled from the teacher's sentence vectors ------------------
 
 CONTEXT_BATCH = 64
@@ -347,6 +380,7 @@ class KnowledgeFit:
     fit_novelty_power: float = 0.0  # > 0: the fleet fit weighted by novelty against the train (and typed) tasks
     typed_tasks: int = 0
     typed_weight: float = 0.0
+    label_sets: int = 0  # robot sets scored for the runners-up of the top robot (0: none)
 
     def metadata(self) -> dict[str, Any]:
         return {f"knowledge_{k}": v for k, v in self.__dict__.items()}
@@ -376,6 +410,7 @@ def install_knowledge(
     no_robot_gate: bool = False,
     typed_tasks: LabelledTexts = ((), ()),
     typed_weight: float = 1.0,
+    label_sets: bool = False,
 ) -> KnowledgeFit:
     """Distil the table (over whole words when `words`, else over the model's tokens), fit the
     classifier on the model's own task vectors (scaled by `static_scale` next to the token TF-IDF
@@ -388,7 +423,9 @@ def install_knowledge(
     vectors, so the fit counts (1 - a task's best cosine to them)^novelty_power. With `no_robot_gate`
     the module gets an (empty) no-robot gate for `fit_no_robot_gate`. `typed_tasks` (texts, robots):
     short labelled tasks that join the classifier's rows at `typed_weight` each (and the novelty's
-    known tasks), read by the table and encoder fitted without them."""
+    known tasks), read by the table and encoder fitted without them. With `label_sets`, a set
+    classifier over the same features, fitted on the train and typed tasks' robot sets (those labelled
+    at least twice), scores the top robot's runners-up (`TaskKnowledge` docstring)."""
     if context_layers and not words:
         raise ValueError("training.knowledge_context_layers needs training.knowledge_table: words")
     strings = token_strings(tokenizer)
@@ -407,22 +444,28 @@ def install_knowledge(
     rows = static["word_table"].shape[0] if words else 0
     fleet_texts, fleet_owners = fleet_descriptions(capabilities) if fleet_fit else ([], [])
     n_train, n_typed = len(train_texts), len(typed_tasks[0])
+    typed_gold = label_matrix([list(r) for r in typed_tasks[1]]).astype(bool)
+    set_gold = np.r_[gold[:n_train], typed_gold]
+    set_rows = np.r_[np.ones(n_train), np.full(n_typed, typed_weight)]  # the set fit's sample weights
+    members = label_set_table(set_gold, set_rows) if label_sets else np.zeros((0, gold.shape[1]), np.float32)
     known = n_train + n_typed if fleet_texts and novelty_power > 0 else 0
     power = float(novelty_power) if known else 0.0
     if not model.config.knowledge_dim:
         width = teacher.width if context_layers else 0
         fleet = len(fleet_texts)
-        model.add_knowledge(dim, token_tfidf, rows, context_layers, width, fleet, no_robot_gate, known, power)
+        model.add_knowledge(
+            dim, token_tfidf, rows, context_layers, width, fleet, no_robot_gate, known, power, len(members)
+        )
     knowledge = model.knowledge
     shape = (
         knowledge.words, model.config.knowledge_context_layers, knowledge.fleet_texts, knowledge.no_robot_gate,
-        knowledge.known_tasks, knowledge.novelty_power if knowledge.known_tasks else 0.0,
+        knowledge.known_tasks, knowledge.novelty_power if knowledge.known_tasks else 0.0, knowledge.label_sets,
     )
-    wanted = (rows, context_layers, len(fleet_texts), no_robot_gate, known, power)
+    wanted = (rows, context_layers, len(fleet_texts), no_robot_gate, known, power, len(members))
     if shape != wanted:
         raise ValueError(
             "install_knowledge: the model's knowledge has (word rows, context layers, fleet texts, no-robot gate, "
-            f"known tasks, novelty power) {shape}, this fit {wanted}"
+            f"known tasks, novelty power, label sets) {shape}, this fit {wanted}"
         )
     ids, mask = ids.to(knowledge.classifier_bias.device), mask.to(knowledge.classifier_bias.device)
     knowledge.load_static(**static)
@@ -445,13 +488,19 @@ def install_knowledge(
             knowledge, typed_ids.to(ids.device), typed_mask.to(ids.device), static_scale
         )
     sample_weight = np.r_[np.ones(n_train), np.full(len(phrases), phrase_weight), np.full(n_typed, typed_weight)]
-    typed_gold = label_matrix([list(r) for r in typed_tasks[1]]).astype(bool)
     w, b = fit_one_vs_rest(np.r_[features, typed_features], np.r_[gold, typed_gold], c, sample_weight)
     width = knowledge.classifier_weight.shape[1]
     tfidf = (idf, torch.from_numpy(w[:, width:])) if token_tfidf else (None, None)
     knowledge.load_fitted(torch.from_numpy(w[:, :width] * static_scale), torch.from_numpy(b), weight, *tfidf)
     if fleet_texts:
         knowledge.load_fleet(knowledge_vectors(model, tokenizer, fleet_texts), torch.tensor(fleet_owners))
+    if len(members):
+        set_w, set_b = fit_label_sets(np.r_[features[:n_train], typed_features], set_gold, members, c, set_rows)
+        set_tfidf = torch.from_numpy(set_w[:, width:]) if token_tfidf else None
+        knowledge.load_label_sets(
+            torch.from_numpy(members), torch.from_numpy(set_w[:, :width] * static_scale), torch.from_numpy(set_b),
+            set_tfidf,
+        )
     if known:
         knowledge.load_known(torch.from_numpy(np.r_[vectors[:n_train], typed_vectors]))
     logits = features[:n_train] @ w.T + b
@@ -460,7 +509,7 @@ def install_knowledge(
         teacher.name, dim, knowledge.words, token_tfidf, static_scale, phrase_weight, weight, n_train, len(phrases),
         round(float(hits.mean()), 4), context_layers, corpus_size,
         None if context_loss is None else round(context_loss, 4), len(fleet_texts),
-        power, n_typed, typed_weight if n_typed else 0.0,
+        power, n_typed, typed_weight if n_typed else 0.0, len(members),
     )
 
 

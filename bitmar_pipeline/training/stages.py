@@ -488,7 +488,7 @@ def _install_knowledge(
         context_layers=context_layers, context_steps=training.knowledge_context_steps, seed=training.seed,
         context_texts=context_texts, fleet_fit=any(training.knowledge_fit_weights),
         novelty_power=training.knowledge_fit_novelty_power, no_robot_gate=bool(no_robot), typed_tasks=typed,
-        typed_weight=training.knowledge_typed_weight,
+        typed_weight=training.knowledge_typed_weight, label_sets=training.knowledge_label_sets,
     )
     view = " next to a token TF-IDF view" if fit.token_tfidf else ""
     rows = f"{fit.words}-word" if fit.words else "token"
