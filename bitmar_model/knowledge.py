@@ -49,12 +49,13 @@ have, e.g. {Drone, Robot with Legs}) with a softmax classifier over the task's f
 robots other than the top one get the probability that the set holds them, given it holds the top
 robot t = argmax_r robot_logits[r]:
 
-    robot_logits[r] = logit( sum_{S: t, r in S} q_S(x) / sum_{S: t in S} q_S(x) ),   r != t,
+    p_r = min( sum_{S: t, r in S} q_S(x) / sum_{S: t in S} q_S(x),  (1 - 1e-6) p_t ),   r != t,
 
-capped just below t's logit, so the top robot, its probability and "No Robot" stay as they were and
-`select_robots` (a robot at or above 0.5) takes a runner-up exactly when the sets say it goes with
-the top one. Per-robot scores cannot say which robots go together ("a climb and a view from above":
-Drone with Legs); one set classifier can (measured in docs/decisions.md).
+so the top robot, its probability and "No Robot" stay as they were and `select_robots` (a robot at
+or above 0.5) takes a runner-up when the sets say it goes with the top one (and p_t >= 0.5). A
+robot never labelled alone (twice) goes with its usual companions whenever it is on top. Per-robot
+scores cannot say which robots go together ("a climb and a view from above": Drone with Legs); one
+set classifier can (measured in docs/decisions.md).
 
 With `no_robot_gate` the module also holds a logistic regression over the task vector, fitted on
 labelled non-robot tasks against the robot tasks ("Draft a cover letter" vs "Inspect a ship hull"),
@@ -455,22 +456,29 @@ def fleet_fit_margins(
     return margins
 
 
+TOP_GAP = 1e-6  # relative: a runner-up's probability stays this far below the top one's, distinct in fp32
+
+
 def secondary_from_sets(logits: torch.Tensor, set_logits: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     """`logits` [B, classes] with each robot but the top one (the best robot column) replaced by the
     log-odds that the set holds it, given the set holds the top robot, under softmax(`set_logits`)
-    [B, S] over the sets `members` [S, classes]; capped just below the top robot's logit so it stays
-    on top. "No Robot" and a row whose top robot no set holds are left as they were."""
-    robots = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
-    robots[NO_ROBOT_COLUMN] = False
-    top = logits.masked_fill(~robots, -torch.inf).argmax(dim=1)
-    holds_top = members[:, top].T > 0  # [B, S]
-    covered = holds_top.any(dim=1, keepdim=True)
-    weights = torch.softmax(set_logits.masked_fill(~holds_top, -torch.inf), dim=1).nan_to_num(0.0)
-    in_set = torch.logit(weights @ members, eps=1e-6)
-    top_logit = logits.gather(1, top[:, None]).detach()
-    below_top = torch.minimum(in_set, torch.nextafter(top_logit, torch.full_like(top_logit, -torch.inf)))
-    others = robots[None, :] & (torch.arange(logits.shape[1], device=logits.device)[None, :] != top[:, None])
-    return torch.where(others & covered, below_top, logits)
+    [B, S] over the sets `members` [S, classes]; capped at (1 - TOP_GAP) times the top robot's
+    probability, so it stays on top in any argmax over the fp32 probabilities. "No Robot" and a row
+    whose top robot no set holds are left as they were."""
+    with torch.autocast(logits.device.type, enabled=False):  # bf16 keeps ~3 digits; the cap needs fp32's
+        values, set_logits, members = logits.float(), set_logits.float(), members.float()
+        robots = torch.ones(values.shape[1], dtype=torch.bool, device=values.device)
+        robots[NO_ROBOT_COLUMN] = False
+        top = values.masked_fill(~robots, -torch.inf).argmax(dim=1)
+        holds_top = members[:, top].T > 0  # [B, S]
+        weights = torch.softmax(set_logits.masked_fill(~holds_top, -torch.inf), dim=1).nan_to_num(0.0)
+        ceiling = torch.sigmoid(values.gather(1, top[:, None])) * (1 - TOP_GAP)
+        in_set = torch.logit(torch.minimum(weights @ members, ceiling).clamp(min=1e-12))
+        others = robots[None, :] & (torch.arange(values.shape[1], device=values.device)[None, :] != top[:, None])
+        replace = others & holds_top.any(dim=1, keepdim=True)
+    # Straight through: the values are the sets', the gradient stays the head's, so a selection loss on
+    # these logits (GRPO's anchor) still trains every head column.
+    return torch.where(replace, logits + (in_set.to(logits.dtype) - logits).detach(), logits)
 
 
 def gate_no_robot(logits: torch.Tensor, log_odds: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

@@ -414,13 +414,44 @@ def test_runners_up_get_the_sets_probability_given_the_top_robot() -> None:
     logits = torch.tensor([[2.0, -1, -3, 0.5, -2, -5], [-1, -2, -3, -0.5, -4, -5], [-1, -2, 3, -0.5, -4, -5]])
     set_logits = torch.tensor([[0.0, 1, 0, 0], [0, 0, 0, 2], [0, 0, 0, 0]])
     out = secondary_from_sets(logits, set_logits, members)
-    assert out[0, legs].item() == pytest.approx(1.0, abs=1e-5) and out[0, drone] == logits[0, drone]
-    assert (out[0, [1, 2, 3]] < -13).all() and out[0, 5] == logits[0, 5]
-    assert out[1, wheels] == logits[1, wheels] and -0.5 - 1e-6 < out[1, legs].item() < -0.5  # capped below the top
-    assert out.argmax(dim=1).tolist() == logits.argmax(dim=1).tolist()
+    assert out[0, legs].item() == pytest.approx(1.0, abs=1e-4) and out[0, drone] == logits[0, drone]
+    assert (out[0, [1, 2, 3]] < -20).all() and out[0, 5] == logits[0, 5]
+    assert out[1, wheels] == logits[1, wheels] and out[1, legs].item() == pytest.approx(-0.5, abs=1e-5)
     assert torch.equal(out[2], logits[2])  # Humanoid on top: no set holds it
-    chosen = select_robots(torch.sigmoid(out).numpy())
-    assert chosen[0].tolist() == [r in (drone, legs) for r in range(6)]
+    probs = torch.sigmoid(out)
+    assert probs[1, legs] < probs[1, wheels]  # capped strictly below the top robot's probability
+    assert probs.argmax(dim=1).tolist() == logits.argmax(dim=1).tolist()
+    assert select_robots(probs.numpy())[0].tolist() == [r in (drone, legs) for r in range(6)]
+
+
+def test_a_capped_runner_up_in_an_earlier_column_stays_below_the_top_robot() -> None:
+    """Legs on top at logit 2 (p .88) and 20 (p 1.0 in fp32), Drone (an earlier column) in every set
+    with it: Drone is capped below Legs in the fp32 probabilities every argmax reads, so the top stays Legs."""
+    members = torch.tensor([_robots("Robot with Legs"), _robots("Drone", "Robot with Legs")])
+    logits = torch.tensor([[-1.0, -2, -3, -1, 2, -5], [3.0, -2, -3, -1, 20, -5]])
+    probs = torch.sigmoid(secondary_from_sets(logits, torch.tensor([[0.0, 5], [0, 9]]), members))
+    legs, drone = ROBOT_INDEX["Robot with Legs"], ROBOT_INDEX["Drone"]
+    assert (probs.argmax(dim=1) == legs).all() and (probs[:, drone] < probs[:, legs]).all()
+    assert probs[0, drone].item() == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item(), rel=1e-5)
+
+
+def test_the_set_values_pass_the_heads_gradient_straight_through() -> None:
+    """Drone on top and always with Legs: Legs shows the capped set value, and a loss on the output still
+    reaches every head column (GRPO's selection anchor trains the head through these logits)."""
+    members = torch.tensor([_robots("Drone", "Robot with Legs"), _robots("Robot with Legs")])
+    logits = torch.tensor([[10.0, -1, -3, 0.5, -2, -5]], requires_grad=True)
+    out = secondary_from_sets(logits * 1.0, torch.tensor([[0.0, 1]]), members)
+    (out * torch.arange(6.0)).sum().backward()
+    capped = torch.sigmoid(torch.tensor(10.0)).item() * (1 - 1e-6)  # the set says 1; the cap holds it below Drone
+    assert torch.sigmoid(out[0, ROBOT_INDEX["Robot with Legs"]]).item() == pytest.approx(capped, rel=1e-7)
+    assert torch.equal(logits.grad, torch.arange(6.0)[None])
+
+
+def test_unfitted_label_sets_change_nothing() -> None:
+    knowledge = TaskKnowledge(50, 8, 6, token_tfidf=True, label_sets=3)
+    head = torch.randn(4, 6)
+    ids, mask = torch.randint(0, 50, (4, 7)), torch.ones(4, 7, dtype=torch.long)
+    assert torch.equal(knowledge.selection_logits(head, ids, mask), head)
 
 
 def test_label_sets_are_those_labelled_twice_and_their_classifier_is_sklearns() -> None:
@@ -438,6 +469,13 @@ def test_label_sets_are_those_labelled_twice_and_their_classifier_is_sklearns() 
     np.testing.assert_allclose(scores[:, 1] - scores[:, 0], by_hand.decision_function(x), rtol=1e-4, atol=1e-5)
     lone_weight, lone_bias = fit_label_sets(x, gold, members[1:], c=10.0)
     assert not lone_weight.any() and not lone_bias.any()  # one set: nothing to score
+    three = label_set_table(np.r_[gold, gold[4:]])  # Humanoid twice now: three sets, the multinomial form
+    weight, bias = fit_label_sets(np.r_[x, x[4:]], np.r_[gold, gold[4:]], three, c=10.0)
+    target = [1, 1, 2, 2, 0, 0]  # sorted sets: {Humanoid}, {Drone}, {Drone, Legs}
+    by_hand = LogisticRegression(C=10.0, max_iter=3000).fit(np.r_[x, x[4:]], target)
+    np.testing.assert_allclose(x @ weight.T + bias, by_hand.decision_function(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="1 of the 2 sets have no row"):
+        fit_label_sets(x, gold, members, c=10.0, sample_weight=np.array([0, 0, 1, 1, 1.0]))
 
 
 def test_label_sets_are_fitted_on_the_train_and_typed_tasks_and_round_trip(setup, tmp_path: Path) -> None:

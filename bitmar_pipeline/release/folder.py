@@ -478,6 +478,9 @@ person to check.
   on 108 short robot tasks written for BitMar (`bitmar_pipeline/data/typed_robot_tasks.json`, kept
   apart from every evaluation task); the user-phrased evaluation sets were written by the same
   project, so their scores may read higher than a stranger's wording would.
+- With `training.knowledge_label_sets` (the default) the robots beside the top one come from the
+  robot sets the training tasks are labelled with: a short task now and then gets the public data's
+  usual companion (Drone with Robot with Legs outdoors) where one robot would do.
 - Not for safety-critical decisions.
 """
     # ModelCard parses the header back (a malformed model-index fails here, not on the Hub).

@@ -270,22 +270,22 @@ def fit_label_sets(
     x: np.ndarray, gold: np.ndarray, members: np.ndarray, c: float, sample_weight: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(weight [S, d], bias [S]): a softmax (multinomial) logistic regression from the features to
-    the row's robot set among `members` [S, classes] (`label_set_table` of the same rows: every set
-    has a row); rows whose set is not among them are left out."""
+    the row's robot set among `members` [S, classes] (`label_set_table` of the same rows); rows whose
+    set is not among them are left out, and a set without a row of positive weight is refused."""
     index = {tuple(row): i for i, row in enumerate(members.astype(np.int8))}
     target = np.array([index.get(tuple(row), -1) for row in gold.astype(np.int8)])
-    keep = target >= 0
     weights = np.ones(len(x)) if sample_weight is None else np.asarray(sample_weight, np.float64)
-    weight, bias = np.zeros((len(members), x.shape[1]), np.float32), np.zeros(len(members), np.float32)
-    present = np.unique(target[keep])
-    if len(present) < 2:  # one set: it holds every robot it can, nothing to score
-        return weight, bias
+    keep = (target >= 0) & (weights > 0)
+    missing = len(members) - len(np.unique(target[keep]))
+    if missing:
+        raise ValueError(f"fit_label_sets: {missing} of the {len(members)} sets have no row to fit")
+    if len(members) < 2:  # one set: it holds every robot it can, nothing to score
+        return np.zeros((len(members), x.shape[1]), np.float32), np.zeros(len(members), np.float32)
     lr = LogisticRegression(C=c, max_iter=3000).fit(x[keep], target[keep], weights[keep])
     coef, intercept = lr.coef_, lr.intercept_
-    if len(present) == 2:  # sklearn's binary form: one row of log-odds for the second class
+    if len(members) == 2:  # sklearn's binary form: one row of log-odds for the second set
         coef, intercept = np.r_[np.zeros_like(coef), coef], np.r_[0.0, intercept]
-    weight[present], bias[present] = coef, intercept
-    return weight, bias
+    return coef.astype(np.float32), intercept.astype(np.float32)
 
 
 # --- the contextual encoder, distilled from the teacher's sentence vectors ------------------
