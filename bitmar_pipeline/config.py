@@ -293,8 +293,9 @@ class TrainingConfig(_Section):
         default=[0.5, 1.0, 2.0, 4.0, 8.0],
         min_length=1,
         description=(
-            "Scales of the knowledge logits added to the selection head's, tried on the validation tasks "
-            "(the best top-1 + sample-F1 + exact-set is kept; one value: that scale)."
+            "Scales of the knowledge logits added to the selection head's (the best top-1 + sample-F1 + exact-set is "
+            "kept; one value: that scale). With the fleet fit each is tried with each fit multiple, on the fit's "
+            "validation sets, and the best pair kept; without it, on the validation tasks."
         ),
     )
     knowledge_fit_weights: list[Annotated[float, Field(ge=0.0)]] = Field(

@@ -23,6 +23,7 @@ from bitmar_pipeline.training.knowledge import (
     choose_fit_weight,
     choose_knowledge_weight,
     choose_no_robot_threshold,
+    choose_weight_and_fit,
     distil_token_table,
     fit_label_sets,
     fit_no_robot_gate,
@@ -288,6 +289,9 @@ def test_the_fleet_fit_reads_each_trained_robots_description() -> None:
         fleet_descriptions({"Submarine": {"capabilities": ["diving"]}})
 
 
+MULTIPLES = [0.0, 4.0, 16.0, 64.0]
+
+
 def test_the_fleet_fit_is_stored_chosen_on_validation_and_round_trips(setup, tmp_path: Path) -> None:
     """Installed at weight 0 the fleet fit changes nothing; against a head leaning to "Robot with
     Legs" a fit weight > 0 scores better, is chosen, installed as multiple x slope, and survives
@@ -308,11 +312,17 @@ def test_the_fleet_fit_is_stored_chosen_on_validation_and_round_trips(setup, tmp
         # Each robot described by its own task's vector: the fit is exact, whatever the random teacher knows.
         owners = torch.tensor([ROBOT_INDEX[r[0]] for r in robots])
         fitted.knowledge.load_fleet(fitted.knowledge.task_vectors(ids, mask), owners)
-    choice = choose_fit_weight(fitted, tokenizer, [(texts, robots)], [0.0, 4.0, 16.0, 64.0])
+    choice = choose_fit_weight(fitted, tokenizer, [(texts, robots)], MULTIPLES)
     assert choice.slope > 0 and choice.multiple > 0
     assert choice.scores[choice.multiple] > choice.scores[0.0]
     assert fitted.knowledge.fit_weight.item() == pytest.approx(choice.multiple * choice.slope, rel=1e-5)
     assert choice.scores[choice.multiple] == 3.0  # every task right: top-1, F1 and exact-set 1
+    # Chosen together with the knowledge weight: each weight's best multiple, the best pair installed.
+    weight, weight_scores, joint = choose_weight_and_fit(fitted, tokenizer, [(texts, robots)], [2.0, 0.0], MULTIPLES)
+    assert set(weight_scores) == {0.0, 2.0} and weight_scores[weight] == max(weight_scores.values()) == 3.0
+    assert weight == min(w for w, score in weight_scores.items() if score == 3.0)  # ties to the smaller weight
+    assert fitted.knowledge.weight.item() == weight and joint.scores[joint.multiple] == 3.0
+    assert fitted.knowledge.fit_weight.item() == pytest.approx(joint.multiple * joint.slope, rel=1e-5)
     packed = _saved_and_packed(fitted, tokenizer, tmp_path)
     assert packed.knowledge.fleet_owners.tolist() == owners.tolist()
     with pytest.raises(ValueError, match="no validation tasks"):

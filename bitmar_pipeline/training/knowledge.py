@@ -624,6 +624,29 @@ def choose_fit_weight(
     return FleetFitChoice(multiple, slope, scores)
 
 
+def choose_weight_and_fit(
+    model: BitMarModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: Sequence[LabelledTexts],
+    weights: Sequence[float],
+    multiples: Sequence[float],
+) -> tuple[float, dict[float, float], FleetFitChoice]:
+    """Choose the knowledge weight and the fleet fit's multiple together on `sets` (they trade off:
+    a larger classifier weight needs a larger fit to move a user's wording): for each weight its best
+    multiple (`choose_fit_weight`), the pair with the best score kept, ties to the smaller weight;
+    installs both. Returns (the weight, each weight's best score, the fit chosen with it)."""
+    knowledge = model.knowledge
+    choices = {}
+    for weight in weights:
+        knowledge.weight.fill_(float(weight))
+        choices[float(weight)] = choose_fit_weight(model, tokenizer, sets, multiples)
+    scores = {weight: choice.scores[choice.multiple] for weight, choice in choices.items()}
+    best = max(scores, key=lambda weight: (scores[weight], -weight))
+    knowledge.weight.fill_(best)
+    knowledge.fit_weight.fill_(choices[best].multiple * choices[best].slope)
+    return best, scores, choices[best]
+
+
 # --- the no-robot gate: "No Robot" learned from labelled non-robot tasks ----------------------
 
 

@@ -68,9 +68,9 @@ from bitmar_pipeline.training.datasets import (
 from bitmar_pipeline.training.knowledge import (
     LabelledTexts,
     SentenceTeacher,
-    choose_fit_weight,
     choose_knowledge_weight,
     choose_no_robot_threshold,
+    choose_weight_and_fit,
     fit_no_robot_gate,
     install_knowledge,
 )
@@ -500,18 +500,22 @@ def _install_knowledge(
         metadata["knowledge_context_wordnet_examples"] = training.knowledge_context_sentences
     validation = tasks[tasks["split"] == "validation"].drop_duplicates("task_key")
     validation_set = (validation["task_text"].tolist(), validation["robots"].tolist())
-    if len(training.knowledge_weights) > 1:
-        fit.weight, scores = choose_knowledge_weight(model, tokenizer, *validation_set, training.knowledge_weights)
-        metadata["knowledge_weight_validation_scores"] = {str(w): v for w, v in scores.items()}
     sets, names = _choice_sets(validation_set, training)
     if fit.fleet_texts:
-        choice = choose_fit_weight(model, tokenizer, sets, training.knowledge_fit_weights)
+        fit.weight, scores, choice = choose_weight_and_fit(
+            model, tokenizer, sets, training.knowledge_weights, training.knowledge_fit_weights
+        )
+        if len(training.knowledge_weights) > 1:
+            metadata["knowledge_weight_validation_scores"] = {str(w): v for w, v in scores.items()}
         metadata |= {
             "knowledge_fit_multiple": choice.multiple,
             "knowledge_fit_slope": round(choice.slope, 4),
             "knowledge_fit_scores": {str(m): v for m, v in choice.scores.items()},
             "knowledge_fit_chosen_on": names,
         }
+    elif len(training.knowledge_weights) > 1:
+        fit.weight, scores = choose_knowledge_weight(model, tokenizer, *validation_set, training.knowledge_weights)
+        metadata["knowledge_weight_validation_scores"] = {str(w): v for w, v in scores.items()}
     if no_robot:
         robot_texts = train["task_text"].tolist()
         metadata |= _fit_no_robot_gate(model, tokenizer, robot_texts, list(typed[0]), no_robot, sets, training)
