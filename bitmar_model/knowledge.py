@@ -299,10 +299,10 @@ class TaskKnowledge(nn.Module):
         self, head_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """[B, classes]: the head's logits plus the knowledge's, "No Robot" decided by the gate if any."""
-        v = self.task_vectors(input_ids, attention_mask)
-        logits = head_logits + self.logits_of(v, input_ids, attention_mask)
+        v, u = self.task_vectors(input_ids, attention_mask), self._tfidf_view(input_ids, attention_mask)
+        logits = head_logits + self._knowledge_logits(v, u)
         if self.label_sets:
-            logits = secondary_from_sets(logits, self.set_logits(v, input_ids, attention_mask), self.set_members)
+            logits = secondary_from_sets(logits, self._set_scores(v, u), self.set_members)
         if not self.no_robot_gate:
             return logits
         return gate_no_robot(logits, self.no_robot_log_odds(v), self.gate_threshold)
@@ -312,19 +312,34 @@ class TaskKnowledge(nn.Module):
         return task_vectors @ self.gate_weight + self.gate_bias
 
     def logits_of(self, v: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        logits = v @ self.classifier_weight.T + self.classifier_bias
-        if self.token_tfidf:
-            logits = logits + self.tfidf_vectors(input_ids, attention_mask) @ self.tfidf_classifier.float().T
-        if not self.fleet_texts:
-            return self.weight * logits
-        return self.weight * logits + self.fit_weight * self.fit_novelty(v)[:, None] * self.fit_margins(v)
+        return self._knowledge_logits(v, self._tfidf_view(input_ids, attention_mask))
 
     def set_logits(self, v: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, label_sets]: the set classifier's logits over the same features as the robot classifier's."""
-        logits = v @ self.set_weight.T + self.set_bias
-        if self.token_tfidf:
-            logits = logits + self.tfidf_vectors(input_ids, attention_mask) @ self.set_tfidf.float().T
-        return logits
+        return self._set_scores(v, self._tfidf_view(input_ids, attention_mask))
+
+    def _tfidf_view(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        return self.tfidf_vectors(input_ids, attention_mask) if self.token_tfidf else None
+
+    @staticmethod
+    def _linear(
+        v: torch.Tensor, u: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+        tfidf_weight: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The classifiers' one form over the task's features: v W^T + b, plus u U^T with the TF-IDF view u."""
+        logits = v @ weight.T + bias
+        return logits if u is None else logits + u @ tfidf_weight.float().T
+
+    def _knowledge_logits(self, v: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        tfidf = self.tfidf_classifier if self.token_tfidf else None
+        logits = self.weight * self._linear(v, u, self.classifier_weight, self.classifier_bias, tfidf)
+        if not self.fleet_texts:
+            return logits
+        return logits + self.fit_weight * self.fit_novelty(v)[:, None] * self.fit_margins(v)
+
+    def _set_scores(self, v: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        tfidf = self.set_tfidf if self.token_tfidf else None
+        return self._linear(v, u, self.set_weight, self.set_bias, tfidf)
 
     def fit_novelty(self, task_vectors: torch.Tensor) -> torch.Tensor:
         """[B]: (1 - the task's best cosine to a known train task)^p, in [0, 1]; 1 without known tasks."""
@@ -474,7 +489,7 @@ def secondary_from_sets(logits: torch.Tensor, set_logits: torch.Tensor, members:
         weights = torch.softmax(set_logits.masked_fill(~holds_top, -torch.inf), dim=1).nan_to_num(0.0)
         ceiling = torch.sigmoid(values.gather(1, top[:, None])) * (1 - TOP_GAP)
         in_set = torch.logit(torch.minimum(weights @ members, ceiling).clamp(min=1e-12))
-        others = robots[None, :] & (torch.arange(values.shape[1], device=values.device)[None, :] != top[:, None])
+        others = robots & ~F.one_hot(top, values.shape[1]).bool()
         replace = others & holds_top.any(dim=1, keepdim=True)
     # Straight through: the values are the sets', the gradient stays the head's, so a selection loss on
     # these logits (GRPO's anchor) still trains every head column.
